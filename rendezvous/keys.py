@@ -24,20 +24,29 @@ class JobKeys:
         return self.nodes + node_id
 
     @property
+    def control(self) -> str:
+        """Keys every member watches; changes here are rare (one per generation)."""
+        return self.root + "control/"
+
+    @property
     def leader(self) -> str:
-        return self.root + "leader"
+        return self.control + "leader"
 
     @property
     def generation(self) -> str:
-        return self.root + "generation"
+        return self.control + "generation"
+
+    @property
+    def reset(self) -> str:
+        return self.control + "reset"
+
+    @property
+    def status(self) -> str:
+        return self.control + "status"
 
     @property
     def config(self) -> str:
         return self.root + "config"
-
-    @property
-    def status(self) -> str:
-        return self.root + "status"
 
     @property
     def ready(self) -> str:

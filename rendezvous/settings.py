@@ -8,8 +8,9 @@ so a worker and its launcher always agree.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_PREFIX = "horde"
 

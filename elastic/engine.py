@@ -1,0 +1,550 @@
+"""The collective engine: executes Horovod-style requests in order on one transport.
+
+Every request is first *negotiated*: ranks exchange a small fixed-size description
+(kind, dtype, shape, op, root, name) with one allgather, so misuse (shape or dtype
+mismatch, disagreeing roots) fails promptly on every rank with a clear message
+instead of hanging or corrupting memory, and so ranks inside `join()` learn what
+the others are doing and contribute neutral values. Requests run on a background
+thread, so `*_async` calls overlap with the caller's computation.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from elastic.errors import CollectiveMismatchError, HorovodInternalError
+from elastic.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+_WAIT_SLICE = 0.05
+_META_LEN = 20
+_MAX_DIMS = 8
+
+
+class Kind(enum.IntEnum):
+    """The collective a request performs."""
+
+    ALLREDUCE = 1
+    ALLGATHER = 2
+    BROADCAST = 3
+    ALLTOALL = 4
+    REDUCESCATTER = 5
+    BARRIER = 6
+    JOIN = 7
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class ReduceOp(enum.IntEnum):
+    """Reduction operations, numbered as Horovod numbers them."""
+
+    Average = 0
+    Sum = 1
+    Adasum = 2
+    Min = 3
+    Max = 4
+    Product = 5
+
+
+_DIST_OPS = {
+    ReduceOp.Average: dist.ReduceOp.SUM,
+    ReduceOp.Sum: dist.ReduceOp.SUM,
+    ReduceOp.Min: dist.ReduceOp.MIN,
+    ReduceOp.Max: dist.ReduceOp.MAX,
+    ReduceOp.Product: dist.ReduceOp.PRODUCT,
+}
+
+_DTYPES = [
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
+    torch.int16, torch.int32, torch.int64, torch.bool,
+]
+_DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES, start=1)}
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code - 1]) if 0 < code <= len(_DTYPES) else f"<mixed/{code}>"
+
+
+def name_hash(name: str | None) -> int:
+    """A stable 62-bit hash of an op name (0 for unnamed ops)."""
+    if not name:
+        return 0
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 2
+
+
+def _shapes_hash(tensors: Sequence[torch.Tensor], skip_dim0: bool) -> int:
+    text = ";".join(
+        f"{_DTYPE_CODE.get(t.dtype, 0)}:{tuple(t.shape[1:] if skip_dim0 else t.shape)}"
+        for t in tensors
+    )
+    return name_hash(text)
+
+
+@dataclass
+class Request:
+    """One collective call as the API layer hands it to the engine."""
+
+    kind: Kind
+    tensors: list[torch.Tensor]
+    name: str | None = None
+    op: ReduceOp = ReduceOp.Sum
+    root: int = -1
+    prescale: float = 1.0
+    postscale: float = 1.0
+    splits: list[int] | None = None
+    process_set_id: int = 0
+    future: Future = field(default_factory=Future)
+
+
+# Fields of the negotiation vector.
+_F_KIND, _F_DTYPE, _F_OP, _F_ROOT, _F_PSET, _F_NAME, _F_NUMEL, _F_NDIM = range(8)
+_F_SIG, _F_DIM0, _F_JOINED, _F_DEVICE, _F_COUNT, _F_JOIN_ROUND = range(8, 14)
+_F_SHAPE = 14  # up to 6 dims follow
+
+
+class CollectiveEngine:
+    """Runs requests for one generation, in submission order, on a background thread."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        interrupted: threading.Event,
+        subsets: dict[int, Transport | None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.rank = transport.rank
+        self.size = transport.size
+        self.interrupted = interrupted
+        self.subsets: dict[int, Transport | None] = dict(subsets or {})
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._pending_names: set[tuple[int, str]] = set()
+        self._names_lock = threading.Lock()
+        self._rounds = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="horde-engine", daemon=True)
+        self._thread.start()
+
+    # -- submission -------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Future:
+        """Queue a request; its future resolves to the result or the error."""
+        if self._closed or self.interrupted.is_set():
+            request.future.set_exception(
+                HorovodInternalError("the process group of this generation is no longer valid")
+            )
+            return request.future
+        if request.name:
+            key = (request.process_set_id, request.name)
+            with self._names_lock:
+                if key in self._pending_names:
+                    raise ValueError(
+                        f"Requested to {request.kind.label} a tensor with the same name "
+                        f"{request.name!r} as another tensor that is currently being "
+                        "processed. If you want to request another tensor, use a "
+                        "different tensor name."
+                    )
+                self._pending_names.add(key)
+            request.future.add_done_callback(lambda _f, k=key: self._release_name(k))
+        self._queue.put(request)
+        return request.future
+
+    def _release_name(self, key: tuple[int, str]) -> None:
+        with self._names_lock:
+            self._pending_names.discard(key)
+
+    def close(self) -> None:
+        """Stop the thread; requests still queued fail with HorovodInternalError."""
+        self._closed = True
+        self._queue.put(None)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            request = self._queue.get()
+            if request is None:
+                break
+            if self.interrupted.is_set() or self._closed:
+                self._fail(request, HorovodInternalError(
+                    "the process group of this generation is no longer valid"))
+                continue
+            try:
+                result = self._execute(request)
+            except (CollectiveMismatchError, ValueError, TypeError, NotImplementedError) as exc:
+                self._fail(request, exc)
+            except HorovodInternalError as exc:
+                self._fail(request, exc)
+            except Exception as exc:  # noqa: BLE001 - a failed collective, for the caller
+                self._fail(request, HorovodInternalError(
+                    f"{request.kind.label} failed: {exc}"))
+            else:
+                request.future.set_result(result)
+        while True:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if request is not None:
+                self._fail(request, HorovodInternalError("the collective engine was closed"))
+
+    @staticmethod
+    def _fail(request: Request, exc: BaseException) -> None:
+        if not request.future.done():
+            request.future.set_exception(exc)
+
+    def _wait(self, work: Any) -> None:
+        """Wait for a torch.distributed work, giving up when the generation ends."""
+        done = threading.Event()
+        fut = work.get_future()
+        fut.add_done_callback(lambda _f: done.set())
+        while not done.wait(_WAIT_SLICE):
+            if self.interrupted.is_set():
+                raise HorovodInternalError(
+                    "a collective was interrupted: the membership changed (a peer died, "
+                    "hung or left)"
+                )
+        try:
+            fut.wait()
+        except Exception as exc:
+            raise HorovodInternalError(f"collective failed: {exc}") from exc
+
+    # -- negotiation ------------------------------------------------------------------
+
+    def _transport_for(self, request: Request) -> Transport:
+        if request.process_set_id == 0:
+            return self.transport
+        sub = self.subsets.get(request.process_set_id)
+        if sub is None:
+            raise ValueError(
+                f"this rank is not a member of process set {request.process_set_id}; "
+                "call collectives on a process set only from its members"
+            )
+        return sub
+
+    def _describe(self, request: Request, round_no: int, join_round: int) -> torch.Tensor:
+        meta = torch.full((_META_LEN,), -1, dtype=torch.int64)
+        tensors = request.tensors
+        meta[_F_KIND] = int(request.kind)
+        dtypes = {t.dtype for t in tensors}
+        meta[_F_DTYPE] = _DTYPE_CODE.get(next(iter(dtypes)), 0) if len(dtypes) == 1 else 0
+        meta[_F_OP] = int(request.op)
+        meta[_F_ROOT] = request.root
+        meta[_F_PSET] = request.process_set_id
+        meta[_F_NAME] = name_hash(request.name)
+        meta[_F_NUMEL] = sum(t.numel() for t in tensors)
+        meta[_F_COUNT] = len(tensors)
+        meta[_F_JOINED] = 1 if request.kind == Kind.JOIN else 0
+        meta[_F_JOIN_ROUND] = join_round
+        meta[_F_DEVICE] = 1 if any(t.is_cuda for t in tensors) else 0
+        skip_dim0 = request.kind in (Kind.ALLGATHER, Kind.ALLTOALL)
+        meta[_F_SIG] = _shapes_hash(tensors, skip_dim0)
+        if len(tensors) == 1:
+            shape = tensors[0].shape
+            meta[_F_NDIM] = len(shape)
+            meta[_F_DIM0] = shape[0] if len(shape) else 1
+            for i, d in enumerate(list(shape)[:6]):
+                meta[_F_SHAPE + i] = d
+        return meta
+
+    def _negotiate(self, transport: Transport, meta: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(meta) for _ in range(transport.size)]
+        self._wait(transport.gloo.allgather([out], [meta]))
+        return torch.stack(out)
+
+    def _check(self, kind: Kind, table: torch.Tensor) -> None:
+        """Raise CollectiveMismatchError naming the first field the ranks disagree on."""
+        active = table[table[:, _F_JOINED] == 0]
+        if active.shape[0] == 0:
+            return
+        kinds = active[:, _F_KIND]
+        if not bool((kinds == kinds[0]).all()):
+            names = ", ".join(
+                f"rank {r}: {Kind(int(k)).label}" for r, k in enumerate(table[:, _F_KIND])
+            )
+            raise CollectiveMismatchError(f"Mismatched collective operations across ranks ({names})")
+
+        def differs(col: int) -> bool:
+            values = active[:, col]
+            return not bool((values == values[0]).all())
+
+        label = kind.label
+        if differs(_F_DEVICE):
+            raise CollectiveMismatchError(
+                f"Mismatched {label} CPU/GPU device selection: some ranks passed CUDA tensors "
+                "and others CPU tensors")
+        if differs(_F_DTYPE) or differs(_F_COUNT):
+            types = ", ".join(
+                f"rank {r}: {_dtype_name(int(row[_F_DTYPE]))}" for r, row in enumerate(table))
+            raise CollectiveMismatchError(f"Mismatched {label} data types ({types})")
+        if differs(_F_OP):
+            raise CollectiveMismatchError(f"Mismatched {label} reduction operations across ranks")
+        if differs(_F_ROOT):
+            roots = ", ".join(f"rank {r}: {int(row[_F_ROOT])}" for r, row in enumerate(table))
+            raise CollectiveMismatchError(f"Mismatched {label} root ranks ({roots})")
+        if differs(_F_SIG) or (kind not in (Kind.ALLGATHER, Kind.ALLTOALL) and differs(_F_NUMEL)):
+            shapes = ", ".join(
+                f"rank {r} sent {self._shape_text(row)}" for r, row in enumerate(table)
+                if int(row[_F_JOINED]) == 0)
+            raise CollectiveMismatchError(f"Mismatched {label} tensor shapes: {shapes}")
+        if differs(_F_NAME) and int(active[:, _F_NAME].min()) != 0:
+            raise CollectiveMismatchError(
+                f"Mismatched {label} tensor names across ranks: the ranks are not calling "
+                "the same collective (check that every rank issues collectives in the same order)")
+
+    @staticmethod
+    def _shape_text(row: torch.Tensor) -> str:
+        ndim = int(row[_F_NDIM])
+        if ndim < 0:
+            return f"a group of {int(row[_F_COUNT])} tensors"
+        dims = [int(d) for d in row[_F_SHAPE:_F_SHAPE + min(ndim, 6)]]
+        return "a tensor of shape [" + ", ".join(map(str, dims)) + ("...]" if ndim > 6 else "]")
+
+    # -- execution --------------------------------------------------------------------
+
+    def _execute(self, request: Request) -> Any:
+        transport = self._transport_for(request)
+        if request.kind == Kind.JOIN:
+            return self._join(request, transport)
+        round_no = next(self._rounds)
+        table = self._negotiate(transport, self._describe(request, round_no, -1))
+        self._check(request.kind, table)
+        joined = [r for r in range(transport.size) if int(table[r, _F_JOINED]) == 1]
+        return self._perform(request, transport, table, joined)
+
+    def _perform(
+        self, request: Request, transport: Transport, table: torch.Tensor, joined: list[int]
+    ) -> Any:
+        kind = request.kind
+        if kind == Kind.ALLREDUCE:
+            return self._allreduce(request, transport, len(joined))
+        if kind == Kind.ALLGATHER:
+            return [self._allgather(t, transport, table, i, request)
+                    for i, t in enumerate(request.tensors)]
+        if kind == Kind.BROADCAST:
+            for t in request.tensors:
+                self._broadcast(t, transport, request.root)
+            return request.tensors
+        if kind == Kind.ALLTOALL:
+            if joined:
+                raise ValueError("alltoall is not supported while some ranks have joined")
+            return self._alltoall(request.tensors[0], request.splits, transport)
+        if kind == Kind.REDUCESCATTER:
+            if joined:
+                raise ValueError("reducescatter is not supported while some ranks have joined")
+            return [self._reducescatter(t, request, transport) for t in request.tensors]
+        if kind == Kind.BARRIER:
+            self._wait(transport.gloo.barrier(dist.BarrierOptions()))
+            return None
+        raise ValueError(f"unknown collective kind {kind!r}")
+
+    def _allreduce(self, request: Request, transport: Transport, joined: int) -> list[torch.Tensor]:
+        if request.op == ReduceOp.Adasum:
+            raise NotImplementedError(
+                "op=hvd.Adasum is not supported by Horde; use hvd.Average or hvd.Sum")
+        outputs: list[torch.Tensor] = []
+        by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(request.tensors):
+            by_dtype.setdefault((t.dtype, t.device), []).append(i)
+        results: dict[int, torch.Tensor] = {}
+        contributors = transport.size - joined
+        for (dtype, _device), idx in by_dtype.items():
+            flat = torch.cat([request.tensors[i].detach().reshape(-1) for i in idx]) \
+                if len(idx) > 1 else request.tensors[idx[0]].detach().reshape(-1).clone()
+            if request.prescale != 1.0:
+                _scale(flat, request.prescale)
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = _DIST_OPS[request.op]
+            self._wait(transport.group_for(flat).allreduce([flat], opts))
+            factor = request.postscale
+            if request.op == ReduceOp.Average:
+                if dtype.is_floating_point:
+                    factor = factor / contributors
+                else:
+                    flat = torch.div(flat, contributors, rounding_mode="trunc")
+            if factor != 1.0:
+                _scale(flat, factor)
+            offset = 0
+            for i in idx:
+                n = request.tensors[i].numel()
+                results[i] = flat[offset:offset + n].view(request.tensors[i].shape)
+                offset += n
+        outputs = [results[i] for i in range(len(request.tensors))]
+        return outputs
+
+    def _allgather(
+        self, tensor: torch.Tensor, transport: Transport, table: torch.Tensor, index: int,
+        request: Request,
+    ) -> torch.Tensor:
+        if len(request.tensors) == 1:
+            dims0 = [int(table[r, _F_DIM0]) if int(table[r, _F_JOINED]) == 0 else 0
+                     for r in range(transport.size)]
+        else:
+            dims0 = self._exchange_ints(transport, [tensor.shape[0]])
+            dims0 = [d[0] for d in dims0]
+        tensor = tensor.detach().contiguous()
+        if tensor.dim() == 0:
+            tensor = tensor.reshape(1)
+        group = transport.group_for(tensor)
+        rest = tuple(tensor.shape[1:])
+        if len(set(dims0)) == 1:
+            outs = [torch.empty_like(tensor) for _ in range(transport.size)]
+            self._wait(group.allgather([outs], [tensor]))
+            return torch.cat(outs)
+        out = tensor.new_empty((sum(dims0), *rest))
+        send = tensor.repeat(transport.size, *([1] * len(rest)))
+        self._wait(group.alltoall_base(
+            out, send, dims0, [tensor.shape[0]] * transport.size, dist.AllToAllOptions()))
+        return out
+
+    def _broadcast(self, tensor: torch.Tensor, transport: Transport, root: int) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root
+        opts.rootTensor = 0
+        self._wait(transport.group_for(tensor).broadcast([tensor], opts))
+
+    def _exchange_ints(self, transport: Transport, values: list[int]) -> list[list[int]]:
+        mine = torch.tensor(values, dtype=torch.int64)
+        outs = [torch.empty_like(mine) for _ in range(transport.size)]
+        self._wait(transport.gloo.allgather([outs], [mine]))
+        return [o.tolist() for o in outs]
+
+    def _alltoall(
+        self, tensor: torch.Tensor, splits: list[int] | None, transport: Transport
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        size = transport.size
+        tensor = tensor.detach().contiguous()
+        if splits is None:
+            if tensor.shape[0] % size:
+                raise ValueError(
+                    f"alltoall without splits needs the first dimension ({tensor.shape[0]}) "
+                    f"to be divisible by the number of ranks ({size}); pass splits=")
+            splits = [tensor.shape[0] // size] * size
+        table = self._exchange_ints(transport, list(splits))
+        received = [table[r][transport.rank] for r in range(size)]
+        out = tensor.new_empty((sum(received), *tensor.shape[1:]))
+        self._wait(transport.group_for(tensor).alltoall_base(
+            out, tensor, received, list(splits), dist.AllToAllOptions()))
+        return out, torch.tensor(received, dtype=torch.int32)
+
+    def _reducescatter(
+        self, tensor: torch.Tensor, request: Request, transport: Transport
+    ) -> torch.Tensor:
+        if request.op not in (ReduceOp.Average, ReduceOp.Sum, ReduceOp.Min, ReduceOp.Max,
+                              ReduceOp.Product):
+            raise NotImplementedError(f"reducescatter does not support op={request.op.name}")
+        size = transport.size
+        tensor = tensor.detach().contiguous()
+        if tensor.dim() == 0:
+            raise ValueError("reducescatter needs a tensor of at least one dimension")
+        if request.prescale != 1.0:
+            tensor = tensor.clone()
+            _scale(tensor, request.prescale)
+        rows = shard_rows(tensor.shape[0], size)
+        mine = rows[transport.rank]
+        out = tensor.new_empty((mine * size, *tensor.shape[1:]))
+        self._wait(transport.group_for(tensor).alltoall_base(
+            out, tensor, [mine] * size, rows, dist.AllToAllOptions()))
+        parts = out.view(size, mine, *tensor.shape[1:])
+        if request.op in (ReduceOp.Sum, ReduceOp.Average):
+            result = parts.sum(dim=0, dtype=tensor.dtype)
+        elif request.op == ReduceOp.Min:
+            result = parts.min(dim=0).values
+        elif request.op == ReduceOp.Max:
+            result = parts.max(dim=0).values
+        else:
+            result = parts.prod(dim=0, dtype=tensor.dtype)
+        factor = request.postscale
+        if request.op == ReduceOp.Average:
+            if tensor.dtype.is_floating_point:
+                factor /= size
+            else:
+                result = torch.div(result, size, rounding_mode="trunc")
+        if factor != 1.0:
+            _scale(result, factor)
+        return result
+
+    def _join(self, request: Request, transport: Transport) -> int:
+        """Contribute neutral values to the others' collectives until every rank has joined."""
+        join_round = -1
+        while True:
+            round_no = next(self._rounds)
+            if join_round < 0:
+                join_round = round_no
+            table = self._negotiate(transport, self._describe(request, round_no, join_round))
+            joined_flags = table[:, _F_JOINED]
+            if bool((joined_flags == 1).all()):
+                rounds = table[:, _F_JOIN_ROUND]
+                last = max(range(transport.size), key=lambda r: (int(rounds[r]), r))
+                return last
+            self._check(Kind(int(table[joined_flags == 0][0, _F_KIND])), table)
+            self._contribute_neutral(transport, table)
+
+    def _contribute_neutral(self, transport: Transport, table: torch.Tensor) -> None:
+        active = table[table[:, _F_JOINED] == 0][0]
+        kind = Kind(int(active[_F_KIND]))
+        dtype = _DTYPES[int(active[_F_DTYPE]) - 1] if int(active[_F_DTYPE]) > 0 else torch.float32
+        joined = int((table[:, _F_JOINED] == 1).sum())
+        if int(active[_F_DEVICE]) == 1:
+            raise ValueError("join() with CUDA collectives is not supported yet")
+        if kind == Kind.ALLREDUCE:
+            if int(active[_F_DTYPE]) <= 0:
+                raise ValueError("join() does not support grouped allreduce of mixed dtypes")
+            op = ReduceOp(int(active[_F_OP]))
+            flat = torch.full((int(active[_F_NUMEL]),), _neutral(op, dtype), dtype=dtype)
+            request = Request(Kind.ALLREDUCE, [flat], op=op)
+            self._allreduce(request, transport, joined)
+        elif kind == Kind.ALLGATHER:
+            ndim = int(active[_F_NDIM])
+            if ndim < 0:
+                raise ValueError("join() does not support grouped allgather")
+            rest = [int(d) for d in active[_F_SHAPE + 1:_F_SHAPE + ndim]]
+            empty = torch.empty((0, *rest), dtype=dtype)
+            self._allgather(empty, transport, table, 0, Request(Kind.ALLGATHER, [empty]))
+        elif kind == Kind.BROADCAST:
+            ndim = int(active[_F_NDIM])
+            shape = [int(d) for d in active[_F_SHAPE:_F_SHAPE + ndim]] if ndim >= 0 else None
+            if shape is None:
+                raise ValueError("join() does not support grouped broadcast")
+            self._broadcast(torch.empty(shape, dtype=dtype), transport, int(active[_F_ROOT]))
+        elif kind == Kind.BARRIER:
+            self._wait(transport.gloo.barrier(dist.BarrierOptions()))
+        else:
+            raise ValueError(f"{kind.label} is not supported while some ranks have joined")
+
+
+def shard_rows(rows: int, parts: int) -> list[int]:
+    """Rows per rank for reducescatter: as even as possible, earlier ranks get the extra."""
+    base, extra = divmod(rows, parts)
+    return [base + (1 if r < extra else 0) for r in range(parts)]
+
+
+def _neutral(op: ReduceOp, dtype: torch.dtype) -> float | int | bool:
+    if op in (ReduceOp.Sum, ReduceOp.Average):
+        return 0
+    if op == ReduceOp.Product:
+        return 1
+    info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+    return info.max if op == ReduceOp.Min else info.min
+
+
+def _scale(tensor: torch.Tensor, factor: float) -> None:
+    """Multiply in place; integer tensors are scaled in float64 and truncated, as Horovod does."""
+    if tensor.dtype.is_floating_point:
+        tensor.mul_(factor)
+    else:
+        tensor.copy_((tensor.double() * factor).to(tensor.dtype))

@@ -1,0 +1,44 @@
+"""Errors the training side raises; Horovod's names are kept because user code catches them."""
+
+from __future__ import annotations
+
+from rendezvous.errors import HordeError
+
+
+class HorovodInternalError(HordeError, RuntimeError):
+    """A collective failed or its generation ended (a peer died, hung or left).
+
+    Under `hvd.elastic.run` this rolls the state back to the last commit and rebuilds
+    the process group on the next generation.
+    """
+
+
+class HostsUpdatedInterrupt(HordeError, RuntimeError):
+    """New members were admitted; raised at `state.commit()` / `check_host_updates()`.
+
+    `skip_sync` is True when the update only removed members, so the survivors'
+    state is already consistent and need not be broadcast again.
+    """
+
+    def __init__(self, skip_sync: bool = False) -> None:
+        super().__init__("the set of hosts changed; resetting on the next generation")
+        self.skip_sync = skip_sync
+
+
+class CollectiveMismatchError(HordeError, RuntimeError):
+    """Ranks called a collective with disagreeing arguments (shape, dtype, op, root).
+
+    A `RuntimeError`, as in Horovod, but not a `HorovodInternalError`: it is a bug in
+    the script, so `hvd.elastic.run` does not retry it forever.
+    """
+
+
+class NotInitializedError(HordeError, ValueError):
+    """A Horde call was made before `hvd.init()`."""
+
+    def __init__(self, what: str = "Horde") -> None:
+        super().__init__(f"{what} has not been initialized; run hvd.init() first.")
+
+
+class ResetLimitExceededError(HordeError, RuntimeError):
+    """The job reset more often than `--reset-limit` allows."""

@@ -1,0 +1,102 @@
+"""Horovod's basic queries: ranks, sizes and what this build supports."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from elastic.torch.runtime import context
+
+
+def size() -> int:
+    """Number of workers in the current generation."""
+    return context().topology.size  # type: ignore[union-attr]
+
+
+def rank() -> int:
+    """This worker's rank in the current generation (changes only on a reset)."""
+    return context().topology.rank  # type: ignore[union-attr]
+
+
+def local_size() -> int:
+    """Number of workers on this host."""
+    return context().topology.local_size  # type: ignore[union-attr]
+
+
+def local_rank() -> int:
+    """This worker's rank among the workers on its host."""
+    return context().topology.local_rank  # type: ignore[union-attr]
+
+
+def cross_size() -> int:
+    """Number of hosts that have a worker with this worker's local rank."""
+    return context().topology.cross_size  # type: ignore[union-attr]
+
+
+def cross_rank() -> int:
+    """This host's index among the hosts that have a worker with this local rank."""
+    return context().topology.cross_rank  # type: ignore[union-attr]
+
+
+def is_homogeneous() -> bool:
+    """True when every host runs the same number of workers."""
+    gen = context().generation
+    hosts = [m.host for m in gen.members]  # type: ignore[union-attr]
+    counts = {h: hosts.count(h) for h in hosts}
+    return len(set(counts.values())) <= 1
+
+
+def gloo_enabled() -> bool:
+    return True
+
+
+def gloo_built() -> bool:
+    return dist.is_gloo_available()
+
+
+def nccl_built() -> int:
+    """Like Horovod: a truthy value (the NCCL version) when NCCL collectives are available."""
+    if not (dist.is_nccl_available() and torch.cuda.is_available()):
+        return 0
+    version = torch.cuda.nccl.version()
+    return version[0] * 1000 + version[1] * 100 + version[2] if isinstance(version, tuple) else 1
+
+
+def mpi_enabled() -> bool:
+    return False
+
+
+def mpi_built() -> bool:
+    return False
+
+
+def mpi_threads_supported() -> bool:
+    return False
+
+
+def ddl_built() -> bool:
+    return False
+
+
+def ccl_built() -> bool:
+    return False
+
+
+def cuda_built() -> bool:
+    return torch.cuda.is_available() and dist.is_nccl_available()
+
+
+def rocm_built() -> bool:
+    return False
+
+
+def sycl_built() -> bool:
+    return False
+
+
+def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
+    """Accepted for compatibility; Horde has no timeline (use the PyTorch profiler)."""
+
+
+def stop_timeline() -> None:
+    """Accepted for compatibility; see `start_timeline`."""

@@ -1,0 +1,174 @@
+"""Process-wide runtime state behind `elastic.torch`: the worker context and process sets."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+
+from elastic.errors import NotInitializedError
+from elastic.settings import WorkerSettings
+from elastic.worker import WorkerContext
+from rendezvous.settings import RendezvousSettings
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.RLock()
+_context: WorkerContext | None = None
+
+
+class ProcessSet:
+    """A subset of ranks that runs collectives among itself (Horovod's `hvd.ProcessSet`)."""
+
+    def __init__(self, ranks_or_comm: list[int] | tuple[int, ...] | None = None) -> None:
+        self.ranks: list[int] | None = (
+            sorted(int(r) for r in ranks_or_comm) if ranks_or_comm is not None else None
+        )
+        self.process_set_id: int | None = None
+
+    def _invalid(self) -> bool:
+        return self.process_set_id is None
+
+    def size(self) -> int | None:
+        """Number of ranks in the set (None before registration)."""
+        if self.process_set_id == 0:
+            return context().topology.size  # type: ignore[union-attr]
+        return len(self.ranks) if self.ranks is not None and not self._invalid() else None
+
+    def rank(self) -> int | None:
+        """This process's rank within the set, or -1 when it is not a member."""
+        if self._invalid():
+            return None
+        if self.process_set_id == 0:
+            return context().topology.rank  # type: ignore[union-attr]
+        me = context().topology.rank  # type: ignore[union-attr]
+        return self.ranks.index(me) if me in self.ranks else -1  # type: ignore[union-attr]
+
+    def included(self) -> bool | None:
+        if self._invalid():
+            return None
+        return self.rank() != -1
+
+    def __repr__(self) -> str:
+        return f"ProcessSet(process_set_id={self.process_set_id}, ranks={self.ranks})"
+
+
+global_process_set = ProcessSet()
+global_process_set.process_set_id = 0
+_process_sets: dict[int, ProcessSet] = {}
+_next_set_id = 1
+
+
+def context() -> WorkerContext:
+    """The initialized worker context; NotInitializedError (a ValueError) otherwise."""
+    ctx = _context
+    if ctx is None or ctx.topology is None:
+        raise NotInitializedError("Horovod")
+    return ctx
+
+
+def is_initialized() -> bool:
+    return _context is not None and _context.topology is not None
+
+
+def init(process_sets: list[ProcessSet] | str | None = None) -> None:
+    """Join the job named by the `HORDE_*` environment (or form a world of one)."""
+    global _context
+    with _lock:
+        if _context is not None:
+            return
+        settings = WorkerSettings.from_env()
+        rdzv = RendezvousSettings.from_env()
+        ctx = WorkerContext(settings, rdzv)
+        ctx.start()
+        _context = ctx
+        atexit.register(_shutdown_at_exit)
+        if process_sets and process_sets != "dynamic":
+            for ps in process_sets:  # type: ignore[union-attr]
+                add_process_set(ps)
+
+
+def shutdown() -> None:
+    """Leave the job and release the process group (Horovod's `hvd.shutdown()`)."""
+    global _context
+    with _lock:
+        ctx, _context = _context, None
+        _process_sets.clear()
+        if ctx is not None:
+            ctx.shutdown("finished")
+
+
+def _shutdown_at_exit() -> None:
+    try:
+        shutdown()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        logger.debug("shutdown at exit failed", exc_info=True)
+
+
+def add_process_set(process_set: ProcessSet | list[int]) -> ProcessSet:
+    """Register a process set on every rank (call it in the same order on all ranks)."""
+    global _next_set_id
+    ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
+    ctx = context()
+    size = ctx.topology.size  # type: ignore[union-attr]
+    if ps.ranks is None or not ps.ranks:
+        raise ValueError("a process set needs a non-empty list of ranks")
+    bad = [r for r in ps.ranks if not 0 <= r < size]
+    if bad:
+        raise ValueError(f"process set ranks {bad} are outside the world of size {size}")
+    if len(set(ps.ranks)) != len(ps.ranks):
+        raise ValueError(f"process set ranks {ps.ranks} contain duplicates")
+    for existing in _process_sets.values():
+        if existing.ranks == ps.ranks:
+            raise ValueError(f"a process set with ranks {ps.ranks} is already registered")
+    with _lock:
+        set_id = _next_set_id
+        _next_set_id += 1
+    _attach(ctx, set_id, ps.ranks)
+    ps.process_set_id = set_id
+    _process_sets[set_id] = ps
+    return ps
+
+
+def _attach(ctx: WorkerContext, set_id: int, ranks: list[int]) -> None:
+    sub = ctx.transport.subset(ranks, set_id)  # type: ignore[union-attr]
+    ctx.engine.subsets[set_id] = sub  # type: ignore[union-attr]
+
+
+def reattach_process_sets() -> None:
+    """After a reset, rebuild the registered process sets that still fit the world."""
+    ctx = context()
+    size = ctx.topology.size  # type: ignore[union-attr]
+    for set_id, ps in list(_process_sets.items()):
+        if max(ps.ranks or [0]) < size:
+            _attach(ctx, set_id, ps.ranks or [])
+        else:
+            logger.warning("process set %s no longer fits the world of %d; removed", ps, size)
+            ps.process_set_id = None
+            del _process_sets[set_id]
+
+
+def remove_process_set(process_set: ProcessSet) -> bool:
+    """Unregister a process set; returns False if it was not registered."""
+    if process_set.process_set_id in (None, 0):
+        return False
+    set_id = process_set.process_set_id
+    if set_id not in _process_sets:
+        return False
+    del _process_sets[set_id]
+    ctx = context()
+    ctx.engine.subsets.pop(set_id, None)  # type: ignore[union-attr]
+    process_set.process_set_id = None
+    return True
+
+
+def process_set_id(process_set: ProcessSet) -> int:
+    if process_set.process_set_id is None:
+        raise ValueError(
+            f"{process_set} is not registered; call hvd.add_process_set() on every rank first")
+    return process_set.process_set_id
+
+
+def environment_rank() -> int:
+    return int(os.environ.get("HOROVOD_RANK", "0"))

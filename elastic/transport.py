@@ -1,0 +1,145 @@
+"""Per-generation collective transport on `torch.distributed` process groups.
+
+A `Transport` is built for one generation from the store that the generation names,
+under a store namespace of its own, so groups of different generations never mix.
+Gloo carries CPU tensors; an NCCL group is created on first use of a CUDA tensor.
+A transport is never reused after its generation ends: a stale one is closed and a
+new one is built, which is how a membership change happens without restarting.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def connect_store(host: str, port: int, timeout: float) -> dist.Store:
+    """A client of the TCPStore that hosts the generation's rendezvous."""
+    return dist.TCPStore(
+        host, port, None, False, timeout=datetime.timedelta(seconds=timeout),
+        wait_for_workers=False,
+    )
+
+
+def serve_store(host: str, timeout: float) -> dist.TCPStore:
+    """Start this process's own TCPStore server on a free port (port 0 picks one)."""
+    return dist.TCPStore(
+        host, 0, None, True, timeout=datetime.timedelta(seconds=timeout),
+        wait_for_workers=False,
+    )
+
+
+class Transport:
+    """The process groups of one generation: gloo always, NCCL lazily for CUDA tensors."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        namespace: str,
+        rank: int,
+        size: int,
+        timeout: float,
+        bind_host: str | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.rank = rank
+        self.size = size
+        self.timeout = timeout
+        self._store = store
+        self._bind_host = bind_host
+        self._nccl: dist.ProcessGroup | None = None
+        self._lock = threading.Lock()
+        self.gloo = self._make_gloo(namespace, rank, size)
+
+    def _make_gloo(self, namespace: str, rank: int, size: int) -> dist.ProcessGroupGloo:
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = datetime.timedelta(seconds=self.timeout)
+        if self._bind_host:
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self._bind_host)]
+        else:
+            opts._devices = [dist.ProcessGroupGloo.create_default_device()]
+        store = dist.PrefixStore(namespace + "gloo/", self._store)
+        return dist.ProcessGroupGloo(store, rank, size, opts)
+
+    def group_for(self, tensor: torch.Tensor) -> dist.ProcessGroup:
+        """The group that moves `tensor`: NCCL for CUDA tensors, gloo otherwise."""
+        if tensor.is_cuda:
+            return self._nccl_group()
+        return self.gloo
+
+    def _nccl_group(self) -> dist.ProcessGroup:
+        with self._lock:
+            if self._nccl is None:
+                if not dist.is_nccl_available():
+                    raise RuntimeError(
+                        "a CUDA tensor was given but this PyTorch build has no NCCL; "
+                        "move the tensor to the CPU or install a CUDA build of PyTorch"
+                    )
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = datetime.timedelta(seconds=self.timeout)
+                store = dist.PrefixStore(self.namespace + "nccl/", self._store)
+                self._nccl = dist.ProcessGroupNCCL(store, self.rank, self.size, opts)
+            return self._nccl
+
+    def subset(self, ranks: Sequence[int], set_id: int) -> Transport | None:
+        """A transport over `ranks` (a process set); None on ranks outside it."""
+        if self.rank not in ranks:
+            return None
+        sub = object.__new__(Transport)
+        sub.namespace = f"{self.namespace}ps{set_id}/"
+        sub.rank = list(ranks).index(self.rank)
+        sub.size = len(ranks)
+        sub.timeout = self.timeout
+        sub._store = self._store
+        sub._bind_host = self._bind_host
+        sub._nccl = None
+        sub._lock = threading.Lock()
+        sub.gloo = sub._make_gloo(sub.namespace, sub.rank, sub.size)
+        return sub
+
+    def close(self) -> None:
+        """Abort the groups so that no thread stays blocked on a dead peer."""
+        for group in (self.gloo, self._nccl):
+            if group is None:
+                continue
+            try:
+                group.abort()
+            except Exception:  # noqa: BLE001 - best effort on a group being dropped
+                logger.debug("abort of %s failed", group, exc_info=True)
+
+
+def build_interruptibly(
+    build: Callable[[], Transport], interrupted: threading.Event, poll: float = 0.05
+) -> Transport:
+    """Run a blocking group construction in a thread; give up when `interrupted` is set.
+
+    Connecting a group blocks until every member arrives; if the generation is
+    superseded meanwhile (a member died before connecting) we must not wait for the
+    full timeout. The abandoned thread ends on its own when the store times out.
+    """
+    result: dict[str, object] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            result["transport"] = build()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            result["error"] = exc
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=target, name="horde-connect", daemon=True)
+    thread.start()
+    while not done.wait(poll):
+        if interrupted.is_set():
+            raise InterruptedError("generation superseded while connecting its process group")
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["transport"]  # type: ignore[return-value]

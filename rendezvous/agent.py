@@ -1,0 +1,351 @@
+"""The node agent: registers a node, keeps its lease alive, follows the generation,
+and, when elected, acts as the job's leader.
+
+Every node runs one agent on a background thread. Leadership is an etcd key bound to
+the leader's lease: when the leader dies its lease expires, the key vanishes and
+another agent takes over. Generations are written by compare-and-swap on the
+previous one, so a deposed leader can never overwrite a newer decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rendezvous import policy
+from rendezvous.backend import KeyValue, RendezvousBackend
+from rendezvous.errors import (
+    BlacklistedError,
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousTimeoutError,
+)
+from rendezvous.generation import BlacklistEntry, Generation, JobStatus, NodeInfo
+from rendezvous.keys import JobKeys
+from rendezvous.settings import RendezvousSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlState:
+    """What every member follows: the generation, a requested reset, the job status."""
+
+    generation: Generation | None = None
+    reset_of: int = -1
+    status: JobStatus | None = None
+    leader: str | None = None
+
+
+def read_control(backend: RendezvousBackend, keys: JobKeys) -> tuple[ControlState, int]:
+    kvs, revision = backend.get_prefix(keys.control)
+    return parse_control(kvs, keys), revision
+
+
+def parse_control(kvs: list[KeyValue], keys: JobKeys) -> ControlState:
+    generation = None
+    reset_of = -1
+    status = None
+    leader = None
+    for kv in kvs:
+        if kv.key == keys.generation:
+            generation = Generation.from_json(kv.value)
+        elif kv.key == keys.reset:
+            reset_of = int(json.loads(kv.value)["generation"])
+        elif kv.key == keys.status:
+            status = JobStatus.from_json(kv.value)
+        elif kv.key == keys.leader:
+            leader = kv.value.decode()
+    return ControlState(generation, reset_of, status, leader)
+
+
+def blacklist_node(backend: RendezvousBackend, keys: JobKeys, node_id: str, reason: str,
+                   cooldown: tuple[float, float] | None) -> BlacklistEntry:
+    """Add (or extend) a blacklist entry; the leader drops the node at the next generation."""
+    existing = backend.get(keys.blacklisted(node_id))
+    count = BlacklistEntry.from_json(existing.value).count + 1 if existing else 1
+    delay = policy.cooldown_for(count, cooldown, random.random())
+    entry = BlacklistEntry(node_id=node_id, reason=reason, until=time.time() + delay, count=count)
+    backend.put(keys.blacklisted(node_id), entry.to_json())
+    logger.warning("job %s: blacklisted %s for %.0f s: %s", keys.job, node_id, delay, reason)
+    return entry
+
+
+class NodeAgent:
+    """Membership of one node: lease, registration, following and (maybe) leading."""
+
+    def __init__(
+        self,
+        backend: RendezvousBackend,
+        settings: RendezvousSettings,
+        info: NodeInfo,
+        candidate: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.keys = JobKeys(settings.prefix, settings.job)
+        self.node_id = info.node_id
+        self._info = info
+        self._candidate = candidate
+        self._clock = clock
+        self._lease = 0
+        self._lease_refreshed = 0.0
+        self._cond = threading.Condition()
+        self._control = ControlState()
+        self._listeners: list[Callable[[ControlState], None]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._is_leader = False
+        self._leader_memory: dict[str, object] = {}
+        self.error: BaseException | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register (fails fast with RendezvousConnectionError if etcd is unreachable)."""
+        self._register()
+        control, _ = read_control(self.backend, self.keys)
+        self._set_control(control)
+        self._thread = threading.Thread(
+            target=self._run, name=f"horde-agent-{self.node_id}", daemon=True)
+        self._thread.start()
+
+    def _register(self) -> None:
+        entry = self.backend.get(self.keys.blacklisted(self.node_id))
+        if entry is not None:
+            record = BlacklistEntry.from_json(entry.value)
+            if record.active(time.time()):
+                raise BlacklistedError(
+                    f"node {self.node_id} is blacklisted in job {self.settings.job} until "
+                    f"{time.ctime(record.until)}: {record.reason}")
+        self._lease = self.backend.grant_lease(self.settings.lease_ttl)
+        self._lease_refreshed = self._clock()
+        info = NodeInfo(**{**self._info.__dict__, "lease": self._lease,
+                           "registered_at": time.time()})
+        self._info = info
+        self.backend.put(self.keys.node(self.node_id), info.to_json(), lease=self._lease)
+        logger.info("job %s: node %s registered (lease %x)", self.settings.job, self.node_id,
+                    self._lease)
+
+    def stop(self, reason: str = "left") -> None:
+        """Leave the job: say why (finished / left), then revoke the lease."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.backend.put(self.keys.leaving_node(self.node_id), reason.encode())
+            if self._lease:
+                self.backend.revoke_lease(self._lease)
+        except RendezvousConnectionError:
+            logger.warning("job %s: node %s could not deregister: etcd unreachable",
+                           self.settings.job, self.node_id)
+        self._lease = 0
+
+    # -- what the training side reads -------------------------------------------------
+
+    @property
+    def control(self) -> ControlState:
+        with self._cond:
+            return self._control
+
+    @property
+    def is_leader(self) -> bool:
+        return self._is_leader
+
+    def add_listener(self, listener: Callable[[ControlState], None]) -> None:
+        """Call `listener(control)` from the agent thread whenever control keys change."""
+        with self._cond:
+            self._listeners.append(listener)
+
+    def request_reset(self, generation: int) -> None:
+        """Report that the collective of `generation` failed and this node is ready again."""
+        self.backend.put(self.keys.ready_node(generation, self.node_id), b"1", lease=self._lease)
+        self.backend.put(self.keys.reset, json.dumps({"generation": generation,
+                                                      "by": self.node_id}).encode())
+
+    def wait_for_generation(self, after: int, timeout: float) -> Generation:
+        """Block until a generation newer than `after` includes this node."""
+        deadline = self._clock() + timeout
+        with self._cond:
+            while True:
+                control = self._control
+                if control.status is not None and control.status.state != "running":
+                    raise RendezvousClosedError(
+                        f"job {self.settings.job} {control.status.state}: "
+                        f"{control.status.message}")
+                gen = control.generation
+                if gen is not None and gen.id > after and gen.rank_of(self.node_id) is not None:
+                    return gen
+                if self.error is not None:
+                    raise self.error
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise RendezvousTimeoutError(
+                        f"node {self.node_id} was not admitted to job {self.settings.job} "
+                        f"within {timeout:g} s (latest generation: "
+                        f"{gen.id if gen else 'none'}, members "
+                        f"{gen.node_ids if gen else []})")
+                self._cond.wait(min(remaining, 0.5))
+
+    # -- the agent thread -------------------------------------------------------------
+
+    def _set_control(self, control: ControlState) -> None:
+        with self._cond:
+            changed = control != self._control
+            self._control = control
+            listeners = list(self._listeners)
+            self._cond.notify_all()
+        if changed:
+            for listener in listeners:
+                try:
+                    listener(control)
+                except Exception:  # noqa: BLE001 - a listener must not kill the agent
+                    logger.exception("membership listener failed")
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._step()
+                failures = 0
+            except RendezvousConnectionError as exc:
+                failures += 1
+                logger.warning("job %s: node %s: %s (retrying)", self.settings.job,
+                               self.node_id, exc)
+                if failures * self.settings.poll_interval > 4 * self.settings.lease_ttl:
+                    self.error = exc
+                    with self._cond:
+                        self._cond.notify_all()
+                self._stop.wait(min(self.settings.poll_interval, 1.0))
+            except Exception as exc:  # noqa: BLE001 - surfaced to the training side
+                logger.exception("job %s: agent of %s failed", self.settings.job, self.node_id)
+                self.error = exc
+                with self._cond:
+                    self._cond.notify_all()
+                return
+
+    def _keepalive_due(self) -> float:
+        return self._lease_refreshed + self.settings.lease_ttl / 3.0
+
+    def _refresh(self) -> None:
+        if self._clock() < self._keepalive_due():
+            return
+        if self.backend.refresh_lease(self._lease):
+            self._lease_refreshed = self._clock()
+            return
+        logger.warning("job %s: lease of %s expired (was the process stopped?); "
+                       "registering again", self.settings.job, self.node_id)
+        self._is_leader = False
+        self._register()
+
+    def _step(self) -> None:
+        self._refresh()
+        if self._is_leader or self._candidate:
+            kvs, revision = self.backend.get_prefix(self.keys.root)
+            control = parse_control([kv for kv in kvs if kv.key.startswith(self.keys.control)],
+                                    self.keys)
+            self._set_control(control)
+            wake_at = None
+            if self._candidate and control.leader is None:
+                self._try_lead()
+            elif control.leader != self.node_id:
+                self._is_leader = False
+            if self._is_leader:
+                wake_at = self._lead(kvs, control)
+            watch = self.keys.root if self._is_leader else self.keys.control
+        else:
+            control, revision = read_control(self.backend, self.keys)
+            self._set_control(control)
+            wake_at = None
+            watch = self.keys.control
+        timeout = max(0.0, self._keepalive_due() - self._clock())
+        timeout = min(timeout, self.settings.poll_interval * 4)
+        if wake_at is not None:
+            timeout = min(timeout, max(0.0, wake_at - self._clock()))
+        if timeout > 0:
+            self.backend.wait_for_change(watch, revision, timeout)
+
+    def _try_lead(self) -> None:
+        if self.backend.compare_and_swap(self.keys.leader, 0, self.node_id.encode(),
+                                         lease=self._lease):
+            self._is_leader = True
+            self._leader_memory = {"first_seen": {}, "ready_since": None,
+                                   "starving_since": None, "generation": None}
+            logger.info("job %s: node %s is now the leader", self.settings.job, self.node_id)
+
+    # -- leading ----------------------------------------------------------------------
+
+    def _lead(self, kvs: list[KeyValue], control: ControlState) -> float | None:
+        """Observe, decide, apply; returns when the leader wants to look again."""
+        if control.status is not None and control.status.state != "running":
+            return None
+        keys = self.keys
+        now = self._clock()
+        mem = self._leader_memory
+        first_seen: dict[str, float] = mem["first_seen"]  # type: ignore[assignment]
+        nodes: dict[str, NodeInfo] = {}
+        blacklist: dict[str, BlacklistEntry] = {}
+        leaving: dict[str, str] = {}
+        gen = control.generation
+        ready: set[str] = set()
+        gen_mod_revision = 0
+        for kv in kvs:
+            if kv.key.startswith(keys.nodes):
+                info = NodeInfo.from_json(kv.value)
+                nodes[info.node_id] = info
+                first_seen.setdefault(info.node_id, now)
+            elif kv.key.startswith(keys.blacklist):
+                entry = BlacklistEntry.from_json(kv.value)
+                blacklist[entry.node_id] = entry
+            elif kv.key.startswith(keys.leaving):
+                leaving[kv.key[len(keys.leaving):]] = kv.value.decode()
+            elif gen is not None and kv.key.startswith(keys.ready_for(gen.id)):
+                ready.add(kv.key[len(keys.ready_for(gen.id)):])
+            elif kv.key == keys.generation:
+                gen_mod_revision = kv.mod_revision
+        for node_id in list(first_seen):
+            if node_id not in nodes:
+                del first_seen[node_id]
+        gen_id = gen.id if gen else None
+        if mem["generation"] != gen_id:
+            mem["generation"] = gen_id
+            mem["ready_since"] = None
+        if ready and mem["ready_since"] is None:
+            mem["ready_since"] = now
+        view = policy.ClusterView(
+            generation=gen, nodes=nodes, ready=ready, blacklist=blacklist, leaving=leaving,
+            first_seen=first_seen, ready_since=mem["ready_since"],  # type: ignore[arg-type]
+            starving_since=mem["starving_since"], wall_now=time.time(),  # type: ignore[arg-type]
+        )
+        decision = policy.decide(view, self.settings, now)
+        for node_id in decision.blacklist:
+            if node_id not in blacklist:
+                blacklist_node(self.backend, keys, node_id,
+                               "did not rejoin after a failed collective within the reset "
+                               f"timeout of {self.settings.reset_timeout:g} s",
+                               self.settings.blacklist_cooldown)
+        mem["starving_since"] = (mem["starving_since"] or now) if decision.starving else None
+        if decision.action == policy.Action.PUBLISH:
+            new = policy.build_generation(gen, decision.members, nodes, decision.reason,
+                                          time.time())
+            if self.backend.compare_and_swap(keys.generation, gen_mod_revision, new.to_json()):
+                logger.info("job %s: generation %d published by %s: %d members (%s)",
+                            keys.job, new.id, self.node_id, new.size, decision.reason)
+                if gen is not None:
+                    self.backend.delete_prefix(keys.ready_for(gen.id))
+                if gen is None:
+                    self.backend.put(keys.status, JobStatus("running").to_json())
+            return None
+        if decision.action in (policy.Action.FAIL, policy.Action.FINISH):
+            state = "failed" if decision.action == policy.Action.FAIL else "finished"
+            self.backend.put(keys.status, JobStatus(state, decision.reason).to_json())
+            if state == "failed":
+                logger.error("job %s failed: %s", keys.job, decision.reason)
+            return None
+        return decision.wake_at
