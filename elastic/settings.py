@@ -23,6 +23,8 @@ class WorkerSettings:
     advertise_addr: str = "127.0.0.1"
     collective_timeout: float = 60.0
     reset_limit: int | None = None
+    order: int = 0
+    log_level: str = ""
 
     def __post_init__(self) -> None:
         if self.collective_timeout <= 0:
@@ -44,4 +46,6 @@ class WorkerSettings:
             advertise_addr=env.get("HORDE_ADVERTISE_ADDR", "127.0.0.1"),
             collective_timeout=float(env.get("HORDE_COLLECTIVE_TIMEOUT", "60")),
             reset_limit=int(limit) if limit not in ("", "None") else None,
+            order=int(env.get("HORDE_ORDER", "0")),
+            log_level=env.get("HORDE_LOG_LEVEL", ""),
         )

@@ -10,6 +10,7 @@ forms a world of one, as Horovod does.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 
@@ -71,7 +72,8 @@ class WorkerContext:
         backend = backend_from_url(self.settings.rendezvous)
         info = NodeInfo(node_id=self.node_id, host=self.settings.hostname,
                         addr=self.settings.advertise_addr,
-                        store_port=self._store_server.port, pid=_pid())
+                        store_port=self._store_server.port, pid=os.getpid(),
+                        order=self.settings.order)
         self.agent = NodeAgent(backend, self.rdzv, info)
         self.agent.add_listener(self._on_control)
         self.agent.start()
@@ -129,8 +131,13 @@ class WorkerContext:
             self.engine = CollectiveEngine(transport, interrupted)
             self.topology = Topology(gen.id, transport.rank, transport.size, local_rank,
                                      local_size, cross_rank, cross_size)
-        logger.info("node %s: generation %d, rank %d of %d", self.node_id, gen.id,
-                    transport.rank, transport.size)
+        os.environ.update({
+            "HOROVOD_RANK": str(transport.rank), "HOROVOD_SIZE": str(transport.size),
+            "HOROVOD_LOCAL_RANK": str(local_rank), "HOROVOD_LOCAL_SIZE": str(local_size),
+            "HOROVOD_CROSS_RANK": str(cross_rank), "HOROVOD_CROSS_SIZE": str(cross_size),
+        })
+        logger.info("node %s: generation %d, rank %d of %d (%s)", self.node_id, gen.id,
+                    transport.rank, transport.size, gen.reason)
 
     def _establish(self, after: int, timeout: float) -> None:
         assert self.agent is not None
@@ -196,7 +203,3 @@ class WorkerContext:
         self._establish(after=gen.id, timeout=self.rdzv.elastic_timeout + self.rdzv.reset_timeout)
 
 
-def _pid() -> int:
-    import os
-
-    return os.getpid()

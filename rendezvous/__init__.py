@@ -1,0 +1,75 @@
+"""Membership for Horde: a key-value backend with leases, and the logic above it.
+
+The backends load on first use (`rendezvous.EtcdBackend` pulls in the HTTP client),
+so importing this package stays cheap for code that only needs the errors or keys.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from rendezvous.backend import KeyValue, RendezvousBackend
+from rendezvous.errors import (
+    BlacklistedError,
+    HordeError,
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from rendezvous.embedded import EmbeddedEtcd
+    from rendezvous.etcd import EtcdBackend
+    from rendezvous.memory import MemoryBackend
+
+__all__ = [
+    "BlacklistedError",
+    "EmbeddedEtcd",
+    "EtcdBackend",
+    "HordeError",
+    "KeyValue",
+    "MemoryBackend",
+    "RendezvousBackend",
+    "RendezvousClosedError",
+    "RendezvousConnectionError",
+    "RendezvousError",
+    "RendezvousTimeoutError",
+    "backend_from_url",
+]
+
+_LAZY = {
+    "EmbeddedEtcd": "rendezvous.embedded",
+    "EtcdBackend": "rendezvous.etcd",
+    "MemoryBackend": "rendezvous.memory",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def backend_from_url(url: str, timeout: float = 5.0) -> RendezvousBackend:
+    """Open the backend a URL names: `etcd://host:port`, `http://host:port` or `memory://`.
+
+    `memory://` gives a fresh private in-process store (for tests and single-process runs).
+    """
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "memory":
+        from rendezvous.memory import MemoryBackend
+
+        return MemoryBackend()
+    if scheme in ("etcd", "http"):
+        from rendezvous.etcd import EtcdBackend
+
+        return EtcdBackend.from_url(url, timeout=timeout)
+    raise ValueError(
+        f"rendezvous URL {url!r} is not supported; expected etcd://HOST:PORT, "
+        "http://HOST:PORT or memory://"
+    )

@@ -22,6 +22,8 @@ class NodeInfo:
     pid: int = 0
     lease: int = 0
     registered_at: float = 0.0
+    #: launcher-assigned position, so the first generation's ranks follow launch order
+    order: int = 0
     hardware: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:

@@ -77,8 +77,8 @@ def eligible_nodes(view: ClusterView) -> list[NodeInfo]:
         n for n in view.nodes.values()
         if n.node_id not in view.leaving and not _is_blacklisted(view, n)
     ]
-    return sorted(nodes, key=lambda n: (view.first_seen.get(n.node_id, 0.0), n.registered_at,
-                                        n.node_id))
+    return sorted(nodes, key=lambda n: (view.first_seen.get(n.node_id, 0.0), n.order,
+                                        n.registered_at, n.node_id))
 
 
 def _settled(view: ClusterView, newcomers: list[NodeInfo], settings: RendezvousSettings,
@@ -148,6 +148,7 @@ def _first_generation(view: ClusterView, candidates: list[NodeInfo],
     if not candidates:
         return Decision(Action.WAIT)
     started = min(view.first_seen.get(n.node_id, now) for n in candidates)
+    candidates = sorted(candidates, key=lambda n: (n.order, n.registered_at, n.node_id))
     ids = tuple(n.node_id for n in candidates)[: settings.max_np]
     if len(candidates) >= settings.target_np:
         settled, wake = _settled(view, candidates, settings, now)

@@ -60,6 +60,7 @@ from elastic.torch.collectives import (
     reducescatter_async,
     synchronize,
 )
+from elastic.torch import elastic
 from elastic.torch.runtime import (
     ProcessSet,
     add_process_set,
@@ -83,5 +84,5 @@ __all__ = [
     "grouped_allreduce_async_", "grouped_reducescatter", "grouped_reducescatter_async", "join",
     "poll", "reducescatter", "reducescatter_async", "synchronize", "ProcessSet",
     "add_process_set", "global_process_set", "init", "is_initialized", "remove_process_set",
-    "shutdown",
+    "shutdown", "elastic",
 ]

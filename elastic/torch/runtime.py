@@ -79,6 +79,8 @@ def init(process_sets: list[ProcessSet] | str | None = None) -> None:
         if _context is not None:
             return
         settings = WorkerSettings.from_env()
+        if settings.log_level:
+            _configure_logging(settings.log_level)
         rdzv = RendezvousSettings.from_env()
         ctx = WorkerContext(settings, rdzv)
         ctx.start()
@@ -87,6 +89,19 @@ def init(process_sets: list[ProcessSet] | str | None = None) -> None:
         if process_sets and process_sets != "dynamic":
             for ps in process_sets:  # type: ignore[union-attr]
                 add_process_set(ps)
+
+
+def _configure_logging(level: str) -> None:
+    """Under horderun, show membership events of Horde's own loggers (not the root logger)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s horde %(levelname)s: %(message)s",
+                                           "%H:%M:%S"))
+    for name in ("rendezvous", "elastic"):
+        log = logging.getLogger(name)
+        if not log.handlers:
+            log.addHandler(handler)
+            log.setLevel(getattr(logging, level.upper(), logging.INFO))
+            log.propagate = False
 
 
 def shutdown() -> None:

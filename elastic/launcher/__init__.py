@@ -1,0 +1,1 @@
+"""`horderun`: a horovodrun-style launcher on an etcd rendezvous."""

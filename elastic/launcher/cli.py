@@ -1,0 +1,302 @@
+"""`horderun`: horovodrun's flags, on Horde's etcd rendezvous.
+
+    horderun -np 4 python train.py                          # embedded etcd, 4 workers
+    horderun -np 2 --min-np 1 --max-np 4 python train.py    # elastic
+    horderun --join --rendezvous etcd://HOST:PORT --job NAME -np 1 python train.py
+
+Settings resolve in one place (`build_plan`): a flag wins over its `HORDE_*`
+environment variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import Sequence
+
+from elastic.launcher import hosts as hostlib
+from elastic.launcher.launch import Launcher, LaunchPlan
+from rendezvous.errors import HordeError
+from rendezvous.settings import RendezvousSettings
+
+logger = logging.getLogger("elastic.launcher")
+
+VERSION = "0.1.0"
+
+
+class UsageError(ValueError):
+    """Flags that cannot work together; reported with exit code 2."""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="horderun",
+        description="Launch a Horovod-style training script on an elastic etcd rendezvous. "
+                    "Without --rendezvous an embedded etcd is started and stopped with the job.",
+        epilog="Add workers to a running job from any machine with: horderun --join "
+               "--rendezvous etcd://HOST:PORT --job NAME -np N python train.py. "
+               "Evict a node: horderun --evict NODE_ID --rendezvous ... --job NAME.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("-v", "--version", action="version", version=f"horderun {VERSION}")
+    parser.add_argument("-np", "--num-proc", dest="np", type=int,
+                        help="number of workers to start on this machine")
+    parser.add_argument("--min-np", "--min-num-proc", dest="min_np", type=int,
+                        help="elastic: smallest world the job may shrink to")
+    parser.add_argument("--max-np", "--max-num-proc", dest="max_np", type=int,
+                        help="elastic: largest world the job may grow to")
+    parser.add_argument("-H", "--hosts", help="HOST:SLOTS[,...]; only this machine's slots are "
+                        "started here (Horde never SSHes: other hosts join with --join)")
+    parser.add_argument("-hostfile", "--hostfile", help="file of 'HOST slots=N' lines")
+    parser.add_argument("--host-discovery-script", help="script printing HOST[:SLOTS] lines; "
+                        "polled to grow or shrink this machine's workers")
+    parser.add_argument("--slots-per-host", "--slots", type=int, default=None,
+                        help="slots for hosts listed without a count (default 1)")
+    parser.add_argument("--elastic-timeout", type=float, help="seconds to wait below --min-np "
+                        "before failing (default 600)")
+    parser.add_argument("--reset-limit", type=int, help="fail after this many resets")
+    parser.add_argument("--blacklist-cooldown-range", nargs=2, type=float,
+                        metavar=("MIN", "MAX"), help="evicted nodes may return after a cooldown "
+                        "between MIN and MAX seconds (doubling per eviction); default: never")
+    parser.add_argument("--start-timeout", type=float,
+                        help="seconds to wait for the first -np workers (default 30)")
+    parser.add_argument("--network-interfaces", "--network-interface", dest="network_interfaces",
+                        help="comma-separated interfaces to advertise and bind (e.g. eth0)")
+    parser.add_argument("--verbose", action="store_true", help="log what the launcher does")
+    parser.add_argument("--log-level", choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR",
+                                                "FATAL"],
+                        help="log level of workers' membership messages (default INFO)")
+    parser.add_argument("--output-filename", help="also write each worker's output to "
+                        "DIR/rank.N/stdout and stderr")
+    parser.add_argument("--gloo", action="store_true", help="accepted: Horde always uses Gloo "
+                        "(and NCCL for CUDA tensors)")
+    parser.add_argument("--mpi", action="store_true", help="not supported (Horde has no MPI)")
+    parser.add_argument("--check-build", "-cb", action="store_true",
+                        help="print the available frameworks and collectives, then exit")
+    horde = parser.add_argument_group("Horde")
+    horde.add_argument("--rendezvous", help="etcd://HOST:PORT (default: an embedded etcd on a "
+                       "free loopback port)")
+    horde.add_argument("--job", help="job name (default: a fresh random name)")
+    horde.add_argument("--join", action="store_true",
+                       help="add -np workers to the running job --job on --rendezvous")
+    horde.add_argument("--node-id-prefix", help="stable name for this machine's workers "
+                       "(node ids are PREFIX-INDEX); blacklists apply to node ids")
+    horde.add_argument("--lease-ttl", type=int, help="seconds without a keep-alive before a "
+                       "worker counts as dead (default 5)")
+    horde.add_argument("--settle-window", type=float, help="seconds joins are batched into one "
+                       "reset (default 0.5)")
+    horde.add_argument("--reset-timeout", type=float, help="seconds to wait for live members "
+                       "to rejoin after a failed collective (default 15)")
+    horde.add_argument("--collective-timeout", type=float,
+                       help="seconds a collective may wait for a peer (default 60)")
+    horde.add_argument("--evict", metavar="NODE_ID", help="blacklist NODE_ID in --job (needs "
+                       "--rendezvous) and exit")
+    horde.add_argument("--reason", default="evicted by an operator", help="reason for --evict")
+    horde.add_argument("--status", action="store_true",
+                       help="print the job's generation, nodes and blacklist, then exit")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the training command")
+    return parser
+
+
+def _advertise_addr(interfaces: str | None, rendezvous: str | None) -> str:
+    if interfaces:
+        import psutil
+
+        addrs = psutil.net_if_addrs()
+        for name in interfaces.split(","):
+            for addr in addrs.get(name.strip(), []):
+                if addr.family == socket.AF_INET:
+                    return addr.address
+        raise UsageError(f"--network-interfaces {interfaces!r}: no IPv4 address found on "
+                         f"{interfaces}; available: {', '.join(sorted(addrs))}")
+    if rendezvous:
+        host = rendezvous.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        if host not in hostlib.LOCAL_NAMES:
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                    probe.connect((host, 9))
+                    return probe.getsockname()[0]
+            except OSError:
+                pass
+    return "127.0.0.1"
+
+
+def _check_command(command: list[str]) -> None:
+    if not command:
+        raise UsageError("no training command given; e.g. horderun -np 2 python train.py")
+    exe = command[0]
+    if shutil.which(exe) is None and not os.path.isfile(exe):
+        raise UsageError(f"command {exe!r} was not found on PATH")
+    if os.path.basename(exe).startswith("python") and len(command) > 1:
+        script = command[1]
+        if not script.startswith("-") and not os.path.isfile(script):
+            raise UsageError(f"training script {script!r} does not exist "
+                             f"(working directory: {os.getcwd()})")
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else None
+
+
+def build_plan(args: argparse.Namespace) -> LaunchPlan:
+    """Resolve flags, `HORDE_*` variables and defaults into one validated plan."""
+    if args.mpi:
+        raise UsageError("--mpi is not supported: Horde runs collectives on Gloo/NCCL process "
+                         "groups; drop the flag")
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    _check_command(command)
+    slots_default = args.slots_per_host or 1
+    np = args.np
+    if args.hosts or args.hostfile:
+        listed = (hostlib.parse_hosts(args.hosts, slots_default) if args.hosts
+                  else hostlib.parse_hostfile(args.hostfile, slots_default))
+        local, remote = hostlib.local_slots(listed)
+        if remote:
+            sys.stderr.write(
+                "horderun: Horde does not SSH into hosts; on each of "
+                f"{', '.join(remote)} run: horderun --join --rendezvous <url> --job <name> "
+                "-np <slots> <command>\n")
+        if np is None:
+            np = local
+    if np is None and args.host_discovery_script:
+        np = args.min_np or 1
+    if np is None:
+        raise UsageError("-np is required (number of workers to start here)")
+    if np < 1:
+        raise UsageError(f"-np {np} must be at least 1")
+    elastic = args.min_np is not None or args.max_np is not None or bool(
+        args.host_discovery_script)
+    min_np = args.min_np if args.min_np is not None else (1 if elastic else np)
+    max_np = args.max_np if args.max_np is not None else (max(np, 1 << 16) if elastic else np)
+    if args.join and elastic is False:
+        min_np, max_np = 1, max(np, 1)
+    if args.join and not (args.rendezvous or _env("HORDE_RENDEZVOUS")):
+        raise UsageError("--join needs --rendezvous etcd://HOST:PORT of the running job")
+    if args.join and not (args.job or _env("HORDE_JOB")):
+        raise UsageError("--join needs --job NAME of the running job")
+    rendezvous = args.rendezvous or _env("HORDE_RENDEZVOUS")
+    if rendezvous and "://" not in rendezvous:
+        raise UsageError(f"--rendezvous {rendezvous!r} must look like etcd://HOST:PORT")
+    job = args.job or _env("HORDE_JOB") or f"job-{uuid.uuid4().hex[:8]}"
+    try:
+        rdzv = RendezvousSettings.from_env(
+            job=job, min_np=min_np, max_np=max_np,
+            target_np=min(max(np, min_np), max_np),
+            lease_ttl=args.lease_ttl, settle_window=args.settle_window,
+            start_timeout=args.start_timeout, elastic_timeout=args.elastic_timeout,
+            reset_timeout=args.reset_timeout,
+            blacklist_cooldown=tuple(args.blacklist_cooldown_range)
+            if args.blacklist_cooldown_range else None,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    hostname = _env("HORDE_HOSTNAME") or socket.gethostname()
+    level = args.log_level or ("DEBUG" if args.verbose else "INFO")
+    collective_timeout = args.collective_timeout or float(_env("HORDE_COLLECTIVE_TIMEOUT")
+                                                          or 60.0)
+    if collective_timeout <= 0:
+        raise UsageError(f"--collective-timeout {collective_timeout} must be positive")
+    if args.reset_limit is not None and args.reset_limit < 0:
+        raise UsageError(f"--reset-limit {args.reset_limit} must not be negative")
+    return LaunchPlan(
+        command=command, np=np, rdzv=rdzv, rendezvous_url=rendezvous, join=args.join,
+        collective_timeout=collective_timeout, reset_limit=args.reset_limit,
+        advertise_addr=_advertise_addr(args.network_interfaces, rendezvous),
+        hostname=hostname, node_prefix=args.node_id_prefix or "",
+        output_filename=args.output_filename, log_level="DEBUG" if level == "TRACE" else level,
+        discovery_script=args.host_discovery_script, slots_per_host=slots_default,
+    )
+
+
+def _check_build() -> int:
+    import torch
+    import torch.distributed as dist
+
+    lines = [
+        f"Horde v{VERSION}:", "",
+        "Available Frameworks:",
+        f"    [X] PyTorch {torch.__version__}",
+        "", "Available Controllers:", "    [ ] MPI", "    [X] Gloo (etcd rendezvous)",
+        "", "Available Tensor Operations:",
+        f"    [{'X' if dist.is_nccl_available() else ' '}] NCCL",
+        "    [ ] DDL", "    [ ] CCL", "    [ ] MPI",
+        f"    [{'X' if dist.is_gloo_available() else ' '}] Gloo",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from rendezvous import backend_from_url
+    from rendezvous.agent import blacklist_node, read_control
+    from rendezvous.keys import JobKeys
+
+    url = args.rendezvous or _env("HORDE_RENDEZVOUS")
+    job = args.job or _env("HORDE_JOB")
+    if not url or not job:
+        raise UsageError("--evict and --status need --rendezvous etcd://HOST:PORT and --job NAME")
+    backend = backend_from_url(url)
+    keys = JobKeys(RendezvousSettings().prefix, job)
+    if backend.get(keys.config) is None:
+        raise UsageError(f"job {job!r} does not exist on {url}")
+    if args.evict:
+        cooldown = (tuple(args.blacklist_cooldown_range) if args.blacklist_cooldown_range
+                    else _job_cooldown(backend, keys))
+        entry = blacklist_node(backend, keys, args.evict, args.reason, cooldown)
+        until = "for good" if entry.until == float("inf") else f"for {entry.until:.0f} (epoch s)"
+        print(f"evicted {args.evict} from job {job} {until}: {args.reason}")
+        return 0
+    control, _ = read_control(backend, keys)
+    nodes, _ = backend.get_prefix(keys.nodes)
+    banned, _ = backend.get_prefix(keys.blacklist)
+    gen = control.generation
+    print(f"job {job}: status {control.status.state if control.status else 'starting'}"
+          f"{': ' + control.status.message if control.status and control.status.message else ''}")
+    if gen:
+        print(f"generation {gen.id} ({gen.reason}): " + ", ".join(
+            f"rank {r} {m.node_id}@{m.host}" for r, m in enumerate(gen.members)))
+    print("registered: " + (", ".join(kv.key.rsplit("/", 1)[-1] for kv in nodes) or "none"))
+    print("blacklisted: " + (", ".join(kv.key.rsplit("/", 1)[-1] for kv in banned) or "none"))
+    return 0
+
+
+def _job_cooldown(backend: object, keys: object) -> tuple[float, float] | None:
+    import json
+
+    kv = backend.get(keys.config)  # type: ignore[attr-defined]
+    raw = json.loads(kv.value)["rendezvous"].get("HORDE_BLACKLIST_COOLDOWN", "")
+    parts = raw.split()
+    return (float(parts[0]), float(parts[1])) if len(parts) == 2 else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="horderun %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.check_build:
+            return _check_build()
+        if args.evict or args.status:
+            return _admin(args)
+        plan = build_plan(args)
+        return Launcher(plan).run()
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write(f"horderun: error: {exc}\n")
+        return 2
+    except HordeError as exc:
+        sys.stderr.write(f"horderun: error: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

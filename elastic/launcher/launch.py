@@ -1,0 +1,354 @@
+"""Start, watch and stop the local workers of a job.
+
+The launcher owns the embedded etcd (when no `--rendezvous` is given), starts this
+machine's workers with the environment horovodrun would give them plus Horde's own
+`HORDE_*` settings, reports a dead worker to the rendezvous at once (revoking its
+lease, so the survivors recover without waiting for the lease to expire), and
+decides the exit code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from elastic.launcher import hosts as hostlib
+from elastic.launcher.output import output_paths, pump
+from rendezvous import backend_from_url
+from rendezvous.backend import RendezvousBackend
+from rendezvous.errors import RendezvousError
+from rendezvous.generation import Generation, JobStatus, NodeInfo
+from rendezvous.keys import JobKeys
+from rendezvous.settings import RendezvousSettings
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the workers get to stop after SIGTERM before they are killed.
+TERMINATE_GRACE = 5.0
+_POLL = 0.2
+
+
+@dataclass
+class LaunchPlan:
+    """Everything `horderun` resolved from its flags."""
+
+    command: list[str]
+    np: int
+    rdzv: RendezvousSettings
+    rendezvous_url: str | None = None
+    join: bool = False
+    collective_timeout: float = 60.0
+    reset_limit: int | None = None
+    advertise_addr: str = "127.0.0.1"
+    hostname: str = ""
+    node_prefix: str = ""
+    output_filename: str | None = None
+    log_level: str = "INFO"
+    discovery_script: str | None = None
+    slots_per_host: int = 1
+    discovery_interval: float = 5.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Worker:
+    index: int
+    node_id: str
+    proc: subprocess.Popen
+    threads: list[threading.Thread]
+    code: int | None = None
+
+
+def _die_with_parent() -> None:
+    """In the child: own process group, and SIGKILL when the launcher dies."""
+    os.setsid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Launcher:
+    """Runs one `horderun` invocation to completion and returns its exit code."""
+
+    def __init__(self, plan: LaunchPlan) -> None:
+        self.plan = plan
+        self.keys = JobKeys(plan.rdzv.prefix, plan.rdzv.job)
+        self.workers: list[Worker] = []
+        self._etcd = None
+        self._backend: RendezvousBackend | None = None
+        self._stop = threading.Event()
+        self._signal: int | None = None
+        self._next_index = 0
+
+    # -- setup ------------------------------------------------------------------------
+
+    def _connect(self) -> str:
+        if self.plan.rendezvous_url is None:
+            from rendezvous.embedded import EmbeddedEtcd
+
+            self._etcd = EmbeddedEtcd()
+            url = self._etcd.url
+        else:
+            url = self.plan.rendezvous_url
+        self._backend = backend_from_url(url)
+        self._backend.get(self.keys.generation)  # fails fast, with the address, if unreachable
+        return url
+
+    def _publish_config(self) -> None:
+        assert self._backend is not None
+        config = {"rendezvous": self.plan.rdzv.to_env(),
+                  "HORDE_COLLECTIVE_TIMEOUT": str(self.plan.collective_timeout),
+                  "HORDE_RESET_LIMIT": "" if self.plan.reset_limit is None
+                  else str(self.plan.reset_limit)}
+        if not self._backend.compare_and_swap(self.keys.config, 0, json.dumps(config).encode()):
+            raise RendezvousError(
+                f"job {self.plan.rdzv.job!r} already exists on this rendezvous; add workers to "
+                "it with --join, or choose another --job name")
+
+    def _joined_settings(self) -> dict[str, str]:
+        assert self._backend is not None
+        kv = self._backend.get(self.keys.config)
+        if kv is None:
+            raise RendezvousError(
+                f"job {self.plan.rdzv.job!r} does not exist on this rendezvous; start it first "
+                f"with horderun --job {self.plan.rdzv.job} ... (without --join)")
+        config = json.loads(kv.value)
+        env = dict(config["rendezvous"])
+        env["HORDE_COLLECTIVE_TIMEOUT"] = config["HORDE_COLLECTIVE_TIMEOUT"]
+        env["HORDE_RESET_LIMIT"] = config["HORDE_RESET_LIMIT"]
+        return env
+
+    def _worker_env(self, url: str, job_env: dict[str, str], index: int, node_id: str
+                    ) -> dict[str, str]:
+        plan = self.plan
+        env = dict(os.environ)
+        env.update(job_env)
+        env.update({
+            "HORDE_RENDEZVOUS": url,
+            "HORDE_NODE_ID": node_id,
+            "HORDE_ORDER": str(index),
+            "HORDE_HOSTNAME": plan.hostname,
+            "HORDE_ADVERTISE_ADDR": plan.advertise_addr,
+            "HORDE_LOG_LEVEL": plan.log_level,
+            "PYTHONUNBUFFERED": "1",
+            # What horovodrun sets; ranks follow launch order in the first generation.
+            "HOROVOD_RANK": str(index),
+            "HOROVOD_SIZE": str(plan.np),
+            "HOROVOD_LOCAL_RANK": str(index),
+            "HOROVOD_LOCAL_SIZE": str(plan.np),
+            "HOROVOD_CROSS_RANK": "0",
+            "HOROVOD_CROSS_SIZE": "1",
+            "HOROVOD_HOSTNAME": plan.hostname,
+            "HOROVOD_CONTROLLER": "gloo",
+            "HOROVOD_CPU_OPERATIONS": "gloo",
+            "HOROVOD_GLOO_TIMEOUT_SECONDS": str(int(plan.collective_timeout)),
+        })
+        if plan.rdzv.elastic:
+            env["HOROVOD_ELASTIC"] = "1"
+        env.update(plan.extra_env)
+        return env
+
+    # -- workers ----------------------------------------------------------------------
+
+    def _spawn(self, url: str, job_env: dict[str, str]) -> Worker:
+        index = self._next_index
+        self._next_index += 1
+        prefix = self.plan.node_prefix or f"{self.plan.hostname}-{os.getpid()}"
+        node_id = f"{prefix}-{index}"
+        out_path, err_path = output_paths(self.plan.output_filename, index,
+                                          len(str(max(self.plan.np - 1, 1))))
+        proc = subprocess.Popen(
+            self.plan.command, env=self._worker_env(url, job_env, index, node_id),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only setsid and prctl
+        )
+        threads = [pump(proc.stdout, index, "stdout", None, out_path),  # type: ignore[arg-type]
+                   pump(proc.stderr, index, "stderr", sys.stderr.buffer, err_path)]  # type: ignore[arg-type]
+        worker = Worker(index, node_id, proc, threads)
+        self.workers.append(worker)
+        logger.info("started worker %d (node %s, pid %d)", index, node_id, proc.pid)
+        return worker
+
+    def _report_dead(self, worker: Worker) -> None:
+        """Revoke a dead worker's lease so the leader replaces it without waiting."""
+        if self._backend is None:
+            return
+        try:
+            kv = self._backend.get(self.keys.node(worker.node_id))
+            if kv is not None:
+                lease = NodeInfo.from_json(kv.value).lease
+                if lease:
+                    self._backend.revoke_lease(lease)
+        except RendezvousError as exc:
+            logger.warning("could not report the death of %s: %s", worker.node_id, exc)
+
+    def _terminate_all(self) -> None:
+        live = [w for w in self.workers if w.proc.poll() is None]
+        for w in live:
+            _signal_group(w.proc, signal.SIGTERM)
+        deadline = time.monotonic() + TERMINATE_GRACE
+        for w in live:
+            try:
+                w.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(w.proc, signal.SIGKILL)
+                w.proc.wait()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signal = signum
+        self._stop.set()
+
+    # -- main loop --------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            url = self._connect()
+            if self.plan.join:
+                job_env = self._joined_settings()
+            else:
+                self._publish_config()
+                job_env = self.plan.rdzv.to_env()
+                job_env["HORDE_COLLECTIVE_TIMEOUT"] = str(self.plan.collective_timeout)
+                job_env["HORDE_RESET_LIMIT"] = ("" if self.plan.reset_limit is None
+                                                else str(self.plan.reset_limit))
+            self._announce(url)
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, self._on_signal)
+                signal.signal(signal.SIGTERM, self._on_signal)
+            for _ in range(self.plan.np):
+                self._spawn(url, job_env)
+            return self._supervise(url, job_env)
+        finally:
+            self._terminate_all()
+            for w in self.workers:
+                for t in w.threads:
+                    t.join(timeout=2)
+            if self._backend is not None:
+                self._backend.close()
+            if self._etcd is not None:
+                self._etcd.stop()
+
+    def _announce(self, url: str) -> None:
+        job = self.plan.rdzv.job
+        sys.stderr.write(
+            f"horderun: job {job} on rendezvous {url}"
+            + (" (embedded etcd)" if self._etcd is not None else "") + "\n"
+            f"horderun: add workers with: horderun --join --rendezvous {url} --job {job} "
+            f"-np 1 {' '.join(self.plan.command)}\n")
+        sys.stderr.flush()
+
+    def _supervise(self, url: str, job_env: dict[str, str]) -> int:
+        next_discovery = time.monotonic() + self.plan.discovery_interval
+        while not self._stop.is_set():
+            for w in self.workers:
+                if w.code is None and w.proc.poll() is not None:
+                    w.code = w.proc.returncode
+                    self._on_exit(w)
+            if all(w.code is not None for w in self.workers):
+                break
+            if not self.plan.rdzv.elastic and any(w.code not in (None, 0) for w in self.workers):
+                failed = next(w for w in self.workers if w.code not in (None, 0))
+                sys.stderr.write(f"horderun: worker {failed.index} failed with exit code "
+                                 f"{failed.code}; stopping the job\n")
+                self._terminate_all()
+                return _exit_code(failed.code)
+            if self.plan.discovery_script and time.monotonic() >= next_discovery:
+                next_discovery = time.monotonic() + self.plan.discovery_interval
+                self._rediscover(url, job_env)
+            self._stop.wait(_POLL)
+        if self._signal is not None:
+            sys.stderr.write("horderun: interrupted; stopping every worker\n")
+            self._terminate_all()
+            return 128 + self._signal
+        return self._final_code()
+
+    def _on_exit(self, w: Worker) -> None:
+        if w.code == 0:
+            logger.info("worker %d (%s) finished", w.index, w.node_id)
+            return
+        how = (f"was killed by signal {-w.code}" if w.code is not None and w.code < 0
+               else f"exited with code {w.code}")
+        sys.stderr.write(f"horderun: worker {w.index} ({w.node_id}) {how}\n")
+        self._report_dead(w)
+
+    def _final_code(self) -> int:
+        status = self._job_status()
+        if status is not None and status.state == "failed":
+            sys.stderr.write(f"horderun: job failed: {status.message}\n")
+            return 1
+        if self.plan.rdzv.elastic:
+            if any(w.code == 0 for w in self.workers):
+                if self._etcd is not None:
+                    self._wait_for_joined_workers()
+                return 0
+            codes = [w.code for w in self.workers]
+            sys.stderr.write(f"horderun: no worker finished successfully (exit codes {codes})\n")
+            return 1
+        bad = [w for w in self.workers if w.code != 0]
+        return _exit_code(bad[0].code) if bad else 0
+
+    def _job_status(self) -> JobStatus | None:
+        if self._backend is None:
+            return None
+        try:
+            kv = self._backend.get(self.keys.status)
+        except RendezvousError:
+            return None
+        return JobStatus.from_json(kv.value) if kv else None
+
+    def _wait_for_joined_workers(self) -> None:
+        """Keep the embedded etcd up while workers of other launchers still train."""
+        assert self._backend is not None
+        announced = False
+        while not self._stop.is_set():
+            kvs, _ = self._backend.get_prefix(self.keys.nodes)
+            if not kvs:
+                return
+            if not announced:
+                sys.stderr.write(f"horderun: waiting for {len(kvs)} joined worker(s) to finish "
+                                 "before stopping the embedded etcd\n")
+                announced = True
+            self._stop.wait(1.0)
+
+    def _rediscover(self, url: str, job_env: dict[str, str]) -> None:
+        try:
+            found = hostlib.discover(self.plan.discovery_script or "", self.plan.slots_per_host)
+        except ValueError as exc:
+            logger.warning("%s", exc)
+            return
+        wanted, _remote = hostlib.local_slots(found)
+        live = [w for w in self.workers if w.code is None and w.proc.poll() is None]
+        for _ in range(max(0, min(wanted, self.plan.rdzv.max_np) - len(live))):
+            self._spawn(url, job_env)
+        for w in live[wanted:]:
+            logger.info("host discovery removed a slot; asking worker %d to leave", w.index)
+            w.proc.send_signal(signal.SIGTERM)
+
+    def current_generation(self) -> Generation | None:
+        if self._backend is None:
+            return None
+        kv = self._backend.get(self.keys.generation)
+        return Generation.from_json(kv.value) if kv else None
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exit_code(code: int | None) -> int:
+    if code is None:
+        return 1
+    return 128 - code if code < 0 else code

@@ -1,0 +1,47 @@
+"""Worker output: every line prefixed by the worker's index, as horovodrun prefixes by rank."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import IO, BinaryIO
+
+_console_lock = threading.Lock()
+
+
+def pump(stream: BinaryIO, index: int, kind: str, console: IO[bytes] | None,
+         copy_to: str | None) -> threading.Thread:
+    """Copy `stream` line by line to the console as `[index]<kind>:line` (and to a file)."""
+
+    def run() -> None:
+        sink = open(copy_to, "ab") if copy_to else None  # noqa: SIM115 - closed below
+        prefix = f"[{index}]<{kind}>:".encode()
+        out = console if console is not None else sys.stdout.buffer
+        try:
+            for line in iter(stream.readline, b""):
+                if sink is not None:
+                    sink.write(line)
+                    sink.flush()
+                with _console_lock:
+                    out.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
+                    out.flush()
+        except (OSError, ValueError):
+            pass
+        finally:
+            if sink is not None:
+                sink.close()
+            stream.close()
+
+    thread = threading.Thread(target=run, name=f"horde-output-{index}-{kind}", daemon=True)
+    thread.start()
+    return thread
+
+
+def output_paths(directory: str | None, index: int, width: int) -> tuple[str | None, str | None]:
+    """`<dir>/rank.<index>/stdout` and `.../stderr` (index zero-padded), as horovodrun writes."""
+    if not directory:
+        return None, None
+    folder = os.path.join(directory, f"rank.{index:0{width}d}")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, "stdout"), os.path.join(folder, "stderr")

