@@ -167,10 +167,16 @@ class CollectiveEngine:
         with self._names_lock:
             self._pending_names.discard(key)
 
-    def close(self) -> None:
-        """Stop the thread; requests still queued fail with HorovodInternalError."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread; requests still queued fail with HorovodInternalError.
+
+        Joins the thread: a daemon thread still inside gloo at interpreter exit aborts
+        the process ("terminate called without an active exception").
+        """
         self._closed = True
         self._queue.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     # -- the loop ---------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class WorkerContext:
         self._store_server: dist.TCPStore | None = None
         self._graveyard: list[object] = []
         self.resets = 0
+        self.leave_requested = False
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -77,6 +79,8 @@ class WorkerContext:
         self.agent = NodeAgent(backend, self.rdzv, info)
         self.agent.add_listener(self._on_control)
         self.agent.start()
+        if self.rdzv.elastic and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._request_leave)
         self._establish(after=-1, timeout=self.rdzv.start_timeout + self.rdzv.elastic_timeout
                         if self.rdzv.elastic else self.rdzv.start_timeout + 5.0)
 
@@ -87,6 +91,11 @@ class WorkerContext:
                          reason="single process")
         transport = Transport(store, "alone/", 0, 1, self.settings.collective_timeout)
         self._install(gen, transport, threading.Event())
+
+    def _request_leave(self, _signum: int, _frame: object) -> None:
+        """SIGTERM in an elastic job: leave cleanly at the next commit."""
+        logger.info("node %s: asked to leave; leaving at the next commit", self.node_id)
+        self.leave_requested = True
 
     def shutdown(self, reason: str = "finished") -> None:
         """Leave the job: stop the engine, deregister, stop this process's store."""

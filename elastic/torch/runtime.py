@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 
 from elastic.errors import NotInitializedError
@@ -86,6 +87,10 @@ def init(process_sets: list[ProcessSet] | str | None = None) -> None:
         ctx.start()
         _context = ctx
         atexit.register(_shutdown_at_exit)
+        if sys.excepthook is not _note_crash:
+            global _previous_excepthook
+            _previous_excepthook = sys.excepthook
+            sys.excepthook = _note_crash
         if process_sets and process_sets != "dynamic":
             for ps in process_sets:  # type: ignore[union-attr]
                 add_process_set(ps)
@@ -114,9 +119,37 @@ def shutdown() -> None:
             ctx.shutdown("finished")
 
 
+def leave() -> None:
+    """Leave an elastic job for good (after a commit) and exit the process with status 0."""
+    global _context
+    with _lock:
+        ctx, _context = _context, None
+        if ctx is not None:
+            ctx.shutdown("left")
+    logger.info("left the job")
+    raise SystemExit(0)
+
+
+_crashed = False
+
+
+def _note_crash(exc_type: type, exc: BaseException, tb: object) -> None:
+    global _crashed
+    _crashed = True
+    _previous_excepthook(exc_type, exc, tb)
+
+
+_previous_excepthook = sys.excepthook
+
+
 def _shutdown_at_exit() -> None:
+    """At interpreter exit: leave as finished, or as failed after an uncaught exception."""
+    global _context
     try:
-        shutdown()
+        with _lock:
+            ctx, _context = _context, None
+            if ctx is not None:
+                ctx.shutdown("failed" if _crashed else "finished")
     except Exception:  # noqa: BLE001 - exiting anyway
         logger.debug("shutdown at exit failed", exc_info=True)
 

@@ -30,8 +30,10 @@ def _rank() -> int:
 def check_host_updates() -> bool:
     """Agree across ranks whether new members wait (one tiny MAX allreduce)."""
     from elastic.torch.collectives import Max, allreduce
-    from elastic.torch.runtime import context
+    from elastic.torch.runtime import context, leave
 
+    if context().leave_requested:
+        leave()
     pending = 1 if context().host_updates_pending() else 0
     flag = allreduce(torch.tensor([pending], dtype=torch.int32), op=Max,
                      name="horde.check_host_updates")

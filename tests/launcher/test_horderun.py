@@ -1,0 +1,131 @@
+"""horderun as a user runs it: flags, environment, output, exit codes and bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rendezvous.embedded import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "env_and_exit.py")
+pytestmark = pytest.mark.timeout(120)
+
+
+def horderun(*args: str, env: dict[str, str] | None = None, timeout: float = 90
+             ) -> subprocess.CompletedProcess:
+    full = dict(os.environ)
+    full["PYTHONPATH"] = str(REPO) + os.pathsep + full.get("PYTHONPATH", "")
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "elastic.launcher.cli", *args],
+                          capture_output=True, text=True, timeout=timeout, env=full, cwd=REPO)
+
+
+def test_two_workers_get_horovod_environment_and_prefixed_output() -> None:
+    result = horderun("-np", "2", sys.executable, SCRIPT)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "[0]<stdout>:api rank=0 size=2" in out
+    assert "[1]<stdout>:api rank=1 size=2" in out
+    assert "[0]<stdout>:env HOROVOD_RANK=0 HOROVOD_SIZE=2 HOROVOD_LOCAL_RANK=0" in out
+    assert "[1]<stdout>:env HOROVOD_RANK=1 HOROVOD_SIZE=2 HOROVOD_LOCAL_RANK=1" in out
+    assert out.count("sum=2") == 2
+    assert "embedded etcd" in result.stderr
+
+
+def test_exit_code_of_a_failed_worker_is_the_jobs(tmp_path: Path) -> None:
+    result = horderun("-np", "2", "--output-filename", str(tmp_path), sys.executable, SCRIPT,
+                      env={"EXIT_RANK_1": "3"})
+    assert result.returncode == 3, result.stderr
+    assert "worker 1" in result.stderr and "code 3" in result.stderr
+    assert "api rank=0" in (tmp_path / "rank.0" / "stdout").read_text()
+    assert "api rank=1" in (tmp_path / "rank.1" / "stdout").read_text()
+
+
+def test_mismatched_tensors_fail_promptly_with_a_clear_message() -> None:
+    started = time.monotonic()
+    result = horderun("-np", "2", sys.executable, SCRIPT, env={"MISMATCH": "1"})
+    assert result.returncode != 0
+    assert "Mismatched allreduce tensor shapes" in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_unknown_flag_is_rejected() -> None:
+    result = horderun("--no-such-flag", "-np", "2", sys.executable, SCRIPT)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-np", "2", sys.executable, "no_such_script.py"], "does not exist"),
+    (["-np", "2", "no-such-program-xyz"], "was not found on PATH"),
+    (["-np", "0", sys.executable, SCRIPT], "must be at least 1"),
+    (["-np", "2", "--min-np", "3", "--max-np", "2", sys.executable, SCRIPT], "max_np=2"),
+    (["--join", "-np", "1", sys.executable, SCRIPT], "--join needs --rendezvous"),
+    (["-np", "2", "--rendezvous", "localhost:2379", sys.executable, SCRIPT],
+     "etcd://HOST:PORT"),
+    (["-np", "2", "--mpi", sys.executable, SCRIPT], "--mpi is not supported"),
+    (["-np", "2"], "no training command"),
+])
+def test_bad_input_gets_a_clear_message(args: list[str], message: str) -> None:
+    result = horderun(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_unreachable_etcd_is_reported_with_its_address() -> None:
+    port = free_port()
+    result = horderun("-np", "2", "--rendezvous", f"etcd://127.0.0.1:{port}", sys.executable,
+                      SCRIPT, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot reach etcd at 127.0.0.1:{port}" in result.stderr
+
+
+def test_join_of_a_job_that_does_not_exist(etcd_server: object) -> None:
+    result = horderun("--join", "--rendezvous", etcd_server.url, "--job", "nope-xyz", "-np",  # type: ignore[attr-defined]
+                      "1", sys.executable, SCRIPT)
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr
+
+
+def test_ctrl_c_stops_every_worker(tmp_path: Path) -> None:
+    env = dict(os.environ, SLEEP="120", PID_DIR=str(tmp_path),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "elastic.launcher.cli", "-np", "2",
+                             sys.executable, SCRIPT], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+        assert len(pids) == 2
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+        assert code == 128 + signal.SIGINT
+        time.sleep(0.5)
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_check_build_lists_gloo() -> None:
+    result = horderun("--check-build")
+    assert result.returncode == 0
+    assert "[X] Gloo" in result.stdout and "[X] PyTorch" in result.stdout
+
+
+def test_help_mentions_join() -> None:
+    result = horderun("--help")
+    assert result.returncode == 0
+    assert "--join" in result.stdout and "--rendezvous" in result.stdout
