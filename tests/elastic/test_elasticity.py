@@ -91,10 +91,10 @@ def test_graceful_leave_loses_no_committed_work(job: Job) -> None:
 
 def test_several_joins_cost_one_reset_and_receive_the_state(job: Job) -> None:
     job.horderun("-np", "2", "--min-np", "2", "--max-np", "5",
-                 env={**SLOW, "TEST_EPOCHS": "4"})
+                 env={**SLOW, "TEST_EPOCHS": "10"})
     job.wait(lambda: len(job.commits()) >= 6, 60, "two workers committing")
     joined_at = time.time()
-    job.horderun("-np", "3", join=True, env={**SLOW, "TEST_EPOCHS": "4"})
+    job.horderun("-np", "3", join=True, env={**SLOW, "TEST_EPOCHS": "10"})
     job.wait(lambda: 5 in _sizes_after(job, joined_at), 60, "five workers committing")
     sizes = [c["size"] for c in job.commits() if c["time"] > joined_at]
     generations = sorted({c["generation"] for c in job.commits()})
@@ -123,9 +123,12 @@ def test_blacklisted_node_is_kept_out_for_its_cooldown(job: Job) -> None:
         capture_output=True, text=True, timeout=30, env=job.env())
     assert result.returncode == 0, result.stderr
     job.wait(lambda: 2 in _sizes_after(job, evicted_at), 30, "the job to drop the node")
-    job.wait(lambda: any(c["node"] == target and c["time"] > evicted_at
+    dropped = min(c["generation"] for c in job.commits()
+                  if c["time"] > evicted_at and c["size"] == 2)
+    job.wait(lambda: any(c["node"] == target and c["generation"] > dropped
                          for c in job.commits()), 60, "the node to return after its cooldown")
-    back = min(c["time"] for c in job.commits() if c["node"] == target and c["time"] > evicted_at)
+    back = min(c["time"] for c in job.commits()
+               if c["node"] == target and c["generation"] > dropped)
     assert back - evicted_at >= 6, f"re-admitted after {back - evicted_at:.1f} s, before cooldown"
     assert job.finish() == [0], job.output()
 
