@@ -174,3 +174,13 @@ def test_leader_death_fails_over(job: Job) -> None:
     assert new_leader is not None and new_leader.value.decode() != leader
     assert job.finish() == [0], job.output()
     backend.close()
+
+
+def test_reset_limit_stops_the_job(job: Job) -> None:
+    job.horderun("-np", "3", "--min-np", "1", "--max-np", "3", "--reset-limit", "0",
+                 env={**SLOW, "TEST_EPOCHS": "20"})
+    job.wait(lambda: len({c["node"] for c in job.commits()}) == 3, 60, "three workers")
+    os.kill(job.latest_pid(rank=2), signal.SIGKILL)
+    codes = job.finish(60)
+    assert codes[0] not in (0, None)
+    assert "--reset-limit=0" in job.output()

@@ -129,3 +129,17 @@ def test_help_mentions_join() -> None:
     result = horderun("--help")
     assert result.returncode == 0
     assert "--join" in result.stdout and "--rendezvous" in result.stdout
+
+
+def test_hosts_flag_starts_this_machines_slots_and_tells_how_others_join() -> None:
+    result = horderun("-H", "localhost:2,far-away-box:4", "--network-interfaces", "lo",
+                      sys.executable, SCRIPT)
+    assert result.returncode == 0, result.stderr
+    assert "api rank=1 size=2" in result.stdout
+    assert "far-away-box" in result.stderr and "--join" in result.stderr
+
+
+def test_unknown_network_interface_is_rejected() -> None:
+    result = horderun("-np", "1", "--network-interfaces", "nosuchif0", sys.executable, SCRIPT)
+    assert result.returncode == 2
+    assert "nosuchif0" in result.stderr
