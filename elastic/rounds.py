@@ -1,0 +1,441 @@
+"""Bounded-staleness rounds: gradients are aggregated in rounds that never wait long.
+
+A `StalenessRounds` runs a communication thread on a process group of its own. Each
+round, every member contributes what it has: its oldest finished gradient, or nothing
+if none finished within the round deadline. The contributions travel in one allgather
+with their headers (node, samples, parameter version, norm), so every member sees, and
+decides identically: contributions staler than `staleness` rounds are dropped,
+non-finite or outlying ones are rejected (a strike for their node), the others are
+weighted (default `1/(1+staleness)`) and averaged by weighted sample count. Members
+apply the same aggregates in the same order, so parameters stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import statistics
+import struct
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from elastic.errors import HorovodInternalError
+
+logger = logging.getLogger(__name__)
+
+#: Process-set id reserved for the rounds' own process group.
+ROUNDS_SET_ID = 1 << 20
+_HEADER = struct.Struct("<I")
+
+
+def inverse_staleness(staleness: int) -> float:
+    """Default weight of a contribution `staleness` aggregates old: 1/(1+staleness)."""
+    return 1.0 / (1.0 + staleness)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What every member knows about one member's contribution to one round."""
+
+    node: str
+    rank: int
+    samples: int
+    version: int
+    staleness: int
+    weight: float
+    norm: float
+    step_time: float
+    nbytes: int
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass
+class RoundResult:
+    """The outcome of a round, identical on every member."""
+
+    generation: int
+    round: int
+    version: int
+    aggregate: torch.Tensor | None
+    contributions: list[Contribution]
+
+
+@dataclass
+class RoundStats:
+    """Counters a user reads to see what rounds cost and saved."""
+
+    rounds: int = 0
+    empty_rounds: int = 0
+    bytes_sent: int = 0
+    dense_bytes: int = 0
+    accepted: int = 0
+    dropped_stale: int = 0
+    rejected: int = 0
+    staleness: Counter = field(default_factory=Counter)
+    strikes: Counter = field(default_factory=Counter)
+    last_density: float = 1.0
+    residual_norm: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "rounds": self.rounds, "empty_rounds": self.empty_rounds,
+            "bytes_sent": self.bytes_sent, "dense_bytes": self.dense_bytes,
+            "compression_ratio": (self.dense_bytes / self.bytes_sent) if self.bytes_sent else 1.0,
+            "accepted": self.accepted, "dropped_stale": self.dropped_stale,
+            "rejected": self.rejected, "staleness_histogram": dict(sorted(self.staleness.items())),
+            "strikes": dict(self.strikes), "density": self.last_density,
+            "residual_norm": self.residual_norm,
+        }
+
+
+class Codec:
+    """Turns a flat gradient into bytes for the wire and adds received bytes into a buffer."""
+
+    tag = "base"
+
+    def encode(self, flat: torch.Tensor, step: int) -> torch.Tensor:
+        """A uint8 tensor carrying `flat` (possibly compressed)."""
+        raise NotImplementedError
+
+    def norm(self, data: torch.Tensor, numel: int) -> float:
+        """Norm of the values `data` carries for a buffer of `numel` values.
+
+        Raises ValueError when `data` cannot be decoded into such a buffer; checked
+        before anything is added, so a malformed contribution is only rejected.
+        """
+        raise NotImplementedError
+
+    def decode_add(self, data: torch.Tensor, out: torch.Tensor, weight: float) -> None:
+        """Add `weight` * decoded(data) into `out`."""
+        raise NotImplementedError
+
+    def density(self, step: int) -> float:
+        return 1.0
+
+    def residual_norm(self) -> float:
+        return 0.0
+
+
+class DenseCodec(Codec):
+    """Sends every value, as float32 or float16."""
+
+    def __init__(self, fp16: bool = False) -> None:
+        self.dtype = torch.float16 if fp16 else torch.float32
+        self.tag = "dense-fp16" if fp16 else "dense-fp32"
+
+    def encode(self, flat: torch.Tensor, step: int) -> torch.Tensor:
+        return flat.detach().to(self.dtype).contiguous().view(torch.uint8).reshape(-1)
+
+    def norm(self, data: torch.Tensor, numel: int) -> float:
+        if data.numel() % self.dtype.itemsize or data.numel() // self.dtype.itemsize != numel:
+            raise ValueError(f"dense payload of {data.numel()} bytes for {numel} values")
+        return float(data.view(self.dtype).float().norm())
+
+    def decode_add(self, data: torch.Tensor, out: torch.Tensor, weight: float) -> None:
+        values = data.view(self.dtype)
+        if values.numel() != out.numel():
+            raise ValueError(f"dense payload of {values.numel()} values for {out.numel()}")
+        out.add_(values.to(out.dtype), alpha=weight)
+
+
+@dataclass(frozen=True)
+class NormCheck:
+    """Rejects non-finite contributions and those whose norm exceeds `factor` x the median."""
+
+    factor: float = 10.0
+    min_contributions: int = 3
+    max_strikes: int = 3
+
+    def judge(self, norms: dict[int, float]) -> dict[int, str]:
+        """Reasons for rejection keyed by rank (deterministic on every member)."""
+        bad = {r: "non-finite values" for r, n in norms.items() if not math.isfinite(n)}
+        finite = [n for r, n in norms.items() if r not in bad]
+        if len(finite) >= self.min_contributions:
+            median = statistics.median(finite)
+            for r, n in norms.items():
+                if r not in bad and median > 0 and n > self.factor * median:
+                    bad[r] = f"norm {n:.3g} exceeds {self.factor:g}x the round's median"
+        return bad
+
+
+@dataclass
+class _Pending:
+    flat: torch.Tensor
+    samples: int
+    version: int
+    step_time: float
+
+
+_ALIGN = 8
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def pack(header: dict, payload: torch.Tensor) -> torch.Tensor:
+    """One member's message: a length-prefixed JSON header, then the payload bytes.
+
+    Header and payload are padded to 8 bytes so that, concatenated by an allgather,
+    every payload stays aligned for viewing as float/int32 without a copy.
+    """
+    header = {**header, "payload_bytes": int(payload.numel())}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    head_len = _padded(_HEADER.size + len(raw))
+    message = torch.zeros(head_len + _padded(payload.numel()), dtype=torch.uint8)
+    head = _HEADER.pack(len(raw)) + raw
+    message[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    if payload.numel():
+        message[head_len:head_len + payload.numel()] = payload
+    return message
+
+
+def unpack(message: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Inverse of `pack`; the payload is a view into `message`."""
+    (length,) = _HEADER.unpack(bytes(message[:_HEADER.size].tolist()))
+    header = json.loads(bytes(message[_HEADER.size:_HEADER.size + length].tolist()))
+    start = _padded(_HEADER.size + length)
+    return header, message[start:start + int(header.get("payload_bytes", 0))]
+
+
+class StalenessRounds:
+    """Rounds of one flat gradient buffer with bounded staleness.
+
+    `submit()` hands over a gradient computed on parameter version `version` (the
+    number of aggregates applied so far) and returns at once unless `staleness`
+    contributions are already outstanding; `results()` returns finished rounds in order.
+    """
+
+    def __init__(
+        self,
+        numel: int,
+        staleness: int,
+        codec: Codec | None = None,
+        round_deadline: float | None = None,
+        weight: Callable[[int], float] = inverse_staleness,
+        norm_check: NormCheck | None = None,
+        dtype: torch.dtype = torch.float32,
+        on_round: Callable[[RoundResult], None] | None = None,
+        on_strikes: Callable[[str, str], None] | None = None,
+    ) -> None:
+        if staleness < 0:
+            raise ValueError(f"staleness={staleness} must be >= 0")
+        if round_deadline is not None and round_deadline < 0:
+            raise ValueError(f"round_deadline={round_deadline} must be >= 0 seconds")
+        from elastic.engine import CollectiveEngine
+        from elastic.torch.runtime import context
+
+        ctx = context()
+        self.numel = numel
+        self.staleness = staleness
+        self.codec = codec or DenseCodec()
+        self.round_deadline = round_deadline
+        self.weight = weight
+        self.norm_check = norm_check or NormCheck()
+        self.dtype = dtype
+        self.stats = RoundStats()
+        self.on_round = on_round
+        self.on_strikes = on_strikes
+        self.generation = ctx.generation.id  # type: ignore[union-attr]
+        self.node_id = ctx.node_id
+        self.rank = ctx.topology.rank  # type: ignore[union-attr]
+        self.size = ctx.topology.size  # type: ignore[union-attr]
+        self._interrupted = ctx._interrupted
+        transport = ctx.transport.subset(list(range(self.size)), ROUNDS_SET_ID)  # type: ignore[union-attr]
+        self._engine = CollectiveEngine(transport, self._interrupted)  # type: ignore[arg-type]
+        self._outbox: deque[_Pending] = deque()
+        self._outbox_ready = threading.Condition()
+        self._results: queue.Queue[RoundResult | BaseException] = queue.Queue()
+        self._outstanding = 0
+        self._round = 0
+        self._version = 0
+        self._step_times: deque[float] = deque(maxlen=16)
+        self._last_submit: float | None = None
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="horde-rounds", daemon=True)
+        self._thread.start()
+
+    # -- training thread --------------------------------------------------------------
+
+    def submit(self, flat: torch.Tensor, samples: int, version: int) -> None:
+        """Queue a finished gradient (copied) for the next rounds."""
+        if self._error is not None:
+            raise self._error
+        if flat.numel() != self.numel:
+            raise ValueError(f"submitted {flat.numel()} values; this round stream has {self.numel}")
+        now = time.monotonic()
+        step_time = now - self._last_submit if self._last_submit is not None else 0.0
+        self._last_submit = now
+        with self._outbox_ready:
+            self._outbox.append(_Pending(flat.detach().to(self.dtype).clone(), int(samples),
+                                         int(version), step_time))
+            self._outstanding += 1
+            self._outbox_ready.notify_all()
+
+    @property
+    def outstanding(self) -> int:
+        """Contributions submitted whose round has not been returned by `results()` yet."""
+        return self._outstanding
+
+    def results(self, block: bool = False, timeout: float | None = None) -> list[RoundResult]:
+        """Finished rounds in order; with `block`, wait for at least one."""
+        out: list[RoundResult] = []
+        while True:
+            try:
+                item = self._results.get(block=block and not out, timeout=timeout)
+            except queue.Empty:
+                break
+            if isinstance(item, BaseException):
+                self._error = item
+                raise item
+            out.append(item)
+            if self.rank in {c.rank for c in item.contributions}:
+                self._outstanding -= 1
+        return out
+
+    def close(self) -> None:
+        self._closed = True
+        with self._outbox_ready:
+            self._outbox_ready.notify_all()
+        self._thread.join(timeout=5)
+        self._engine.close()
+
+    # -- communication thread ---------------------------------------------------------
+
+    def _deadline(self) -> float:
+        if self.round_deadline is not None:
+            return self.round_deadline
+        if not self._step_times:
+            return 0.05
+        return max(0.002, 0.25 * statistics.median(self._step_times))
+
+    def _take(self) -> _Pending | None:
+        deadline = time.monotonic() + self._deadline()
+        with self._outbox_ready:
+            while not self._outbox and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._interrupted.is_set():
+                    return None
+                self._outbox_ready.wait(remaining)
+            return self._outbox.popleft() if self._outbox else None
+
+    def _loop(self) -> None:
+        try:
+            while not self._closed:
+                pending = self._take()
+                if self._closed:
+                    return
+                if self._interrupted.is_set():
+                    raise HorovodInternalError("the generation ended during a round")
+                self._results.put(self._run_round(pending))
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+            self._results.put(exc if isinstance(exc, HorovodInternalError)
+                              else HorovodInternalError(f"round failed: {exc}"))
+
+    def _run_round(self, pending: _Pending | None) -> RoundResult:
+        from elastic.engine import Kind, Request
+
+        t = self._round
+        header: dict[str, object] = {"node": self.node_id, "rank": self.rank, "round": t,
+                                     "codec": self.codec.tag}
+        payload = torch.empty(0, dtype=torch.uint8)
+        if pending is not None:
+            header.update(samples=pending.samples, version=pending.version,
+                          step_time=pending.step_time,
+                          norm=float(pending.flat.norm()))
+            if self._version - pending.version <= self.staleness:
+                payload = self.codec.encode(pending.flat, t)
+                self.stats.last_density = self.codec.density(t)
+        message = pack(header, payload)
+        self.stats.bytes_sent += int(message.numel()) * (self.size - 1)
+        self.stats.dense_bytes += self.numel * 4 * (self.size - 1) if pending else 0
+        gathered = self._gather(message, Kind, Request)
+        result = self._aggregate(t, gathered)
+        self._round += 1
+        self.stats.rounds += 1
+        self.stats.residual_norm = self.codec.residual_norm()
+        if self.on_round is not None:
+            self.on_round(result)
+        return result
+
+    def _gather(self, message: torch.Tensor, kind: object, request: object) -> list[torch.Tensor]:
+        sizes = self._engine.submit(request(kind.ALLGATHER, [torch.tensor([message.numel()])]))  # type: ignore[attr-defined,operator]
+        counts = [int(c) for c in sizes.result()[0].tolist()]
+        data = self._engine.submit(request(kind.ALLGATHER, [message])).result()[0]  # type: ignore[attr-defined,operator]
+        parts, offset = [], 0
+        for count in counts:
+            parts.append(data[offset:offset + count])
+            offset += count
+        return parts
+
+    def _aggregate(self, t: int, gathered: list[torch.Tensor]) -> RoundResult:
+        version = self._version
+        entries: list[tuple[dict, torch.Tensor]] = [unpack(m) for m in gathered]
+        out = torch.zeros(self.numel, dtype=self.dtype)
+        norms: dict[int, float] = {}
+        for rank, (header, payload) in enumerate(entries):
+            if "samples" not in header or payload.numel() == 0:
+                continue
+            try:
+                norms[rank] = self.codec_for(header).norm(payload, self.numel)
+            except (ValueError, RuntimeError) as exc:
+                norms[rank] = float("nan")
+                logger.warning("round %d: undecodable contribution from rank %d: %s", t, rank, exc)
+        rejected = self.norm_check.judge(norms)
+        contributions: list[Contribution] = []
+        total_weight = 0.0
+        for rank, (header, _payload) in enumerate(entries):
+            if "samples" not in header:
+                continue
+            staleness = version - int(header["version"])
+            weight = self.weight(staleness)
+            samples = int(header["samples"])
+            reason = ""
+            if staleness > self.staleness:
+                reason = f"staleness {staleness} exceeds {self.staleness}"
+                self.stats.dropped_stale += 1
+            elif rank in rejected:
+                reason = rejected[rank]
+                self.stats.rejected += 1
+                self._strike(str(header["node"]), reason)
+            elif rank in norms:
+                self.codec.decode_add(entries[rank][1], out, weight * samples)
+                total_weight += weight * samples
+                self.stats.accepted += 1
+                self.stats.staleness[staleness] += 1
+            contributions.append(Contribution(
+                node=str(header["node"]), rank=rank, samples=samples,
+                version=int(header["version"]), staleness=staleness,
+                weight=weight if not reason else 0.0, norm=norms.get(rank, 0.0),
+                step_time=float(header.get("step_time", 0.0)),
+                nbytes=int(gathered[rank].numel()), accepted=not reason, reason=reason))
+            if header.get("step_time"):
+                self._step_times.append(float(header["step_time"]))
+        aggregate = None
+        if total_weight > 0:
+            aggregate = out.div_(total_weight)
+            self._version += 1
+        else:
+            self.stats.empty_rounds += 1
+        return RoundResult(self.generation, t, self._version, aggregate, contributions)
+
+    def codec_for(self, header: dict) -> Codec:
+        if header.get("codec") != self.codec.tag:
+            raise ValueError(f"codec {header.get('codec')!r} differs from {self.codec.tag!r}")
+        return self.codec
+
+    def _strike(self, node: str, reason: str) -> None:
+        self.stats.strikes[node] += 1
+        logger.warning("rejected a contribution of %s (%s); strike %d of %d", node, reason,
+                       self.stats.strikes[node], self.norm_check.max_strikes)
+        if self.stats.strikes[node] >= self.norm_check.max_strikes and self.on_strikes:
+            self.on_strikes(node, reason)
