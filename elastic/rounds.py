@@ -260,6 +260,8 @@ class StalenessRounds:
         self._step_times: deque[float] = deque(maxlen=16)
         self._last_submit: float | None = None
         self._closed = False
+        self._finishing = False
+        self._all_finished = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="horde-rounds", daemon=True)
         self._thread.start()
@@ -302,7 +304,22 @@ class StalenessRounds:
                 self._outstanding -= 1
         return out
 
+    def finish(self, timeout: float = 60.0) -> list[RoundResult]:
+        """Collectively end the rounds: keep going until every member has sent all it had
+        and asked to finish, then stop at the same round everywhere. Returns the rounds
+        not yet returned by `results()`."""
+        with self._outbox_ready:
+            self._finishing = True
+            self._outbox_ready.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise HorovodInternalError(f"rounds did not finish within {timeout:g} s")
+        rest = self.results(block=False)
+        self._engine.close()
+        return rest
+
     def close(self) -> None:
+        """Abandon the rounds at once (on a reset); not collective."""
         self._closed = True
         with self._outbox_ready:
             self._outbox_ready.notify_all()
@@ -321,7 +338,7 @@ class StalenessRounds:
     def _take(self) -> _Pending | None:
         deadline = time.monotonic() + self._deadline()
         with self._outbox_ready:
-            while not self._outbox and not self._closed:
+            while not self._outbox and not self._closed and not self._finishing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._interrupted.is_set():
                     return None
@@ -330,7 +347,7 @@ class StalenessRounds:
 
     def _loop(self) -> None:
         try:
-            while not self._closed:
+            while not self._closed and not self._all_finished:
                 pending = self._take()
                 if self._closed:
                     return
@@ -345,8 +362,10 @@ class StalenessRounds:
         from elastic.engine import Kind, Request
 
         t = self._round
+        with self._outbox_ready:
+            finishing = self._finishing and not self._outbox and pending is None
         header: dict[str, object] = {"node": self.node_id, "rank": self.rank, "round": t,
-                                     "codec": self.codec.tag}
+                                     "codec": self.codec.tag, "finishing": finishing}
         payload = torch.empty(0, dtype=torch.uint8)
         if pending is not None:
             header.update(samples=pending.samples, version=pending.version,
@@ -360,6 +379,7 @@ class StalenessRounds:
         self.stats.dense_bytes += self.numel * 4 * (self.size - 1) if pending else 0
         gathered = self._gather(message, Kind, Request)
         result = self._aggregate(t, gathered)
+        self._all_finished = all(unpack(m)[0].get("finishing") for m in gathered)
         self._round += 1
         self.stats.rounds += 1
         self.stats.residual_norm = self.codec.residual_norm()
