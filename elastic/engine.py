@@ -282,7 +282,8 @@ class CollectiveEngine:
             names = ", ".join(
                 f"rank {r}: {Kind(int(k)).label}" for r, k in enumerate(table[:, _F_KIND])
             )
-            raise CollectiveMismatchError(f"Mismatched collective operations across ranks ({names})")
+            raise CollectiveMismatchError(
+                f"Mismatched collective operations across ranks ({names})")
 
         def differs(col: int) -> bool:
             values = active[:, col]

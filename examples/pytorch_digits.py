@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import elastic.torch as hvd  # was: import horovod.torch as hvd  # noqa: E402
 from digits_data import digits_datasets, make_model, progress_bar  # noqa: E402
+
+import elastic.torch as hvd  # was: import horovod.torch as hvd  # noqa: E402
 
 
 def metric_average(value: float, name: str) -> float:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import elastic.torch as hvd  # noqa: E402
 from digits_data import digits_datasets, make_model, progress_bar  # noqa: E402
+
+import elastic.torch as hvd  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
 
     @hvd.elastic.run
     def train(state: hvd.elastic.TorchState) -> None:
-        for state.epoch in range(state.epoch, args.epochs + 1):
+        for state.epoch in range(state.epoch, args.epochs + 1):  # noqa: B020 - Horovod idiom
             total = len(sampler)
             for x, y in loader:
                 optimizer.zero_grad()
@@ -72,9 +73,9 @@ def main() -> None:
                     state.commit()
             accuracy = evaluate()
             if hvd.rank() == 0:
-                print(f"epoch {state.epoch:2d}/{args.epochs} {progress_bar(state.epoch, args.epochs)} "
-                      f"{hvd.size()} workers, {total} batches, test accuracy {accuracy:.2%}",
-                      flush=True)
+                bar = progress_bar(state.epoch, args.epochs)
+                print(f"epoch {state.epoch:2d}/{args.epochs} {bar} {hvd.size()} workers, "
+                      f"{total} batches, test accuracy {accuracy:.2%}", flush=True)
             state.batch = 0
             sampler.set_epoch(state.epoch + 1)
             state.commit()

@@ -48,7 +48,8 @@ def parse_hostfile(path: str, default_slots: int = 1) -> list[HostSlots]:
     """Parse a hostfile: one `HOST slots=N` (or `HOST:N`) per line, `#` comments."""
     hosts = []
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
     except OSError as exc:
         raise ValueError(f"cannot read hostfile {path!r}: {exc.strerror}") from exc
     for number, line in enumerate(lines, start=1):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from elastic.compression import Compression, Compressor
 from elastic.errors import HorovodInternalError, HostsUpdatedInterrupt
+from elastic.torch import elastic
 from elastic.torch.basics import (
     ccl_built,
     cross_rank,
@@ -60,7 +61,13 @@ from elastic.torch.collectives import (
     reducescatter_async,
     synchronize,
 )
-from elastic.torch import elastic
+from elastic.torch.functions import (
+    allgather_object,
+    broadcast_object,
+    broadcast_optimizer_state,
+    broadcast_parameters,
+)
+from elastic.torch.optimizer import DistributedOptimizer
 from elastic.torch.runtime import (
     ProcessSet,
     add_process_set,
@@ -70,6 +77,7 @@ from elastic.torch.runtime import (
     remove_process_set,
     shutdown,
 )
+from elastic.torch.sync_batch_norm import SyncBatchNorm
 
 __all__ = [
     "Compression", "Compressor", "HorovodInternalError", "HostsUpdatedInterrupt",
@@ -84,5 +92,6 @@ __all__ = [
     "grouped_allreduce_async_", "grouped_reducescatter", "grouped_reducescatter_async", "join",
     "poll", "reducescatter", "reducescatter_async", "synchronize", "ProcessSet",
     "add_process_set", "global_process_set", "init", "is_initialized", "remove_process_set",
-    "shutdown", "elastic",
+    "shutdown", "elastic", "allgather_object", "broadcast_object", "broadcast_optimizer_state",
+    "broadcast_parameters", "DistributedOptimizer", "SyncBatchNorm",
 ]

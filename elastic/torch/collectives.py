@@ -281,8 +281,9 @@ class _AllgatherFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        summed = synchronize(_allreduce_async_impl([grad.contiguous()], None, None, Sum, 1.0,
-                                                   1.0, ctx.process_set, False))
+        # Averaged, as Horovod does: the gradient of the mean of the ranks' losses.
+        summed = synchronize(_allreduce_async_impl([grad.contiguous()], None, None, Average,
+                                                   1.0, 1.0, ctx.process_set, False))
         sizes = synchronize(_allgather_async_impl(
             [torch.tensor([ctx.dim0], dtype=torch.int64)], None, ctx.process_set, False))
         rank = ctx.process_set.rank()
@@ -343,8 +344,9 @@ class _BroadcastFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        summed = synchronize(_allreduce_async_impl([grad.contiguous()], None, None, Sum, 1.0,
-                                                   1.0, ctx.process_set, False))
+        # Averaged, as Horovod does: the gradient of the mean of the ranks' losses.
+        summed = synchronize(_allreduce_async_impl([grad.contiguous()], None, None, Average,
+                                                   1.0, 1.0, ctx.process_set, False))
         if ctx.process_set.rank() != ctx.root_rank:
             summed = summed * 0
         return summed, None, None, None

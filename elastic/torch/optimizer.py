@@ -1,0 +1,432 @@
+"""Horovod's `DistributedOptimizer`: averages gradients over the ranks before each step.
+
+Gloo pairs collectives by the order in which ranks issue them, not by name, and autograd
+may finish gradients in different orders on different ranks. So gradients are reduced in
+*buckets* with a fixed order (reverse registration order, as DDP does, or the caller's
+`groups`): a bucket is launched, as one fused allreduce, once all its gradients are ready
+and every earlier bucket has been launched; `synchronize()` launches whatever is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from elastic.compression import Compression, Compressor
+from elastic.engine import ReduceOp
+from elastic.torch.collectives import (
+    Adasum,
+    Average,
+    grouped_allgather_async,
+    grouped_allreduce_async,
+    synchronize,
+)
+from elastic.torch.runtime import ProcessSet, global_process_set
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_CAP_MB = 25.0
+
+
+@dataclass
+class _Launched:
+    """The collectives of one bucket that are in flight."""
+
+    dense: list[torch.Tensor] = field(default_factory=list)
+    dense_ctx: list[Any] = field(default_factory=list)
+    was_sparse: list[bool] = field(default_factory=list)
+    handle: int | None = None
+    sparse: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+
+
+def _split_evenly(items: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:
+    base, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return [chunk for chunk in out if chunk]
+
+
+class _DistributedOptimizer:
+    """Mixin placed before the wrapped optimizer's class; see `DistributedOptimizer`."""
+
+    # -- construction -----------------------------------------------------------------
+
+    def _horde_setup(self, named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
+                     compression: type[Compressor], backward_passes_per_step: int,
+                     op: ReduceOp, gradient_predivide_factor: float,
+                     groups: int | list[list[torch.Tensor]] | None, sparse_as_dense: bool,
+                     process_set: ProcessSet, bucket_cap_mb: float) -> None:
+        self._compression = compression
+        self.backward_passes_per_step = backward_passes_per_step
+        self.op = op
+        self.gradient_predivide_factor = gradient_predivide_factor
+        self.sparse_as_dense = sparse_as_dense
+        self.process_set = process_set
+        self._bucket_cap = int(bucket_cap_mb * 2**20)
+        self._groups = groups
+        self._lock = threading.RLock()
+        self._synchronized = False
+        self._should_synchronize = True
+        self._names: dict[int, str] = {}
+        self._order: dict[int, int] = {}
+        self._buckets: list[list[torch.Tensor]] = []
+        self._bucket_of: dict[int, int] = {}
+        self._hooks: list[Any] = []
+        self._reset_progress()
+        self._included()  # raises ValueError before hvd.init(), as Horovod does
+
+        all_params = self._all_params()
+        if named_parameters is not None:
+            named = list(named_parameters)
+            if any(not isinstance(item, tuple) or len(item) != 2 for item in named):
+                raise ValueError("named_parameters should be a sequence of (name, parameter) "
+                                 "tuples, usually produced by model.named_parameters()")
+            seen: set[str] = set()
+            dups = sorted({name for name, _ in named if name in seen or seen.add(name)})
+            if dups:
+                raise ValueError("Parameter names in named_parameters must be unique. Found "
+                                 f"duplicates: {', '.join(map(str, dups))}")
+            known = {id(p) for _, p in named}
+            unnamed = [p for p in all_params if id(p) not in known]
+            if unnamed:
+                raise ValueError("named_parameters was specified, but one or more model "
+                                 "parameters were not named. Python object ids: "
+                                 + ", ".join(str(id(p)) for p in unnamed))
+            self._names = {id(p): name for name, p in named}
+        self._add_params(all_params)
+        weakref.finalize(self, _remove_hooks, self._hooks)
+
+    def _all_params(self) -> list[torch.Tensor]:
+        params = self.param_groups  # type: ignore[attr-defined]
+        return [p for group in params for p in group["params"]]
+
+    def _add_params(self, params: list[torch.Tensor]) -> None:
+        """Give new parameters names, buckets (appended after existing ones) and hooks."""
+        positions = {id(q): (gi, pi)
+                     for gi, group in enumerate(self.param_groups)  # type: ignore[attr-defined]
+                     for pi, q in enumerate(group["params"])}
+        for p in params:
+            if id(p) in self._order:
+                continue
+            self._order[id(p)] = len(self._order)
+            if id(p) not in self._names:
+                gi, pi = positions.get(id(p), (-1, self._order[id(p)]))
+                self._names[id(p)] = f"allreduce.noname.{gi}.{pi}"
+        fresh = [p for p in params if p.requires_grad and id(p) not in self._bucket_of]
+        if not fresh:
+            return
+        for bucket in self._make_buckets(fresh):
+            index = len(self._buckets)
+            self._buckets.append(bucket)
+            for p in bucket:
+                self._bucket_of[id(p)] = index
+        self._missing.extend(len(b) for b in self._buckets[len(self._missing):])
+        ref = weakref.ref(self)
+        for p in fresh:
+            self._delay[id(p)] = self.backward_passes_per_step
+            self._hooks.append(p.register_post_accumulate_grad_hook(
+                lambda param, ref=ref: _on_grad_ready(ref, param)))
+
+    def _make_buckets(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Fixed, rank-independent bucket order: gradients that are ready first go first."""
+        groups = self._groups
+        backwards = sorted(params, key=lambda p: -self._order[id(p)])
+        if isinstance(groups, list):
+            wanted = {id(p) for p in params}
+            grouped = [[p for p in g if id(p) in wanted] for g in groups]
+            taken = {id(p) for g in grouped for p in g}
+            buckets = [g for g in grouped if g] + [[p] for p in params if id(p) not in taken]
+            return sorted(buckets, key=lambda b: -min(self._order[id(p)] for p in b))
+        if isinstance(groups, int) and groups > 0:
+            return _split_evenly(backwards, groups)
+        buckets: list[list[torch.Tensor]] = []
+        current: list[torch.Tensor] = []
+        nbytes = 0
+        for p in backwards:
+            size = p.numel() * p.element_size()
+            if current and (nbytes + size > self._bucket_cap or p.dtype != current[0].dtype
+                            or p.device != current[0].device):
+                buckets.append(current)
+                current, nbytes = [], 0
+            current.append(p)
+            nbytes += size
+        if current:
+            buckets.append(current)
+        return buckets
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group as torch does; its parameters are reduced like the others."""
+        super().add_param_group(param_group)  # type: ignore[misc]
+        if hasattr(self, "_bucket_of"):
+            with self._lock:
+                self._add_params(list(self.param_groups[-1]["params"]))  # type: ignore[attr-defined]
+
+    # -- progress of one step ---------------------------------------------------------
+
+    def _reset_progress(self) -> None:
+        self._delay = {pid: self.backward_passes_per_step for pid in self._bucket_of}
+        self._missing = [len(b) for b in self._buckets]
+        self._next_bucket = 0
+        self._inflight: list[_Launched] = []
+        self._touched = False
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Change how many backward passes are accumulated before gradients are reduced."""
+        with self._lock:
+            self.backward_passes_per_step = passes
+            for pid in self._delay:
+                self._delay[pid] = passes
+            self._missing = [len(b) if i >= self._next_bucket else 0
+                             for i, b in enumerate(self._buckets)]
+
+    def _included(self) -> bool:
+        return bool(self.process_set.included())
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        """Autograd hook: count a backward pass for `p`; launch buckets that became ready."""
+        with self._lock:
+            if not self._included() or id(p) not in self._bucket_of:
+                return
+            if self._delay[id(p)] <= 0:
+                raise AssertionError(
+                    "Gradients were computed more than backward_passes_per_step times before "
+                    "call to step(). Increase backward_passes_per_step to accumulate gradients "
+                    "locally.")
+            self._touched = True
+            self._delay[id(p)] -= 1
+            if self._delay[id(p)] == 0:
+                self._missing[self._bucket_of[id(p)]] -= 1
+                while (self._next_bucket < len(self._buckets)
+                       and self._missing[self._next_bucket] == 0):
+                    self._launch(self._next_bucket)
+                    self._next_bucket += 1
+
+    def _launch(self, index: int) -> None:
+        params = [p for p in self._buckets[index] if p.requires_grad or p.grad is not None]
+        entry = _Launched()
+        self._inflight.append(entry)
+        if not params:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p.detach())
+        if (self.process_set.size() or 1) == 1:
+            return  # nothing to combine: keep the local gradients as they are
+        name = self._names[id(params[0])]
+        compressed = []
+        for p in params:
+            grad = p.grad
+            if grad.is_sparse and not self.sparse_as_dense:
+                values = grad.coalesce()
+                handle = grouped_allgather_async(
+                    [values.indices().t().contiguous(), values.values()],
+                    name=f"{self._names[id(p)]}.sparse", process_set=self.process_set)
+                entry.sparse.append((p, handle))
+                continue
+            entry.was_sparse.append(grad.is_sparse)
+            if grad.is_sparse:
+                grad = grad.to_dense()
+            tensor, ctx = self._compression.compress(grad)
+            entry.dense.append(p)
+            entry.dense_ctx.append(ctx)
+            compressed.append(tensor)
+        if compressed:
+            if self.op == Average:
+                prescale = 1.0 / self.gradient_predivide_factor
+                postscale = self.gradient_predivide_factor
+            else:
+                prescale = postscale = 1.0
+            entry.handle = grouped_allreduce_async(
+                compressed, name=name, op=self.op, prescale_factor=prescale,
+                postscale_factor=postscale, process_set=self.process_set)
+
+    def _finish(self, entry: _Launched) -> None:
+        if entry.handle is not None:
+            outputs = synchronize(entry.handle)
+            entry.handle = None
+            with torch.no_grad():
+                for p, out, ctx, was_sparse in zip(entry.dense, outputs, entry.dense_ctx,
+                                                   entry.was_sparse):
+                    result = self._compression.decompress(out, ctx)
+                    if was_sparse:
+                        p.grad = result.to_sparse()
+                    else:
+                        p.grad.copy_(result)
+        size = self.process_set.size() or 1
+        while entry.sparse:
+            p, handle = entry.sparse.pop(0)
+            indices, values = synchronize(handle)
+            if self.op == Average:
+                values = values / size
+            p.grad = torch.sparse_coo_tensor(indices.t(), values, p.grad.shape).coalesce()
+
+    # -- Horovod's public methods -----------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Finish reducing every gradient (launching any not yet launched) into `p.grad`."""
+        if not self._included():
+            self._synchronized = True
+            return
+        error: BaseException | None = None
+        with self._lock:
+            try:
+                while self._next_bucket < len(self._buckets):
+                    self._launch(self._next_bucket)
+                    self._next_bucket += 1
+            except BaseException as exc:  # noqa: BLE001 - drain what was launched, then raise
+                error = exc
+            inflight, self._inflight = self._inflight, []
+        try:
+            for entry in inflight:
+                if error is not None:
+                    _drain(entry)
+                    continue
+                try:
+                    self._finish(entry)
+                except BaseException as exc:  # noqa: BLE001 - drain the rest, raise the first
+                    error = exc
+                    _drain(entry)
+        finally:
+            with self._lock:
+                self._reset_progress()
+        if error is not None:
+            raise error
+        self._synchronized = True
+
+    @contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """Make `step()` skip synchronizing (after an explicit `synchronize()`)."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    def step(self, closure: Any = None) -> Any:
+        """Synchronize the gradients (unless skipped), then step the wrapped optimizer."""
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn(
+                    "optimizer.step() called without optimizer.skip_synchronize() context "
+                    "after optimizer.synchronize(). This can cause training slowdown. You may "
+                    "want to consider using optimizer.skip_synchronize() context if you use "
+                    "optimizer.synchronize() in your code.", stacklevel=2)
+            self.synchronize()
+        self._synchronized = False
+        return super().step(closure)  # type: ignore[misc]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients; refused while gradients are being reduced (a race)."""
+        if self._touched or self._inflight:
+            raise AssertionError(
+                "optimizer.zero_grad() was called after loss.backward() but before "
+                "optimizer.step() or optimizer.synchronize(). This is prohibited as it can "
+                "cause a race condition.")
+        super().zero_grad(set_to_none=set_to_none)  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state as torch does and forget any half-finished gradient reduction."""
+        with self._lock:
+            for entry in self._inflight:
+                _drain(entry)
+            self._reset_progress()
+        self._synchronized = False
+        self._should_synchronize = True
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+
+
+def _on_grad_ready(ref: weakref.ReferenceType, param: torch.Tensor) -> None:
+    optimizer = ref()
+    if optimizer is not None:
+        optimizer._grad_ready(param)
+
+
+def _remove_hooks(hooks: list[Any]) -> None:
+    for hook in hooks:
+        hook.remove()
+
+
+def _drain(entry: _Launched) -> None:
+    """Wait out a bucket's collectives whose result is no longer wanted."""
+    handles = ([entry.handle] if entry.handle is not None else []) + [h for _, h in entry.sparse]
+    entry.handle, entry.sparse = None, []
+    for handle in handles:
+        try:
+            synchronize(handle)
+        except Exception:  # noqa: BLE001 - the first error is reported by the caller
+            logger.debug("discarded a failed gradient reduction", exc_info=True)
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer,
+                         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+                         compression: type[Compressor] = Compression.none,
+                         backward_passes_per_step: int = 1, op: ReduceOp = Average,
+                         gradient_predivide_factor: float = 1.0, num_groups: int = 0,
+                         groups: int | Sequence[Sequence[torch.Tensor]] | None = None,
+                         sparse_as_dense: bool = False,
+                         process_set: ProcessSet = global_process_set,
+                         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> torch.optim.Optimizer:
+    """Wrap `optimizer` so that `step()` applies gradients averaged over all ranks.
+
+    The result is an instance of a subclass of `optimizer`'s class that shares its
+    param groups, state and defaults. `bucket_cap_mb` (a Horde addition) caps the size
+    of a fused allreduce when `groups` is not given.
+    """
+    op = ReduceOp(int(op))
+    if op == Adasum:
+        raise NotImplementedError(
+            "DistributedOptimizer(op=hvd.Adasum) is not supported by Horde; use hvd.Average "
+            "(the default) or hvd.Sum")
+    if gradient_predivide_factor != 1.0 and op != Average:
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    if gradient_predivide_factor <= 0:
+        raise ValueError(f"gradient_predivide_factor={gradient_predivide_factor} must be > 0")
+    if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+        raise ValueError(f"backward_passes_per_step={backward_passes_per_step!r} must be an "
+                         "integer >= 1")
+    if num_groups != 0:
+        warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be removed",
+                      DeprecationWarning, stacklevel=2)
+        if groups is None:
+            groups = num_groups
+    if groups is not None:
+        if isinstance(groups, bool) or not (isinstance(groups, (list, tuple))
+                                            or (isinstance(groups, int) and groups > 0)):
+            raise ValueError("groups should be a non-negative integer or a list of list of "
+                             "torch.Tensor.")
+        if isinstance(groups, (list, tuple)):
+            seen: set[int] = set()
+            for group in groups:
+                for p in group:
+                    if not isinstance(p, torch.Tensor):
+                        raise ValueError("groups must consist of torch.Tensor.")
+                    if id(p) in seen:
+                        raise ValueError("A parameter can only appear once in groups.")
+                    seen.add(id(p))
+            groups = [list(g) for g in groups]
+    if bucket_cap_mb <= 0:
+        raise ValueError(f"bucket_cap_mb={bucket_cap_mb} must be > 0")
+
+    base = optimizer.__class__
+    cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": base.__module__})
+    wrapped = cls.__new__(cls)
+    wrapped.__dict__.update(optimizer.__dict__)
+    wrapped.param_groups = list(optimizer.param_groups)
+    wrapped._horde_setup(named_parameters, compression, backward_passes_per_step, op,
+                         gradient_predivide_factor, groups, sparse_as_dense, process_set,
+                         bucket_cap_mb)
+    return wrapped
+
+
+__all__ = ["DistributedOptimizer"]
