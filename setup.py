@@ -1,5 +1,7 @@
 """Distribution `horde`: a Horovod-compatible elastic training runtime for volunteer GPUs."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 TORCH = "torch==2.13.0"  # pinned: other versions pull gigabytes of CUDA wheels in CI
@@ -8,10 +10,11 @@ setup(
     name="horde",
     version="0.1.0",
     description="Horovod-compatible elastic training on volunteer GPU nodes",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["rendezvous*", "elastic*", "coordinator*", "volunteer_client*"]),
+    packages=find_packages(
+        include=["rendezvous*", "elastic*", "coordinator*", "volunteer_client*"]),
     include_package_data=True,
     install_requires=[
         TORCH,
