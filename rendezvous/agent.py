@@ -23,6 +23,7 @@ from rendezvous.errors import (
     BlacklistedError,
     RendezvousClosedError,
     RendezvousConnectionError,
+    RendezvousError,
     RendezvousTimeoutError,
 )
 from rendezvous.generation import BlacklistEntry, Generation, JobStatus, NodeInfo
@@ -124,6 +125,9 @@ class NodeAgent:
                 raise BlacklistedError(
                     f"node {self.node_id} is blacklisted in job {self.settings.job} until "
                     f"{time.ctime(record.until)}: {record.reason}")
+        # A leave announced by an earlier run of this node would keep it out for good:
+        # the leader treats a node under `leaving/` as gone even while it is registered.
+        self.backend.delete(self.keys.leaving_node(self.node_id))
         self._lease = self.backend.grant_lease(self.settings.lease_ttl)
         self._lease_refreshed = self._clock()
         info = NodeInfo(**{**self._info.__dict__, "lease": self._lease,
@@ -245,25 +249,29 @@ class NodeAgent:
         self._register()
 
     def _step(self) -> None:
+        """One pass: keep the lease, read what this node follows, lead if elected, wait.
+
+        Only the leader reads the whole job; the others read the control keys alone, so
+        a job of hundreds of nodes costs etcd little per node.
+        """
         self._refresh()
-        if self._is_leader or self._candidate:
+        wake_at = None
+        if self._is_leader:
             kvs, revision = self.backend.get_prefix(self.keys.root)
             control = parse_control([kv for kv in kvs if kv.key.startswith(self.keys.control)],
                                     self.keys)
-            self._set_control(control)
-            wake_at = None
-            if self._candidate and control.leader is None:
-                self._try_lead()
-            elif control.leader != self.node_id:
-                self._is_leader = False
-            if self._is_leader:
-                wake_at = self._lead(kvs, control)
-            watch = self.keys.root if self._is_leader else self.keys.control
         else:
             control, revision = read_control(self.backend, self.keys)
-            self._set_control(control)
-            wake_at = None
-            watch = self.keys.control
+        self._set_control(control)
+        if control.leader != self.node_id:
+            self._is_leader = False
+        if self._is_leader:
+            wake_at = self._lead(kvs, control)
+        elif self._candidate and control.leader is None:
+            self._try_lead()
+            if self._is_leader:
+                return  # lead at once, from a full read
+        watch = self.keys.root if self._is_leader else self.keys.control
         timeout = max(0.0, self._keepalive_due() - self._clock())
         timeout = min(timeout, self.settings.poll_interval * 4)
         if wake_at is not None:
@@ -272,8 +280,19 @@ class NodeAgent:
             self.backend.wait_for_change(watch, revision, timeout)
 
     def _try_lead(self) -> None:
-        if self.backend.compare_and_swap(self.keys.leader, 0, self.node_id.encode(),
-                                         lease=self._lease):
+        try:
+            won = self.backend.compare_and_swap(self.keys.leader, 0, self.node_id.encode(),
+                                                lease=self._lease)
+        except RendezvousConnectionError:
+            raise
+        except RendezvousError as exc:
+            # Our lease is gone (revoked, or it ran out before the keepalive was due):
+            # force the keepalive now, which finds that out and registers again.
+            logger.warning("job %s: node %s cannot lead: %s; registering again",
+                           self.settings.job, self.node_id, exc)
+            self._lease_refreshed = float("-inf")
+            return
+        if won:
             self._is_leader = True
             self._leader_memory = {"first_seen": {}, "ready_since": None,
                                    "starving_since": None, "generation": None}
@@ -325,7 +344,9 @@ class NodeAgent:
         )
         decision = policy.decide(view, self.settings, now)
         for node_id in decision.blacklist:
-            if node_id not in blacklist:
+            # An expired entry from an earlier eviction must not shield a repeat offender:
+            # only an active one means "already blacklisted" (its count then grows).
+            if node_id not in blacklist or not blacklist[node_id].active(view.wall_now):
                 blacklist_node(self.backend, keys, node_id,
                                "did not rejoin after a failed collective within the reset "
                                f"timeout of {self.settings.reset_timeout:g} s",

@@ -92,9 +92,9 @@ def _settled(view: ClusterView, newcomers: list[NodeInfo], settings: RendezvousS
 
 def decide(view: ClusterView, settings: RendezvousSettings, now: float) -> Decision:
     """The next membership action for the leader at monotonic time `now`."""
-    if any(reason == "finished" for reason in view.leaving.values()) and view.generation:
-        if any(view.leaving.get(m.node_id) == "finished" for m in view.generation.members):
-            return Decision(Action.FINISH, reason="a member finished training")
+    if view.generation is not None and any(
+            view.leaving.get(m.node_id) == "finished" for m in view.generation.members):
+        return Decision(Action.FINISH, reason="a member finished training")
     candidates = eligible_nodes(view)
     by_id = {n.node_id: n for n in candidates}
     gen = view.generation
@@ -110,14 +110,13 @@ def decide(view: ClusterView, settings: RendezvousSettings, now: float) -> Decis
     if gone or ready:
         blacklist: tuple[str, ...] = ()
         survivors = alive
-        if not gone:
-            if len(ready) < len(alive):
-                since = view.ready_since if view.ready_since is not None else now
-                deadline = since + settings.reset_timeout
-                if now < deadline:
-                    return Decision(Action.WAIT, wake_at=deadline)
-                blacklist = tuple(m for m in alive if m not in ready)
-                survivors = ready
+        if not gone and len(ready) < len(alive):
+            since = view.ready_since if view.ready_since is not None else now
+            deadline = since + settings.reset_timeout
+            if now < deadline:
+                return Decision(Action.WAIT, wake_at=deadline)
+            blacklist = tuple(m for m in alive if m not in ready)
+            survivors = ready
         room = settings.max_np - len(survivors)
         joining = [n.node_id for n in newcomers][: max(room, 0)]
         members = tuple(survivors) + tuple(joining)
@@ -218,4 +217,7 @@ def cooldown_for(count: int, cooldown: tuple[float, float] | None, jitter: float
     if cooldown is None:
         return float("inf")
     low, high = cooldown
-    return min(high, low * (2 ** max(count - 1, 0)) + jitter * low)
+    # A float power: 2 ** 1030 as an int cannot be converted to a float (OverflowError),
+    # and the cap is reached long before 1000 doublings anyway.
+    doublings = min(max(count - 1, 0), 1000)
+    return min(high, low * 2.0**doublings + jitter * low)
