@@ -300,8 +300,7 @@ class StalenessRounds:
                 self._error = item
                 raise item
             out.append(item)
-            if self.rank in {c.rank for c in item.contributions}:
-                self._outstanding -= 1
+            self._outstanding -= sum(1 for c in item.contributions if c.rank == self.rank)
         return out
 
     def finish(self, timeout: float = 60.0) -> list[RoundResult]:
@@ -329,21 +328,30 @@ class StalenessRounds:
     # -- communication thread ---------------------------------------------------------
 
     def _deadline(self) -> float:
+        """How long a member waits for its own gradient before entering a round empty.
+
+        Default: the median step time the members reported recently, so balanced
+        members meet with one step each, and a straggler delays a round by at most
+        about one step of the others.
+        """
         if self.round_deadline is not None:
             return self.round_deadline
         if not self._step_times:
-            return 0.05
-        return max(0.002, 0.25 * statistics.median(self._step_times))
+            return 0.5
+        return max(0.005, statistics.median(self._step_times))
 
-    def _take(self) -> _Pending | None:
+    def _take(self) -> list[_Pending]:
+        """Everything finished so far; waits up to the deadline for the first one."""
         deadline = time.monotonic() + self._deadline()
         with self._outbox_ready:
             while not self._outbox and not self._closed and not self._finishing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._interrupted.is_set():
-                    return None
+                    break
                 self._outbox_ready.wait(remaining)
-            return self._outbox.popleft() if self._outbox else None
+            taken = list(self._outbox)
+            self._outbox.clear()
+            return taken
 
     def _loop(self) -> None:
         try:
@@ -358,25 +366,40 @@ class StalenessRounds:
             self._results.put(exc if isinstance(exc, HorovodInternalError)
                               else HorovodInternalError(f"round failed: {exc}"))
 
-    def _run_round(self, pending: _Pending | None) -> RoundResult:
+    def _combine(self, pending: list[_Pending]) -> tuple[torch.Tensor | None, list[list[int]]]:
+        """This member's finished gradients, weighted as every member will weigh them."""
+        combined: torch.Tensor | None = None
+        mass = 0.0
+        for item in pending:
+            staleness = self._version - item.version
+            if staleness > self.staleness:
+                continue
+            w = self.weight(staleness) * item.samples
+            combined = item.flat * w if combined is None else combined.add_(item.flat, alpha=w)
+            mass += w
+        if combined is not None and mass > 0:
+            combined.div_(mass)
+        return combined, [[p.samples, p.version] for p in pending]
+
+    def _run_round(self, pending: list[_Pending]) -> RoundResult:
         from elastic.engine import Kind, Request
 
         t = self._round
         with self._outbox_ready:
-            finishing = self._finishing and not self._outbox and pending is None
+            finishing = self._finishing and not self._outbox and not pending
+        combined, contribs = self._combine(pending)
+        step_time = statistics.median([p.step_time for p in pending]) if pending else 0.0
         header: dict[str, object] = {"node": self.node_id, "rank": self.rank, "round": t,
-                                     "codec": self.codec.tag, "finishing": finishing}
+                                     "codec": self.codec.tag, "finishing": finishing,
+                                     "contribs": contribs, "step_time": step_time}
         payload = torch.empty(0, dtype=torch.uint8)
-        if pending is not None:
-            header.update(samples=pending.samples, version=pending.version,
-                          step_time=pending.step_time,
-                          norm=float(pending.flat.norm()))
-            if self._version - pending.version <= self.staleness:
-                payload = self.codec.encode(pending.flat, t)
-                self.stats.last_density = self.codec.density(t)
+        if combined is not None:
+            header["norm"] = float(combined.norm())
+            payload = self.codec.encode(combined, t)
+            self.stats.last_density = self.codec.density(t)
+            self.stats.dense_bytes += self.numel * combined.element_size() * (self.size - 1)
         message = pack(header, payload)
         self.stats.bytes_sent += int(message.numel()) * (self.size - 1)
-        self.stats.dense_bytes += self.numel * 4 * (self.size - 1) if pending else 0
         gathered = self._gather(message, Kind, Request)
         result = self._aggregate(t, gathered)
         self._all_finished = all(unpack(m)[0].get("finishing") for m in gathered)
@@ -398,51 +421,56 @@ class StalenessRounds:
         return parts
 
     def _aggregate(self, t: int, gathered: list[torch.Tensor]) -> RoundResult:
+        """Decide and add, identically on every member, in rank order, into one buffer."""
         version = self._version
         entries: list[tuple[dict, torch.Tensor]] = [unpack(m) for m in gathered]
-        out = torch.zeros(self.numel, dtype=self.dtype)
         norms: dict[int, float] = {}
-        for rank, (header, payload) in enumerate(entries):
-            if "samples" not in header or payload.numel() == 0:
+        for rank, (_header, payload) in enumerate(entries):
+            if payload.numel() == 0:
                 continue
             try:
-                norms[rank] = self.codec_for(header).norm(payload, self.numel)
+                norms[rank] = self.codec.norm(payload, self.numel)
             except (ValueError, RuntimeError) as exc:
                 norms[rank] = float("nan")
                 logger.warning("round %d: undecodable contribution from rank %d: %s", t, rank, exc)
         rejected = self.norm_check.judge(norms)
+        out = torch.zeros(self.numel, dtype=self.dtype)
         contributions: list[Contribution] = []
-        total_weight = 0.0
-        for rank, (header, _payload) in enumerate(entries):
-            if "samples" not in header:
-                continue
-            staleness = version - int(header["version"])
-            weight = self.weight(staleness)
-            samples = int(header["samples"])
-            reason = ""
-            if staleness > self.staleness:
-                reason = f"staleness {staleness} exceeds {self.staleness}"
-                self.stats.dropped_stale += 1
-            elif rank in rejected:
-                reason = rejected[rank]
-                self.stats.rejected += 1
-                self._strike(str(header["node"]), reason)
-            elif rank in norms:
-                self.codec.decode_add(entries[rank][1], out, weight * samples)
-                total_weight += weight * samples
-                self.stats.accepted += 1
-                self.stats.staleness[staleness] += 1
-            contributions.append(Contribution(
-                node=str(header["node"]), rank=rank, samples=samples,
-                version=int(header["version"]), staleness=staleness,
-                weight=weight if not reason else 0.0, norm=norms.get(rank, 0.0),
-                step_time=float(header.get("step_time", 0.0)),
-                nbytes=int(gathered[rank].numel()), accepted=not reason, reason=reason))
+        total = 0.0
+        for rank, (header, payload) in enumerate(entries):
+            node = str(header.get("node", f"rank{rank}"))
             if header.get("step_time"):
                 self._step_times.append(float(header["step_time"]))
+            mass = 0.0
+            for samples, v in header.get("contribs", []):
+                staleness = version - int(v)
+                reason = ""
+                if staleness > self.staleness:
+                    reason = f"staleness {staleness} exceeds {self.staleness}"
+                    self.stats.dropped_stale += 1
+                elif rank in rejected:
+                    reason = rejected[rank]
+                elif rank not in norms:
+                    reason = "no payload"
+                weight = 0.0 if reason else self.weight(staleness)
+                if not reason:
+                    mass += weight * int(samples)
+                    self.stats.accepted += 1
+                    self.stats.staleness[staleness] += 1
+                contributions.append(Contribution(
+                    node=node, rank=rank, samples=int(samples), version=int(v),
+                    staleness=staleness, weight=weight, norm=norms.get(rank, 0.0),
+                    step_time=float(header.get("step_time", 0.0)),
+                    nbytes=int(gathered[rank].numel()), accepted=not reason, reason=reason))
+            if rank in rejected:
+                self.stats.rejected += 1
+                self._strike(node, rejected[rank])
+            elif mass > 0:
+                self.codec.decode_add(payload, out, mass)
+                total += mass
         aggregate = None
-        if total_weight > 0:
-            aggregate = out.div_(total_weight)
+        if total > 0:
+            aggregate = out.div_(total)
             self._version += 1
         else:
             self.stats.empty_rounds += 1

@@ -33,8 +33,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
     parser.add_argument("--lr", type=float, default=0.05, help="per worker (scaled by size)")
+    parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--save", help="rank 0 saves the final parameters here")
+    parser.add_argument("--topk", type=float, default=0.0,
+                        help="Horde: send only this fraction of gradient entries (e.g. 0.01)")
+    parser.add_argument("--no-error-feedback", action="store_true",
+                        help="Horde: drop what top-k does not send (an ablation)")
+    parser.add_argument("--staleness", type=int, default=0,
+                        help="Horde: rounds a worker may run ahead of the last aggregate")
     args = parser.parse_args()
 
     hvd.init()
@@ -48,10 +55,14 @@ def main() -> None:
     test_loader = DataLoader(test_set, batch_size=256, sampler=test_sampler)
 
     model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(), momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(),
+                                momentum=args.momentum)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    compression = (hvd.Compression.topk(args.topk, error_feedback=not args.no_error_feedback)
+                   if args.topk else hvd.Compression.none)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                         compression=compression, staleness=args.staleness)
 
     for epoch in range(1, args.epochs + 1):
         model.train()
@@ -61,7 +72,7 @@ def main() -> None:
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
-            optimizer.step()
+            optimizer.step(samples=len(y)) if args.staleness else optimizer.step()
             total_loss += loss.item()
         model.eval()
         correct = seen = 0
@@ -74,7 +85,11 @@ def main() -> None:
         if hvd.rank() == 0:
             print(f"epoch {epoch:2d}/{args.epochs} {progress_bar(epoch, args.epochs)} "
                   f"loss {loss:.4f}  test accuracy {accuracy:.2%}", flush=True)
+    if args.staleness:
+        optimizer.finish()
     if hvd.rank() == 0:
+        if args.topk or args.staleness:
+            print(f"communication: {optimizer.communication_stats()}", flush=True)
         print(f"final test accuracy: {accuracy:.2%} on {hvd.size()} workers", flush=True)
         if args.save:
             torch.save(model.state_dict(), args.save)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from elastic.compression import Compression, Compressor
+from elastic.compression import Compression, Compressor, TopKCompression
 from elastic.engine import ReduceOp
 from elastic.torch.collectives import (
     Adasum,
@@ -29,7 +29,8 @@ from elastic.torch.collectives import (
     grouped_allreduce_async,
     synchronize,
 )
-from elastic.torch.runtime import ProcessSet, global_process_set
+from elastic.torch.exchange import StaleExchange, SyncSparseExchange
+from elastic.torch.runtime import ProcessSet, global_process_set, register_finisher
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ class _DistributedOptimizer:
                      compression: type[Compressor], backward_passes_per_step: int,
                      op: ReduceOp, gradient_predivide_factor: float,
                      groups: int | list[list[torch.Tensor]] | None, sparse_as_dense: bool,
-                     process_set: ProcessSet, bucket_cap_mb: float) -> None:
+                     process_set: ProcessSet, bucket_cap_mb: float, staleness: int = 0,
+                     round_deadline: float | None = None,
+                     staleness_weight: Any = None) -> None:
         self._compression = compression
+        self._exchange: SyncSparseExchange | StaleExchange | None = None
         self.backward_passes_per_step = backward_passes_per_step
         self.op = op
         self.gradient_predivide_factor = gradient_predivide_factor
@@ -106,6 +110,14 @@ class _DistributedOptimizer:
             self._names = {id(p): name for name, p in named}
         self._add_params(all_params)
         weakref.finalize(self, _remove_hooks, self._hooks)
+        sparse = isinstance(compression, TopKCompression)
+        if staleness > 0:
+            self._exchange = StaleExchange(self, all_params, compression if sparse else None,
+                                           staleness, round_deadline, staleness_weight,
+                                           process_set)
+            register_finisher(self.finish)
+        elif sparse:
+            self._exchange = SyncSparseExchange(self, all_params, compression, process_set)
 
     def _all_params(self) -> list[torch.Tensor]:
         params = self.param_groups  # type: ignore[attr-defined]
@@ -221,8 +233,8 @@ class _DistributedOptimizer:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p.detach())
-        if (self.process_set.size() or 1) == 1:
-            return  # nothing to combine: keep the local gradients as they are
+        if (self.process_set.size() or 1) == 1 or self._exchange is not None:
+            return  # nothing to combine here (one rank), or the exchange does it at step
         name = self._names[id(params[0])]
         compressed = []
         for p in params:
@@ -302,6 +314,8 @@ class _DistributedOptimizer:
                 self._reset_progress()
         if error is not None:
             raise error
+        if isinstance(self._exchange, SyncSparseExchange) and (self.process_set.size() or 1) > 1:
+            self._exchange.reduce()
         self._synchronized = True
 
     @contextmanager
@@ -313,8 +327,19 @@ class _DistributedOptimizer:
         finally:
             self._should_synchronize = True
 
-    def step(self, closure: Any = None) -> Any:
-        """Synchronize the gradients (unless skipped), then step the wrapped optimizer."""
+    def step(self, closure: Any = None, samples: int | None = None) -> Any:
+        """Synchronize the gradients (unless skipped), then step the wrapped optimizer.
+
+        With `staleness > 0` the gradient is handed to the rounds instead, and the wrapped
+        optimizer steps once per aggregate that arrives; `samples` (a Horde addition,
+        default 1) weighs this step's contribution in its round.
+        """
+        if isinstance(self._exchange, StaleExchange):
+            loss = closure() if closure is not None else None
+            with self._lock:
+                self._reset_progress()
+            self._exchange.step(1 if samples is None else int(samples), self._inner_step)
+            return loss
         if self._should_synchronize:
             if self._synchronized:
                 warnings.warn(
@@ -325,6 +350,25 @@ class _DistributedOptimizer:
             self.synchronize()
         self._synchronized = False
         return super().step(closure)  # type: ignore[misc]
+
+    def _inner_step(self) -> None:
+        super().step()  # type: ignore[misc]
+
+    def finish(self) -> None:
+        """With staleness: end the rounds on every member together, applying what is left.
+
+        Called by `hvd.shutdown()`; call it yourself to evaluate exactly the final model.
+        """
+        if isinstance(self._exchange, StaleExchange):
+            self._exchange.finish(self._inner_step)
+
+    def communication_stats(self) -> dict[str, Any]:
+        """What communication cost and saved: bytes sent, density, residual norm, staleness
+        histogram, dropped and rejected contributions (top-k and staleness modes)."""
+        if self._exchange is None:
+            return {"mode": "dense allreduce"}
+        mode = "staleness" if isinstance(self._exchange, StaleExchange) else "top-k"
+        return {"mode": mode, **self._exchange.stats.as_dict()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients; refused while gradients are being reduced (a race)."""
@@ -376,13 +420,32 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          groups: int | Sequence[Sequence[torch.Tensor]] | None = None,
                          sparse_as_dense: bool = False,
                          process_set: ProcessSet = global_process_set,
-                         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> torch.optim.Optimizer:
+                         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, staleness: int = 0,
+                         round_deadline: float | None = None,
+                         staleness_weight: Any = None) -> torch.optim.Optimizer:
     """Wrap `optimizer` so that `step()` applies gradients averaged over all ranks.
 
     The result is an instance of a subclass of `optimizer`'s class that shares its
     param groups, state and defaults. `bucket_cap_mb` (a Horde addition) caps the size
     of a fused allreduce when `groups` is not given.
+
+    Horde additions: `compression=hvd.Compression.topk(density)` sends only the largest
+    gradient entries (with error feedback); `staleness=S > 0` lets a worker run up to S
+    rounds ahead of the last aggregate it applied, so slow peers and links do not stall
+    it (`round_deadline` in seconds, default adaptive; `staleness_weight(s)` weighs a
+    contribution `s` aggregates old, default 1/(1+s)).
     """
+    if not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0:
+        raise ValueError(f"staleness={staleness!r} must be an integer >= 0 (0: synchronous)")
+    if round_deadline is not None and round_deadline < 0:
+        raise ValueError(f"round_deadline={round_deadline!r} must be >= 0 seconds or None")
+    special = staleness > 0 or isinstance(compression, TopKCompression)
+    if special and ReduceOp(int(op)) != Average:
+        raise ValueError("top-k compression and staleness average gradients; use "
+                         "op=hvd.Average (the default)")
+    if special and (backward_passes_per_step != 1 or gradient_predivide_factor != 1.0):
+        raise ValueError("top-k compression and staleness do not support "
+                         "backward_passes_per_step > 1 or gradient_predivide_factor yet")
     op = ReduceOp(int(op))
     if op == Adasum:
         raise NotImplementedError(
@@ -425,7 +488,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     wrapped.param_groups = list(optimizer.param_groups)
     wrapped._horde_setup(named_parameters, compression, backward_passes_per_step, op,
                          gradient_predivide_factor, groups, sparse_as_dense, process_set,
-                         bucket_cap_mb)
+                         bucket_cap_mb, staleness, round_deadline, staleness_weight)
     return wrapped
 
 

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import threading
+import weakref
+from collections.abc import Callable
 
 from elastic.errors import NotInitializedError
 from elastic.settings import WorkerSettings
@@ -109,9 +111,30 @@ def _configure_logging(level: str) -> None:
             log.propagate = False
 
 
+_finishers: list[weakref.WeakMethod] = []
+
+
+def register_finisher(method: Callable[[], None]) -> None:
+    """Run `method` (a bound method, held weakly) at shutdown, before the group goes."""
+    _finishers.append(weakref.WeakMethod(method))  # type: ignore[arg-type]
+
+
+def _run_finishers() -> None:
+    while _finishers:
+        method = _finishers.pop(0)()
+        if method is None:
+            continue
+        try:
+            method()
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            logger.warning("finishing an optimizer at shutdown failed", exc_info=True)
+
+
 def shutdown() -> None:
     """Leave the job and release the process group (Horovod's `hvd.shutdown()`)."""
     global _context
+    if _context is not None and _context.topology is not None:
+        _run_finishers()
     with _lock:
         ctx, _context = _context, None
         _process_sets.clear()
@@ -146,6 +169,8 @@ def _shutdown_at_exit() -> None:
     """At interpreter exit: leave as finished, or as failed after an uncaught exception."""
     global _context
     try:
+        if not _crashed and _context is not None:
+            _run_finishers()
         with _lock:
             ctx, _context = _context, None
             if ctx is not None:

@@ -1,0 +1,281 @@
+"""Gradient exchanges other than Horovod's dense allreduce: top-k and bounded staleness.
+
+`DistributedOptimizer` uses one of these when given `compression=hvd.Compression.topk(...)`
+or `staleness=S > 0`. All gradients are laid out in one flat buffer: parameters of at
+least `min_sparse_numel` values first (the part that is sparsified), small ones (biases,
+norms) after it, sent dense. A member's message is self-delimiting payloads (see
+`elastic.sparse`), so one allgather carries everything and every rank decodes in rank
+order into one dense buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from elastic.compression import TopKCompression
+from elastic.rounds import Codec, RoundResult, RoundStats, StalenessRounds, inverse_staleness
+from elastic.sparse import (
+    DENSE_TAG,
+    SparseCompressor,
+    SparsePayload,
+    add_into,
+    pack_payloads,
+    unpack_payloads,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Log the communication summary every this many exchanges.
+LOG_EVERY = 100
+
+
+class FlatLayout:
+    """Where each parameter's gradient lives in the flat buffer (large ones first)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], min_sparse_numel: int) -> None:
+        large = [p for p in params if p.numel() >= min_sparse_numel]
+        small = [p for p in params if p.numel() < min_sparse_numel]
+        self.params = large + small
+        self.sparse_numel = sum(p.numel() for p in large)
+        self.numel = self.sparse_numel + sum(p.numel() for p in small)
+        if self.params:
+            dtypes = {p.dtype for p in self.params}
+            if len(dtypes) != 1:
+                raise ValueError(f"top-k and staleness need one gradient dtype, got {dtypes}")
+            self.dtype = self.params[0].dtype
+            self.device = self.params[0].device
+        else:
+            self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def gather(self) -> torch.Tensor:
+        """A fresh flat copy of the gradients (zeros where a parameter has none)."""
+        flat = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            if p.grad is not None:
+                grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                flat[offset:offset + n].copy_(grad.reshape(-1))
+            offset += n
+        return flat
+
+    def scatter(self, flat: torch.Tensor) -> None:
+        """Write `flat` back into the parameters' gradients."""
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                view = flat[offset:offset + n].view_as(p)
+                if p.grad is None or p.grad.is_sparse:
+                    p.grad = view.clone()
+                else:
+                    p.grad.copy_(view)
+                offset += n
+
+
+class PayloadCodec(Codec):
+    """Encodes a flat gradient as payloads: top-k of the large part, dense small part."""
+
+    tag = "horde-payloads"
+
+    def __init__(self, layout: FlatLayout, compressor: SparseCompressor | None,
+                 world_size: int, fp16_dense: bool = False) -> None:
+        self.layout = layout
+        self.compressor = compressor
+        self.world_size = world_size
+        self.fp16_dense = fp16_dense
+
+    def payloads(self, flat: torch.Tensor, step: int) -> list[SparsePayload]:
+        ns, n = self.layout.sparse_numel, self.layout.numel
+        out: list[SparsePayload] = []
+        if ns:
+            if self.compressor is not None:
+                out.append(self.compressor.compress("gradients", flat[:ns], step,
+                                                    world_size=self.world_size))
+            else:
+                out.append(self._dense(flat[:ns]))
+        if n > ns:
+            out.append(self._dense(flat[ns:]))
+        return out
+
+    def _dense(self, part: torch.Tensor) -> SparsePayload:
+        values = part.to(torch.float16) if self.fp16_dense else part.clone()
+        return SparsePayload(None, values, part.numel(), part.dtype, DENSE_TAG)
+
+    def encode(self, flat: torch.Tensor, step: int) -> torch.Tensor:
+        return pack_payloads(self.payloads(flat, step))
+
+    def _split(self, data: torch.Tensor) -> list[SparsePayload]:
+        ns, n = self.layout.sparse_numel, self.layout.numel
+        expected = [size for size in (ns, n - ns) if size]
+        payloads, end = unpack_payloads(data, count=len(expected))
+        if end != data.numel() or [p.numel for p in payloads] != expected:
+            raise ValueError(f"payloads for buffers {[p.numel for p in payloads]}, "
+                             f"expected {expected}")
+        return payloads
+
+    def norm(self, data: torch.Tensor, numel: int) -> float:
+        total = 0.0
+        for payload in self._split(data):
+            total += float(payload.values.float().pow(2).sum())
+        return total ** 0.5
+
+    def decode_add(self, data: torch.Tensor, out: torch.Tensor, weight: float) -> None:
+        ns = self.layout.sparse_numel
+        parts = [out[:ns], out[ns:]] if ns else [out]
+        for payload, part in zip(self._split(data), [p for p in parts if p.numel()]):
+            add_into(payload, part, weight)
+
+    def density(self, step: int) -> float:
+        return self.compressor.density(step) if self.compressor is not None else 1.0
+
+    def residual_norm(self) -> float:
+        return self.compressor.residual_norm() if self.compressor is not None else 0.0
+
+
+def _momentum_from(optimizer: torch.optim.Optimizer, spec: TopKCompression) -> float:
+    """Move SGD's momentum into the compressor (DGC's momentum correction)."""
+    if not spec.momentum_correction:
+        return 0.0
+    groups = optimizer.param_groups
+    momenta = {float(g.get("momentum", 0.0) or 0.0) for g in groups}
+    if momenta == {0.0}:
+        return 0.0
+    if len(momenta) != 1:
+        raise ValueError(f"momentum correction needs one momentum for all param groups, got "
+                         f"{sorted(momenta)}; pass momentum_correction=False")
+    if any(g.get("nesterov") for g in groups):
+        raise ValueError("momentum correction does not support nesterov=True; pass "
+                         "momentum_correction=False to Compression.topk")
+    momentum = momenta.pop()
+    for group in groups:
+        group["momentum"] = 0.0
+    logger.info("top-k: momentum %.3g moved from the optimizer into the compressor "
+                "(momentum correction)", momentum)
+    return momentum
+
+
+class SyncSparseExchange:
+    """Synchronous top-k (staleness 0): one allgather of every member's payloads per step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                 spec: TopKCompression, process_set: Any) -> None:
+        self.layout = FlatLayout(params, spec.min_sparse_numel)
+        self.compressor = spec.build(_momentum_from(optimizer, spec))
+        self.process_set = process_set
+        self.step = 0
+        self.stats = RoundStats()
+
+    def reduce(self) -> None:
+        """Replace every gradient by the average of all members' sparsified gradients."""
+        from elastic.torch.collectives import allgather
+
+        size = self.process_set.size() or 1
+        codec = PayloadCodec(self.layout, self.compressor, size)
+        flat = self.layout.gather()
+        message = codec.encode(flat, self.step)
+        gathered = allgather(message, name="horde.topk", process_set=self.process_set)
+        out = torch.zeros_like(flat)
+        offset = 0
+        count = len([s for s in (self.layout.sparse_numel,
+                                 self.layout.numel - self.layout.sparse_numel) if s])
+        for _rank in range(size):
+            payloads, offset = unpack_payloads(gathered, offset, count)
+            parts = ([out[:self.layout.sparse_numel], out[self.layout.sparse_numel:]]
+                     if self.layout.sparse_numel else [out])
+            for payload, part in zip(payloads, [p for p in parts if p.numel()]):
+                add_into(payload, part, 1.0)
+        out.div_(size)
+        self.layout.scatter(out)
+        self.stats.rounds += 1
+        self.stats.bytes_sent += int(message.numel()) * (size - 1)
+        self.stats.dense_bytes += int(2 * (size - 1) / max(size, 1) * flat.numel()
+                                      * flat.element_size())
+        self.stats.last_density = self.compressor.density(self.step)
+        self.stats.residual_norm = self.compressor.residual_norm()
+        self.stats.accepted += size
+        self.stats.staleness[0] += size
+        self.step += 1
+        if self.step % LOG_EVERY == 0:
+            logger.info("top-k: %s", self.stats.as_dict())
+
+
+class StaleExchange:
+    """Bounded-staleness steps: submit this step's gradient, apply finished rounds in order."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                 spec: TopKCompression | None, staleness: int, round_deadline: float | None,
+                 weight: Callable[[int], float] | None, process_set: Any,
+                 on_round: Callable[[RoundResult], None] | None = None) -> None:
+        if process_set.process_set_id not in (0, None):
+            raise ValueError("staleness > 0 runs on the global process set only")
+        self.layout = FlatLayout(params, spec.min_sparse_numel if spec else 1 << 62)
+        self.compressor = spec.build(_momentum_from(optimizer, spec)) if spec else None
+        self.staleness = staleness
+        self.round_deadline = round_deadline
+        self.weight = weight or inverse_staleness
+        self.on_round = on_round
+        self.rounds: StalenessRounds | None = None
+        self.applied = 0
+        self.totals = RoundStats()
+
+    def _ensure_rounds(self) -> StalenessRounds:
+        from elastic.torch.runtime import context
+
+        generation = context().generation.id  # type: ignore[union-attr]
+        if self.rounds is not None and self.rounds.generation == generation:
+            return self.rounds
+        if self.rounds is not None:
+            self.rounds.close()
+        size = context().topology.size  # type: ignore[union-attr]
+        codec = PayloadCodec(self.layout, self.compressor, size)
+        self.rounds = StalenessRounds(
+            self.layout.numel, self.staleness, codec=codec, round_deadline=self.round_deadline,
+            weight=self.weight, dtype=self.layout.dtype, on_round=self.on_round,
+            on_strikes=_evict_striker)
+        self.applied = 0
+        return self.rounds
+
+    def step(self, samples: int, apply: Callable[[], None]) -> None:
+        """Submit the current gradients; run `apply()` once per finished aggregate."""
+        rounds = self._ensure_rounds()
+        rounds.submit(self.layout.gather(), samples, self.applied)
+        self._apply(rounds.results(block=False), apply)
+        while rounds.outstanding > self.staleness:
+            self._apply(rounds.results(block=True, timeout=1.0), apply)
+
+    def _apply(self, results: list[RoundResult], apply: Callable[[], None]) -> None:
+        for result in results:
+            if result.aggregate is not None:
+                self.layout.scatter(result.aggregate)
+                apply()
+                self.applied += 1
+
+    def finish(self, apply: Callable[[], None]) -> None:
+        """End the rounds on every member together and apply what is left."""
+        if self.rounds is not None:
+            self._apply(self.rounds.finish(), apply)
+            self.totals = self.rounds.stats
+            self.rounds = None
+
+    @property
+    def stats(self) -> RoundStats:
+        return self.rounds.stats if self.rounds is not None else self.totals
+
+
+def _evict_striker(node: str, reason: str) -> None:
+    """Rank 0 blacklists a node whose contributions were rejected too often."""
+    from elastic.torch.runtime import context
+
+    ctx = context()
+    if ctx.agent is None or ctx.topology is None or ctx.topology.rank != 0:
+        return
+    from rendezvous.agent import blacklist_node
+
+    blacklist_node(ctx.agent.backend, ctx.agent.keys, node,
+                   f"too many rejected contributions (last: {reason})",
+                   ctx.rdzv.blacklist_cooldown)
