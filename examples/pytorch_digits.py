@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--save", help="rank 0 saves the final parameters here")
     parser.add_argument("--topk", type=float, default=0.0,
                         help="Horde: send only this fraction of gradient entries (e.g. 0.01)")
+    parser.add_argument("--topk-warmup", type=int, default=0,
+                        help="Horde: steps of warm-up from dense to the top-k density")
     parser.add_argument("--no-error-feedback", action="store_true",
                         help="Horde: drop what top-k does not send (an ablation)")
     parser.add_argument("--staleness", type=int, default=0,
@@ -59,7 +61,8 @@ def main() -> None:
                                 momentum=args.momentum)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    compression = (hvd.Compression.topk(args.topk, error_feedback=not args.no_error_feedback)
+    compression = (hvd.Compression.topk(args.topk, error_feedback=not args.no_error_feedback,
+                                        warmup_steps=args.topk_warmup)
                    if args.topk else hvd.Compression.none)
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                          compression=compression, staleness=args.staleness)

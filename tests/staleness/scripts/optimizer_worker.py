@@ -1,0 +1,49 @@
+"""DistributedOptimizer with staleness (and optional top-k); one rank is slowed on purpose.
+
+Writes $OUT/rank<r>.json with the final parameter hash, step count, elapsed time and the
+optimizer's communication stats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import elastic.torch as hvd
+
+STALENESS = int(os.environ.get("STALENESS", "2"))
+STEPS = int(os.environ.get("STEPS", "40"))
+DELAY = float(os.environ.get("STEP_DELAY", "0.01"))
+SLOW_RANK = int(os.environ.get("SLOW_RANK", "-1"))
+SLOW_FACTOR = float(os.environ.get("SLOW_FACTOR", "3"))
+TOPK = float(os.environ.get("TOPK", "0"))
+
+hvd.init()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+compression = hvd.Compression.topk(TOPK, min_sparse_numel=256) if TOPK else hvd.Compression.none
+optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                     compression=compression, staleness=STALENESS)
+generator = torch.Generator().manual_seed(100 + hvd.rank())
+started = time.monotonic()
+for _ in range(STEPS):
+    x = torch.randn(16, 32, generator=generator)
+    y = torch.randint(0, 4, (16,), generator=generator)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    time.sleep(DELAY * (SLOW_FACTOR if hvd.rank() == SLOW_RANK else 1.0))
+    optimizer.step(samples=16)
+elapsed = time.monotonic() - started
+optimizer.finish()
+digest = hashlib.sha256()
+for p in model.parameters():
+    digest.update(p.detach().numpy().tobytes())
+with open(os.path.join(os.environ["OUT"], f"rank{hvd.rank()}.json"), "w") as f:
+    json.dump({"params": digest.hexdigest(), "elapsed": elapsed,
+               "stats": optimizer.communication_stats()}, f)

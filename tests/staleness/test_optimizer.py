@@ -1,0 +1,52 @@
+"""`DistributedOptimizer(staleness=S)` across real processes, with a worker slowed on purpose."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "optimizer_worker.py")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+
+
+def run(tmp_path: Path, np: int, **env: str) -> list[dict]:
+    full = dict(os.environ, OUT=str(tmp_path), **env,
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "elastic.launcher.cli", "-np", str(np),
+                             "--log-level", "WARNING", sys.executable, SCRIPT], env=full,
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(np)]
+
+
+@pytest.mark.parametrize("topk", ["0", "0.05"])
+def test_slow_worker_is_accepted_within_the_bound_and_parameters_stay_identical(
+        tmp_path: Path, topk: str) -> None:
+    ranks = run(tmp_path, 3, STALENESS="3", SLOW_RANK="2", SLOW_FACTOR="2.5", STEPS="30",
+                TOPK=topk)
+    assert len({r["params"] for r in ranks}) == 1, "members' parameters differ"
+    shared = ("rounds", "empty_rounds", "accepted", "dropped_stale", "rejected",
+              "staleness_histogram")
+    stats = [r["stats"] for r in ranks]
+    assert all({k: s[k] for k in shared} == {k: stats[0][k] for k in shared} for s in stats), \
+        "members saw different rounds"
+    histogram = {int(k): v for k, v in stats[0]["staleness_histogram"].items()}
+    assert max(histogram) <= 3
+    assert stats[0]["accepted"] >= 30 * 3 - stats[0]["dropped_stale"] - 3
+    if topk != "0":
+        assert stats[0]["compression_ratio"] > 3
+
+
+def test_staler_than_the_bound_is_dropped_and_counted(tmp_path: Path) -> None:
+    ranks = run(tmp_path, 2, STALENESS="1", SLOW_RANK="1", SLOW_FACTOR="6", STEPS="30",
+                STEP_DELAY="0.01")
+    assert ranks[0]["params"] == ranks[1]["params"]
+    stats = ranks[0]["stats"]
+    assert stats["dropped_stale"] > 0
+    assert max(int(k) for k in stats["staleness_histogram"]) <= 1
