@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from elastic.compression import Compression, Compressor
 from elastic.errors import HorovodInternalError, HostsUpdatedInterrupt
+from elastic.rounds import StalenessRounds
 from elastic.torch import elastic
 from elastic.torch.basics import (
     ccl_built,
@@ -61,6 +62,7 @@ from elastic.torch.collectives import (
     reducescatter_async,
     synchronize,
 )
+from elastic.torch.exchange import TopKAllreduce
 from elastic.torch.functions import (
     allgather_object,
     broadcast_object,
@@ -92,6 +94,7 @@ __all__ = [
     "grouped_allreduce_async_", "grouped_reducescatter", "grouped_reducescatter_async", "join",
     "poll", "reducescatter", "reducescatter_async", "synchronize", "ProcessSet",
     "add_process_set", "global_process_set", "init", "is_initialized", "remove_process_set",
-    "shutdown", "elastic", "allgather_object", "broadcast_object", "broadcast_optimizer_state",
+    "shutdown", "elastic", "StalenessRounds", "TopKAllreduce", "allgather_object",
+    "broadcast_object", "broadcast_optimizer_state",
     "broadcast_parameters", "DistributedOptimizer", "SyncBatchNorm",
 ]

@@ -279,3 +279,47 @@ def _evict_striker(node: str, reason: str) -> None:
     blacklist_node(ctx.agent.backend, ctx.agent.keys, node,
                    f"too many rejected contributions (last: {reason})",
                    ctx.rdzv.blacklist_cooldown)
+
+
+class TopKAllreduce:
+    """Top-k sparsified averaging of named tensors, for users of `hvd.allreduce`.
+
+        topk = hvd.TopKAllreduce(hvd.Compression.topk(0.01))
+        averaged = topk(tensor, name="layer1.grad")   # same call on every rank
+
+    Keeps a residual (error feedback) per name, so what is not sent this call is sent
+    later. Every rank must call it with the same names in the same order.
+    """
+
+    def __init__(self, compression: TopKCompression, process_set: Any = None) -> None:
+        from elastic.torch.runtime import global_process_set
+
+        if not isinstance(compression, TopKCompression):
+            raise TypeError("TopKAllreduce needs hvd.Compression.topk(...), got "
+                            f"{compression!r}")
+        self.compression = compression
+        self.compressor = compression.build()
+        self.process_set = process_set if process_set is not None else global_process_set
+        self.steps: dict[str, int] = {}
+        self.stats = RoundStats()
+
+    def __call__(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """The average over ranks of `tensor` as top-k with error feedback transmits it."""
+        from elastic.torch.collectives import allgather
+
+        size = self.process_set.size() or 1
+        step = self.steps.get(name, 0)
+        self.steps[name] = step + 1
+        flat = tensor.detach().reshape(-1)
+        payload = self.compressor.compress(name, flat, step, world_size=size)
+        message = pack_payloads([payload])
+        gathered = allgather(message, name=f"horde.topk.{name}", process_set=self.process_set)
+        payloads, _ = unpack_payloads(gathered, 0, size)
+        out = torch.zeros(flat.numel(), dtype=flat.dtype, device=flat.device)
+        for received in payloads:
+            add_into(received, out, 1.0 / size)
+        self.stats.rounds += 1
+        self.stats.bytes_sent += int(message.numel()) * (size - 1)
+        self.stats.last_density = self.compressor.density(step)
+        self.stats.residual_norm = self.compressor.residual_norm()
+        return out.view_as(tensor)
