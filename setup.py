@@ -5,6 +5,16 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 TORCH = "torch==2.13.0"  # pinned: other versions pull gigabytes of CUDA wheels in CI
+# The coordinator (credit ledger, REST API, status page) is part of the default run of
+# horderun, so its dependencies are required; PostgreSQL support is an extra.
+COORDINATOR = [
+    "Flask>=3.0",
+    "SQLAlchemy>=2.0",
+    "alembic>=1.13",
+    "waitress>=3.0",
+    "prometheus_client>=0.20",
+]
+POSTGRES = ["psycopg[binary]>=3.1"]
 
 setup(
     name="horde",
@@ -16,6 +26,7 @@ setup(
     packages=find_packages(
         include=["rendezvous*", "elastic*", "coordinator*", "volunteer_client*"]),
     include_package_data=True,
+    package_data={"coordinator": ["templates/*.html", "static/*", "storage/migrations/*.mako"]},
     install_requires=[
         TORCH,
         "etcd3gw>=2.4",
@@ -23,19 +34,27 @@ setup(
         "numpy>=1.24",
         "psutil>=5.9",
         "cloudpickle>=2.0",
+        *COORDINATOR,
     ],
     extras_require={
         "examples": ["scikit-learn>=1.3"],
+        "postgres": POSTGRES,
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.2",
             "ruff>=0.5",
             "scikit-learn>=1.3",
+            *POSTGRES,
+            "hypothesis>=6.100",
+            "schemathesis>=4.0",
+            "playwright>=1.45",
+            "requests>=2.31",
         ],
     },
     entry_points={
         "console_scripts": [
             "horderun=elastic.launcher.cli:main",
+            "horde-coordinator=coordinator.cli:main",
         ]
     },
 )

@@ -1,0 +1,89 @@
+"""The REST API: one blueprint per resource under /api/v1, and the helpers they share."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from flask import Flask, request
+
+from coordinator.contract import NODE_ID_PATTERN
+from coordinator.errors import MalformedJson, UnsupportedMediaType, ValidationError
+
+API = "/api/v1"
+_NODE_ID = re.compile(NODE_ID_PATTERN[1:-1])
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_body() -> Any:
+    """The request's JSON body: 415 unless JSON, 413 when too large, 400 when malformed."""
+    mimetype = request.mimetype
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"the body must be JSON sent as 'Content-Type: application/json', "
+            f"not {request.content_type or 'no content type'!r}")
+    data = request.get_data(cache=False)  # Werkzeug answers 413 past MAX_CONTENT_LENGTH
+    try:
+        text = data.decode("utf-8")
+        return json.loads(text, parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise MalformedJson(f"the body is not UTF-8 text: {exc.reason} at byte "
+                            f"{exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise MalformedJson(f"malformed JSON: {exc.msg} at line {exc.lineno} column "
+                            f"{exc.colno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise MalformedJson(f"malformed JSON: {exc}") from None
+
+
+def query_int(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError(f"query parameter {name}={raw[:40]!r} must be an integer",
+                              field=f"query.{name}") from None
+    if not low <= value <= high:
+        raise ValidationError(f"query parameter {name}={value} must lie between {low} and "
+                              f"{high}", field=f"query.{name}")
+    return value
+
+
+def query_float(name: str, low: float, high: float) -> float | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValidationError(f"query parameter {name}={raw[:40]!r} must be a number",
+                              field=f"query.{name}") from None
+    if not low <= value <= high:  # also false for NaN
+        raise ValidationError(f"query parameter {name}={raw[:40]!r} must lie between {low} "
+                              f"and {high}", field=f"query.{name}")
+    return value
+
+
+def query_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = request.args.get(name, default)
+    if raw not in choices:
+        raise ValidationError(f"query parameter {name}={raw[:40]!r} must be one of "
+                              f"{list(choices)}", field=f"query.{name}")
+    return raw
+
+
+def valid_node_id(node_id: str) -> bool:
+    return bool(_NODE_ID.fullmatch(node_id))
+
+
+def register_blueprints(app: Flask) -> None:
+    from coordinator.api import credits, evictions, jobs, meta, nodes, reports
+
+    for module in (nodes, reports, credits, jobs, evictions, meta):
+        app.register_blueprint(module.bp)

@@ -1,0 +1,84 @@
+"""`create_app(config)`: the coordinator as a Flask application.
+
+The factory opens the ledger, migrates it to the newest schema (Alembic `upgrade
+head`), connects to the rendezvous when one is configured, and registers one blueprint
+per resource plus the status page. Serve it with a real WSGI server
+(`horde-coordinator serve` uses waitress), never Flask's development server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from flask import Flask, Response
+
+from coordinator.api import register_blueprints
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import register_error_handlers
+from coordinator.membership import RendezvousView, RendezvousWatcher
+from coordinator.metrics import Metrics
+from coordinator.state import EXTENSION, CoordinatorState
+from coordinator.storage import Storage
+from coordinator.storage.ledger import Ledger
+from rendezvous.backend import RendezvousBackend
+
+logger = logging.getLogger(__name__)
+
+RENDEZVOUS_TIMEOUT = 2.0  # seconds per etcd request made while serving
+
+
+def create_app(config: CoordinatorConfig | None = None, *,
+               backend: RendezvousBackend | None = None,
+               clock: Callable[[], float] = time.time,
+               start_watcher: bool | None = None) -> Flask:
+    """Build a coordinator app.
+
+    config: settings (default: `CoordinatorConfig.from_env()`).
+    backend: a rendezvous backend to use instead of opening `config.rendezvous_url`
+        (tests pass a `MemoryBackend`).
+    clock: wall-clock time source (tests move time to check the RAC decay).
+    start_watcher: poll the rendezvous in a background thread (default:
+        `config.watch_rendezvous`); `app.extensions["horde_coordinator"].close()` stops it.
+    """
+    config = config or CoordinatorConfig.from_env()
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.compact = True  # type: ignore[attr-defined]
+
+    storage = Storage(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
+    storage.upgrade()
+    ledger = Ledger(storage, quorum=config.quorum, half_life_seconds=config.half_life_seconds,
+                    clock=clock)
+    if backend is None and config.rendezvous_url:
+        from rendezvous import backend_from_url
+
+        backend = backend_from_url(config.rendezvous_url, timeout=RENDEZVOUS_TIMEOUT)
+    view = None
+    if backend is not None:
+        view = RendezvousView(backend, config.prefix, config.job or "default")
+    metrics = Metrics(storage, view, clock, config.rate_window)
+    st = CoordinatorState(config, storage, ledger, view, metrics, clock)
+    app.extensions[EXTENSION] = st
+
+    register_error_handlers(app)
+    register_blueprints(app)
+    from coordinator import web
+
+    app.register_blueprint(web.bp)
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        st.metrics.responses.labels(str(response.status_code)).inc()
+        return response
+
+    if view is not None:
+        st.watcher = RendezvousWatcher(view, st.record_membership, config.watch_interval)
+        if start_watcher if start_watcher is not None else config.watch_rendezvous:
+            st.watcher.start()
+    logger.info("coordinator ready: ledger %r (schema %s), rendezvous %s", storage,
+                storage.current_revision(),
+                f"{config.rendezvous_url or 'given'} job {view.job}" if view else "none")
+    return app

@@ -1,0 +1,148 @@
+"""`horde-coordinator`: serve the coordinator (waitress) or migrate its ledger.
+
+    horde-coordinator serve --rendezvous etcd://127.0.0.1:2379 --job NAME \
+        --db sqlite:///ledger.db --host 0.0.0.0 --port 8080 --admin-token-file admin.txt
+    horde-coordinator migrate --db postgresql+psycopg://horde@db/horde
+
+Every flag has a `HORDE_COORDINATOR_*` variable (e.g. HORDE_COORDINATOR_ADMIN_TOKEN);
+a flag wins over the variable, which wins over the default. Prefer the variables or the
+`*-file` flags for tokens: command lines are visible to every local user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from coordinator.config import CoordinatorConfig
+from rendezvous.errors import HordeError
+
+logger = logging.getLogger("coordinator.cli")
+
+
+def _read_secret(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"horde-coordinator: cannot read {path}: {exc.strerror}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="horde-coordinator", description="Credit ledger, REST API and status page "
+                                              "for Horde jobs.")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the API and the status page (waitress)")
+    serve.add_argument("--db", dest="db_url", help="SQLAlchemy URL of the ledger "
+                       "(default sqlite:///horde-coordinator.db)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    serve.add_argument("--threads", type=int, default=4, help="waitress worker threads")
+    serve.add_argument("--rendezvous", dest="rendezvous_url",
+                       help="etcd://HOST:PORT of the job's rendezvous (optional)")
+    serve.add_argument("--job", help="the job to show and evict from (default: 'default')")
+    serve.add_argument("--prefix", dest="rendezvous_prefix",
+                       help="rendezvous key prefix (default horde)")
+    serve.add_argument("--admin-token", help="bearer token for operator actions")
+    serve.add_argument("--admin-token-file", help="read the admin token from this file")
+    serve.add_argument("--registration-token",
+                       help="if set, registering a node needs this bearer token")
+    serve.add_argument("--registration-token-file",
+                       help="read the registration token from this file")
+    serve.add_argument("--half-life-days", type=float, help="RAC half-life (default 7)")
+    serve.add_argument("--quorum", type=int, help="other reporters that must agree "
+                       "(default 2)")
+    serve.add_argument("--max-body-bytes", type=int, help="request body limit")
+    serve.add_argument("--sqlite-synchronous", choices=["NORMAL", "FULL", "EXTRA"],
+                       help="SQLite durability (default FULL)")
+    serve.add_argument("--port-file", help="write the bound port here once listening")
+
+    migrate = sub.add_parser("migrate", help="upgrade the ledger's schema to the newest")
+    migrate.add_argument("--db", dest="db_url", help="SQLAlchemy URL of the ledger")
+    migrate.add_argument("--revision", default="head", help="target revision (default head)")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> CoordinatorConfig:
+    overrides = {"db_url": args.db_url}
+    if args.command == "serve":
+        overrides.update({
+            "rendezvous_url": args.rendezvous_url, "job": args.job,
+            "rendezvous_prefix": args.rendezvous_prefix,
+            "admin_token": args.admin_token or _read_secret(args.admin_token_file),
+            "registration_token": args.registration_token
+            or _read_secret(args.registration_token_file),
+            "half_life_days": args.half_life_days, "quorum": args.quorum,
+            "max_body_bytes": args.max_body_bytes,
+            "sqlite_synchronous": args.sqlite_synchronous,
+        })
+    return CoordinatorConfig.from_env(**overrides)
+
+
+def _serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
+    from coordinator.app import create_app
+    from coordinator.server import make_server, server_url, shutdown_server
+    from coordinator.state import EXTENSION
+
+    app = create_app(config)
+    server = make_server(app, args.host, args.port, args.threads)
+    url = server_url(server)
+    if args.port_file:
+        tmp = f"{args.port_file}.tmp"
+        Path(tmp).write_text(f"{int(server.effective_port)}\n")
+        os.replace(tmp, args.port_file)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, _stop)
+    logger.info("horde-coordinator serving at %s (status page %s/)", url, url)
+    if config.admin_token is None:
+        logger.info("no admin token: evictions through the API are disabled")
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown_server(server, loop_running=False)
+        app.extensions[EXTENSION].close()
+        logger.info("horde-coordinator stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        config = _config(args)
+        if args.command == "migrate":
+            from coordinator.storage import Storage
+
+            storage = Storage(config.db_url)
+            before = storage.current_revision()
+            storage.upgrade(args.revision)
+            logger.info("ledger %r migrated from %s to %s", storage, before or "empty",
+                        storage.current_revision())
+            storage.dispose()
+            return 0
+        return _serve(config, args)
+    except (ValueError, HordeError) as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""The OpenAPI 3.0 description of the coordinator, served at /api/v1/openapi.json.
+
+Request bodies use the very schemas the server validates with (`coordinator.contract`);
+a test checks that every route is described and schemathesis checks that the answers
+match what is described.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from coordinator.contract import JOB_PATTERN, NODE_ID_PATTERN, REQUEST_SCHEMAS
+
+VERSION = "1.0.0"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERROR_TEXT = {
+    400: "Malformed JSON.",
+    401: "No bearer token, or a malformed Authorization header.",
+    403: "The bearer token is not the one this action needs.",
+    404: "No such node or job.",
+    409: "Conflicts with the current state (see the message).",
+    413: "The body is larger than the configured limit.",
+    415: "The body is not sent as application/json.",
+    422: "A field or query parameter is invalid; `error.field` names it.",
+    503: "The rendezvous (etcd) cannot be reached.",
+}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(code): _json(_ref("Error"), _ERROR_TEXT[code]) for code in codes}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_TIME = {"type": "number", "nullable": True}
+_NODE_ID_PARAM = _path("node_id", {"type": "string", "pattern": NODE_ID_PATTERN})
+_JOB_PARAM = _path("job", {"type": "string", "pattern": JOB_PATTERN})
+_LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                "How many items (default 100; the leaderboard's is 20).")
+
+_NODE_PROPS: dict[str, Any] = {
+    "node_id": _STR, "display_name": _STR, "owner": _STR,
+    "hardware": {"type": "object", "additionalProperties": True},
+    "registered_at": _TIME, "last_report_at": _TIME,
+    "credit": {**_INT, "description": "Total credit: attested accepted samples."},
+    "rac": {**_NUM, "description": "Recent-average credit per day, decayed to now."},
+    "contributions_accepted": _INT, "contributions_refused": _INT,
+    "mean_staleness": {"type": "number", "nullable": True}, "strikes": _INT,
+    "disputes": {**_INT, "description": "Reports of this node that contradicted a quorum."},
+    "reports": _INT,
+    "throughput": {**_NUM, "description": "Credited samples/s over the rate window."},
+    "state": {"type": "string",
+              "enum": ["alive", "waiting", "evicted", "gone", "unknown"]},
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {"code": _STR, "message": _STR,
+                           "field": {**_STR, "description": "JSON path of the bad field."}}}},
+    },
+    "Node": {"type": "object", "required": list(_NODE_PROPS), "properties": _NODE_PROPS},
+    "NodeList": {
+        "type": "object", "required": ["nodes", "total", "limit", "offset"],
+        "properties": {"nodes": {"type": "array", "items": _ref("Node")}, "total": _INT,
+                       "limit": _INT, "offset": _INT}},
+    "Registered": {
+        "type": "object", "required": ["node_id", "token", "registered_at"],
+        "properties": {"node_id": _STR,
+                       "token": {**_STR, "description": "The node's bearer token; shown "
+                                                         "only now."},
+                       "registered_at": _NUM}},
+    "ReportResult": {
+        "type": "object", "required": ["index", "status"],
+        "properties": {
+            "index": _INT,
+            "status": {"type": "string",
+                       "enum": ["stored", "duplicate", "conflict", "rejected"]},
+            "reason": {"type": "string", "enum": ["not_a_member", "membership_mismatch"]},
+            "message": _STR}},
+    "IngestResult": {
+        "type": "object",
+        "required": ["stored", "duplicate", "conflict", "rejected", "settled", "credited",
+                     "results"],
+        "properties": {
+            "stored": _INT, "duplicate": _INT, "conflict": _INT, "rejected": _INT,
+            "settled": {**_INT, "description": "Headers this batch brought to a quorum."},
+            "credited": {**_INT, "description": "Credit those headers granted."},
+            "results": {"type": "array", "items": _ref("ReportResult")}}},
+    "LeaderboardEntry": {
+        "type": "object",
+        "required": ["rank", "node_id", "display_name", "credit", "rac", "rounds"],
+        "properties": {"rank": _INT, "node_id": _STR, "display_name": _STR, "credit": _INT,
+                       "rac": _NUM, "rounds": _INT}},
+    "Leaderboard": {
+        "type": "object", "required": ["order", "half_life_days", "entries"],
+        "properties": {"order": {"type": "string", "enum": ["credit", "rac"]},
+                       "half_life_days": _NUM,
+                       "entries": {"type": "array", "items": _ref("LeaderboardEntry")}}},
+    "CreditRecord": {
+        "type": "object",
+        "required": ["job", "generation", "round", "credit", "samples", "staleness",
+                     "param_version", "accepted", "reason", "attesters", "granted_at"],
+        "properties": {"job": _STR, "generation": _INT, "round": _INT, "credit": _INT,
+                       "samples": _INT, "staleness": _INT, "param_version": _INT,
+                       "accepted": _BOOL, "reason": {"type": "string", "nullable": True},
+                       "attesters": _INT, "granted_at": _NUM}},
+    "CreditHistory": {
+        "type": "object", "required": ["node_id", "credits"],
+        "properties": {"node_id": _STR,
+                       "credits": {"type": "array", "items": _ref("CreditRecord")}}},
+    "LossPoint": {
+        "type": "object", "required": ["time", "generation", "round", "loss"],
+        "properties": {"time": _NUM, "generation": _INT, "round": _INT, "loss": _NUM}},
+    "Job": {
+        "type": "object",
+        "required": ["job", "generation", "members", "world_size", "rounds", "reports",
+                     "samples_credited", "samples_per_second", "first_seen",
+                     "last_report_at"],
+        "properties": {
+            "job": _STR, "generation": {"type": "integer", "nullable": True},
+            "members": {"type": "array", "items": _STR}, "world_size": _INT,
+            "rounds": _INT, "reports": _INT, "samples_credited": _INT,
+            "samples_per_second": _NUM, "first_seen": _TIME, "last_report_at": _TIME,
+            "loss": {"type": "array", "items": _ref("LossPoint")}}},
+    "JobList": {"type": "object", "required": ["jobs"],
+                "properties": {"jobs": {"type": "array", "items": _ref("Job")}}},
+    "Event": {
+        "type": "object",
+        "required": ["id", "time", "kind", "job", "node_id", "generation", "detail"],
+        "properties": {
+            "id": _INT, "time": _NUM,
+            "kind": {"type": "string", "description": "registered, token, generation, "
+                                                      "joined, left, evicted, pardoned"},
+            "job": {"type": "string", "nullable": True},
+            "node_id": {"type": "string", "nullable": True},
+            "generation": {"type": "integer", "nullable": True}, "detail": _STR}},
+    "Timeline": {"type": "object", "required": ["job", "events"],
+                 "properties": {"job": _STR,
+                                "events": {"type": "array", "items": _ref("Event")}}},
+    "StatusNode": {
+        "type": "object", "required": [*_NODE_PROPS, "registered"],
+        "properties": {**_NODE_PROPS, "registered": {
+            **_BOOL, "description": "False for a node only the rendezvous knows."}}},
+    "Status": {
+        "type": "object",
+        "required": ["now", "job", "jobs", "rendezvous", "nodes", "nodes_total",
+                     "leaderboard", "timeline", "loss", "half_life_days",
+                     "refresh_seconds"],
+        "properties": {
+            "now": _NUM,
+            "job": {"type": "object",
+                    "required": ["job", "generation", "members", "world_size", "rounds",
+                                 "samples_per_second", "state", "leader"],
+                    "properties": {
+                        "job": {"type": "string", "nullable": True},
+                        "generation": {"type": "integer", "nullable": True},
+                        "members": {"type": "array", "items": _STR}, "world_size": _INT,
+                        "rounds": _INT, "samples_per_second": _NUM,
+                        "state": _STR, "leader": {"type": "string", "nullable": True}}},
+            "jobs": {"type": "array", "items": _STR},
+            "rendezvous": {
+                "type": "object", "required": ["configured", "reachable", "error"],
+                "properties": {"configured": _BOOL,
+                               "reachable": {"type": "boolean", "nullable": True},
+                               "error": {"type": "string", "nullable": True}}},
+            "nodes": {"type": "array", "items": _ref("StatusNode")},
+            "nodes_total": _INT,
+            "leaderboard": {"type": "array", "items": _ref("LeaderboardEntry")},
+            "timeline": {"type": "array", "items": _ref("Event")},
+            "loss": {"type": "array", "items": _ref("LossPoint")},
+            "half_life_days": _NUM, "refresh_seconds": _NUM}},
+    "EvictionEntry": {
+        "type": "object", "required": ["node_id", "job", "reason", "until", "count", "active"],
+        "properties": {"node_id": _STR, "job": _STR, "reason": _STR,
+                       "until": {"type": "number", "nullable": True,
+                                 "description": "Unix time it ends; null: for good."},
+                       "count": _INT, "active": _BOOL}},
+    "EvictionList": {
+        "type": "object", "required": ["job", "configured", "evictions"],
+        "properties": {"job": _STR, "configured": _BOOL,
+                       "evictions": {"type": "array", "items": _ref("EvictionEntry")}}},
+    "Health": {
+        "type": "object", "required": ["status", "schema_revision", "rendezvous"],
+        "properties": {"status": {"type": "string", "enum": ["ok"]},
+                       "schema_revision": {"type": "string", "nullable": True},
+                       "rendezvous": {"type": "string",
+                                      "enum": ["not configured", "ok", "unreachable"]}}},
+}
+
+_NODE_AUTH = [{"nodeToken": []}]
+_ADMIN_AUTH = [{"adminToken": []}]
+
+_PATHS: dict[str, Any] = {
+    "/api/v1/nodes": {
+        "post": {
+            "operationId": "registerNode", "tags": ["nodes"],
+            "summary": "Register a node and get its token",
+            "description": "Needs the registration token as a bearer token when the "
+                           "coordinator has one. The token is shown once; keep it.",
+            "security": [{"registrationToken": []}, {}],
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": _ref("Registration")}}},
+            "responses": {"201": _json(_ref("Registered"), "Registered."),
+                          **_errors(400, 401, 403, 409, 413, 415, 422)}},
+        "get": {
+            "operationId": "listNodes", "tags": ["nodes"], "summary": "List nodes",
+            "parameters": [_LIMIT, _query("offset", {"type": "integer", "minimum": 0,
+                                                     "maximum": 10**9}, "Skip this many.")],
+            "responses": {"200": _json(_ref("NodeList"), "Nodes by id."),
+                          **_errors(422)}},
+    },
+    "/api/v1/nodes/{node_id}": {
+        "get": {
+            "operationId": "getNode", "tags": ["nodes"],
+            "summary": "A node's credit, RAC, strikes and state",
+            "parameters": [_NODE_ID_PARAM],
+            "responses": {"200": _json(_ref("Node"), "The node."), **_errors(404)}},
+    },
+    "/api/v1/nodes/{node_id}/token": {
+        "post": {
+            "operationId": "rotateToken", "tags": ["nodes"],
+            "summary": "Issue a new token for a node (node's token or admin token)",
+            "parameters": [_NODE_ID_PARAM], "security": [{"nodeToken": []}, {"adminToken": []}],
+            "responses": {"200": _json(_ref("Registered"), "The new token."),
+                          **_errors(401, 403, 404)}},
+    },
+    "/api/v1/nodes/{node_id}/credits": {
+        "get": {
+            "operationId": "creditHistory", "tags": ["credits"],
+            "summary": "Rounds a node was credited for, newest first",
+            "parameters": [_NODE_ID_PARAM, _LIMIT,
+                           _query("before", {"type": "number", "minimum": 0,
+                                             "maximum": 1e12},
+                                  "Only grants before this Unix time (paging).")],
+            "responses": {"200": _json(_ref("CreditHistory"), "Credit history."),
+                          **_errors(404, 422)}},
+    },
+    "/api/v1/reports": {
+        "post": {
+            "operationId": "postReports", "tags": ["reports"],
+            "summary": "Post a batch of round reports (the reporter's node token)",
+            "description": "A 200 answer means every report in the batch is durably "
+                           "handled; see each result's status. Safe to resend.",
+            "security": _NODE_AUTH,
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": _ref("ReportBatch")}}},
+            "responses": {"200": _json(_ref("IngestResult"), "Handled."),
+                          **_errors(400, 401, 403, 404, 413, 415, 422)}},
+    },
+    "/api/v1/credits/leaderboard": {
+        "get": {
+            "operationId": "leaderboard", "tags": ["credits"],
+            "summary": "Nodes ranked by credit or RAC",
+            "parameters": [_LIMIT, _query("order", {"type": "string",
+                                                    "enum": ["credit", "rac"]},
+                                          "Rank by total credit (default) or RAC.")],
+            "responses": {"200": _json(_ref("Leaderboard"), "Leaderboard."),
+                          **_errors(422)}},
+    },
+    "/api/v1/jobs": {
+        "get": {"operationId": "listJobs", "tags": ["jobs"], "summary": "Jobs with reports",
+                "responses": {"200": _json(_ref("JobList"), "Jobs.")}},
+    },
+    "/api/v1/jobs/{job}": {
+        "get": {
+            "operationId": "getJob", "tags": ["jobs"],
+            "summary": "A job's generation, world size, rounds, samples/s and loss",
+            "parameters": [_JOB_PARAM, _query("loss_points", {"type": "integer",
+                                                              "minimum": 0, "maximum": 5000},
+                                              "Loss points to return (default 300).")],
+            "responses": {"200": _json(_ref("Job"), "The job."), **_errors(404, 422)}},
+    },
+    "/api/v1/jobs/{job}/timeline": {
+        "get": {
+            "operationId": "jobTimeline", "tags": ["jobs"],
+            "summary": "Joins, departures, evictions and registrations, newest first",
+            "parameters": [_JOB_PARAM, _LIMIT],
+            "responses": {"200": _json(_ref("Timeline"), "Events."), **_errors(404, 422)}},
+    },
+    "/api/v1/status": {
+        "get": {
+            "operationId": "status", "tags": ["jobs"],
+            "summary": "Everything the status page shows (it polls this)",
+            "parameters": [_query("job", {"type": "string", "pattern": JOB_PATTERN},
+                                  "Which job (default: the coordinator's, or the latest).")],
+            "responses": {"200": _json(_ref("Status"), "Status."), **_errors(422)}},
+    },
+    "/api/v1/evictions": {
+        "get": {
+            "operationId": "listEvictions", "tags": ["evictions"],
+            "summary": "The job's blacklist as the rendezvous holds it",
+            "parameters": [_query("job", {"type": "string", "pattern": JOB_PATTERN},
+                                  "Which job (default: the coordinator's).")],
+            "responses": {"200": _json(_ref("EvictionList"), "Blacklist."),
+                          **_errors(422, 503)}},
+        "post": {
+            "operationId": "evictNode", "tags": ["evictions"],
+            "summary": "Evict a node (admin token)",
+            "description": "Writes a blacklist entry; the leader drops the node at the "
+                           "next generation and keeps it out for the cooldown.",
+            "security": _ADMIN_AUTH,
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": _ref("Eviction")}}},
+            "responses": {"201": _json(_ref("EvictionEntry"), "Evicted."),
+                          **_errors(400, 401, 403, 409, 413, 415, 422, 503)}},
+    },
+    "/api/v1/evictions/{node_id}": {
+        "delete": {
+            "operationId": "pardonNode", "tags": ["evictions"],
+            "summary": "Remove a node's blacklist entry (admin token)",
+            "security": _ADMIN_AUTH,
+            "parameters": [_NODE_ID_PARAM, _query("job", {"type": "string",
+                                                          "pattern": JOB_PATTERN},
+                                                  "Which job (default: the coordinator's).")],
+            "responses": {"204": {"description": "Removed."},
+                          **_errors(401, 403, 404, 409, 422, 503)}},
+    },
+    "/api/v1/openapi.json": {
+        "get": {"operationId": "openapi", "tags": ["meta"], "summary": "This description",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.0 document.")}},
+    },
+    "/api/v1/health": {
+        "get": {"operationId": "health", "tags": ["meta"],
+                "summary": "Liveness: the database answers",
+                "responses": {"200": _json(_ref("Health"), "Healthy.")}},
+    },
+    "/metrics": {
+        "get": {"operationId": "metrics", "tags": ["meta"], "summary": "Prometheus metrics",
+                "responses": {"200": {"description": "Prometheus text format.",
+                                      "content": {"text/plain": {"schema": _STR}}}}},
+    },
+    "/": {
+        "get": {"operationId": "statusPage", "tags": ["web"],
+                "summary": "The status page (HTML; refreshes itself from /api/v1/status)",
+                "parameters": [_query("job", {"type": "string", "pattern": JOB_PATTERN},
+                                      "Which job.")],
+                "responses": {"200": {"description": "HTML page.",
+                                      "content": {"text/html": {"schema": _STR}}},
+                              **_errors(422)}},
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document (a fresh copy each call)."""
+    return copy.deepcopy({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Horde coordinator",
+            "version": VERSION,
+            "description": "Credit ledger, round reports and status of Horde jobs. "
+                           "See docs/coordinator.md.",
+        },
+        "paths": _PATHS,
+        "components": {
+            "schemas": {**REQUEST_SCHEMAS, **_SCHEMAS},
+            "securitySchemes": {
+                "nodeToken": {"type": "http", "scheme": "bearer",
+                              "description": "The token a node got at registration."},
+                "adminToken": {"type": "http", "scheme": "bearer",
+                               "description": "The coordinator's --admin-token."},
+                "registrationToken": {"type": "http", "scheme": "bearer",
+                                      "description": "The coordinator's "
+                                                     "--registration-token, if set."},
+            },
+        },
+    })

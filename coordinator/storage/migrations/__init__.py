@@ -1,0 +1,1 @@
+"""Alembic migrations of the coordinator's ledger (run by `horde-coordinator migrate`)."""

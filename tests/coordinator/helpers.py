@@ -1,0 +1,81 @@
+"""Builders for coordinator tests: configs, registrations, honest and dishonest reports."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from coordinator import CoordinatorConfig
+
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+JOB = "job1"
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> CoordinatorConfig:
+    params: dict[str, Any] = {"db_url": f"sqlite:///{tmp_path / 'ledger.db'}",
+                              "admin_token": ADMIN_TOKEN, "watch_rendezvous": False}
+    params.update(overrides)
+    return CoordinatorConfig(**params)
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def register(client: Any, node_id: str, **extra: Any) -> str:
+    """Register `node_id` through the API; returns its token."""
+    response = client.post("/api/v1/nodes", json={"node_id": node_id, **extra})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["token"]
+
+
+def contribution(node_id: str, samples: int, *, staleness: int = 0, version: int = 0,
+                 accepted: bool = True, reason: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"node_id": node_id, "samples": samples, "staleness": staleness,
+                           "param_version": version, "accepted": accepted}
+    if reason is not None:
+        out["reason"] = reason
+    return out
+
+
+def report(rnd: int, members: list[str], samples: Mapping[str, int], *,
+           generation: int = 1, job: str = JOB, loss: float | None = None,
+           refused: Mapping[str, str] | None = None,
+           overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """One reporter's view of a round: every member's header (honest unless overridden)."""
+    refused = refused or {}
+    contributions = []
+    for node in members:
+        c = contribution(node, samples[node], version=rnd, accepted=node not in refused,
+                         reason=refused.get(node))
+        c.update((overrides or {}).get(node, {}))
+        contributions.append(c)
+    out: dict[str, Any] = {"job": job, "generation": generation, "round": rnd,
+                           "members": list(members), "contributions": contributions}
+    if loss is not None:
+        out["loss"] = loss
+    return out
+
+
+def post_reports(client: Any, node_id: str, token: str, reports: Iterable[dict[str, Any]]
+                 ) -> Any:
+    return client.post("/api/v1/reports", json={"node_id": node_id, "reports": list(reports)},
+                       headers=auth(token))
+
+
+def post_raw(client: Any, path: str, data: bytes | str, token: str | None = None,
+             content_type: str = "application/json") -> Any:
+    headers = auth(token) if token else {}
+    return client.post(path, data=data, headers=headers, content_type=content_type)
+
+
+def credit_of(client: Any, node_id: str) -> int:
+    response = client.get(f"/api/v1/nodes/{node_id}")
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["credit"]
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
