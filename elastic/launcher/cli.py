@@ -94,6 +94,15 @@ def make_parser() -> argparse.ArgumentParser:
                        "to rejoin after a failed collective (default 15)")
     horde.add_argument("--collective-timeout", type=float,
                        help="seconds a collective may wait for a peer (default 60)")
+    horde.add_argument("--coordinator", default=None, metavar="URL|embedded|none",
+                       help="where workers report rounds for credit: 'embedded' (default: a "
+                       "coordinator on loopback with a SQLite ledger and a status page), the "
+                       "URL of a horde-coordinator, or 'none'")
+    horde.add_argument("--coordinator-db", metavar="URL",
+                       help="ledger of the embedded coordinator (default: SQLite in a "
+                       "temporary folder); e.g. sqlite:///ledger.db to keep it")
+    horde.add_argument("--coordinator-port", type=int, default=0,
+                       help="port of the embedded coordinator (default: a free one)")
     horde.add_argument("--evict", metavar="NODE_ID", help="blacklist NODE_ID in --job (needs "
                        "--rendezvous) and exit")
     horde.add_argument("--reason", default="evicted by an operator", help="reason for --evict")
@@ -213,7 +222,17 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         hostname=hostname, node_prefix=args.node_id_prefix or "",
         output_filename=args.output_filename, log_level="DEBUG" if level == "TRACE" else level,
         discovery_script=args.host_discovery_script, slots_per_host=slots_default,
+        coordinator=_coordinator_choice(args), coordinator_db=args.coordinator_db,
+        coordinator_port=args.coordinator_port,
     )
+
+
+def _coordinator_choice(args: argparse.Namespace) -> str:
+    choice = args.coordinator or _env("HORDE_COORDINATOR") or "embedded"
+    if choice not in ("embedded", "none") and not choice.startswith(("http://", "https://")):
+        raise UsageError(f"--coordinator {choice!r} must be 'embedded', 'none' or an "
+                         "http(s):// URL")
+    return choice
 
 
 def _check_build() -> int:

@@ -55,6 +55,9 @@ class LaunchPlan:
     discovery_script: str | None = None
     slots_per_host: int = 1
     discovery_interval: float = 5.0
+    coordinator: str = "embedded"
+    coordinator_db: str | None = None
+    coordinator_port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -89,6 +92,9 @@ class Launcher:
         self._stop = threading.Event()
         self._signal: int | None = None
         self._next_index = 0
+        self._coordinator: object = None
+        self._coordinator_url = ""
+        self._coordinator_thread: threading.Thread | None = None
 
     # -- setup ------------------------------------------------------------------------
 
@@ -107,6 +113,7 @@ class Launcher:
     def _publish_config(self) -> None:
         assert self._backend is not None
         config = {"rendezvous": self.plan.rdzv.to_env(),
+                  "HORDE_COORDINATOR": self._coordinator_url,
                   "HORDE_COLLECTIVE_TIMEOUT": str(self.plan.collective_timeout),
                   "HORDE_RESET_LIMIT": "" if self.plan.reset_limit is None
                   else str(self.plan.reset_limit)}
@@ -125,6 +132,8 @@ class Launcher:
         config = json.loads(kv.value)
         env = dict(config["rendezvous"])
         env["HORDE_COLLECTIVE_TIMEOUT"] = config["HORDE_COLLECTIVE_TIMEOUT"]
+        if config.get("HORDE_COORDINATOR") and self.plan.coordinator == "embedded":
+            env["HORDE_COORDINATOR"] = config["HORDE_COORDINATOR"]
         env["HORDE_RESET_LIMIT"] = config["HORDE_RESET_LIMIT"]
         return env
 
@@ -141,6 +150,7 @@ class Launcher:
             "HORDE_ADVERTISE_ADDR": plan.advertise_addr,
             "HORDE_LOG_LEVEL": plan.log_level,
             "PYTHONUNBUFFERED": "1",
+            "HORDE_COORDINATOR": job_env.get("HORDE_COORDINATOR", self._coordinator_url),
             # What horovodrun sets; ranks follow launch order in the first generation.
             "HOROVOD_RANK": str(index),
             "HOROVOD_SIZE": str(plan.np),
@@ -210,14 +220,61 @@ class Launcher:
 
     # -- main loop --------------------------------------------------------------------
 
+    def _plan_coordinator(self, rendezvous_url: str) -> None:
+        """Choose the coordinator URL now; an embedded one starts in the background.
+
+        Workers get the URL at once and register with backoff, so starting the ledger
+        (migrations, fsync) never delays the job.
+        """
+        choice = self.plan.coordinator
+        if choice in ("", "none") or self.plan.join:
+            return
+        if choice != "embedded":
+            self._coordinator_url = choice
+            return
+        from rendezvous.embedded import free_port
+
+        port = self.plan.coordinator_port or free_port()
+        self._coordinator_url = f"http://127.0.0.1:{port}"
+        self._coordinator_thread = threading.Thread(
+            target=self._start_coordinator, args=(rendezvous_url, port),
+            name="horde-coordinator-start", daemon=True)
+        self._coordinator_thread.start()
+
+    def _start_coordinator(self, rendezvous_url: str, port: int) -> None:
+        import secrets
+        import tempfile
+
+        try:
+            from coordinator.config import CoordinatorConfig
+            from coordinator.server import EmbeddedCoordinator
+
+            folder = tempfile.mkdtemp(prefix="horde-ledger-")
+            db = self.plan.coordinator_db or f"sqlite:///{folder}/ledger.sqlite"
+            token_file = os.path.join(folder, "admin-token")
+            token = secrets.token_urlsafe(24)
+            with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
+                handle.write(token + "\n")
+            config = CoordinatorConfig(db_url=db, admin_token=token,
+                                       rendezvous_url=rendezvous_url, job=self.plan.rdzv.job)
+            self._coordinator = EmbeddedCoordinator(config, port=port)
+            sys.stderr.write(f"horderun: status page {self._coordinator_url}/ (ledger {db}; "
+                             f"admin token in {token_file})\n")
+            sys.stderr.flush()
+        except Exception as exc:  # noqa: BLE001 - training goes on without credit
+            sys.stderr.write(f"horderun: the embedded coordinator did not start: {exc}; "
+                             "training goes on without the status page\n")
+
     def run(self) -> int:
         try:
             url = self._connect()
+            self._plan_coordinator(url)
             if self.plan.join:
                 job_env = self._joined_settings()
             else:
                 self._publish_config()
                 job_env = self.plan.rdzv.to_env()
+                job_env["HORDE_COORDINATOR"] = self._coordinator_url
                 job_env["HORDE_COLLECTIVE_TIMEOUT"] = str(self.plan.collective_timeout)
                 job_env["HORDE_RESET_LIMIT"] = ("" if self.plan.reset_limit is None
                                                 else str(self.plan.reset_limit))
@@ -233,6 +290,10 @@ class Launcher:
             for w in self.workers:
                 for t in w.threads:
                     t.join(timeout=2)
+            if self._coordinator_thread is not None:
+                self._coordinator_thread.join(30)
+            if self._coordinator is not None:
+                self._coordinator.stop()  # type: ignore[attr-defined]
             if self._backend is not None:
                 self._backend.close()
             if self._etcd is not None:

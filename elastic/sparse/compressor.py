@@ -321,8 +321,12 @@ class SparseCompressor(Codec):
         return add_into(payload, dense, alpha)
 
     def residual_norm(self, name: str | None = None) -> float:
-        """L2 norm of the residual of one buffer, or of all of them (0 without feedback)."""
-        states = [self._buffers[name]] if name is not None else list(self._buffers.values())
+        """L2 norm of the residual of one buffer, or of all of them (0 without feedback,
+        or for a buffer not seen yet). One host sync per buffer on CUDA."""
+        if name is None:
+            states = list(self._buffers.values())
+        else:
+            states = [self._buffers[name]] if name in self._buffers else []
         total = 0.0
         for state in states:
             if state.residual is not None:

@@ -13,14 +13,15 @@ boundary broken towards lower indices), `count <= k`, `count >= low * k` unless 
 than that many entries are non-zero, zeros and NaNs are never selected, and indices come
 back as int32 in ascending order.
 
-Cost: four whole-buffer ops (abs into a scratch buffer, compare, count_nonzero,
-nonzero) plus work on ~`aim * k` candidates. Whole-buffer ops rather than cache-sized
-chunks: each op is one parallel region, and on a loaded machine every region's thread
-barrier can cost a scheduler time slice (chunking was 2x faster idle, 5x slower loaded).
-On CPU a `Workspace` keeps the scratch buffers between calls (fresh 100 MB buffers cost
-page faults on every call). On CUDA the host syncs are the count read of each pass (so
-that a poor threshold never materialises a huge index list), `nonzero`, and the capped
-result's boolean index.
+Cost: three whole-buffer ops (abs into a scratch buffer, compare, nonzero; a hinted
+threshold is also counted before collecting) and work on ~`aim * k` candidates. Whole-
+buffer ops rather than cache-sized chunks: each op is one parallel region, and on a
+loaded machine each region's thread barrier can cost a scheduler time slice (chunks of
+1M entries were 2x faster on an idle machine and 3-5x slower on a loaded one). On CPU a
+`Workspace` keeps the scratch buffers between calls (fresh 100 MB buffers cost page
+faults on every call). On CUDA the host syncs are `nonzero` (preceded by a count read
+for a hinted or refined threshold, so that a poor one never materialises a huge index
+list) and the capped result's `nonzero`.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class SelectionConfig:
     exact_below: int = 1 << 16
     """Buffers up to this size take the exact path (cheaper than sampling there)."""
     block: int = 16
-    """The sample reads runs of `block` consecutive entries (one cache line of fp32)."""
+    """The sample reads aligned runs of `block` consecutive entries (a cache line of fp32)."""
 
     def __post_init__(self) -> None:
         if self.sample_hits < 1 or self.min_sample < 1:
@@ -155,14 +156,13 @@ class _Sample:
     """Sorted magnitudes of a random sample: a model of the count above any threshold."""
 
     def __init__(self, x: torch.Tensor, size: int, block: int, gen: torch.Generator) -> None:
-        n = x.numel()
-        starts = torch.randint(0, n - block + 1, (size // block,), generator=gen,
-                               device=x.device)
-        idx = (starts.unsqueeze(1) + torch.arange(block, device=x.device)).reshape(-1)
-        mags = x[idx].abs().float()
-        self.values = torch.nan_to_num(mags, nan=0.0, posinf=torch.finfo(torch.float32).max)
+        rows = x[: x.numel() // block * block].view(-1, block)
+        picks = torch.randint(0, rows.shape[0], (size // block,), generator=gen,
+                              device=x.device)
+        mags = rows.index_select(0, picks).view(-1).float().abs_()
+        self.values = mags.nan_to_num_(nan=0.0, posinf=torch.finfo(torch.float32).max)
         self.size = self.values.numel()
-        self.scale = n / self.size
+        self.scale = x.numel() / self.size
         self._sorted: torch.Tensor | None = None
 
     def quantile(self, count: float) -> torch.Tensor:
@@ -215,7 +215,7 @@ def select_topk(
     if k == 0:
         empty = torch.empty(0, dtype=torch.int64, device=x.device)
         inf = torch.full((), math.inf, device=x.device)
-        return _finish(empty, x[empty], inf, inf, passes=0)
+        return _finish(empty, x.index_select(0, empty), inf, inf, passes=0)
     if n <= max(config.exact_below, config.block * 4):
         return _exact(x, k, passes=0)
     buffers = None
@@ -248,19 +248,24 @@ def _select(
     probes: list[tuple[float, float]] = []  # (threshold, count)
     t: torch.Tensor | float | None = _valid_hint(hint, x.device)
     for passes in range(1, config.max_passes + 1):
+        fresh = t is None
         if t is None:
             sample = _Sample(x, sample_size(n, k, config), config.block, gen)
             t = sample.quantile(target)
         torch.gt(mags, t, out=mask)
-        if isinstance(t, torch.Tensor):
-            # One host read for both the count and the threshold.
-            count_f, t_value = torch.stack(
-                [torch.count_nonzero(mask).double(), t.double()]).tolist()
-            count = int(count_f)
-        else:
-            count, t_value = int(torch.count_nonzero(mask)), t
-        if count <= limit and (count >= low or t_value <= 0.0):
+        cand: torch.Tensor | None = None
+        if fresh:
+            # A fresh sample's threshold leaves ~aim*k above it (a few % spread): collect
+            # at once. Any other threshold is counted first, so that a stale hint never
+            # materialises a huge index list.
             cand = torch.nonzero(mask).view(-1)
+            count = cand.numel()
+        else:
+            count = int(torch.count_nonzero(mask))
+        t_value = float(t)
+        if count <= limit and (count >= low or t_value <= 0.0):
+            if cand is None:
+                cand = torch.nonzero(mask).view(-1)
             return _from_candidates(x, cand, k, t_value, config.aim, passes)
         probes.append((t_value, float(count)))
         if sample is None:
@@ -323,29 +328,37 @@ def _next_threshold(
     return math.sqrt(lo * hi) if lo > 0 else hi * 0.25
 
 
-def _keep_top(mags: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A mask over `mags` keeping exactly its k largest (ties: lowest positions), no zeros.
+def _top_positions(
+    mags: torch.Tensor, k: int, drop_zeros: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending positions of the k largest of `mags` (ties: lowest positions first).
 
-    Returns (mask, boundary magnitude). No host sync: ties are resolved with a cumsum.
+    Returns (positions, boundary magnitude). Few ops on purpose: on a busy CPU every op
+    above the parallel grain size can wait for a worker thread to be scheduled.
     """
     m = mags.numel()
     if k >= m:
-        return mags > 0, mags.min() if m else torch.zeros((), device=mags.device)
+        keep = mags > 0 if drop_zeros else torch.ones_like(mags, dtype=torch.bool)
+        return torch.nonzero(keep).view(-1), torch.zeros((), device=mags.device)
     kth = torch.kthvalue(mags, m - k + 1).values
-    above = mags > kth
-    ties = mags == kth
-    need = k - above.sum()
-    keep = above | (ties & (torch.cumsum(ties, 0) <= need))
-    return keep & (mags > 0), kth
+    keep = mags >= kth
+    # More than k at or above the boundary only when it is tied; CPU checks (a free
+    # read), CUDA always resolves with a cumsum (no host sync).
+    if mags.is_cuda or int(torch.count_nonzero(keep)) > k:
+        above = mags > kth
+        ties = keep & ~above
+        keep = above | (ties & (torch.cumsum(ties, 0) <= k - above.sum()))
+    if drop_zeros:
+        keep &= mags > 0
+    return torch.nonzero(keep).view(-1), kth
 
 
 def _exact(x: torch.Tensor, k: int, passes: int) -> Selection:
     """Exact top-k over the whole buffer (small buffers, and the fallback)."""
     mags = torch.nan_to_num(x.abs().float(), nan=-1.0, posinf=math.inf)
-    keep, kth = _keep_top(mags, k)
-    idx = torch.nonzero(keep).view(-1)
+    idx, kth = _top_positions(mags, k, drop_zeros=True)
     threshold = torch.clamp(kth.float(), min=0.0)
-    return _finish(idx, x[idx], threshold, threshold, passes)
+    return _finish(idx, x.index_select(0, idx), threshold, threshold, passes)
 
 
 def _from_candidates(
@@ -354,11 +367,11 @@ def _from_candidates(
     """Cap the candidates (all |x| > t, ascending) at exactly k; derive the next hint."""
     count = cand.numel()
     t_tensor = torch.tensor(t, dtype=torch.float32, device=x.device)
-    values = x[cand]
+    values = x.index_select(0, cand)
     if count <= k:
         threshold = values.abs().min().float() if count else t_tensor
         return _finish(cand, values, threshold, t_tensor, passes)
-    keep, kth = _keep_top(values.abs().float(), k)
+    pos, kth = _top_positions(values.abs().float(), k, drop_zeros=False)
     kth = kth.float()
     if t > 0.0:
         # Log-log interpolation between (kth, k) and (t, count), aimed at aim * k.
@@ -366,7 +379,7 @@ def _from_candidates(
         hint = torch.pow(kth.clamp(min=1e-30), 1.0 - ratio) * (t ** ratio)
     else:
         hint = kth
-    return _finish(cand[keep], values[keep], kth, hint, passes)
+    return _finish(cand.index_select(0, pos), values.index_select(0, pos), kth, hint, passes)
 
 
 def _finish(

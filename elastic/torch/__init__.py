@@ -76,6 +76,7 @@ from elastic.torch.runtime import (
     global_process_set,
     init,
     is_initialized,
+    record_loss,
     remove_process_set,
     shutdown,
 )
@@ -94,7 +95,7 @@ __all__ = [
     "grouped_allreduce_async_", "grouped_reducescatter", "grouped_reducescatter_async", "join",
     "poll", "reducescatter", "reducescatter_async", "synchronize", "ProcessSet",
     "add_process_set", "global_process_set", "init", "is_initialized", "remove_process_set",
-    "shutdown", "elastic", "StalenessRounds", "TopKAllreduce", "allgather_object",
+    "shutdown", "elastic", "StalenessRounds", "TopKAllreduce", "record_loss", "allgather_object",
     "broadcast_object", "broadcast_optimizer_state",
     "broadcast_parameters", "DistributedOptimizer", "SyncBatchNorm",
 ]

@@ -233,9 +233,10 @@ class StaleExchange:
             self.rounds.close()
         size = context().topology.size  # type: ignore[union-attr]
         codec = PayloadCodec(self.layout, self.compressor, size)
+        on_round = self.on_round or _round_reporter()
         self.rounds = StalenessRounds(
             self.layout.numel, self.staleness, codec=codec, round_deadline=self.round_deadline,
-            weight=self.weight, dtype=self.layout.dtype, on_round=self.on_round,
+            weight=self.weight, dtype=self.layout.dtype, on_round=on_round,
             on_strikes=_evict_striker)
         self.applied = 0
         return self.rounds
@@ -265,6 +266,42 @@ class StaleExchange:
     @property
     def stats(self) -> RoundStats:
         return self.rounds.stats if self.rounds is not None else self.totals
+
+
+def _round_reporter() -> Callable[[RoundResult], None] | None:
+    """Report every staleness round to the coordinator, when there is one."""
+    from elastic.reporting import report_from_round
+    from elastic.torch.runtime import context, reporter
+
+    sink = reporter()
+    if sink is None:
+        return None
+    ctx = context()
+    members = list(ctx.generation.node_ids)  # type: ignore[union-attr]
+    job = ctx.rdzv.job
+    return lambda result: sink.record(report_from_round(job, members, result))
+
+
+def report_synchronous_step(samples: int, process_set: Any) -> None:
+    """Synchronous steps: exchange every member's sample count and report the round."""
+    from elastic.reporting import report_synchronous
+    from elastic.torch.collectives import allgather
+    from elastic.torch.runtime import context, reporter
+
+    sink = reporter()
+    if sink is None or process_set.process_set_id not in (0, None):
+        return
+    ctx = context()
+    counts = allgather(torch.tensor([int(samples)]), name="horde.samples").tolist()
+    generation = ctx.generation
+    steps = _sync_steps.get(generation.id, 0)  # type: ignore[union-attr]
+    _sync_steps.clear()
+    _sync_steps[generation.id] = steps + 1  # type: ignore[union-attr]
+    sink.record(report_synchronous(ctx.rdzv.job, generation.id,  # type: ignore[union-attr]
+                                   steps, list(generation.node_ids), counts))  # type: ignore[union-attr]
+
+
+_sync_steps: dict[int, int] = {}
 
 
 def _evict_striker(node: str, reason: str) -> None:

@@ -29,7 +29,7 @@ from elastic.torch.collectives import (
     grouped_allreduce_async,
     synchronize,
 )
-from elastic.torch.exchange import StaleExchange, SyncSparseExchange
+from elastic.torch.exchange import StaleExchange, SyncSparseExchange, report_synchronous_step
 from elastic.torch.runtime import ProcessSet, global_process_set, register_finisher
 
 logger = logging.getLogger(__name__)
@@ -348,6 +348,9 @@ class _DistributedOptimizer:
                     "want to consider using optimizer.skip_synchronize() context if you use "
                     "optimizer.synchronize() in your code.", stacklevel=2)
             self.synchronize()
+            if self._included() and (self.process_set.size() or 1) > 1:
+                report_synchronous_step(1 if samples is None else int(samples),
+                                        self.process_set)
         self._synchronized = False
         return super().step(closure)  # type: ignore[misc]
 

@@ -9,6 +9,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from elastic.errors import NotInitializedError
 from elastic.settings import WorkerSettings
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 _lock = threading.RLock()
 _context: WorkerContext | None = None
+_reporter: Any = None
 
 
 class ProcessSet:
@@ -88,6 +90,7 @@ def init(process_sets: list[ProcessSet] | str | None = None) -> None:
         ctx = WorkerContext(settings, rdzv)
         ctx.start()
         _context = ctx
+        _start_reporter(ctx)
         atexit.register(_shutdown_at_exit)
         if sys.excepthook is not _note_crash:
             global _previous_excepthook
@@ -96,6 +99,45 @@ def init(process_sets: list[ProcessSet] | str | None = None) -> None:
         if process_sets and process_sets != "dynamic":
             for ps in process_sets:  # type: ignore[union-attr]
                 add_process_set(ps)
+
+
+def _start_reporter(ctx: WorkerContext) -> None:
+    """Report rounds to the coordinator named by HORDE_COORDINATOR, if any."""
+    global _reporter
+    url = os.environ.get("HORDE_COORDINATOR", "")
+    if not url or ctx.agent is None:
+        return
+    from elastic.reporting import CreditReporter
+
+    _reporter = CreditReporter(
+        url, ctx.node_id, ctx.rdzv.job,
+        registration_token=os.environ.get("HORDE_COORDINATOR_REGISTRATION_TOKEN") or None,
+        token=os.environ.get("HORDE_COORDINATOR_TOKEN") or None,
+        hardware=_hardware())
+
+
+def _hardware() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(),
+                            "cpus": os.cpu_count() or 0}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1))
+    return info
+
+
+def reporter() -> Any:
+    """The coordinator reporter of this process, or None when there is no coordinator."""
+    return _reporter
+
+
+def record_loss(loss: float) -> None:
+    """Horde addition: attach this training loss to the next round reports (status chart)."""
+    if _reporter is not None:
+        _reporter.loss = float(loss)
 
 
 def _configure_logging(level: str) -> None:
@@ -130,11 +172,19 @@ def _run_finishers() -> None:
             logger.warning("finishing an optimizer at shutdown failed", exc_info=True)
 
 
+def _stop_reporter() -> None:
+    global _reporter
+    if _reporter is not None:
+        _reporter.close()
+        _reporter = None
+
+
 def shutdown() -> None:
     """Leave the job and release the process group (Horovod's `hvd.shutdown()`)."""
     global _context
     if _context is not None and _context.topology is not None:
         _run_finishers()
+    _stop_reporter()
     with _lock:
         ctx, _context = _context, None
         _process_sets.clear()
@@ -171,6 +221,7 @@ def _shutdown_at_exit() -> None:
     try:
         if not _crashed and _context is not None:
             _run_finishers()
+        _stop_reporter()
         with _lock:
             ctx, _context = _context, None
             if ctx is not None:

@@ -1,0 +1,200 @@
+"""Reports each round's contribution headers to the coordinator, off the training path.
+
+Every member reports what it saw in each round's collective (every member's samples,
+staleness, parameter version, accepted or why not); the coordinator credits a node only
+when other members' reports agree. Reports are queued in memory and posted in batches by
+a background thread, retried with backoff while the coordinator is away; a training step
+never waits for the coordinator. The JSON follows docs/coordinator.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import requests
+
+from elastic.rounds import RoundResult
+
+logger = logging.getLogger(__name__)
+
+BATCH = 50
+FLUSH_EVERY = 1.0
+MAX_QUEUED = 100_000
+BACKOFF_START = 0.5
+BACKOFF_MAX = 60.0
+
+
+class CreditReporter:
+    """Registers this node with the coordinator and posts round reports in the background."""
+
+    def __init__(self, url: str, node_id: str, job: str,
+                 registration_token: str | None = None, token: str | None = None,
+                 hardware: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.node_id = node_id
+        self.job = job
+        self._registration_token = registration_token
+        self._token = token
+        self._hardware = hardware or {}
+        self._queue: deque[dict[str, Any]] = deque(maxlen=MAX_QUEUED)
+        self._wake = threading.Condition()
+        self._stop = False
+        self._stopped = threading.Event()
+        self._flush_deadline = float("inf")
+        self._disabled = False
+        self.sent = 0
+        self.loss: float | None = None
+        self._session = requests.Session()
+        self._thread = threading.Thread(target=self._run, name="horde-reporter", daemon=True)
+        self._thread.start()
+
+    # -- the training side ------------------------------------------------------------
+
+    def record(self, report: dict[str, Any]) -> None:
+        """Queue one round report (never blocks; the oldest go first when the queue is full)."""
+        if self._disabled:
+            return
+        if self.loss is not None:
+            report["loss"] = self.loss
+        with self._wake:
+            self._queue.append(report)
+            if len(self._queue) >= BATCH:
+                self._wake.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush what is queued, retrying for up to `timeout` seconds, then stop."""
+        with self._wake:
+            self._stop = True
+            self._flush_deadline = time.monotonic() + timeout
+            self._wake.notify()
+        self._stopped.set()
+        self._thread.join(timeout + 1.0)
+
+    # -- the background thread --------------------------------------------------------
+
+    def _register(self) -> bool:
+        if self._token:
+            return True
+        headers = ({"Authorization": f"Bearer {self._registration_token}"}
+                   if self._registration_token else {})
+        body = {"node_id": self.node_id, "display_name": self.node_id,
+                "hardware": self._hardware}
+        response = self._session.post(f"{self.url}/api/v1/nodes", json=body, headers=headers,
+                                      timeout=10)
+        if response.status_code == 201:
+            self._token = response.json()["token"]
+            logger.info("registered %s with the coordinator at %s", self.node_id, self.url)
+            return True
+        if response.status_code >= 500 or response.status_code == 429:
+            raise requests.ConnectionError(f"coordinator answered {response.status_code}")
+        logger.warning("the coordinator refused to register %s (%d: %s); not reporting credit",
+                       self.node_id, response.status_code, response.text[:200])
+        self._disabled = True
+        return False
+
+    def _take(self) -> list[dict[str, Any]]:
+        with self._wake:
+            if not self._queue and not self._stop:
+                self._wake.wait(FLUSH_EVERY)
+            return [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+
+    def _post(self, batch: list[dict[str, Any]]) -> bool:
+        """True when the batch is handled (sent, or refused for good)."""
+        body = json.dumps({"node_id": self.node_id, "reports": batch}, allow_nan=False)
+        response = self._session.post(
+            f"{self.url}/api/v1/reports", data=body, timeout=10,
+            headers={"Authorization": f"Bearer {self._token}",
+                     "Content-Type": "application/json"})
+        if response.status_code in (401, 403):
+            logger.warning("the coordinator refused this node's token (%d); not reporting",
+                           response.status_code)
+            self._disabled = True
+            return True
+        if response.status_code >= 500 or response.status_code == 429:
+            raise requests.ConnectionError(f"coordinator answered {response.status_code}")
+        if response.status_code >= 400:
+            logger.warning("the coordinator rejected a batch of %d reports (%d: %s)",
+                           len(batch), response.status_code, response.text[:300])
+        return True
+
+    def _run(self) -> None:
+        delay = BACKOFF_START
+        while not self._disabled:
+            batch = self._take()
+            if not batch:
+                if self._stop:
+                    return
+                continue
+            try:
+                if self._register() and not self._disabled and self._post(batch):
+                    with self._wake:
+                        for _ in batch:
+                            if self._queue:
+                                self._queue.popleft()
+                    self.sent += len(batch)
+                delay = BACKOFF_START
+            except (requests.RequestException, ValueError) as exc:
+                if self._stop:
+                    if time.monotonic() >= self._flush_deadline:
+                        logger.warning("coordinator unreachable at exit; %d reports not sent",
+                                       len(self._queue))
+                        return
+                    time.sleep(0.2)
+                    continue
+                logger.info("coordinator unreachable (%s); retrying in %.1f s", exc, delay)
+                self._stopped.wait(delay * (0.5 + random.random()))
+                delay = min(delay * 2, BACKOFF_MAX)
+
+
+def report_from_round(job: str, members: list[str], result: RoundResult) -> dict[str, Any]:
+    """The report of one staleness round: one header per member, identical on every member."""
+    by_node: dict[str, list] = {}
+    for c in result.contributions:
+        by_node.setdefault(c.node, []).append(c)
+    version = result.version - (1 if result.aggregate is not None else 0)
+    contributions = []
+    for node in members:
+        items = by_node.get(node, [])
+        accepted = [c for c in items if c.accepted]
+        header: dict[str, Any] = {"node_id": node}
+        if accepted:
+            header.update(samples=sum(c.samples for c in accepted),
+                          staleness=max(c.staleness for c in accepted),
+                          param_version=min(c.version for c in accepted), accepted=True)
+        elif items:
+            worst = items[0]
+            header.update(samples=sum(c.samples for c in items), staleness=worst.staleness,
+                          param_version=worst.version, accepted=False,
+                          reason=_reason(worst.reason))
+        else:
+            header.update(samples=0, staleness=0, param_version=version, accepted=False,
+                          reason="absent")
+        contributions.append(header)
+    return {"job": job, "generation": result.generation, "round": result.round,
+            "members": members, "contributions": contributions, "timestamp": time.time()}
+
+
+def report_synchronous(job: str, generation: int, round_: int, members: list[str],
+                       samples: list[int]) -> dict[str, Any]:
+    """The report of one synchronous step: every member's samples entered the aggregate."""
+    return {"job": job, "generation": generation, "round": round_, "members": members,
+            "contributions": [{"node_id": node, "samples": int(n), "staleness": 0,
+                               "param_version": round_, "accepted": True}
+                              for node, n in zip(members, samples)],
+            "timestamp": time.time()}
+
+
+def _reason(text: str) -> str:
+    if text.startswith("staleness"):
+        return "stale"
+    if "non-finite" in text:
+        return "nonfinite"
+    if "norm" in text:
+        return "outlier"
+    return "other"

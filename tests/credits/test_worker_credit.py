@@ -1,0 +1,106 @@
+"""Workers' reports become credit: the ledger equals what the workers' own logs say,
+even when the coordinator is killed with SIGKILL in the middle of training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from rendezvous.embedded import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "credit_worker.py")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, **extra,
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def own_samples(out: Path) -> dict[str, int]:
+    totals = {}
+    for log in out.glob("*.log"):
+        totals[log.stem] = sum(int(line.split()[2]) for line in log.read_text().splitlines())
+    return totals
+
+
+def ledger(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT node_id, SUM(credit) FROM credits GROUP BY node_id")
+        return {node: int(total) for node, total in rows}
+
+
+def test_default_horderun_credits_its_workers(tmp_path: Path) -> None:
+    out = tmp_path / "logs"
+    out.mkdir()
+    db = tmp_path / "ledger.sqlite"
+    result = subprocess.run(
+        [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--coordinator-db",
+         f"sqlite:///{db}", sys.executable, SCRIPT],
+        env=env(OUT=str(out), STEPS="20", STEP_DELAY="0.02"), capture_output=True, text=True,
+        timeout=180, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "status page http://127.0.0.1:" in result.stderr
+    assert ledger(db) == own_samples(out)
+
+
+def test_ledger_survives_kill_9_of_the_coordinator(etcd_server: object, tmp_path: Path) -> None:
+    out = tmp_path / "logs"
+    out.mkdir()
+    db = tmp_path / "ledger.sqlite"
+    port = free_port()
+    job = f"credit-{uuid.uuid4().hex[:6]}"
+    serve = [sys.executable, "-m", "coordinator.cli", "serve", "--db", f"sqlite:///{db}",
+             "--port", str(port), "--rendezvous", etcd_server.url, "--job", job]  # type: ignore[attr-defined]
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(serve, env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).ok:
+                    return proc
+            except requests.RequestException:
+                time.sleep(0.1)
+        proc.kill()
+        raise AssertionError("coordinator did not start")
+
+    coordinator = start()
+    training = subprocess.Popen(
+        [sys.executable, "-m", "elastic.launcher.cli", "-np", "3", "--rendezvous",
+         etcd_server.url, "--job", job, "--coordinator", f"http://127.0.0.1:{port}",  # type: ignore[attr-defined]
+         "--log-level", "WARNING", sys.executable, SCRIPT],
+        env=env(OUT=str(out), STEPS="80", STEP_DELAY="0.05"), cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(own_samples(out).values()) < 3 * 5 * 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait(10)
+        time.sleep(2)
+        coordinator = start()
+        _, err = training.communicate(timeout=150)
+        assert training.returncode == 0, err
+        expected = own_samples(out)
+        assert len(expected) == 3 and all(expected.values())
+        deadline = time.monotonic() + 20
+        while ledger(db) != expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ledger(db) == expected
+    finally:
+        for proc in (training, coordinator):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
