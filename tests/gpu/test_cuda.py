@@ -1,0 +1,38 @@
+"""The CUDA/NCCL path: tensors stay on the GPU. Runs where GPUs exist, skips elsewhere."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "cuda_worker.py")
+pytestmark = pytest.mark.gpu
+
+
+def run(np: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "elastic.launcher.cli", "-np", str(np),
+                           "--coordinator", "none", sys.executable, SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=240, cwd=REPO)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.timeout(300)
+def test_cuda_collectives_on_one_gpu() -> None:
+    result = run(1)
+    assert result.returncode == 0, result.stderr
+    assert "cuda ok 0" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices for NCCL")
+@pytest.mark.timeout(300)
+def test_cuda_collectives_across_two_gpus() -> None:
+    result = run(2)
+    assert result.returncode == 0, result.stderr
+    assert "cuda ok 0" in result.stdout and "cuda ok 1" in result.stdout
