@@ -96,3 +96,28 @@ class Workers:
 
 def python(script: Path | str, *args: str) -> list[str]:
     return [sys.executable, str(script), *args]
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """This environment, with the repository importable and `extra` variables set."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return env
+
+
+def horderun(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120
+             ) -> subprocess.CompletedProcess:
+    """Run `horderun ARGS` to completion (output captured) from the repository root."""
+    return subprocess.run([sys.executable, "-m", "elastic.launcher.cli", *args],
+                          env=dict(env) if env is not None else repo_env(),
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def run_workers_json(tmp_path: Path, np: int, script: str, **env: str) -> list[dict]:
+    """Run SCRIPT under `horderun -np N`; each rank writes $OUT/rank<r>.json; return them."""
+    import json
+
+    result = horderun("-np", str(np), "--log-level", "WARNING", "--coordinator", "none",
+                      sys.executable, script, env=repo_env(OUT=str(tmp_path), **env))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(np)]

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.harness import horderun
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def accuracy(*flags: str) -> float:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run(
-        [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--log-level", "WARNING",
-         sys.executable, "examples/pytorch_digits.py", *flags],
-        env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    result = horderun("-np", "2", "--log-level", "WARNING", "--coordinator", "none",
+                      sys.executable, "examples/pytorch_digits.py", *flags, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(r"final test accuracy: ([\d.]+)%", result.stdout)
     assert match, result.stdout

@@ -3,7 +3,6 @@ even when the coordinator is killed with SIGKILL in the middle of training."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -16,15 +15,11 @@ import pytest
 import requests
 
 from rendezvous.embedded import free_port
+from tests.harness import horderun, repo_env
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "credit_worker.py")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-def env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, **extra,
-                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def own_samples(out: Path) -> dict[str, int]:
@@ -44,11 +39,8 @@ def test_default_horderun_credits_its_workers(tmp_path: Path) -> None:
     out = tmp_path / "logs"
     out.mkdir()
     db = tmp_path / "ledger.sqlite"
-    result = subprocess.run(
-        [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--coordinator-db",
-         f"sqlite:///{db}", sys.executable, SCRIPT],
-        env=env(OUT=str(out), STEPS="20", STEP_DELAY="0.02"), capture_output=True, text=True,
-        timeout=180, cwd=REPO)
+    result = horderun("-np", "2", "--coordinator-db", f"sqlite:///{db}", sys.executable, SCRIPT,
+                      env=repo_env(OUT=str(out), STEPS="20", STEP_DELAY="0.02"), timeout=180)
     assert result.returncode == 0, result.stderr
     assert "status page http://127.0.0.1:" in result.stderr
     assert ledger(db) == own_samples(out)
@@ -64,7 +56,7 @@ def test_ledger_survives_kill_9_of_the_coordinator(etcd_server: object, tmp_path
              "--port", str(port), "--rendezvous", etcd_server.url, "--job", job]  # type: ignore[attr-defined]
 
     def start() -> subprocess.Popen:
-        proc = subprocess.Popen(serve, env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(serve, env=repo_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -81,7 +73,7 @@ def test_ledger_survives_kill_9_of_the_coordinator(etcd_server: object, tmp_path
         [sys.executable, "-m", "elastic.launcher.cli", "-np", "3", "--rendezvous",
          etcd_server.url, "--job", job, "--coordinator", f"http://127.0.0.1:{port}",  # type: ignore[attr-defined]
          "--log-level", "WARNING", sys.executable, SCRIPT],
-        env=env(OUT=str(out), STEPS="80", STEP_DELAY="0.05"), cwd=REPO,
+        env=repo_env(OUT=str(out), STEPS="80", STEP_DELAY="0.05"), cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.harness import horderun, repo_env
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "equivalence.py")
@@ -18,11 +19,9 @@ SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "equivalence.py")
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("np", [2, 3])
 def test_data_parallel_equals_one_process_with_n_times_the_batch(tmp_path: Path, np: int) -> None:
-    env = dict(os.environ, GLOBAL_BATCH=str(12 * np), STEPS="15",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    multi = subprocess.run([sys.executable, "-m", "elastic.launcher.cli", "-np", str(np),
-                            sys.executable, SCRIPT, str(tmp_path / "multi")],
-                           env=env, capture_output=True, text=True, timeout=150, cwd=REPO)
+    env = repo_env(GLOBAL_BATCH=str(12 * np), STEPS="15")
+    multi = horderun("-np", str(np), sys.executable, SCRIPT, str(tmp_path / "multi"), env=env,
+                     timeout=150)
     assert multi.returncode == 0, multi.stderr
     single = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "single")], env=env,
                             capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.harness import horderun
 
 
 def run_example(*args: str) -> str:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "elastic.launcher.cli", *args], env=env,
-                            capture_output=True, text=True, timeout=240, cwd=REPO)
+    result = horderun(*args, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.harness import horderun
+
 SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "cuda_worker.py")
 pytestmark = pytest.mark.gpu
 
 
 def run(np: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "elastic.launcher.cli", "-np", str(np),
-                           "--coordinator", "none", sys.executable, SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=240, cwd=REPO)
+    return horderun("-np", str(np), "--coordinator", "none", sys.executable, SCRIPT,
+                    timeout=240)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from rendezvous.embedded import free_port
+from tests.harness import horderun as run_horderun
+from tests.harness import repo_env
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "env_and_exit.py")
@@ -20,11 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def horderun(*args: str, env: dict[str, str] | None = None, timeout: float = 90
              ) -> subprocess.CompletedProcess:
-    full = dict(os.environ)
-    full["PYTHONPATH"] = str(REPO) + os.pathsep + full.get("PYTHONPATH", "")
-    full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "elastic.launcher.cli", *args],
-                          capture_output=True, text=True, timeout=timeout, env=full, cwd=REPO)
+    return run_horderun(*args, env=repo_env(**(env or {})), timeout=timeout)
 
 
 def test_two_workers_get_horovod_environment_and_prefixed_output() -> None:
@@ -95,8 +93,7 @@ def test_join_of_a_job_that_does_not_exist(etcd_server: object) -> None:
 
 
 def test_ctrl_c_stops_every_worker(tmp_path: Path) -> None:
-    env = dict(os.environ, SLEEP="120", PID_DIR=str(tmp_path),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = repo_env(SLEEP="120", PID_DIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "elastic.launcher.cli", "-np", "2",
                              sys.executable, SCRIPT], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

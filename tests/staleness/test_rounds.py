@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.harness import run_workers_json
+
 SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "rounds_worker.py")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
 def run(tmp_path: Path, np: int, **env: str) -> list[dict]:
-    full = dict(os.environ, OUT=str(tmp_path), **env,
-                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "elastic.launcher.cli", "-np", str(np),
-                             "--log-level", "WARNING", sys.executable, SCRIPT], env=full,
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(np)]
+    return run_workers_json(tmp_path, np, SCRIPT, **env)
 
 
 def common_rounds(ranks: list[dict]) -> list[int]:
