@@ -24,7 +24,7 @@ from elastic.sparse.compressor import (
 from elastic.sparse.selection import (
     Selection,
     SelectionConfig,
-    Workspace,
+    group_size,
     sample_size,
     select_topk,
 )
@@ -34,5 +34,5 @@ __all__ = [
     "SparseCompressor", "SparsePayload", "SparsePayloadError", "TopKCompressor", "add_into",
     "allgather_bytes", "allreduce_bytes", "break_even_density", "codec_for", "decompress",
     "pack_payloads", "register_codec", "sample_size", "scatter_add_payloads", "select_topk",
-    "unpack_payloads", "Workspace",
+    "unpack_payloads", "group_size",
 ]

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from elastic.sparse.selection import DEFAULT_CONFIG, SelectionConfig, Workspace, select_topk
+from elastic.sparse.selection import DEFAULT_CONFIG, SelectionConfig, select_topk
 from rendezvous.errors import HordeError
 
 __all__ = [
@@ -100,13 +100,14 @@ class SparsePayload:
         return torch.cat(parts)
 
     @classmethod
-    def from_bytes(cls, buf: torch.Tensor, offset: int = 0, *, validate: bool = True
-                   ) -> SparsePayload:
+    def from_bytes(cls, buf: torch.Tensor, offset: int = 0, *, validate: bool = True,
+                   numel: int | None = None) -> SparsePayload:
         """Decode the payload at `offset` of a uint8 buffer (zero-copy views into it).
 
-        The header is always checked; `validate` also checks the indices (strictly
-        ascending, in range) and that the values are finite. On CUDA the header read is
-        one small device-to-host copy.
+        The header is always checked (and its numel against `numel` when given: an
+        untrusted peer must not choose how much a receiver allocates); `validate` also
+        checks that indices are strictly ascending and in range and values finite. On
+        CUDA the header read is one small device-to-host copy.
         """
         if buf.dtype != torch.uint8 or buf.dim() != 1:
             raise SparsePayloadError(
@@ -117,16 +118,20 @@ class SparsePayload:
                 f"no payload header at offset {offset} of a {buf.numel()}-byte buffer "
                 f"(offsets are multiples of {_ALIGN})")
         raw = bytes(buf[offset:offset + HEADER_BYTES].cpu().tolist())
-        magic, tag, vcode, dcode, flags, numel, count = _HEADER.unpack(raw)
+        magic, tag, vcode, dcode, flags, size, count = _HEADER.unpack(raw)
         if magic != _MAGIC:
             raise SparsePayloadError(f"bad payload magic {magic!r} at offset {offset}")
         if vcode not in _DTYPES or dcode not in _DTYPES:
             raise SparsePayloadError(f"unknown dtype codes {vcode}/{dcode} in payload header")
         codec_for(tag)
         dense = bool(flags & _FLAG_DENSE)
-        if numel < 0 or count < 0 or count > numel or (dense and count != numel):
+        if size < 0 or count < 0 or count > size or (dense and count != size):
             raise SparsePayloadError(
-                f"payload header carries count={count} for numel={numel} (dense={dense})")
+                f"payload header carries count={count} for numel={size} (dense={dense})")
+        if numel is not None and size != numel:
+            raise SparsePayloadError(
+                f"payload at offset {offset} is for a buffer of {size} entries, "
+                f"expected {numel}")
         vdtype = _DTYPES[vcode]
         vsize = torch.empty((), dtype=vdtype).element_size()
         start = offset + HEADER_BYTES
@@ -138,7 +143,7 @@ class SparsePayload:
                 f"bytes, the buffer has {buf.numel() - offset}")
         indices = None if dense else _view(buf, start, index_end, torch.int32)
         values = _view(buf, index_end, value_end, vdtype)
-        payload = cls(indices, values, int(numel), _DTYPES[dcode], int(tag))
+        payload = cls(indices, values, int(size), _DTYPES[dcode], int(tag))
         if validate:
             payload.validate()
         return payload
@@ -186,12 +191,16 @@ def pack_payloads(payloads: list[SparsePayload]) -> torch.Tensor:
 
 
 def unpack_payloads(buf: torch.Tensor, offset: int = 0, count: int | None = None, *,
-                    validate: bool = True) -> tuple[list[SparsePayload], int]:
-    """Decode `count` payloads (default: to the end) from `offset`; returns them and the
-    offset after the last one."""
+                    validate: bool = True, numels: Sequence[int] | None = None
+                    ) -> tuple[list[SparsePayload], int]:
+    """Decode `count` payloads (default: `len(numels)`, else to the end) from `offset`;
+    returns them and the offset after the last one. `numels`: the expected buffer sizes."""
+    if count is None and numels is not None:
+        count = len(numels)
     out: list[SparsePayload] = []
     while (count is None and offset < buf.numel()) or (count is not None and len(out) < count):
-        payload = SparsePayload.from_bytes(buf, offset, validate=validate)
+        expected = None if numels is None else numels[len(out)]
+        payload = SparsePayload.from_bytes(buf, offset, validate=validate, numel=expected)
         out.append(payload)
         offset += payload.nbytes
     return out, offset
@@ -433,7 +442,6 @@ class TopKCompressor(SparseCompressor):
         self.warmup_start_density = float(warmup_start_density)
         self.min_sparse_numel = min_sparse_numel
         self.selection = selection
-        self.workspace = Workspace()  # CPU scratch shared by all buffers (~1.25x the largest)
 
     def density(self, step: int) -> float:
         """Exponential warm-up from `warmup_start_density` (step 0) to the target density
@@ -488,8 +496,7 @@ class TopKCompressor(SparseCompressor):
             return SparsePayload(None, values, numel, grad.dtype, DENSE_TAG)
 
         k = max(1, round(self.density(step) * numel))
-        sel = select_topk(acc, k, hint=state.hint, config=self.selection,
-                          workspace=self.workspace)
+        sel = select_topk(acc, k, hint=state.hint, config=self.selection)
         state.hint = sel.hint
         values = self._wire_values(sel.values, copy=False)
         if self.error_feedback:

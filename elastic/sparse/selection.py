@@ -1,27 +1,27 @@
 """Fast top-k selection by magnitude on a flat buffer, without an exact `topk` over all of it.
 
-One pass over the buffer counts, then collects, the candidates above a threshold; the
-threshold comes from the last step (a hint) or from a random sample, aimed a little
-above k so that the common case is "cap the small candidate set at exactly k". A count
-that is off (below `low * k`, or above `max_candidates * k`) moves the threshold by a
-sample-guided secant/bisection step and counts again (the magnitudes are computed once);
-after `max_passes` an exact selection over the whole buffer is the fallback, so the
-result is always correct.
+The buffer is viewed as B rows; one reduction pass gives the largest magnitude of each
+column (a "group" of B entries, n/B groups). A threshold comes from the last step (a
+hint) or from a random sample, aimed a little above k so that the common case is "cap
+the small candidate set at exactly k". Only groups whose maximum exceeds it are
+gathered and compared entry by entry, so the per-entry work (compare, nonzero) runs on
+about B * aim * density * n entries instead of n. A count that is off (below `low * k`,
+or above `max_candidates * k`) moves the threshold by a sample-guided secant/bisection
+step and tries again on the same group maxima; after `max_passes` an exact selection
+over the whole buffer is the fallback, so the result is always correct.
 
 Guarantees: the selected entries are exactly the `count` largest magnitudes (ties at the
 boundary broken towards lower indices), `count <= k`, `count >= low * k` unless fewer
 than that many entries are non-zero, zeros and NaNs are never selected, and indices come
 back as int32 in ascending order.
 
-Cost: three whole-buffer ops (abs into a scratch buffer, compare, nonzero; a hinted
-threshold is also counted before collecting) and work on ~`aim * k` candidates. Whole-
-buffer ops rather than cache-sized chunks: each op is one parallel region, and on a
-loaded machine each region's thread barrier can cost a scheduler time slice (chunks of
-1M entries were 2x faster on an idle machine and 3-5x slower on a loaded one). On CPU a
-`Workspace` keeps the scratch buffers between calls (fresh 100 MB buffers cost page
-faults on every call). On CUDA the host syncs are `nonzero` (preceded by a count read
-for a hinted or refined threshold, so that a poor one never materialises a huge index
-list) and the capped result's `nonzero`.
+Cost: two column reductions (amax, amin) over the buffer, then ops on n/B group maxima
+and on the gathered groups; B ~ sqrt(1 / (aim * density)) balances the two (8 at 1%,
+32 at 0.1%). Extra memory is O(n/B + B * candidates): no full-size scratch. Few ops on
+purpose: on a loaded machine each parallel op can wait for a scheduler time slice. On
+CUDA the host syncs are the two `nonzero`s of a pass (groups, then entries) and the
+capped result's `nonzero`; a hint far too low is rejected at the group count, before
+anything large is gathered.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Selection", "SelectionConfig", "Workspace", "select_topk", "sample_size"]
+__all__ = ["Selection", "SelectionConfig", "select_topk", "sample_size", "group_size"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class SelectionConfig:
     """Counts per call before the exact fallback."""
     exact_below: int = 1 << 16
     """Buffers up to this size take the exact path (cheaper than sampling there)."""
+    group: int | None = None
+    """Entries per group (B); None picks ~sqrt(1 / (aim * density)), a power of 2."""
     block: int = 16
     """The sample reads aligned runs of `block` consecutive entries (a cache line of fp32)."""
 
@@ -64,6 +66,8 @@ class SelectionConfig:
             raise ValueError(
                 f"need 0 < low <= 1 <= aim < max_candidates; got low={self.low}, "
                 f"aim={self.aim}, max_candidates={self.max_candidates}")
+        if self.group is not None and self.group < 1:
+            raise ValueError(f"group={self.group} must be at least 1 (or None for automatic)")
         if self.max_passes < 1 or self.block < 1 or self.exact_below < 0:
             raise ValueError(
                 f"max_passes ({self.max_passes}) and block ({self.block}) must be at least "
@@ -95,44 +99,21 @@ class Selection:
         return int(self.indices.numel())
 
 
+def group_size(numel: int, k: int, config: SelectionConfig = DEFAULT_CONFIG) -> int:
+    """Entries per group: the power of 2 nearest sqrt(1 / (aim * density)), 2..64."""
+    if config.group is not None:
+        return max(1, min(config.group, numel))
+    density = config.aim * max(k, 1) / max(numel, 1)
+    best = 2 ** round(math.log2(math.sqrt(1.0 / min(density, 1.0)))) if density > 0 else 64
+    return int(max(2, min(best, 64, max(numel // 4, 1))))
+
+
 def sample_size(numel: int, k: int, config: SelectionConfig = DEFAULT_CONFIG) -> int:
     """Sample entries used to estimate the threshold for k of numel (a multiple of block)."""
     density = max(k, 1) / max(numel, 1)
     wanted = max(config.min_sample, math.ceil(config.sample_hits / density))
     wanted = min(wanted, max(numel // 4, config.block))
     return max(config.block, (wanted + config.block - 1) // config.block * config.block)
-
-
-class Workspace:
-    """Scratch buffers (magnitudes, mask) reused by `select_topk` across calls on CPU.
-
-    Holds about 1.25x the largest buffer selected from (float32). Safe to share between
-    threads: a call that finds it in use allocates its own buffers instead.
-    """
-
-    def __init__(self) -> None:
-        self._mags: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
-        self._lock = threading.Lock()
-
-    def take(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Buffers of n entries, or None when another call is using them."""
-        if not self._lock.acquire(blocking=False):
-            return None
-        if self._mags is None or self._mags.numel() < n or self._mags.dtype != dtype:
-            self._mags = torch.empty(n, dtype=dtype)
-            self._mask = torch.empty(n, dtype=torch.bool)
-        assert self._mask is not None
-        return self._mags[:n], self._mask[:n]
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def nbytes(self) -> int:
-        """Bytes held."""
-        if self._mags is None or self._mask is None:
-            return 0
-        return self._mags.numel() * self._mags.element_size() + self._mask.numel()
 
 
 _generators: dict[str, torch.Generator] = {}
@@ -192,13 +173,12 @@ def select_topk(
     hint: torch.Tensor | float | None = None,
     config: SelectionConfig = DEFAULT_CONFIG,
     generator: torch.Generator | None = None,
-    workspace: Workspace | None = None,
 ) -> Selection:
     """Select (at most, and usually exactly) the k largest-magnitude entries of flat `x`.
 
     `hint`: the `Selection.hint` of the last step, to skip sampling when it still fits.
-    `generator`: for the sample (default: a private per-device generator, fixed seed).
-    `workspace`: scratch buffers to reuse on CPU (ignored on CUDA).
+    `generator`: for the sample, on x's device (default: a private generator per device
+    with a fixed seed, so the user's random streams do not move).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 1 or not x.dtype.is_floating_point:
         raise ValueError(
@@ -210,7 +190,7 @@ def select_topk(
         raise ValueError(f"select_topk indexes with int32: numel={n} must be below 2**31")
     if not isinstance(k, int) or k < 0:
         raise ValueError(f"k={k!r} must be a non-negative integer")
-    x = x.detach()
+    x = x.detach().contiguous()
     k = min(k, n)
     if k == 0:
         empty = torch.empty(0, dtype=torch.int64, device=x.device)
@@ -218,60 +198,79 @@ def select_topk(
         return _finish(empty, x.index_select(0, empty), inf, inf, passes=0)
     if n <= max(config.exact_below, config.block * 4):
         return _exact(x, k, passes=0)
-    buffers = None
-    if workspace is not None and not x.is_cuda:
-        buffers = workspace.take(n, x.dtype)
-    try:
-        if buffers is None:
-            mags, mask = torch.empty_like(x), torch.empty(n, dtype=torch.bool, device=x.device)
-        else:
-            mags, mask = buffers
-        torch.abs(x, out=mags)
-        return _select(x, mags, mask, k, hint, config, generator)
-    finally:
-        if buffers is not None and workspace is not None:
-            workspace.release()
 
-
-def _select(
-    x: torch.Tensor, mags: torch.Tensor, mask: torch.Tensor, k: int,
-    hint: torch.Tensor | float | None, config: SelectionConfig,
-    generator: torch.Generator | None,
-) -> Selection:
-    """Count above a threshold, refine it until the count fits, cap at k."""
-    n = x.numel()
     gen = generator if generator is not None else _generator(x.device)
     target = config.aim * k
     low = math.ceil(config.low * k)
     limit = max(int(config.max_candidates * k), k + 1)
+    groups = _Groups(x, group_size(n, k, config))
     sample: _Sample | None = None
-    probes: list[tuple[float, float]] = []  # (threshold, count)
+    probes: list[tuple[float, float, bool]] = []  # (threshold, count, exact count?)
     t: torch.Tensor | float | None = _valid_hint(hint, x.device)
     for passes in range(1, config.max_passes + 1):
         fresh = t is None
         if t is None:
             sample = _Sample(x, sample_size(n, k, config), config.block, gen)
             t = sample.quantile(target)
-        torch.gt(mags, t, out=mask)
-        cand: torch.Tensor | None = None
-        if fresh:
-            # A fresh sample's threshold leaves ~aim*k above it (a few % spread): collect
-            # at once. Any other threshold is counted first, so that a stale hint never
-            # materialises a huge index list.
-            cand = torch.nonzero(mask).view(-1)
-            count = cand.numel()
-        else:
-            count = int(torch.count_nonzero(mask))
+        found, count, exact = groups.collect(t, limit, count_first=not fresh)
         t_value = float(t)
-        if count <= limit and (count >= low or t_value <= 0.0):
-            if cand is None:
-                cand = torch.nonzero(mask).view(-1)
-            return _from_candidates(x, cand, k, t_value, config.aim, passes)
-        probes.append((t_value, float(count)))
+        if found is not None and (count >= low or t_value <= 0.0):
+            return _from_candidates(found[0], found[1], k, t_value, config.aim, passes)
+        probes.append((t_value, float(count), exact))
         if sample is None:
             sample = _Sample(x, sample_size(n, k, config), config.block, gen)
         t = _next_threshold(probes, target, low, limit, sample)
     return _exact(x, k, passes=config.max_passes + 1)
+
+
+class _Groups:
+    """Largest magnitude of each column of x viewed as B rows (entries j, j+m, j+2m...).
+
+    Column reductions stream the buffer once each; a column of B entries is gathered
+    only when its maximum exceeds the threshold.
+    """
+
+    def __init__(self, x: torch.Tensor, group: int) -> None:
+        self.group = group
+        self.m = x.numel() // group
+        self.rows = x[: group * self.m].view(group, self.m)
+        self.tail = x[group * self.m:]
+        # NaN columns come out NaN and are gathered (`not <= t`); NaN is never selected.
+        self.maxima = torch.maximum(self.rows.amax(0), self.rows.amin(0).neg_())
+
+    def collect(
+        self, t: torch.Tensor | float, limit: int, count_first: bool
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, int, bool]:
+        """(indices ascending, values) of all |x| > t, their count, and whether the count
+        is exact; None when there are more than `limit` (the count may then be a lower
+        bound: a pass stops at the group count when that already exceeds the limit).
+
+        `count_first`: count the columns before listing them (a hinted or refined
+        threshold may be far too low; a fresh sample's is not).
+        """
+        hit = torch.le(self.maxima, t).logical_not_()
+        # Every hit column holds at least one candidate (or a NaN): its count bounds.
+        if count_first:
+            width = int(torch.count_nonzero(hit))
+            if width > limit:
+                return None, width, False
+        cols = torch.nonzero(hit).view(-1)
+        width = cols.numel()
+        if width > limit:
+            return None, width, False
+        members = self.rows.index_select(1, cols)  # (B, width), contiguous
+        flat = torch.nonzero(members.abs().view(-1) > t).view(-1)
+        row = torch.div(flat, width, rounding_mode="floor") if width else flat
+        idx = cols.index_select(0, flat - row * width).add_(row * self.m)
+        values = members.view(-1).index_select(0, flat)
+        if self.tail.numel():
+            extra = torch.nonzero(self.tail.abs() > t).view(-1)
+            idx = torch.cat([idx, extra + self.rows.numel()])
+            values = torch.cat([values, self.tail.index_select(0, extra)])
+        count = idx.numel()
+        if count > limit:
+            return None, count, True
+        return (idx, values), count, True
 
 
 def _valid_hint(
@@ -295,17 +294,21 @@ def _valid_hint(
 
 
 def _next_threshold(
-    probes: list[tuple[float, float]], target: float, low: int, limit: int, sample: _Sample,
+    probes: list[tuple[float, float, bool]], target: float, low: int, limit: int,
+    sample: _Sample,
 ) -> float:
-    """The next threshold: a sample-guided step, or a secant/bisection inside the bracket."""
-    too_low = [t for t, c in probes if c > limit]       # too many candidates
-    too_high = [t for t, c in probes if c < low]         # too few
+    """The next threshold: a sample-guided step, or a secant/bisection inside the bracket.
+
+    Counts above `limit` may be lower bounds only (the pass stopped at the group count).
+    """
+    too_low = [t for t, c, _ in probes if c > limit]       # too many candidates
+    too_high = [t for t, c, _ in probes if c < low]         # too few
     lo = max(too_low) if too_low else None
     hi = min(too_high) if too_high else None
-    t_last, c_last = probes[-1]
+    t_last, c_last, exact_last = probes[-1]
     if lo is not None and hi is not None and len(probes) >= 2 and lo > 0.0:
-        c_lo = max(c for t, c in probes if t == lo)
-        c_hi = min(c for t, c in probes if t == hi)
+        c_lo = max(c for t, c, _ in probes if t == lo)
+        c_hi = min(c for t, c, _ in probes if t == hi)
         if c_hi > 0:
             # Secant on log(count) against log(threshold): linear for power-law tails.
             frac = (math.log(c_lo) - math.log(target)) / (math.log(c_lo) - math.log(c_hi))
@@ -315,10 +318,11 @@ def _next_threshold(
     else:
         # The sample's shape, corrected by how far off it was at the last threshold.
         predicted = sample.count_above(t_last)
-        goal = target * predicted / c_last if predicted > 0 and c_last > 0 else target
+        usable = exact_last and predicted > 0 and c_last > 0
+        goal = target * predicted / c_last if usable else target
         guess = float(sample.quantile(goal))
     inside = (lo is None or guess > lo) and (hi is None or guess < hi)
-    if inside and all(guess != t for t, _ in probes):
+    if inside and all(guess != t for t, _, _ in probes):
         return guess
     # Bisection (geometric where both ends are positive).
     if lo is None:
@@ -362,12 +366,12 @@ def _exact(x: torch.Tensor, k: int, passes: int) -> Selection:
 
 
 def _from_candidates(
-    x: torch.Tensor, cand: torch.Tensor, k: int, t: float, aim: float, passes: int
+    cand: torch.Tensor, values: torch.Tensor, k: int, t: float, aim: float, passes: int
 ) -> Selection:
-    """Cap the candidates (all |x| > t, ascending) at exactly k; derive the next hint."""
+    """Cap the candidates (all |x| > t, ascending, and their values) at exactly k;
+    derive the next hint."""
     count = cand.numel()
-    t_tensor = torch.tensor(t, dtype=torch.float32, device=x.device)
-    values = x.index_select(0, cand)
+    t_tensor = torch.tensor(t, dtype=torch.float32, device=values.device)
     if count <= k:
         threshold = values.abs().min().float() if count else t_tensor
         return _finish(cand, values, threshold, t_tensor, passes)

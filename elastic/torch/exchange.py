@@ -112,10 +112,10 @@ class PayloadCodec(Codec):
     def _split(self, data: torch.Tensor) -> list[SparsePayload]:
         ns, n = self.layout.sparse_numel, self.layout.numel
         expected = [size for size in (ns, n - ns) if size]
-        payloads, end = unpack_payloads(data, count=len(expected))
-        if end != data.numel() or [p.numel for p in payloads] != expected:
-            raise ValueError(f"payloads for buffers {[p.numel for p in payloads]}, "
-                             f"expected {expected}")
+        payloads, end = unpack_payloads(data, numels=expected)
+        if end != data.numel():
+            raise ValueError(f"{data.numel() - end} bytes follow the payloads for buffers "
+                             f"{expected}")
         return payloads
 
     def norm(self, data: torch.Tensor, numel: int) -> float:
@@ -181,10 +181,10 @@ class SyncSparseExchange:
         gathered = allgather(message, name="horde.topk", process_set=self.process_set)
         out = torch.zeros_like(flat)
         offset = 0
-        count = len([s for s in (self.layout.sparse_numel,
-                                 self.layout.numel - self.layout.sparse_numel) if s])
+        expected = [s for s in (self.layout.sparse_numel,
+                                self.layout.numel - self.layout.sparse_numel) if s]
         for _rank in range(size):
-            payloads, offset = unpack_payloads(gathered, offset, count)
+            payloads, offset = unpack_payloads(gathered, offset, numels=expected)
             parts = ([out[:self.layout.sparse_numel], out[self.layout.sparse_numel:]]
                      if self.layout.sparse_numel else [out])
             for payload, part in zip(payloads, [p for p in parts if p.numel()]):
@@ -351,7 +351,7 @@ class TopKAllreduce:
         payload = self.compressor.compress(name, flat, step, world_size=size)
         message = pack_payloads([payload])
         gathered = allgather(message, name=f"horde.topk.{name}", process_set=self.process_set)
-        payloads, _ = unpack_payloads(gathered, 0, size)
+        payloads, _ = unpack_payloads(gathered, 0, numels=[flat.numel()] * size)
         out = torch.zeros(flat.numel(), dtype=flat.dtype, device=flat.device)
         for received in payloads:
             add_into(received, out, 1.0 / size)
