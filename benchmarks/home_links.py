@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60, help="most steps per configuration")
     parser.add_argument("--target", type=float, default=0.95, help="test accuracy (0.95)")
     parser.add_argument("--configs", default="",
-                        help="comma-separated subset of: " + ", ".join(c["name"] for c in CONFIGS))
+                        help="comma-separated subset of: "
+                        + ", ".join(c["name"] for c in CONFIGS).replace("%", "%%"))
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--momentum", type=float, default=0.5)
     parser.add_argument("--coordinator", default="none",

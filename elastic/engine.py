@@ -107,6 +107,8 @@ class Request:
     prescale: float = 1.0
     postscale: float = 1.0
     splits: list[int] | None = None
+    """alltoall: rows sent to each rank. allgather of one tensor: set by the engine to
+    the rows each rank contributed."""
     process_set_id: int = 0
     future: Future = field(default_factory=Future)
 
@@ -403,6 +405,8 @@ class CollectiveEngine:
         else:
             dims0 = self._exchange_ints(transport, [tensor.shape[0]])
             dims0 = [d[0] for d in dims0]
+        if len(request.tensors) == 1:
+            request.splits = list(dims0)
         tensor = tensor.detach().contiguous()
         if tensor.dim() == 0:
             tensor = tensor.reshape(1)

@@ -258,7 +258,8 @@ class StalenessRounds:
         self._round = 0
         self._version = 0
         self._step_times: deque[float] = deque(maxlen=16)
-        self._last_submit: float | None = None
+        self._released: float | None = None  # when the training thread last went on
+        self._round_started: float | None = None  # when this member entered its last round
         self._closed = False
         self._finishing = False
         self._all_finished = False
@@ -275,13 +276,19 @@ class StalenessRounds:
         if flat.numel() != self.numel:
             raise ValueError(f"submitted {flat.numel()} values; this round stream has {self.numel}")
         now = time.monotonic()
-        step_time = now - self._last_submit if self._last_submit is not None else 0.0
-        self._last_submit = now
+        # The step's own compute time: from release (previous `step()` returned) to now,
+        # so time spent blocked on the rounds does not lengthen the deadline.
+        step_time = now - self._released if self._released is not None else 0.0
+        self._released = now
         with self._outbox_ready:
             self._outbox.append(_Pending(flat.detach().to(self.dtype).clone(), int(samples),
                                          int(version), step_time))
             self._outstanding += 1
             self._outbox_ready.notify_all()
+
+    def released(self) -> None:
+        """The training thread goes on computing now (after any wait for rounds)."""
+        self._released = time.monotonic()
 
     @property
     def outstanding(self) -> int:
@@ -330,9 +337,12 @@ class StalenessRounds:
     def _deadline(self) -> float:
         """How long a member waits for its own gradient before entering a round empty.
 
-        Default: the median step time the members reported recently, so balanced
-        members meet with one step each, and a straggler delays a round by at most
-        about one step of the others.
+        Default: the median compute time per step the members reported recently, so
+        balanced members meet with one step each, and a straggler delays a round by at
+        most about one step of the others. Counted from when this member entered its
+        last round (not from when it ended), so a member with nothing to send enters the
+        next round about when the others have their next gradient: rounds follow the
+        fast members' pace instead of adding the deadline to each round's own time.
         """
         if self.round_deadline is not None:
             return self.round_deadline
@@ -342,7 +352,8 @@ class StalenessRounds:
 
     def _take(self) -> list[_Pending]:
         """Everything finished so far; waits up to the deadline for the first one."""
-        deadline = time.monotonic() + self._deadline()
+        start = self._round_started if self._round_started is not None else time.monotonic()
+        deadline = start + self._deadline()
         with self._outbox_ready:
             while not self._outbox and not self._closed and not self._finishing:
                 remaining = deadline - time.monotonic()
@@ -385,6 +396,7 @@ class StalenessRounds:
         from elastic.engine import Kind, Request
 
         t = self._round
+        self._round_started = time.monotonic()
         with self._outbox_ready:
             finishing = self._finishing and not self._outbox and not pending
         combined, contribs = self._combine(pending)
@@ -411,11 +423,12 @@ class StalenessRounds:
         return result
 
     def _gather(self, message: torch.Tensor, kind: object, request: object) -> list[torch.Tensor]:
-        sizes = self._engine.submit(request(kind.ALLGATHER, [torch.tensor([message.numel()])]))  # type: ignore[attr-defined,operator]
-        counts = [int(c) for c in sizes.result()[0].tolist()]
-        data = self._engine.submit(request(kind.ALLGATHER, [message])).result()[0]  # type: ignore[attr-defined,operator]
+        """Every member's message, in rank order, from one allgather (the engine's
+        negotiation already exchanged the sizes)."""
+        gather = request(kind.ALLGATHER, [message])  # type: ignore[attr-defined,operator]
+        data = self._engine.submit(gather).result()[0]
         parts, offset = [], 0
-        for count in counts:
+        for count in gather.splits:
             parts.append(data[offset:offset + count])
             offset += count
         return parts

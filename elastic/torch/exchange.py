@@ -160,7 +160,8 @@ def _momentum_from(optimizer: torch.optim.Optimizer, spec: TopKCompression) -> f
 
 
 class SyncSparseExchange:
-    """Synchronous top-k (staleness 0): one allgather of every member's payloads per step."""
+    """Synchronous top-k (staleness 0): per step one allgather of every member's payloads, or
+    one dense allreduce on steps that send every buffer dense."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
                  spec: TopKCompression, process_set: Any) -> None:
@@ -172,27 +173,17 @@ class SyncSparseExchange:
 
     def reduce(self) -> None:
         """Replace every gradient by the average of all members' sparsified gradients."""
-        from elastic.torch.collectives import allgather
-
         size = self.process_set.size() or 1
         codec = PayloadCodec(self.layout, self.compressor, size)
         flat = self.layout.gather()
-        message = codec.encode(flat, self.step)
-        gathered = allgather(message, name="horde.topk", process_set=self.process_set)
-        out = torch.zeros_like(flat)
-        offset = 0
+        payloads = codec.payloads(flat, self.step)
         expected = [s for s in (self.layout.sparse_numel,
                                 self.layout.numel - self.layout.sparse_numel) if s]
-        for _rank in range(size):
-            payloads, offset = unpack_payloads(gathered, offset, numels=expected)
-            parts = ([out[:self.layout.sparse_numel], out[self.layout.sparse_numel:]]
-                     if self.layout.sparse_numel else [out])
-            for payload, part in zip(payloads, [p for p in parts if p.numel()]):
-                add_into(payload, part, 1.0)
-        out.div_(size)
+        out, sent = average_payloads(payloads, expected, flat, size, "horde.topk",
+                                     self.process_set)
         self.layout.scatter(out)
         self.stats.rounds += 1
-        self.stats.bytes_sent += int(message.numel()) * (size - 1)
+        self.stats.bytes_sent += sent
         self.stats.dense_bytes += int(2 * (size - 1) / max(size, 1) * flat.numel()
                                       * flat.element_size())
         self.stats.last_density = self.compressor.density(self.step)
@@ -210,7 +201,8 @@ class StaleExchange:
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
                  spec: TopKCompression | None, staleness: int, round_deadline: float | None,
                  weight: Callable[[int], float] | None, process_set: Any,
-                 on_round: Callable[[RoundResult], None] | None = None) -> None:
+                 on_round: Callable[[RoundResult], None] | None = None,
+                 fp16_dense: bool = False) -> None:
         if process_set.process_set_id not in (0, None):
             raise ValueError("staleness > 0 runs on the global process set only")
         self.layout = FlatLayout(params, spec.min_sparse_numel if spec else 1 << 62)
@@ -219,6 +211,7 @@ class StaleExchange:
         self.round_deadline = round_deadline
         self.weight = weight or inverse_staleness
         self.on_round = on_round
+        self.fp16_dense = fp16_dense  # Compression.fp16: dense values travel as float16
         self.rounds: StalenessRounds | None = None
         self.applied = 0
         self.totals = RoundStats()
@@ -232,7 +225,7 @@ class StaleExchange:
         if self.rounds is not None:
             self.rounds.close()
         size = context().topology.size  # type: ignore[union-attr]
-        codec = PayloadCodec(self.layout, self.compressor, size)
+        codec = PayloadCodec(self.layout, self.compressor, size, fp16_dense=self.fp16_dense)
         on_round = self.on_round or _round_reporter()
         self.rounds = StalenessRounds(
             self.layout.numel, self.staleness, codec=codec, round_deadline=self.round_deadline,
@@ -248,6 +241,7 @@ class StaleExchange:
         self._apply(rounds.results(block=False), apply)
         while rounds.outstanding > self.staleness:
             self._apply(rounds.results(block=True, timeout=1.0), apply)
+        rounds.released()
 
     def _apply(self, results: list[RoundResult], apply: Callable[[], None]) -> None:
         for result in results:
@@ -318,6 +312,41 @@ def _evict_striker(node: str, reason: str) -> None:
                    ctx.rdzv.blacklist_cooldown)
 
 
+def average_payloads(payloads: list[SparsePayload], numels: list[int], like: torch.Tensor,
+                     size: int, name: str, process_set: Any) -> tuple[torch.Tensor, int]:
+    """The average over ranks of every rank's `payloads` (one per buffer, together
+    `like.numel()` values), and the bytes this rank sent for it.
+
+    When every buffer goes dense this step (warm-up, density above the allgather's
+    break-even, small buffers only), one dense ring allreduce carries the values, as
+    Horovod's would; otherwise one allgather of the self-delimiting payloads, added in
+    rank order into one buffer.
+    """
+    from elastic.torch.collectives import Average, allgather, allreduce
+
+    if all(p.indices is None for p in payloads):
+        dtypes = {p.values.dtype for p in payloads}
+        wire = dtypes.pop() if len(dtypes) == 1 else like.dtype
+        values = torch.cat([p.values.reshape(-1).to(wire) for p in payloads])
+        out = allreduce(values, op=Average, name=f"{name}.dense", process_set=process_set)
+        sent = int(2 * (size - 1) / size * values.numel() * values.element_size())
+        return out.to(like.dtype), sent
+    message = pack_payloads(payloads)
+    gathered = allgather(message, name=name, process_set=process_set)
+    out = torch.zeros_like(like)
+    parts = []
+    offset = 0
+    for n in numels:
+        parts.append(out[offset:offset + n])
+        offset += n
+    offset = 0
+    for _rank in range(size):
+        received, offset = unpack_payloads(gathered, offset, numels=numels)
+        for payload, part in zip(received, parts):
+            add_into(payload, part, 1.0)
+    return out.div_(size), int(message.numel()) * (size - 1)
+
+
 class TopKAllreduce:
     """Top-k sparsified averaging of named tensors, for users of `hvd.allreduce`.
 
@@ -342,21 +371,17 @@ class TopKAllreduce:
 
     def __call__(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """The average over ranks of `tensor` as top-k with error feedback transmits it."""
-        from elastic.torch.collectives import allgather
 
         size = self.process_set.size() or 1
         step = self.steps.get(name, 0)
         self.steps[name] = step + 1
         flat = tensor.detach().reshape(-1)
         payload = self.compressor.compress(name, flat, step, world_size=size)
-        message = pack_payloads([payload])
-        gathered = allgather(message, name=f"horde.topk.{name}", process_set=self.process_set)
-        payloads, _ = unpack_payloads(gathered, 0, numels=[flat.numel()] * size)
-        out = torch.zeros(flat.numel(), dtype=flat.dtype, device=flat.device)
-        for received in payloads:
-            add_into(received, out, 1.0 / size)
+        out, sent = average_payloads([payload], [flat.numel()], flat, size,
+                                     f"horde.topk.{name}", self.process_set)
         self.stats.rounds += 1
-        self.stats.bytes_sent += int(message.numel()) * (size - 1)
+        self.stats.bytes_sent += sent
+        self.stats.dense_bytes += int(2 * (size - 1) / size * flat.numel() * flat.element_size())
         self.stats.last_density = self.compressor.density(step)
         self.stats.residual_norm = self.compressor.residual_norm()
         return out.view_as(tensor)

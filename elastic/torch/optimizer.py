@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from elastic.compression import Compression, Compressor, TopKCompression
+from elastic.compression import Compression, Compressor, FP16Compressor, TopKCompression
 from elastic.engine import ReduceOp
 from elastic.torch.collectives import (
     Adasum,
@@ -112,9 +112,11 @@ class _DistributedOptimizer:
         weakref.finalize(self, _remove_hooks, self._hooks)
         sparse = isinstance(compression, TopKCompression)
         if staleness > 0:
+            fp16 = isinstance(compression, FP16Compressor) or (
+                isinstance(compression, type) and issubclass(compression, FP16Compressor))
             self._exchange = StaleExchange(self, all_params, compression if sparse else None,
                                            staleness, round_deadline, staleness_weight,
-                                           process_set)
+                                           process_set, fp16_dense=fp16)
             register_finisher(self.finish)
         elif sparse:
             self._exchange = SyncSparseExchange(self, all_params, compression, process_set)

@@ -17,4 +17,4 @@ def test_topk_allreduce_sent_plus_residual_is_the_dense_average() -> None:
     result = horderun("-np", "2", "--log-level", "WARNING", sys.executable, str(script),
                       timeout=100)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("mass error") == 2
+    assert result.stdout.count("mass error") == 4  # two ranks, plain and warm-up

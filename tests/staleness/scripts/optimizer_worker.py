@@ -21,13 +21,18 @@ STEPS = int(os.environ.get("STEPS", "40"))
 DELAY = float(os.environ.get("STEP_DELAY", "0.01"))
 SLOW_RANK = int(os.environ.get("SLOW_RANK", "-1"))
 SLOW_FACTOR = float(os.environ.get("SLOW_FACTOR", "3"))
-TOPK = float(os.environ.get("TOPK", "0"))
+TOPK = os.environ.get("TOPK", "0")  # a density, or "fp16" for Compression.fp16
 
 hvd.init()
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-compression = hvd.Compression.topk(TOPK, min_sparse_numel=256) if TOPK else hvd.Compression.none
+if TOPK == "fp16":
+    compression = hvd.Compression.fp16
+elif float(TOPK):
+    compression = hvd.Compression.topk(float(TOPK), min_sparse_numel=256)
+else:
+    compression = hvd.Compression.none
 optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                      compression=compression, staleness=STALENESS)
 generator = torch.Generator().manual_seed(100 + hvd.rank())
