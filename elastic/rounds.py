@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -148,21 +148,34 @@ class DenseCodec(Codec):
 
 @dataclass(frozen=True)
 class NormCheck:
-    """Rejects non-finite contributions and those whose norm exceeds `factor` x the median."""
+    """Rejects non-finite contributions and those whose norm exceeds `factor` x the median
+    of this round's norms and the recently accepted ones (`history` of them are kept, so
+    a round with few contributors is still checked)."""
 
     factor: float = 10.0
     min_contributions: int = 3
     max_strikes: int = 3
+    history: int = 32
 
-    def judge(self, norms: dict[int, float]) -> dict[int, str]:
-        """Reasons for rejection keyed by rank (deterministic on every member)."""
+    def __post_init__(self) -> None:
+        if self.factor <= 1 or self.min_contributions < 1 or self.max_strikes < 1 \
+                or self.history < 0:
+            raise ValueError(
+                f"NormCheck needs factor > 1, min_contributions >= 1, max_strikes >= 1 and "
+                f"history >= 0; got factor={self.factor}, min_contributions="
+                f"{self.min_contributions}, max_strikes={self.max_strikes}, "
+                f"history={self.history}")
+
+    def judge(self, norms: dict[int, float], recent: Sequence[float] = ()) -> dict[int, str]:
+        """Reasons for rejection keyed by rank (deterministic on every member, which all
+        pass the same `recent` norms)."""
         bad = {r: "non-finite values" for r, n in norms.items() if not math.isfinite(n)}
-        finite = [n for r, n in norms.items() if r not in bad]
-        if len(finite) >= self.min_contributions:
-            median = statistics.median(finite)
+        reference = [n for r, n in norms.items() if r not in bad] + list(recent)
+        if len(reference) >= self.min_contributions:
+            median = statistics.median(reference)
             for r, n in norms.items():
                 if r not in bad and median > 0 and n > self.factor * median:
-                    bad[r] = f"norm {n:.3g} exceeds {self.factor:g}x the round's median"
+                    bad[r] = f"norm {n:.3g} exceeds {self.factor:g}x the recent median"
         return bad
 
 
@@ -260,6 +273,8 @@ class StalenessRounds:
         self._step_times: deque[float] = deque(maxlen=16)
         self._released: float | None = None  # when the training thread last went on
         self._round_started: float | None = None  # when this member entered its last round
+        self._own_times: deque[float] = deque(maxlen=16)  # this member's compute times
+        self._recent_norms: deque[float] = deque(maxlen=self.norm_check.history)
         self._closed = False
         self._finishing = False
         self._all_finished = False
@@ -280,6 +295,8 @@ class StalenessRounds:
         # so time spent blocked on the rounds does not lengthen the deadline.
         step_time = now - self._released if self._released is not None else 0.0
         self._released = now
+        if step_time > 0:
+            self._own_times.append(step_time)
         with self._outbox_ready:
             self._outbox.append(_Pending(flat.detach().to(self.dtype).clone(), int(samples),
                                          int(version), step_time))
@@ -288,7 +305,9 @@ class StalenessRounds:
 
     def released(self) -> None:
         """The training thread goes on computing now (after any wait for rounds)."""
-        self._released = time.monotonic()
+        with self._outbox_ready:
+            self._released = time.monotonic()
+            self._outbox_ready.notify_all()
 
     @property
     def outstanding(self) -> int:
@@ -351,18 +370,33 @@ class StalenessRounds:
         return max(0.005, statistics.median(self._step_times))
 
     def _take(self) -> list[_Pending]:
-        """Everything finished so far; waits up to the deadline for the first one."""
+        """Everything finished so far; waits up to the deadline for the first one.
+
+        A member at the group's pace (its own median compute time at most 1.25x the
+        deadline) also waits until half a step after its gradient is due, so that jitter
+        does not push that gradient into a later round, where it could arrive too stale
+        and be dropped; a member much slower than the group never holds a round for it.
+        """
         start = self._round_started if self._round_started is not None else time.monotonic()
-        deadline = start + self._deadline()
+        pace = self._deadline()
         with self._outbox_ready:
             while not self._outbox and not self._closed and not self._finishing:
-                remaining = deadline - time.monotonic()
+                remaining = self._own_deadline(start, pace) - time.monotonic()
                 if remaining <= 0 or self._interrupted.is_set():
                     break
                 self._outbox_ready.wait(remaining)
             taken = list(self._outbox)
             self._outbox.clear()
             return taken
+
+    def _own_deadline(self, start: float, pace: float) -> float:
+        deadline = start + pace
+        released = self._released  # re-read: `released()` wakes the wait
+        if self.round_deadline is None and self._own_times and released is not None:
+            own = statistics.median(self._own_times)
+            if own <= 1.25 * pace:
+                deadline = max(deadline, released + 1.5 * own)
+        return deadline
 
     def _loop(self) -> None:
         try:
@@ -446,7 +480,8 @@ class StalenessRounds:
             except (ValueError, RuntimeError) as exc:
                 norms[rank] = float("nan")
                 logger.warning("round %d: undecodable contribution from rank %d: %s", t, rank, exc)
-        rejected = self.norm_check.judge(norms)
+        rejected = self.norm_check.judge(norms, self._recent_norms)
+        self._recent_norms.extend(n for r, n in sorted(norms.items()) if r not in rejected)
         out = torch.zeros(self.numel, dtype=self.dtype)
         contributions: list[Contribution] = []
         total = 0.0

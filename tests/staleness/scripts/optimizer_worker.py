@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 
@@ -21,7 +22,10 @@ STEPS = int(os.environ.get("STEPS", "40"))
 DELAY = float(os.environ.get("STEP_DELAY", "0.01"))
 SLOW_RANK = int(os.environ.get("SLOW_RANK", "-1"))
 SLOW_FACTOR = float(os.environ.get("SLOW_FACTOR", "3"))
-TOPK = os.environ.get("TOPK", "0")  # a density, or "fp16" for Compression.fp16
+TOPK = os.environ.get("TOPK", "0")
+# Rank POISON_RANK corrupts its gradient at two steps: NaN at one, 1e4x at the other.
+POISON_RANK = int(os.environ.get("POISON_RANK", "-1"))
+POISON = {10: float("nan"), 20: 1e4}  # a density, or "fp16" for Compression.fp16
 
 hvd.init()
 torch.manual_seed(0)
@@ -37,11 +41,19 @@ optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_par
                                      compression=compression, staleness=STALENESS)
 generator = torch.Generator().manual_seed(100 + hvd.rank())
 started = time.monotonic()
-for _ in range(STEPS):
+for step in range(STEPS):
     x = torch.randn(16, 32, generator=generator)
     y = torch.randint(0, 4, (16,), generator=generator)
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()
+    if hvd.rank() == POISON_RANK and step in POISON:
+        factor = POISON[step]
+        with torch.no_grad():
+            for p in model.parameters():
+                if math.isnan(factor):
+                    p.grad.fill_(factor)
+                else:
+                    p.grad.mul_(factor)
     time.sleep(DELAY * (SLOW_FACTOR if hvd.rank() == SLOW_RANK else 1.0))
     optimizer.step(samples=16)
 elapsed = time.monotonic() - started
@@ -50,5 +62,6 @@ digest = hashlib.sha256()
 for p in model.parameters():
     digest.update(p.detach().numpy().tobytes())
 with open(os.path.join(os.environ["OUT"], f"rank{hvd.rank()}.json"), "w") as f:
-    json.dump({"params": digest.hexdigest(), "elapsed": elapsed,
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    json.dump({"params": digest.hexdigest(), "elapsed": elapsed, "finite": finite,
                "stats": optimizer.communication_stats()}, f)
