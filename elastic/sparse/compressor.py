@@ -9,6 +9,7 @@ the tag the payload carries, without knowing the sender's settings.
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,8 @@ import torch
 
 from elastic.sparse.selection import DEFAULT_CONFIG, SelectionConfig, select_topk
 from rendezvous.errors import HordeError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DENSE_TAG", "TOPK_TAG", "HEADER_BYTES", "SparsePayloadError", "SparsePayload",
@@ -450,6 +453,7 @@ class TopKCompressor(SparseCompressor):
         self.warmup_start_density = float(warmup_start_density)
         self.min_sparse_numel = min_sparse_numel
         self.selection = selection
+        self.skipped_steps = 0  # steps whose gradient held NaN/Inf (sent nothing)
 
     def density(self, step: int) -> float:
         """Exponential warm-up from `warmup_start_density` (step 0) to the target density
@@ -479,6 +483,14 @@ class TopKCompressor(SparseCompressor):
             raise ValueError(f"buffer {name!r}: gradients must be floating point, got {grad.dtype}")
         numel = grad.numel()
         state = self._state_for(name, grad)
+        if not bool(torch.isfinite(grad).all()):
+            # Accumulating it would poison the residual (and velocity) for good.
+            self.skipped_steps += 1
+            logger.warning("top-k: the gradient of %r holds NaN/Inf at step %d; this step "
+                           "sends nothing and leaves the residual as it was", name, step)
+            empty = torch.empty(0, dtype=torch.int32, device=grad.device)
+            return SparsePayload(empty, grad.new_empty(0, dtype=self.value_dtype), numel,
+                                 grad.dtype, self.TAG)
         acc_dtype = _accumulation_dtype(grad.dtype)
         g = grad.to(acc_dtype)
         if self.clip_norm is not None:

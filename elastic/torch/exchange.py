@@ -22,6 +22,7 @@ from elastic.sparse import (
     DENSE_TAG,
     SparseCompressor,
     SparsePayload,
+    SparsePayloadError,
     add_into,
     pack_payloads,
     unpack_payloads,
@@ -186,8 +187,10 @@ class SyncSparseExchange:
         payloads = codec.payloads(flat, self.step)
         expected = [s for s in (self.layout.sparse_numel,
                                 self.layout.numel - self.layout.sparse_numel) if s]
-        out, sent = average_payloads(payloads, expected, flat, size, "horde.topk",
-                                     self.process_set)
+        dense = self.compressor.prefers_dense(self.layout.sparse_numel, self.step, size)
+        out, sent, rejected = average_payloads(
+            payloads, expected, flat, size, "horde.topk", self.process_set,
+            dense_wire=self.compressor.value_dtype if dense else None)
         self.layout.scatter(out)
         self.stats.rounds += 1
         self.stats.bytes_sent += sent
@@ -195,8 +198,9 @@ class SyncSparseExchange:
                                       * flat.element_size())
         self.stats.last_density = self.compressor.density(self.step)
         self.stats.residual_norm = self.compressor.residual_norm()
-        self.stats.accepted += size
-        self.stats.staleness[0] += size
+        self.stats.accepted += size - len(rejected)
+        self.stats.staleness[0] += size - len(rejected)
+        self.stats.rejected += len(rejected)
         self.step += 1
         if self.step % LOG_EVERY == 0:
             logger.info("top-k: %s", self.stats.as_dict())
@@ -320,24 +324,26 @@ def _evict_striker(node: str, reason: str) -> None:
 
 
 def average_payloads(payloads: list[SparsePayload], numels: list[int], like: torch.Tensor,
-                     size: int, name: str, process_set: Any) -> tuple[torch.Tensor, int]:
+                     size: int, name: str, process_set: Any,
+                     dense_wire: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor, int, list[int]]:
     """The average over ranks of every rank's `payloads` (one per buffer, together
-    `like.numel()` values), and the bytes this rank sent for it.
+    `like.numel()` values), the bytes this rank sent for it, and the ranks whose
+    payloads were rejected (indices out of range or not ascending, NaN/Inf values: left
+    out of the average on every member alike).
 
-    When every buffer goes dense this step (warm-up, density above the allgather's
-    break-even, small buffers only), one dense ring allreduce carries the values, as
-    Horovod's would; otherwise one allgather of the self-delimiting payloads, added in
-    rank order into one buffer.
+    `dense_wire`: this step is dense on every rank (warm-up, density above the
+    allgather's break-even; the same decision everywhere): one ring allreduce of the
+    values in that dtype carries it, as Horovod's would. Otherwise one allgather of the
+    self-delimiting payloads, added in rank order into one buffer.
     """
     from elastic.torch.collectives import Average, allgather, allreduce
 
-    if all(p.indices is None for p in payloads):
-        dtypes = {p.values.dtype for p in payloads}
-        wire = dtypes.pop() if len(dtypes) == 1 else like.dtype
-        values = torch.cat([p.values.reshape(-1).to(wire) for p in payloads])
+    if dense_wire is not None:
+        values = torch.cat([_dense_values(p, dense_wire) for p in payloads])
         out = allreduce(values, op=Average, name=f"{name}.dense", process_set=process_set)
         sent = int(2 * (size - 1) / size * values.numel() * values.element_size())
-        return out.to(like.dtype), sent
+        return out.to(like.dtype), sent, []
     message = pack_payloads(payloads)
     gathered = allgather(message, name=name, process_set=process_set)
     out = torch.zeros_like(like)
@@ -346,12 +352,30 @@ def average_payloads(payloads: list[SparsePayload], numels: list[int], like: tor
     for n in numels:
         parts.append(out[offset:offset + n])
         offset += n
-    offset = 0
-    for _rank in range(size):
-        received, offset = unpack_payloads(gathered, offset, numels=numels)
+    offset, accepted, rejected = 0, 0, []
+    for rank in range(size):
+        received, offset = unpack_payloads(gathered, offset, numels=numels, validate=False)
+        try:
+            for payload in received:
+                payload.validate()
+        except SparsePayloadError as exc:
+            # Every member sees the same bytes, so every member rejects the same rank.
+            logger.warning("top-k: rejected the gradient of rank %d: %s", rank, exc)
+            rejected.append(rank)
+            continue
         for payload, part in zip(received, parts):
             add_into(payload, part, 1.0)
-    return out.div_(size), int(message.numel()) * (size - 1)
+        accepted += 1
+    return out.div_(max(accepted, 1)), int(message.numel()) * (size - 1), rejected
+
+
+def _dense_values(payload: SparsePayload, dtype: torch.dtype) -> torch.Tensor:
+    """A payload's values as a dense vector (zeros where a sparse one sends nothing)."""
+    if payload.indices is None:
+        return payload.values.reshape(-1).to(dtype)
+    out = torch.zeros(payload.numel, dtype=dtype, device=payload.values.device)
+    out.index_copy_(0, payload.indices.long(), payload.values.to(dtype))
+    return out
 
 
 class TopKAllreduce:
@@ -384,8 +408,11 @@ class TopKAllreduce:
         self.steps[name] = step + 1
         flat = tensor.detach().reshape(-1)
         payload = self.compressor.compress(name, flat, step, world_size=size)
-        out, sent = average_payloads([payload], [flat.numel()], flat, size,
-                                     f"horde.topk.{name}", self.process_set)
+        dense = self.compressor.prefers_dense(flat.numel(), step, size)
+        out, sent, rejected = average_payloads(
+            [payload], [flat.numel()], flat, size, f"horde.topk.{name}", self.process_set,
+            dense_wire=self.compressor.value_dtype if dense else None)
+        self.stats.rejected += len(rejected)
         self.stats.rounds += 1
         self.stats.bytes_sent += sent
         self.stats.dense_bytes += int(2 * (size - 1) / size * flat.numel() * flat.element_size())

@@ -317,3 +317,17 @@ def test_registry_decodes_by_tag() -> None:
         codec_for(250)
     with pytest.raises(SparsePayloadError, match="numel=6"):
         add_into(p, torch.zeros(5))
+
+
+def test_a_nan_gradient_sends_nothing_and_leaves_the_residual_clean() -> None:
+    comp = TopKCompressor(0.01, momentum=0.9)
+    torch.manual_seed(0)
+    comp.compress("g", torch.randn(10_000), 0)
+    residual = comp.residual("g").clone()
+    bad = torch.randn(10_000)
+    bad[7] = float("nan")
+    payload = comp.compress("g", bad, 1)
+    assert payload.count == 0
+    assert comp.skipped_steps == 1
+    assert torch.equal(comp.residual("g"), residual)
+    assert torch.isfinite(comp.compress("g", torch.randn(10_000), 2).values).all()

@@ -55,3 +55,12 @@ def test_nan_and_outlying_contributions_are_rejected_with_a_strike(tmp_path: Pat
     assert stats["rejected"] == 2, stats
     assert sorted(stats["strikes"].values()) == [2], stats["strikes"]
     assert all(r["stats"]["strikes"] == stats["strikes"] for r in ranks)
+
+
+def test_synchronous_topk_leaves_out_a_nan_gradient_and_recovers(tmp_path: Path) -> None:
+    ranks = run(tmp_path, 2, STALENESS="0", TOPK="0.05", POISON_RANK="1", POISON="10:nan",
+                STEPS="30")
+    assert ranks[0]["params"] == ranks[1]["params"], "members' parameters differ"
+    assert all(r["finite"] for r in ranks), "the NaN gradient reached the parameters"
+    # Only the poisoned step is left out: rank 1's residual stayed clean afterwards.
+    assert [r["stats"]["rejected"] for r in ranks] == [1, 1]

@@ -22,10 +22,11 @@ STEPS = int(os.environ.get("STEPS", "40"))
 DELAY = float(os.environ.get("STEP_DELAY", "0.01"))
 SLOW_RANK = int(os.environ.get("SLOW_RANK", "-1"))
 SLOW_FACTOR = float(os.environ.get("SLOW_FACTOR", "3"))
-TOPK = os.environ.get("TOPK", "0")
-# Rank POISON_RANK corrupts its gradient at two steps: NaN at one, 1e4x at the other.
+TOPK = os.environ.get("TOPK", "0")  # a density, or "fp16" for Compression.fp16
+# Rank POISON_RANK corrupts its gradient at the steps of POISON (step:factor; nan fills).
 POISON_RANK = int(os.environ.get("POISON_RANK", "-1"))
-POISON = {10: float("nan"), 20: 1e4}  # a density, or "fp16" for Compression.fp16
+POISON = {int(k): float(v) for k, v in (item.split(":") for item in
+          os.environ.get("POISON", "10:nan,20:1e4").split(","))}
 
 hvd.init()
 torch.manual_seed(0)
