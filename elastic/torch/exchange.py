@@ -287,8 +287,14 @@ def _round_reporter() -> Callable[[RoundResult], None] | None:
     return lambda result: sink.record(report_from_round(job, members, result))
 
 
-def report_synchronous_step(samples: int, process_set: Any) -> None:
-    """Synchronous steps: exchange every member's sample count and report the round."""
+def report_synchronous_step(samples: int | None, process_set: Any) -> None:
+    """Synchronous steps: report the round to the coordinator, when there is one.
+
+    The allreduce that just completed is itself the proof that every member took part.
+    With `samples=None` (the default, and what every Horovod script passes) each member
+    counts one sample per step and nothing more is exchanged; with explicit counts, one
+    allgather shares them (pass `samples` on every rank or on none).
+    """
     from elastic.reporting import report_synchronous
     from elastic.torch.collectives import allgather
     from elastic.torch.runtime import context, reporter
@@ -297,13 +303,17 @@ def report_synchronous_step(samples: int, process_set: Any) -> None:
     if sink is None or process_set.process_set_id not in (0, None):
         return
     ctx = context()
-    counts = allgather(torch.tensor([int(samples)]), name="horde.samples").tolist()
     generation = ctx.generation
+    members = list(generation.node_ids)  # type: ignore[union-attr]
+    if samples is None:
+        counts = [1] * len(members)
+    else:
+        counts = allgather(torch.tensor([int(samples)]), name="horde.samples").tolist()
     steps = _sync_steps.get(generation.id, 0)  # type: ignore[union-attr]
     _sync_steps.clear()
     _sync_steps[generation.id] = steps + 1  # type: ignore[union-attr]
     sink.record(report_synchronous(ctx.rdzv.job, generation.id,  # type: ignore[union-attr]
-                                   steps, list(generation.node_ids), counts))  # type: ignore[union-attr]
+                                   steps, members, counts))
 
 
 _sync_steps: dict[int, int] = {}

@@ -351,8 +351,7 @@ class _DistributedOptimizer:
                     "optimizer.synchronize() in your code.", stacklevel=2)
             self.synchronize()
             if self._included() and (self.process_set.size() or 1) > 1:
-                report_synchronous_step(1 if samples is None else int(samples),
-                                        self.process_set)
+                report_synchronous_step(samples, self.process_set)
         self._synchronized = False
         return super().step(closure)  # type: ignore[misc]
 

@@ -35,12 +35,14 @@ def ledger(db: Path) -> dict[str, int]:
         return {node: int(total) for node, total in rows}
 
 
-def test_default_horderun_credits_its_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pass_samples", ["1", "0"], ids=["step(samples=n)", "step()"])
+def test_default_horderun_credits_its_workers(tmp_path: Path, pass_samples: str) -> None:
     out = tmp_path / "logs"
     out.mkdir()
     db = tmp_path / "ledger.sqlite"
     result = horderun("-np", "2", "--coordinator-db", f"sqlite:///{db}", sys.executable, SCRIPT,
-                      env=repo_env(OUT=str(out), STEPS="20", STEP_DELAY="0.02"), timeout=180)
+                      env=repo_env(OUT=str(out), STEPS="20", STEP_DELAY="0.02",
+                                   PASS_SAMPLES=pass_samples), timeout=180)
     assert result.returncode == 0, result.stderr
     assert "status page http://127.0.0.1:" in result.stderr
     assert ledger(db) == own_samples(out)

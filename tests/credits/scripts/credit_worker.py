@@ -16,6 +16,8 @@ from elastic.torch import runtime
 
 STEPS = int(os.environ.get("STEPS", "60"))
 DELAY = float(os.environ.get("STEP_DELAY", "0.05"))
+# "0": a plain Horovod step() (no sample count): every member is credited 1 per step.
+PASS_SAMPLES = os.environ.get("PASS_SAMPLES", "1") == "1"
 
 hvd.init()
 ctx = runtime.context()
@@ -24,15 +26,19 @@ model = torch.nn.Linear(8, 2)
 optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                      named_parameters=model.named_parameters())
 batch = 4 + hvd.rank()
+credited = batch if PASS_SAMPLES else 1
 with open(os.path.join(os.environ["OUT"], f"{ctx.node_id}.log"), "w") as log:
     for step in range(STEPS):
         x = torch.randn(batch, 8)
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long))
         loss.backward()
-        optimizer.step(samples=batch)
+        if PASS_SAMPLES:
+            optimizer.step(samples=batch)
+        else:
+            optimizer.step()
         hvd.record_loss(loss.item())
-        log.write(f"{ctx.generation.id} {step} {batch}\n")
+        log.write(f"{ctx.generation.id} {step} {credited}\n")
         log.flush()
         time.sleep(DELAY)
 hvd.shutdown()
