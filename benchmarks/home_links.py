@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,8 +50,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "workers"))
 from benchtable import table, write_json  # noqa: E402
-from commbench import JobFailed, run_in_lab  # noqa: E402
-from netlab import LabUnavailable, NetLab, require_lab_tools  # noqa: E402
+from commbench import run_in_lab, run_in_netlab  # noqa: E402
 
 WORKERS = 4
 GOAL_SPEEDUP = 5.0
@@ -181,49 +178,29 @@ def main(argv: list[str] | None = None) -> int:
               or c["name"] in [x.strip() for x in args.configs.split(",")]]
     if not wanted or any(r <= 0 for r in rates):
         parser.error("--configs selects nothing or a rate is not positive")
-    try:
-        require_lab_tools()
-    except LabUnavailable as exc:
-        sys.stderr.write(f"home_links: cannot run: {exc}\n")
-        return 2
-    from rendezvous.embedded import EmbeddedEtcd
-
-    tmp = Path(tempfile.mkdtemp(prefix="horde-homelinks-"))
     results: list[dict[str, Any]] = []
     started = time.monotonic()
-    etcd = None
-    done = False
     common = ["--steps", str(args.steps), "--time-budget", str(args.budget),
               "--snapshot-interval", "0.5", "--target", str(args.target),
               "--lr", str(args.lr), "--momentum", str(args.momentum)]
-    try:
-        with NetLab(WORKERS, "hl") as lab:
-            etcd = EmbeddedEtcd(host=lab.bridge_address)
-            for rate in rates:
-                lab.shape(rate)
-                for config in wanted:
-                    sys.stderr.write(f"home_links: {rate:g} Mbit/s, {config['name']} ...\n")
-                    out = tmp / f"{rate:g}_{config['name'].replace(' ', '_')}"
-                    ranks = run_in_lab(lab, etcd.url, [*common, *config["args"]], out,
-                                       args.budget + 240, f"{rate:g} Mbit/s {config['name']}",
-                                       args.coordinator)
-                    results.append(summarise(config, rate, ranks, args.target))
-                    r = results[-1]
-                    sys.stderr.write(f"home_links:   time to target {r['time_to_target']:.1f} s,"
-                                     f" {r['steps']} steps, final {r['final_accuracy']:.4f}\n")
-            etcd.stop()
-        done = True
-    except LabUnavailable as exc:
-        sys.stderr.write(f"home_links: cannot run: {exc}\n")
-        return 2
-    except JobFailed as exc:
-        sys.stderr.write(f"home_links: {exc}\n(logs kept in {tmp})\n")
-        return 1
-    finally:
-        if etcd is not None:
-            etcd.stop()
-        if done and not args.keep_logs:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def body(lab: Any, etcd: Any, tmp: Path) -> None:
+        for rate in rates:
+            lab.shape(rate)
+            for config in wanted:
+                sys.stderr.write(f"home_links: {rate:g} Mbit/s, {config['name']} ...\n")
+                out = tmp / f"{rate:g}_{config['name'].replace(' ', '_')}"
+                ranks = run_in_lab(lab, etcd.url, [*common, *config["args"]], out,
+                                   args.budget + 240, f"{rate:g} Mbit/s {config['name']}",
+                                   args.coordinator)
+                results.append(summarise(config, rate, ranks, args.target))
+                r = results[-1]
+                sys.stderr.write(f"home_links:   time to target {r['time_to_target']:.1f} s,"
+                                 f" {r['steps']} steps, final {r['final_accuracy']:.4f}\n")
+
+    code = run_in_netlab("home_links", "hl", WORKERS, args.keep_logs, body)
+    if code:
+        return code
     project(results)
     elapsed = time.monotonic() - started
     print(f"Home links: {WORKERS} workers in network namespaces, each link tbf-limited at both "

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,8 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "workers"))
 from benchtable import table, write_json  # noqa: E402
-from commbench import JobFailed, run_in_lab  # noqa: E402
-from netlab import LabUnavailable, NetLab, require_lab_tools  # noqa: E402
+from commbench import run_in_lab, run_in_netlab  # noqa: E402
 
 WORKERS = 4
 DIMS = (1024, 2048, 2048, 10)
@@ -182,41 +179,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results as JSON to this path")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        require_lab_tools()
-    except LabUnavailable as exc:
-        sys.stderr.write(f"wire_bytes: cannot run: {exc}\n")
-        return 2
-    from rendezvous.embedded import EmbeddedEtcd
-
-    tmp = Path(tempfile.mkdtemp(prefix="horde-wire-"))
-    results = []
+    results: list[dict[str, Any]] = []
     started = time.monotonic()
-    etcd = None
-    done = False
-    try:
-        with NetLab(WORKERS, "wb") as lab:
-            etcd = EmbeddedEtcd(host=lab.bridge_address)
-            for config in configs(args.extras):
-                sys.stderr.write(f"wire_bytes: {config['name']} ...\n")
-                ranks = run_in_lab(lab, etcd.url,
-                                   worker_args(config, args.steps, args.warmup, etcd.port),
-                                   tmp / config["name"].replace(" ", "_").replace("%", "pc"),
-                                   args.timeout, config["name"], args.coordinator)
-                results.append(summarise(config, ranks, args.steps))
-            etcd.stop()
-        done = True
-    except LabUnavailable as exc:
-        sys.stderr.write(f"wire_bytes: cannot run: {exc}\n")
-        return 2
-    except JobFailed as exc:
-        sys.stderr.write(f"wire_bytes: {exc}\n(logs kept in {tmp})\n")
-        return 1
-    finally:
-        if etcd is not None:
-            etcd.stop()
-        if done and not args.keep_logs:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def body(lab: Any, etcd: Any, tmp: Path) -> None:
+        for config in configs(args.extras):
+            sys.stderr.write(f"wire_bytes: {config['name']} ...\n")
+            ranks = run_in_lab(lab, etcd.url,
+                               worker_args(config, args.steps, args.warmup, etcd.port),
+                               tmp / config["name"].replace(" ", "_").replace("%", "pc"),
+                               args.timeout, config["name"], args.coordinator)
+            results.append(summarise(config, ranks, args.steps))
+
+    code = run_in_netlab("wire_bytes", "wb", WORKERS, args.keep_logs, body)
+    if code:
+        return code
     elapsed = time.monotonic() - started
     params = results[0]["params"]
     print(f"Wire bytes per worker per step: {WORKERS} workers in network namespaces, MLP "

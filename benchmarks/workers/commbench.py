@@ -10,8 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +152,42 @@ def run_in_lab(lab: Any, etcd_url: str, worker_args: list[str], out: Path, timeo
         for proc in procs:
             stop_group(proc)
     return read_ranks(out, n)
+
+
+def run_in_netlab(name: str, tag: str, workers: int, keep_logs: bool,
+                  body: Callable[[Any, Any, Path], None]) -> int:
+    """Build a `NetLab` of `workers` namespaces and an embedded etcd on its bridge, call
+    `body(lab, etcd, logdir)`, and tear everything down.
+
+    Returns 0; 2 (said on stderr) when the lab cannot be built (not root, tools missing);
+    1 when a job failed (its logs are kept and named).
+    """
+    from netlab import LabUnavailable, NetLab, require_lab_tools
+
+    try:
+        require_lab_tools()
+    except LabUnavailable as exc:
+        sys.stderr.write(f"{name}: cannot run: {exc}\n")
+        return 2
+    from rendezvous.embedded import EmbeddedEtcd
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"horde-{name}-"))
+    etcd = None
+    done = False
+    try:
+        with NetLab(workers, tag) as lab:
+            etcd = EmbeddedEtcd(host=lab.bridge_address)
+            body(lab, etcd, tmp)
+        done = True
+    except LabUnavailable as exc:
+        sys.stderr.write(f"{name}: cannot run: {exc}\n")
+        return 2
+    except JobFailed as exc:
+        sys.stderr.write(f"{name}: {exc}\n(logs kept in {tmp})\n")
+        return 1
+    finally:
+        if etcd is not None:
+            etcd.stop()
+        if done and not keep_logs:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
