@@ -213,10 +213,33 @@ def pack(header: dict, payload: torch.Tensor) -> torch.Tensor:
 
 def unpack(message: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """Inverse of `pack`; the payload is a view into `message`."""
+    if message.numel() < _HEADER.size:
+        raise ValueError(f"a message of {message.numel()} bytes has no header")
     (length,) = _HEADER.unpack(bytes(message[:_HEADER.size].tolist()))
     header = json.loads(bytes(message[_HEADER.size:_HEADER.size + length].tolist()))
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is {type(header).__name__}, not an object")
     start = _padded(_HEADER.size + length)
-    return header, message[start:start + int(header.get("payload_bytes", 0))]
+    size = header.get("payload_bytes", 0)
+    if type(size) is not int or not 0 <= size <= message.numel() - start:
+        raise ValueError(f"payload_bytes {size!r} does not fit the {message.numel()}-byte message")
+    return header, message[start:start + size]
+
+
+def _checked(header: dict, payload: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """A peer's header with the fields the rounds read checked for type and range;
+    ValueError names the first bad one."""
+    contribs = header.get("contribs", [])
+    if not isinstance(contribs, list) or not all(
+            isinstance(c, list) and len(c) == 2 and all(type(x) is int for x in c)
+            and c[0] >= 0 for c in contribs):
+        raise ValueError("contribs must be a list of [samples >= 0, version] integer pairs")
+    step_time = header.get("step_time", 0.0)
+    if type(step_time) not in (int, float) or not 0.0 <= step_time < 1e6:
+        raise ValueError(f"step_time {step_time!r} is not a duration in seconds")
+    if not isinstance(header.get("finishing", False), bool):
+        raise ValueError("finishing must be true or false")
+    return header, payload
 
 
 class StalenessRounds:
@@ -259,6 +282,8 @@ class StalenessRounds:
         self.on_strikes = on_strikes
         self.generation = ctx.generation.id  # type: ignore[union-attr]
         self.node_id = ctx.node_id
+        self._members = list(ctx.generation.node_ids)  # type: ignore[union-attr]
+        self._peers_finishing = False
         self.rank = ctx.topology.rank  # type: ignore[union-attr]
         self.size = ctx.topology.size  # type: ignore[union-attr]
         self._interrupted = ctx._interrupted
@@ -448,7 +473,7 @@ class StalenessRounds:
         self.stats.bytes_sent += int(message.numel()) * (self.size - 1)
         gathered = self._gather(message, Kind, Request)
         result = self._aggregate(t, gathered)
-        self._all_finished = all(unpack(m)[0].get("finishing") for m in gathered)
+        self._all_finished = self._peers_finishing
         self._round += 1
         self.stats.rounds += 1
         self.stats.residual_norm = self.codec.residual_norm()
@@ -470,8 +495,18 @@ class StalenessRounds:
     def _aggregate(self, t: int, gathered: list[torch.Tensor]) -> RoundResult:
         """Decide and add, identically on every member, in rank order, into one buffer."""
         version = self._version
-        entries: list[tuple[dict, torch.Tensor]] = [unpack(m) for m in gathered]
-        norms: dict[int, float] = {}
+        entries: list[tuple[dict, torch.Tensor]] = []
+        malformed: dict[int, str] = {}
+        for rank, message in enumerate(gathered):
+            try:
+                entries.append(_checked(*unpack(message)))
+            except (ValueError, TypeError, KeyError, struct.error) as exc:
+                # A peer's garbage costs it a strike; it must not end the generation.
+                malformed[rank] = f"malformed message ({exc})"
+                logger.warning("round %d: malformed message from rank %d: %s", t, rank, exc)
+                entries.append(({}, torch.empty(0, dtype=torch.uint8)))
+        self._peers_finishing = all(h.get("finishing") for h, _ in entries)
+        norms: dict[int, float] = {rank: float("nan") for rank in malformed}
         for rank, (_header, payload) in enumerate(entries):
             if payload.numel() == 0:
                 continue
@@ -480,13 +515,13 @@ class StalenessRounds:
             except (ValueError, RuntimeError) as exc:
                 norms[rank] = float("nan")
                 logger.warning("round %d: undecodable contribution from rank %d: %s", t, rank, exc)
-        rejected = self.norm_check.judge(norms, self._recent_norms)
+        rejected = {**self.norm_check.judge(norms, self._recent_norms), **malformed}
         self._recent_norms.extend(n for r, n in sorted(norms.items()) if r not in rejected)
         out = torch.zeros(self.numel, dtype=self.dtype)
         contributions: list[Contribution] = []
         total = 0.0
         for rank, (header, payload) in enumerate(entries):
-            node = str(header.get("node", f"rank{rank}"))
+            node = self._members[rank]  # by rank, never by what the header claims
             if header.get("step_time"):
                 self._step_times.append(float(header["step_time"]))
             mass = 0.0

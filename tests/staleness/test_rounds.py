@@ -55,3 +55,15 @@ def test_contributions_staler_than_the_bound_are_dropped_and_counted(tmp_path: P
         assert by_round[0][t]["hash"] == by_round[1][t]["hash"]
         for _rank, staleness, accepted in by_round[0][t]["contributions"]:
             assert accepted == (staleness <= 1)
+
+
+def test_a_malformed_message_costs_its_sender_a_strike_not_the_generation(
+        tmp_path: Path) -> None:
+    ranks = run(tmp_path, 3, STALENESS="2", MALFORM_RANK="1", STEPS="20")
+    by_round = [{e["round"]: e for e in r["log"]} for r in ranks]
+    for t in common_rounds(ranks):
+        assert len({b[t]["hash"] for b in by_round}) == 1, f"members diverged at round {t}"
+    stats = [r["stats"] for r in ranks]
+    assert all(s["rejected"] == 1 for s in stats), stats
+    assert all(len(s["strikes"]) == 1 and list(s["strikes"].values()) == [1] for s in stats)
+    assert stats[0]["strikes"] == stats[1]["strikes"] == stats[2]["strikes"]

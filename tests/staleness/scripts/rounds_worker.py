@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import time
 
 import torch
@@ -21,8 +22,25 @@ FAST = float(os.environ.get("FAST_STEP", "0.02"))
 SLOW = float(os.environ.get("SLOW_STEP", "0.05"))
 SLOW_RANK = int(os.environ.get("SLOW_RANK", "-1"))
 
+# Rank MALFORM_RANK sends garbage instead of its 5th message (a JSON list as header).
+MALFORM_RANK = int(os.environ.get("MALFORM_RANK", "-1"))
+
 hvd.init()
 rank = hvd.rank()
+if rank == MALFORM_RANK:
+    import elastic.rounds as rounds_module
+
+    real_pack, sent = rounds_module.pack, [0]
+
+    def garbage_once(header: dict, payload: torch.Tensor) -> torch.Tensor:
+        sent[0] += 1
+        if sent[0] != 5:
+            return real_pack(header, payload)
+        raw = b"[1, 2]"
+        return torch.tensor(list(struct.pack("<I", len(raw)) + raw + b"\0\0"),
+                            dtype=torch.uint8)
+
+    rounds_module.pack = garbage_once
 rounds = StalenessRounds(500, staleness=STALENESS)
 param = torch.zeros(500)
 applied = 0
