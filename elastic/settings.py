@@ -25,6 +25,9 @@ class WorkerSettings:
     reset_limit: int | None = None
     order: int = 0
     log_level: str = ""
+    batch: str = ""
+    """The launch batch (one `horderun` start of several workers), admitted together."""
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.collective_timeout <= 0:
@@ -48,4 +51,6 @@ class WorkerSettings:
             reset_limit=int(limit) if limit not in ("", "None") else None,
             order=int(env.get("HORDE_ORDER", "0")),
             log_level=env.get("HORDE_LOG_LEVEL", ""),
+            batch=env.get("HORDE_BATCH", ""),
+            batch_size=int(env.get("HORDE_BATCH_SIZE", "1")),
         )

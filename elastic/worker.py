@@ -75,7 +75,8 @@ class WorkerContext:
         info = NodeInfo(node_id=self.node_id, host=self.settings.hostname,
                         addr=self.settings.advertise_addr,
                         store_port=self._store_server.port, pid=os.getpid(),
-                        order=self.settings.order)
+                        order=self.settings.order, batch=self.settings.batch,
+                        batch_size=self.settings.batch_size)
         self.agent = NodeAgent(backend, self.rdzv, info)
         self.agent.add_listener(self._on_control)
         self.agent.start()

@@ -25,6 +25,9 @@ class NodeInfo:
     #: launcher-assigned position, so the first generation's ranks follow launch order
     order: int = 0
     hardware: dict[str, Any] = field(default_factory=dict)
+    #: launch batch: the workers one `horderun` started together, admitted together
+    batch: str = ""
+    batch_size: int = 1
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

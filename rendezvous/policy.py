@@ -83,10 +83,23 @@ def eligible_nodes(view: ClusterView) -> list[NodeInfo]:
 
 def _settled(view: ClusterView, newcomers: list[NodeInfo], settings: RendezvousSettings,
              now: float) -> tuple[bool, float]:
+    """Whether the joins have settled: no newcomer for a settle window (at most
+    MAX_SETTLE_FACTOR windows after the first), and no launch batch still incomplete.
+
+    A launch batch (the workers one `horderun` started together) whose members have not
+    all registered holds the joins for up to `start_timeout` after its first member:
+    starting several Python processes can take longer than a settle window, and admitting
+    them one by one would cost a reset each.
+    """
     seen = [view.first_seen.get(n.node_id, now) for n in newcomers]
     quiet_at = max(seen) + settings.settle_window
     cap_at = min(seen) + settings.settle_window * MAX_SETTLE_FACTOR
     wake = min(quiet_at, cap_at)
+    for batch, size in {(n.batch, n.batch_size) for n in newcomers if n.batch}:
+        members = [n for n in view.nodes.values() if n.batch == batch]
+        if len(members) < size:
+            first = min(view.first_seen.get(n.node_id, now) for n in members)
+            wake = max(wake, first + settings.start_timeout)
     return now >= wake, wake
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from elastic.launcher import hosts as hostlib
@@ -170,6 +171,12 @@ class Launcher:
 
     # -- workers ----------------------------------------------------------------------
 
+    def _spawn_batch(self, count: int, url: str, job_env: dict[str, str]) -> None:
+        """Start `count` workers as one launch batch: the leader admits them together."""
+        batch = {"HORDE_BATCH": uuid.uuid4().hex[:12], "HORDE_BATCH_SIZE": str(count)}
+        for _ in range(count):
+            self._spawn(url, {**job_env, **batch})
+
     def _spawn(self, url: str, job_env: dict[str, str]) -> Worker:
         index = self._next_index
         self._next_index += 1
@@ -282,8 +289,7 @@ class Launcher:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, self._on_signal)
                 signal.signal(signal.SIGTERM, self._on_signal)
-            for _ in range(self.plan.np):
-                self._spawn(url, job_env)
+            self._spawn_batch(self.plan.np, url, job_env)
             return self._supervise(url, job_env)
         finally:
             self._terminate_all()
@@ -389,8 +395,9 @@ class Launcher:
             return
         wanted, _remote = hostlib.local_slots(found)
         live = [w for w in self.workers if w.code is None and w.proc.poll() is None]
-        for _ in range(max(0, min(wanted, self.plan.rdzv.max_np) - len(live))):
-            self._spawn(url, job_env)
+        missing = max(0, min(wanted, self.plan.rdzv.max_np) - len(live))
+        if missing:
+            self._spawn_batch(missing, url, job_env)
         for w in live[wanted:]:
             logger.info("host discovery removed a slot; asking worker %d to leave", w.index)
             w.proc.send_signal(signal.SIGTERM)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 
 import pytest
 
@@ -216,8 +217,10 @@ def test_newcomers_fill_only_up_to_max_np() -> None:
 
 
 def _simulate(s: RendezvousSettings, arrivals: dict[str, float], until: float,
-              step: float = 0.01) -> list[tuple[float, tuple[str, ...]]]:
-    """Run the leader loop on a time line: nodes appear at `arrivals`; returns publishes."""
+              step: float = 0.01, batch: tuple[str, int] | None = None
+              ) -> list[tuple[float, tuple[str, ...]]]:
+    """Run the leader loop on a time line: nodes appear at `arrivals` (all of launch
+    batch `batch` = (id, size) when given); returns publishes."""
     gen = generation(0, ["a", "b"])
     infos = {"a": node("a"), "b": node("b")}
     first_seen = {"a": T0 - 100, "b": T0 - 100}
@@ -226,7 +229,8 @@ def _simulate(s: RendezvousSettings, arrivals: dict[str, float], until: float,
         now = T0 + tick * step
         for node_id, at in arrivals.items():
             if at <= now and node_id not in infos:
-                infos[node_id] = node(node_id)
+                infos[node_id] = node(node_id) if batch is None else replace(
+                    node(node_id), batch=batch[0], batch_size=batch[1])
                 first_seen[node_id] = now
         v = ClusterView(generation=gen, nodes=dict(infos), first_seen=dict(first_seen),
                         wall_now=WALL)
@@ -254,6 +258,23 @@ def test_join_after_a_quiet_settle_window_is_a_second_generation() -> None:
     s = settings(max_np=8, settle_window=1.0)
     published = _simulate(s, {"c": T0 + 0.1, "d": T0 + 3.0}, until=T0 + 6)
     assert [m for _, m in published] == [("a", "b", "c"), ("a", "b", "c", "d")]
+
+
+def test_a_launch_batch_slower_than_the_settle_window_is_admitted_at_once() -> None:
+    s = settings(max_np=8, settle_window=0.3)
+    arrivals = {"c": T0 + 0.1, "d": T0 + 1.5, "e": T0 + 2.9}  # 1.4 s apart: > a window
+    assert [m for _, m in _simulate(s, arrivals, until=T0 + 6)] == [
+        ("a", "b", "c"), ("a", "b", "c", "d"), ("a", "b", "c", "d", "e")]
+    published = _simulate(s, arrivals, until=T0 + 6, batch=("x1", 3))
+    assert [m for _, m in published] == [("a", "b", "c", "d", "e")]
+    assert T0 + 2.9 <= published[0][0] <= T0 + 2.9 + s.settle_window + 0.01
+
+
+def test_an_incomplete_launch_batch_is_admitted_after_the_start_timeout() -> None:
+    s = settings(max_np=8, settle_window=0.3, start_timeout=5.0)
+    published = _simulate(s, {"c": T0 + 0.1, "d": T0 + 0.2}, until=T0 + 8,
+                          batch=("x1", 3))  # the third worker never registers
+    assert published == [(pytest.approx(T0 + 0.1 + 5.0), ("a", "b", "c", "d"))]
 
 
 def test_steady_trickle_of_joins_is_capped_by_max_settle_factor() -> None:
