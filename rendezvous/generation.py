@@ -46,6 +46,9 @@ class Member:
     host: str
     addr: str
     slots: int = 1
+    #: the lease it was registered under when admitted: a different one later means
+    #: that registration died and the node came back as a newcomer
+    lease: int = 0
 
 
 @dataclass(frozen=True)

@@ -115,9 +115,15 @@ def decide(view: ClusterView, settings: RendezvousSettings, now: float) -> Decis
     if gen is None:
         return _first_generation(view, candidates, settings, now)
 
-    alive = [m.node_id for m in gen.members if m.node_id in by_id]
-    gone = [m.node_id for m in gen.members if m.node_id not in by_id]
-    newcomers = [n for n in candidates if gen.rank_of(n.node_id) is None]
+    # A member registered under another lease than the one it was admitted with lost
+    # that registration (its lease expired or was revoked) and came back: gone, and a
+    # newcomer again.
+    returned = {m.node_id for m in gen.members if m.node_id in by_id and m.lease
+                and by_id[m.node_id].lease and by_id[m.node_id].lease != m.lease}
+    alive = [m.node_id for m in gen.members if m.node_id in by_id and m.node_id not in returned]
+    gone = [m.node_id for m in gen.members if m.node_id not in by_id or m.node_id in returned]
+    newcomers = [n for n in candidates
+                 if gen.rank_of(n.node_id) is None or n.node_id in returned]
     ready = [m for m in alive if m in view.ready]
 
     if gone or ready:
@@ -206,7 +212,8 @@ def build_generation(previous: Generation | None, members: tuple[str, ...],
                      nodes: dict[str, NodeInfo], reason: str, wall_now: float) -> Generation:
     """The generation record for `members`; its store lives on rank 0's own store server."""
     records = tuple(
-        Member(node_id=n, host=nodes[n].host, addr=nodes[n].addr, slots=nodes[n].slots)
+        Member(node_id=n, host=nodes[n].host, addr=nodes[n].addr, slots=nodes[n].slots,
+               lease=nodes[n].lease)
         for n in members
     )
     first = nodes[members[0]]

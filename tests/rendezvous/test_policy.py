@@ -577,3 +577,16 @@ def test_blacklist_entry_active_until_exclusive() -> None:
 def test_job_status_round_trip() -> None:
     status = JobStatus("failed", "the job had 1 worker(s)")
     assert JobStatus.from_json(status.to_json()) == status
+
+
+def test_member_back_under_a_new_lease_is_dropped_and_readmitted_last() -> None:
+    # Its registration died (lease revoked or expired) and it registered again before
+    # the leader looked: the generation must change, or it would wait for admission forever.
+    infos = [replace(node(n), lease=lease) for n, lease in (("a", 1), ("b", 2), ("c", 3))]
+    gen = build_generation(None, ("a", "b", "c"), nodes_of(*infos), "job started", WALL)
+    back = [infos[0], replace(infos[1], lease=22), infos[2]]
+    d = decide(view(gen, back), settings(max_np=4), T0)
+    assert d.action == Action.PUBLISH
+    assert d.members == ("a", "c", "b")
+    unchanged = decide(view(gen, infos), settings(max_np=4), T0)
+    assert unchanged.action == Action.WAIT
