@@ -24,6 +24,7 @@ from elastic.sparse import (
     SparsePayload,
     SparsePayloadError,
     add_into,
+    allreduce_bytes,
     pack_payloads,
     unpack_payloads,
 )
@@ -194,8 +195,7 @@ class SyncSparseExchange:
         self.layout.scatter(out)
         self.stats.rounds += 1
         self.stats.bytes_sent += sent
-        self.stats.dense_bytes += int(2 * (size - 1) / max(size, 1) * flat.numel()
-                                      * flat.element_size())
+        self.stats.dense_bytes += int(allreduce_bytes(flat.numel(), size, flat.element_size()))
         self.stats.last_density = self.compressor.density(self.step)
         self.stats.residual_norm = self.compressor.residual_norm()
         self.stats.accepted += size - len(rejected)
@@ -352,7 +352,7 @@ def average_payloads(payloads: list[SparsePayload], numels: list[int], like: tor
     if dense_wire is not None:
         values = torch.cat([_dense_values(p, dense_wire) for p in payloads])
         out = allreduce(values, op=Average, name=f"{name}.dense", process_set=process_set)
-        sent = int(2 * (size - 1) / size * values.numel() * values.element_size())
+        sent = int(allreduce_bytes(values.numel(), size, values.element_size()))
         return out.to(like.dtype), sent, []
     message = pack_payloads(payloads)
     gathered = allgather(message, name=name, process_set=process_set)
@@ -425,7 +425,7 @@ class TopKAllreduce:
         self.stats.rejected += len(rejected)
         self.stats.rounds += 1
         self.stats.bytes_sent += sent
-        self.stats.dense_bytes += int(2 * (size - 1) / size * flat.numel() * flat.element_size())
+        self.stats.dense_bytes += int(allreduce_bytes(flat.numel(), size, flat.element_size()))
         self.stats.last_density = self.compressor.density(step)
         self.stats.residual_norm = self.compressor.residual_norm()
         return out.view_as(tensor)
