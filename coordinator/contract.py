@@ -29,6 +29,7 @@ MAX_MEMBERS = 1024
 MAX_REPORTS_PER_BATCH = 1000
 MAX_SAMPLES = 10**9
 MAX_STALENESS = 10**6
+MAX_SPAN = 10**6
 NODE_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 JOB_PATTERN = "^[A-Za-z0-9._-]{1,64}$"
 TEXT_PATTERN = "^[^\\x00-\\x1f\\x7f]*$"  # one line of printable text
@@ -89,6 +90,11 @@ REPORT_SCHEMA: dict[str, Any] = {
         "job": JOB_NAME,
         "generation": {**SAFE_INT, "description": "Rendezvous generation id."},
         "round": {**SAFE_INT, "description": "Round number (the aggregate's version)."},
+        "span": {"type": "integer", "minimum": 1, "maximum": MAX_SPAN,
+                 "description": "Optional, default 1: the report covers rounds `round` to "
+                                "`round + span - 1` with the same members (consecutive "
+                                "synchronous steps reported together); samples are summed "
+                                "over them."},
         "members": {"type": "array", "items": NODE_ID, "minItems": 1,
                     "maxItems": MAX_MEMBERS, "uniqueItems": True,
                     "description": "The round's members in rank order; must include "
@@ -209,6 +215,7 @@ class RoundReport:
     contributions: tuple[Contribution, ...]
     loss: float | None = None
     timestamp: float | None = None
+    span: int = 1
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -218,8 +225,13 @@ class RoundReport:
         return {c.node_id: c.header for c in self.contributions}
 
     def digest(self) -> str:
-        """A fingerprint of the attested content (members and headers; not loss/timestamp)."""
-        text = repr((self.members, [(c.node_id, *c.header) for c in self.contributions]))
+        """A fingerprint of the attested content (members, span and headers; not
+        loss/timestamp)."""
+        content: tuple[Any, ...] = (self.members,
+                                    [(c.node_id, *c.header) for c in self.contributions])
+        if self.span != 1:
+            content += (self.span,)
+        text = repr(content)
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,6 +239,8 @@ class RoundReport:
             "job": self.job, "generation": self.generation, "round": self.round,
             "members": list(self.members),
             "contributions": [c.to_dict() for c in self.contributions]}
+        if self.span != 1:
+            out["span"] = self.span
         if self.loss is not None:
             out["loss"] = self.loss
         if self.timestamp is not None:
@@ -302,6 +316,8 @@ def _plainly_valid(body: Any) -> bool:
                 return False
             if "reason" in c and (type(c["reason"]) is not str or c["reason"] not in _REASONS):
                 return False
+        if "span" in report and not (_int_in(report["span"], MAX_SPAN) and report["span"] >= 1):
+            return False
         if "loss" in report and not _number(report["loss"]):
             return False
         if "timestamp" in report and not (_number(report["timestamp"])
@@ -350,5 +366,5 @@ def parse_batch(body: Any) -> tuple[str, list[RoundReport]]:
                 f"missing {missing}, not members {extra}", field=f"{path}.contributions")
         reports.append(RoundReport(raw["job"], raw["generation"], raw["round"], members,
                                    tuple(contributions), raw.get("loss"),
-                                   raw.get("timestamp")))
+                                   raw.get("timestamp"), raw.get("span", 1)))
     return body["node_id"], reports

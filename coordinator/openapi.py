@@ -123,11 +123,12 @@ _SCHEMAS: dict[str, Any] = {
     "CreditRecord": {
         "type": "object",
         "required": ["job", "generation", "round", "credit", "samples", "staleness",
-                     "param_version", "accepted", "reason", "attesters", "granted_at"],
+                     "param_version", "accepted", "reason", "attesters", "granted_at",
+                     "span"],
         "properties": {"job": _STR, "generation": _INT, "round": _INT, "credit": _INT,
                        "samples": _INT, "staleness": _INT, "param_version": _INT,
                        "accepted": _BOOL, "reason": {"type": "string", "nullable": True},
-                       "attesters": _INT, "granted_at": _NUM}},
+                       "attesters": _INT, "granted_at": _NUM, "span": _INT}},
     "CreditHistory": {
         "type": "object", "required": ["node_id", "credits"],
         "properties": {"node_id": _STR,

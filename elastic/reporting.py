@@ -2,7 +2,9 @@
 
 Every member reports what it saw in each round's collective (every member's samples,
 staleness, parameter version, accepted or why not); the coordinator credits a node only
-when other members' reports agree. Reports are queued in memory and posted in batches by
+when other members' reports agree. Synchronous steps are coalesced into reports of a
+*span* of consecutive steps (`StepWindow`): a report per step cost the coordinator more
+CPU than a small model's training step. Reports are queued in memory and posted in batches by
 a background thread, retried with backoff while the coordinator is away; a training step
 never waits for the coordinator. The JSON follows docs/coordinator.md.
 """
@@ -20,6 +22,7 @@ from typing import Any
 import requests
 
 from elastic.rounds import RoundResult
+from elastic.settings import DEFAULT_REPORT_SPAN
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +33,57 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 60.0
 
 
+class StepWindow:
+    """Coalesces the reports of synchronous steps into spans of `span` consecutive steps.
+
+    Steps are numbered from 0 in each generation; span k covers steps k*span to
+    (k+1)*span - 1 and is reported once this member has completed the step after it. That
+    step's allreduce had every member's gradient, so every member had completed the whole
+    span and reports the same one. Steps not yet reported when a generation ends (or at
+    shutdown) go one by one: members may have finished different numbers of them.
+    """
+
+    def __init__(self, span: int = DEFAULT_REPORT_SPAN) -> None:
+        if span < 1:
+            raise ValueError(f"report span {span} must be a positive number of steps")
+        self.span = span
+        self._key: tuple[str, int, tuple[str, ...]] | None = None
+        self._first = 0
+        self._counts: list[list[int]] = []
+
+    def add(self, job: str, generation: int, members: list[str], counts: list[int]
+            ) -> list[dict[str, Any]]:
+        """Record one completed step; returns the reports that are now due."""
+        key = (job, generation, tuple(members))
+        due = [] if key == self._key else self.flush()
+        if key != self._key:
+            self._key, self._first = key, 0
+        self._counts.append(list(counts))
+        while len(self._counts) > self.span or (self.span == 1 and self._counts):
+            window, self._counts = self._counts[:self.span], self._counts[self.span:]
+            due.append(report_synchronous(job, generation, self._first, members,
+                                          [sum(c) for c in zip(*window)], span=len(window)))
+            self._first += len(window)
+        return due
+
+    def flush(self) -> list[dict[str, Any]]:
+        """The steps not yet reported, one report each (the generation ended)."""
+        if self._key is None:
+            return []
+        job, generation, members = self._key
+        due = [report_synchronous(job, generation, self._first + i, list(members), counts)
+               for i, counts in enumerate(self._counts)]
+        self._first += len(self._counts)
+        self._counts = []
+        return due
+
+
 class CreditReporter:
     """Registers this node with the coordinator and posts round reports in the background."""
 
     def __init__(self, url: str, node_id: str, job: str,
                  registration_token: str | None = None, token: str | None = None,
-                 hardware: dict[str, Any] | None = None) -> None:
+                 hardware: dict[str, Any] | None = None, span: int = DEFAULT_REPORT_SPAN) -> None:
         self.url = url.rstrip("/")
         self.node_id = node_id
         self.job = job
@@ -50,6 +98,7 @@ class CreditReporter:
         self._disabled = False
         self.sent = 0
         self.loss: float | None = None
+        self._steps = StepWindow(span)
         self._session = requests.Session()
         self._thread = threading.Thread(target=self._run, name="horde-reporter", daemon=True)
         self._thread.start()
@@ -67,8 +116,15 @@ class CreditReporter:
             if len(self._queue) >= BATCH:
                 self._wake.notify()
 
+    def record_step(self, generation: int, members: list[str], counts: list[int]) -> None:
+        """Record one synchronous step (every member's samples); reported in spans."""
+        for report in self._steps.add(self.job, generation, members, counts):
+            self.record(report)
+
     def close(self, timeout: float = 10.0) -> None:
         """Flush what is queued, retrying for up to `timeout` seconds, then stop."""
+        for report in self._steps.flush():
+            self.record(report)
         with self._wake:
             self._stop = True
             self._flush_deadline = time.monotonic() + timeout
@@ -181,13 +237,17 @@ def report_from_round(job: str, members: list[str], result: RoundResult) -> dict
 
 
 def report_synchronous(job: str, generation: int, round_: int, members: list[str],
-                       samples: list[int]) -> dict[str, Any]:
-    """The report of one synchronous step: every member's samples entered the aggregate."""
-    return {"job": job, "generation": generation, "round": round_, "members": members,
-            "contributions": [{"node_id": node, "samples": int(n), "staleness": 0,
-                               "param_version": round_, "accepted": True}
-                              for node, n in zip(members, samples)],
-            "timestamp": time.time()}
+                       samples: list[int], span: int = 1) -> dict[str, Any]:
+    """The report of `span` synchronous steps from step `round_`: every member's samples
+    (summed over the span) entered the aggregates."""
+    report = {"job": job, "generation": generation, "round": round_, "members": members,
+              "contributions": [{"node_id": node, "samples": int(n), "staleness": 0,
+                                 "param_version": round_, "accepted": True}
+                                for node, n in zip(members, samples)],
+              "timestamp": time.time()}
+    if span != 1:
+        report["span"] = span
+    return report
 
 
 def _reason(text: str) -> str:

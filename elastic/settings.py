@@ -12,6 +12,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+DEFAULT_REPORT_SPAN = 16
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -28,6 +30,8 @@ class WorkerSettings:
     batch: str = ""
     """The launch batch (one `horderun` start of several workers), admitted together."""
     batch_size: int = 1
+    report_span: int = DEFAULT_REPORT_SPAN
+    """Synchronous steps per credit report (HORDE_REPORT_SPAN; 1: a report per step)."""
 
     def __post_init__(self) -> None:
         if self.collective_timeout <= 0:
@@ -36,6 +40,9 @@ class WorkerSettings:
                 "seconds")
         if self.reset_limit is not None and self.reset_limit < 0:
             raise ValueError(f"reset limit {self.reset_limit} must not be negative")
+        if self.report_span < 1:
+            raise ValueError(f"HORDE_REPORT_SPAN={self.report_span} must be a positive number "
+                             "of steps (1: report every step)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -53,4 +60,15 @@ class WorkerSettings:
             log_level=env.get("HORDE_LOG_LEVEL", ""),
             batch=env.get("HORDE_BATCH", ""),
             batch_size=int(env.get("HORDE_BATCH_SIZE", "1")),
+            report_span=_integer(env, "HORDE_REPORT_SPAN", DEFAULT_REPORT_SPAN),
         )
+
+
+def _integer(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, "")
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} must be an integer") from None

@@ -8,9 +8,9 @@ Rules (docs/coordinator.md explains why they resist cheating):
   known (from the rendezvous, or agreed earlier by a quorum), the report's member list
   must equal them.
 - The header of node X in a round is settled when `needed = min(quorum, members - 1)`
-  reports by *other* members, with the same member list, agree on it exactly (and no
-  other header has as many votes). X's own report never counts for X; a one-member
-  round can never be attested.
+  reports by *other* members, with the same member list and span (the consecutive
+  rounds a report covers), agree on it exactly (and no other header has as many votes).
+  X's own report never counts for X; a one-member round can never be attested.
 - A settled header is granted once (a row in `credits`, whose primary key forbids a
   second) and never revised. It earns its samples when accepted, nothing otherwise.
 - Everything a batch changes (reports, grants, node totals, counters) is one transaction.
@@ -103,16 +103,16 @@ def insert_ignore(conn: Connection, table: Any) -> Any:
 # The hot bulk statements go to the driver directly (executemany of plain tuples): building
 # SQLAlchemy parameter dicts for hundreds of rows per batch costs more than the writes.
 _SQL_CREATE_ROUND = (
-    "INSERT INTO rounds (job, generation, round, first_report_at, world_size, reports, "
-    "settled, samples, loss_sum, loss_count) VALUES (?, ?, ?, ?, ?, 0, 0, 0, 0, 0) "
+    "INSERT INTO rounds (job, generation, round, first_report_at, world_size, span, reports, "
+    "settled, samples, loss_sum, loss_count) VALUES (?, ?, ?, ?, ?, ?, 0, 0, 0, 0, 0) "
     "ON CONFLICT DO NOTHING")
 _SQL_INSERT_REPORT = (
     "INSERT INTO reports (job, generation, round, reporter, received_at, digest, members, "
-    "headers, loss, disputed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    "headers, loss, disputed, span) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _SQL_INSERT_CREDIT = (
     "INSERT INTO credits (job, generation, round, node_id, credit, samples, staleness, "
-    "param_version, accepted, reason, attesters, registered, granted_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    "param_version, accepted, reason, attesters, registered, granted_at, span) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _SQL_COUNT_ROUND = (
     "UPDATE rounds SET reports = reports + ?, settled = settled + ?, samples = samples + ?, "
     "loss_sum = loss_sum + ?, loss_count = loss_count + ? "
@@ -148,11 +148,12 @@ _SELECT_ROUNDS = (select(rounds).where(_in_rounds(rounds)).order_by(rounds.c.rou
                   .with_for_update())
 _SELECT_REPORTS = select(reports.c.job, reports.c.generation, reports.c.round,
                          reports.c.reporter, reports.c.members, reports.c.headers,
-                         reports.c.digest, reports.c.disputed).where(_in_rounds(reports))
+                         reports.c.digest, reports.c.disputed,
+                         reports.c.span).where(_in_rounds(reports))
 _SELECT_CREDITS = select(credits.c.job, credits.c.generation, credits.c.round,
                          credits.c.node_id, credits.c.samples, credits.c.staleness,
                          credits.c.param_version, credits.c.accepted,
-                         credits.c.reason).where(_in_rounds(credits))
+                         credits.c.reason, credits.c.span).where(_in_rounds(credits))
 _SELECT_GENERATION = select(generations.c.members).where(
     generations.c.job == bindparam("job"), generations.c.generation == bindparam("gen"))
 _SELECT_NODES = (select(nodes).where(nodes.c.node_id.in_(bindparam("ids", expanding=True)))
@@ -166,7 +167,8 @@ _UPDATE_JOB = update(jobs).where(jobs.c.job == bindparam("k_job")).values(
 
 @dataclass(frozen=True)
 class Grant:
-    """A header that reached its quorum: credit granted to `node_id` for one round."""
+    """A header that reached its quorum: credit granted to `node_id` for one round (or
+    the `span` consecutive rounds its attesters reported together)."""
 
     job: str
     generation: int
@@ -175,6 +177,7 @@ class Grant:
     header: Header
     attesters: int
     registered: bool
+    span: int = 1
 
     @property
     def credit(self) -> int:
@@ -201,6 +204,11 @@ class _Stored:
     digest: str
     disputed: bool
     new: bool = False
+    span: int = 1
+
+
+#: per node of a round: the settled header and the span of the reports that settled it
+Settled = dict[str, tuple[Header, int]]
 
 
 def _headers_json(report: RoundReport) -> str:
@@ -261,7 +269,8 @@ class Ledger:
         # Lock (PostgreSQL) or create every touched round, then read its whole state.
         keys = sorted({batch[i].key for i in candidates})
         _driver_many(conn, _SQL_CREATE_ROUND, [
-            (k[0], k[1], k[2], now, len(batch[first_in_batch[k]].members)) for k in keys])
+            (k[0], k[1], k[2], now, len(batch[first_in_batch[k]].members),
+             batch[first_in_batch[k]].span) for k in keys])
         round_rows = self._select_rounds(conn, keys)
         stored = self._select_reports(conn, keys)
         settled = self._select_credits(conn, keys)
@@ -283,7 +292,7 @@ class Ledger:
                                          f"of job {report.job} are {list(members)}"}
                 continue
             have[reporter] = _Stored(report.members, report.headers(), digests[i], False,
-                                     new=True)
+                                     new=True, span=report.span)
             new_reports.append(i)
             if report.timestamp is not None:
                 outcome.lags.append(max(0.0, now - report.timestamp))
@@ -303,7 +312,7 @@ class Ledger:
                 members = agreed
             outcome.grants.extend(grants)
             for grant in grants:
-                round_settled[grant.node_id] = grant.header
+                round_settled[grant.node_id] = (grant.header, grant.span)
             for who, rep in stored[key].items():
                 if rep.disputed:
                     continue
@@ -318,41 +327,51 @@ class Ledger:
         node_rows = self._select_nodes(conn, node_ids)
         registered = set(node_rows)
         outcome.grants = [Grant(g.job, g.generation, g.round, g.node_id, g.header,
-                                g.attesters, g.node_id in registered) for g in outcome.grants]
+                                g.attesters, g.node_id in registered, g.span)
+                          for g in outcome.grants]
         self._write(conn, now, reporter, batch, new_reports, stored, outcome.grants,
                     newly_disputed, node_rows, disputers, round_rows, keys)
         for gen_key, members in established.items():
             note_generation(conn, gen_key[0], gen_key[1], members, "quorum", now)
         return outcome
 
-    def _evaluate(self, key: RoundKey, stored: dict[str, _Stored], settled: dict[str, Header],
+    def _evaluate(self, key: RoundKey, stored: dict[str, _Stored], settled: Settled,
                   members: tuple[str, ...] | None
                   ) -> tuple[list[Grant], tuple[str, ...] | None]:
-        """Headers of `key` that reached their quorum now, and the member list they used."""
+        """Headers of `key` that reached their quorum now, and the member list they used.
+
+        Voters must agree on the member list and on the span: a report of one round and
+        one of several rounds from the same start attest different things.
+        """
         if members is not None:
-            candidates = [members]
+            lists = [members]
         else:
-            lists = Counter(rep.members for rep in stored.values())
-            candidates = [m for m, _n in lists.most_common()]
-        for candidate in candidates:
+            lists = [m for m, _n in Counter(rep.members for rep in stored.values()).most_common()]
+        for candidate in lists:
             needed = self.needed(len(candidate))
             if needed < 1:
                 continue
-            voters = [(who, rep) for who, rep in stored.items() if rep.members == candidate]
-            if len(voters) < needed:
-                continue
-            grants = []
-            for node in candidate:
-                if node in settled:
+            spans = Counter(rep.span for rep in stored.values() if rep.members == candidate)
+            grants: list[Grant] = []
+            granted: set[str] = set()
+            for span, _n in spans.most_common():
+                voters = [(who, rep) for who, rep in stored.items()
+                          if rep.members == candidate and rep.span == span]
+                if len(voters) < needed:
                     continue
-                votes = Counter(rep.headers[node] for who, rep in voters if who != node)
-                if not votes:
-                    continue
-                ranked = votes.most_common(2)
-                header, count = ranked[0]
-                if count < needed or (len(ranked) > 1 and ranked[1][1] == count):
-                    continue
-                grants.append(Grant(key[0], key[1], key[2], node, header, count, False))
+                for node in candidate:
+                    if node in settled or node in granted:
+                        continue
+                    votes = Counter(rep.headers[node] for who, rep in voters if who != node)
+                    if not votes:
+                        continue
+                    ranked = votes.most_common(2)
+                    header, count = ranked[0]
+                    if count < needed or (len(ranked) > 1 and ranked[1][1] == count):
+                        continue
+                    grants.append(Grant(key[0], key[1], key[2], node, header, count, False,
+                                        span))
+                    granted.add(node)
             if grants or members is not None:
                 return grants, candidate
             if any(node in settled for node in candidate):
@@ -381,21 +400,21 @@ class Ledger:
                         ) -> dict[RoundKey, dict[str, _Stored]]:
         out: dict[RoundKey, dict[str, _Stored]] = {}
         for params in self._by_generation(keys):
-            for job, gen, rnd, reporter, members, headers, digest, disputed in conn.execute(
-                    _SELECT_REPORTS, params):
+            for job, gen, rnd, reporter, members, headers, digest, disputed, span in \
+                    conn.execute(_SELECT_REPORTS, params):
                 out.setdefault((job, gen, rnd), {})[reporter] = _Stored(
                     tuple(json.loads(members)), _parse_headers(headers), digest,
-                    bool(disputed))
+                    bool(disputed), span=int(span))
         return out
 
     def _select_credits(self, conn: Connection, keys: Sequence[RoundKey]
-                        ) -> dict[RoundKey, dict[str, Header]]:
-        out: dict[RoundKey, dict[str, Header]] = {}
+                        ) -> dict[RoundKey, Settled]:
+        out: dict[RoundKey, Settled] = {}
         for params in self._by_generation(keys):
-            for job, gen, rnd, node, samples, staleness, version, accepted, reason in \
+            for job, gen, rnd, node, samples, staleness, version, accepted, reason, span in \
                     conn.execute(_SELECT_CREDITS, params):
                 out.setdefault((job, gen, rnd), {})[node] = (
-                    samples, staleness, version, bool(accepted), reason)
+                    (samples, staleness, version, bool(accepted), reason), int(span))
         return out
 
     @staticmethod
@@ -426,7 +445,7 @@ class Ledger:
                  stored[batch[i].key][reporter].digest,
                  json.dumps(list(batch[i].members), separators=(",", ":")),
                  _headers_json(batch[i]), batch[i].loss,
-                 stored[batch[i].key][reporter].disputed) for i in new_reports])
+                 stored[batch[i].key][reporter].disputed, batch[i].span) for i in new_reports])
         old_disputed = [(k, who) for k, who in newly_disputed if not stored[k][who].new]
         if old_disputed:
             conn.execute(
@@ -436,7 +455,7 @@ class Ledger:
         if grants:
             _driver_many(conn, _SQL_INSERT_CREDIT, [
                 (g.job, g.generation, g.round, g.node_id, g.credit, g.header[0], g.header[1],
-                 g.header[2], g.header[3], g.header[4], g.attesters, g.registered, now)
+                 g.header[2], g.header[3], g.header[4], g.attesters, g.registered, now, g.span)
                 for g in grants])
 
         # Per-round counters.
@@ -490,10 +509,10 @@ class Ledger:
                 row["rac"] = rac_after(row["rac"], row["rac_time"], g.credit, now,
                                        self.half_life)
                 row["rac_time"] = now
-                row["contributions_accepted"] += 1
-                row["staleness_sum"] += staleness
+                row["contributions_accepted"] += g.span
+                row["staleness_sum"] += staleness * g.span
             else:
-                row["contributions_refused"] += 1
+                row["contributions_refused"] += g.span
                 if reason in STRIKE_REASONS:
                     row["strikes"] += 1
         for node_id, count in disputers.items():
@@ -527,7 +546,7 @@ class Ledger:
             jd["reports"] += int(d["reports"])
             jd["samples"] += int(d["samples"])
             if d["reports"] and (k not in round_rows or round_rows[k].reports == 0):
-                jd["rounds"] += 1
+                jd["rounds"] += round_rows[k].span if k in round_rows else 1
         for job, jd in sorted(job_deltas.items()):
             ensure_job(conn, job, now)
             conn.execute(_UPDATE_JOB, {
@@ -535,12 +554,13 @@ class Ledger:
                 "d_samples": jd["samples"], "v_last": now if jd["reports"] else None})
 
 
-def _disputes(rep: _Stored, members: tuple[str, ...] | None, settled: dict[str, Header]
-              ) -> bool:
-    """Whether a stored report contradicts what its round agreed on."""
+def _disputes(rep: _Stored, members: tuple[str, ...] | None, settled: Settled) -> bool:
+    """Whether a stored report contradicts what its round agreed on (for the same span:
+    members whose generation ended mid-span report its rounds one by one, honestly)."""
     if members is not None and rep.members != members:
         return True
-    return any(rep.headers.get(node, header) != header for node, header in settled.items())
+    return any(rep.headers.get(node, header) != header
+               for node, (header, span) in settled.items() if span == rep.span)
 
 
 def ensure_job(conn: Connection, job: str, now: float) -> None:

@@ -73,7 +73,8 @@ generations = Table(
     Column("seen_at", Float, nullable=False),
 )
 
-#: one row per round that got at least one report
+#: one row per round that got at least one report (a span of `span` rounds from `round`
+#: when its first report coalesced consecutive synchronous steps)
 rounds = Table(
     "rounds", metadata,
     Column("job", String(64), primary_key=True),
@@ -81,6 +82,7 @@ rounds = Table(
     Column("round", BigInteger, primary_key=True, autoincrement=False),
     Column("first_report_at", Float, nullable=False),
     Column("world_size", Integer, nullable=False),
+    Column("span", Integer, nullable=False, server_default="1"),
     Column("reports", Integer, nullable=False, server_default="0"),
     Column("settled", Integer, nullable=False, server_default="0"),
     Column("samples", BigInteger, nullable=False, server_default="0"),
@@ -89,7 +91,8 @@ rounds = Table(
     Index("ix_rounds_job_first_report_at", "job", "first_report_at"),
 )
 
-#: every stored report, once per (job, generation, round, reporter): the idempotence key
+#: every stored report, once per (job, generation, round, reporter): the idempotence key;
+#: it covers `span` consecutive rounds from `round`
 reports = Table(
     "reports", metadata,
     Column("job", String(64), primary_key=True),
@@ -102,9 +105,11 @@ reports = Table(
     Column("headers", Text, nullable=False),
     Column("loss", Float, nullable=True),
     Column("disputed", Boolean, nullable=False, server_default=false()),
+    Column("span", Integer, nullable=False, server_default="1"),
 )
 
-#: a settled header per (round, node): granted once, never revised
+#: a settled header per (round, node): granted once, never revised (for the `span` rounds
+#: the attesting reports covered)
 credits = Table(
     "credits", metadata,
     Column("job", String(64), primary_key=True),
@@ -120,6 +125,7 @@ credits = Table(
     Column("attesters", Integer, nullable=False),
     Column("registered", Boolean, nullable=False),
     Column("granted_at", Float, nullable=False),
+    Column("span", Integer, nullable=False, server_default="1"),
     Index("ix_credits_node_id_granted_at", "node_id", "granted_at"),
     Index("ix_credits_job_granted_at", "job", "granted_at"),
 )

@@ -105,7 +105,8 @@ def credit_history(conn: Connection, node_id: str, limit: int, before: float | N
              "credit": int(r.credit), "samples": int(r.samples),
              "staleness": int(r.staleness), "param_version": int(r.param_version),
              "accepted": bool(r.accepted), "reason": r.reason,
-             "attesters": int(r.attesters), "granted_at": r.granted_at}
+             "attesters": int(r.attesters), "granted_at": r.granted_at,
+             "span": int(r.span)}
             for r in conn.execute(query)]
 
 

@@ -295,28 +295,19 @@ def report_synchronous_step(samples: int | None, process_set: Any) -> None:
     counts one sample per step and nothing more is exchanged; with explicit counts, one
     allgather shares them (pass `samples` on every rank or on none).
     """
-    from elastic.reporting import report_synchronous
     from elastic.torch.collectives import allgather
     from elastic.torch.runtime import context, reporter
 
     sink = reporter()
     if sink is None or process_set.process_set_id not in (0, None):
         return
-    ctx = context()
-    generation = ctx.generation
+    generation = context().generation
     members = list(generation.node_ids)  # type: ignore[union-attr]
     if samples is None:
         counts = [1] * len(members)
     else:
         counts = allgather(torch.tensor([int(samples)]), name="horde.samples").tolist()
-    steps = _sync_steps.get(generation.id, 0)  # type: ignore[union-attr]
-    _sync_steps.clear()
-    _sync_steps[generation.id] = steps + 1  # type: ignore[union-attr]
-    sink.record(report_synchronous(ctx.rdzv.job, generation.id,  # type: ignore[union-attr]
-                                   steps, members, counts))
-
-
-_sync_steps: dict[int, int] = {}
+    sink.record_step(generation.id, members, counts)  # type: ignore[union-attr]
 
 
 def _evict_striker(node: str, reason: str) -> None:

@@ -113,7 +113,7 @@ def _start_reporter(ctx: WorkerContext) -> None:
         url, ctx.node_id, ctx.rdzv.job,
         registration_token=os.environ.get("HORDE_COORDINATOR_REGISTRATION_TOKEN") or None,
         token=os.environ.get("HORDE_COORDINATOR_TOKEN") or None,
-        hardware=_hardware())
+        hardware=_hardware(), span=ctx.settings.report_span)
 
 
 def _hardware() -> dict[str, Any]:

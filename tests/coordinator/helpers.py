@@ -43,7 +43,8 @@ def contribution(node_id: str, samples: int, *, staleness: int = 0, version: int
 def report(rnd: int, members: list[str], samples: Mapping[str, int], *,
            generation: int = 1, job: str = JOB, loss: float | None = None,
            refused: Mapping[str, str] | None = None,
-           overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+           overrides: Mapping[str, Mapping[str, Any]] | None = None,
+           span: int | None = None) -> dict[str, Any]:
     """One reporter's view of a round: every member's header (honest unless overridden)."""
     refused = refused or {}
     contributions = []
@@ -56,6 +57,8 @@ def report(rnd: int, members: list[str], samples: Mapping[str, int], *,
                            "members": list(members), "contributions": contributions}
     if loss is not None:
         out["loss"] = loss
+    if span is not None:
+        out["span"] = span
     return out
 
 

@@ -234,3 +234,54 @@ def test_rac_converges_to_the_daily_rate(timed):
     board = client.get("/api/v1/credits/leaderboard?order=rac").get_json()["entries"]
     assert [e["node_id"] for e in board[:3]] == ["a", "b", "c"]
     assert math.isclose(board[0]["rac"], rac)
+
+
+def test_a_span_of_rounds_is_credited_once_with_its_summed_samples(client, tokens):
+    # Synchronous steps 0-15 reported together, then 16-31, then step 32 alone.
+    summed = {n: 16 * s for n, s in SAMPLES3.items()}
+    honest_round(client, tokens, 0, MEMBERS3, summed, span=16)
+    honest_round(client, tokens, 16, MEMBERS3, summed, span=16)
+    honest_round(client, tokens, 32, MEMBERS3, SAMPLES3)
+    assert {n: credit_of(client, n) for n in MEMBERS3} == {"a": 33 * 32, "b": 33 * 16,
+                                                          "c": 33 * 8}
+    history = client.get("/api/v1/nodes/c/credits").get_json()["credits"]
+    assert [(h["round"], h["span"], h["credit"]) for h in history] == [
+        (32, 1, 8), (16, 16, 128), (0, 16, 128)]
+    job = client.get("/api/v1/jobs/job1").get_json()
+    assert job["rounds"] == 33
+    leaderboard = client.get("/api/v1/credits/leaderboard").get_json()["entries"]
+    assert {e["node_id"]: e["rounds"] for e in leaderboard if e["node_id"] in MEMBERS3} == {
+        "a": 33, "b": 33, "c": 33}
+
+
+def test_reports_of_different_spans_do_not_attest_each_other(client, tokens):
+    # a and b closed the span 0-15; c's generation ended before it knew that, so it
+    # reported the same rounds one by one. Neither view has a quorum for anyone (quorum 2).
+    summed = {n: 16 * s for n, s in SAMPLES3.items()}
+    for node in ("a", "b"):
+        post_reports(client, node, tokens[node], [report(0, MEMBERS3, summed, span=16)])
+    response = post_reports(client, "c", tokens["c"],
+                            [report(r, MEMBERS3, SAMPLES3) for r in range(16)])
+    assert response.get_json()["stored"] == 16
+    # c is attested by a and b for the span; a and b have no second attester.
+    assert {n: credit_of(client, n) for n in MEMBERS3} == {"a": 0, "b": 0, "c": 16 * 8}
+    # The honest one-by-one reporter is not marked as disputing the span.
+    assert client.get("/api/v1/nodes/c").get_json()["disputes"] == 0
+
+
+def test_span_is_part_of_what_a_replay_must_match(client, tokens):
+    summed = {n: 4 * s for n, s in SAMPLES3.items()}
+    first = post_reports(client, "a", tokens["a"], [report(0, MEMBERS3, summed, span=4)])
+    assert first.get_json()["stored"] == 1
+    again = post_reports(client, "a", tokens["a"], [report(0, MEMBERS3, summed, span=4)])
+    assert again.get_json()["duplicate"] == 1
+    other = post_reports(client, "a", tokens["a"], [report(0, MEMBERS3, summed, span=8)])
+    assert other.get_json()["conflict"] == 1
+
+
+@pytest.mark.parametrize("span", [0, -1, 10**6 + 1, 1.5, "16", True])
+def test_a_bad_span_is_refused_naming_the_field(client, tokens, span):
+    response = post_reports(client, "a", tokens["a"], [report(0, MEMBERS3, SAMPLES3,
+                                                              span=span)])
+    assert response.status_code == 422
+    assert response.get_json()["error"]["field"] == "reports[0].span"

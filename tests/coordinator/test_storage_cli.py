@@ -33,6 +33,23 @@ def test_migrations_match_the_models(tmp_path):
     storage.dispose()
 
 
+def test_a_ledger_of_the_first_revision_upgrades_and_keeps_its_rows(tmp_path):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    storage = Storage(url)
+    storage.upgrade("0001")
+    with storage.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO credits (job, generation, round, node_id, credit, samples, staleness, "
+            "param_version, accepted, reason, attesters, registered, granted_at) VALUES "
+            "('j', 1, 5, 'a', 32, 32, 0, 5, 1, NULL, 2, 0, 1.0)")
+    storage.upgrade()
+    assert storage.current_revision() == storage.head_revision()
+    with storage.engine.connect() as conn:
+        row = conn.exec_driver_sql("SELECT credit, span FROM credits").one()
+    assert tuple(row) == (32, 1)
+    storage.dispose()
+
+
 def test_schema_comes_from_migrations_only():
     root = Path(coordinator.__file__).parent
     sources = [p.read_text() for p in root.rglob("*.py")]
