@@ -117,7 +117,8 @@ def _allreduce_async_impl(tensors: list[torch.Tensor], outputs: list[torch.Tenso
                           name: str | None, op: ReduceOp, prescale: float, postscale: float,
                           process_set: ProcessSet, grouped: bool) -> int:
     request = Request(Kind.ALLREDUCE, list(tensors), name=name, op=op, prescale=prescale,
-                      postscale=postscale, process_set_id=_pset(process_set))
+                      postscale=postscale, process_set_id=_pset(process_set),
+                      inplace=outputs is not None and len(tensors) == 1)
     future = _submit(request)
 
     def finish(results: list[torch.Tensor]) -> Any:
