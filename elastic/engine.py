@@ -270,8 +270,10 @@ class CollectiveEngine:
             )
         return sub
 
-    def _describe(self, request: Request, round_no: int, join_round: int) -> torch.Tensor:
-        meta = torch.full((_META_LEN,), -1, dtype=torch.int64)
+    def _describe(self, request: Request, round_no: int, join_round: int) -> list[int]:
+        """This rank's negotiation vector (plain ints: a few small torch operations
+        per field cost more than the allgather that carries it)."""
+        meta = [-1] * _META_LEN
         tensors = request.tensors
         meta[_F_KIND] = int(request.kind)
         dtypes = {t.dtype for t in tensors}
@@ -295,27 +297,26 @@ class CollectiveEngine:
                 meta[_F_SHAPE + i] = d
         return meta
 
-    def _negotiate(self, transport: Transport, meta: torch.Tensor) -> torch.Tensor:
-        out = [torch.empty_like(meta) for _ in range(transport.size)]
-        self._wait(transport.gloo.allgather([out], [meta]), transport.gloo)
-        return torch.stack(out)
+    def _negotiate(self, transport: Transport, meta: list[int]) -> list[list[int]]:
+        """Every rank's negotiation vector, by rank."""
+        mine = torch.tensor(meta, dtype=torch.int64)
+        out = torch.empty((transport.size, _META_LEN), dtype=torch.int64)
+        self._wait(transport.gloo.allgather([list(out.unbind(0))], [mine]), transport.gloo)
+        return out.tolist()
 
-    def _check(self, kind: Kind, table: torch.Tensor) -> None:
+    def _check(self, kind: Kind, table: list[list[int]]) -> None:
         """Raise CollectiveMismatchError naming the first field the ranks disagree on."""
-        active = table[table[:, _F_JOINED] == 0]
-        if active.shape[0] == 0:
+        active = [row for row in table if row[_F_JOINED] == 0]
+        if not active:
             return
-        kinds = active[:, _F_KIND]
-        if not bool((kinds == kinds[0]).all()):
-            names = ", ".join(
-                f"rank {r}: {Kind(int(k)).label}" for r, k in enumerate(table[:, _F_KIND])
-            )
+        if any(row[_F_KIND] != active[0][_F_KIND] for row in active):
+            names = ", ".join(f"rank {r}: {Kind(row[_F_KIND]).label}"
+                              for r, row in enumerate(table))
             raise CollectiveMismatchError(
                 f"Mismatched collective operations across ranks ({names})")
 
         def differs(col: int) -> bool:
-            values = active[:, col]
-            return not bool((values == values[0]).all())
+            return any(row[col] != active[0][col] for row in active)
 
         label = kind.label
         if differs(_F_DEVICE):
@@ -324,29 +325,29 @@ class CollectiveEngine:
                 "and others CPU tensors")
         if differs(_F_DTYPE) or differs(_F_COUNT):
             types = ", ".join(
-                f"rank {r}: {_dtype_name(int(row[_F_DTYPE]))}" for r, row in enumerate(table))
+                f"rank {r}: {_dtype_name(row[_F_DTYPE])}" for r, row in enumerate(table))
             raise CollectiveMismatchError(f"Mismatched {label} data types ({types})")
         if differs(_F_OP):
             raise CollectiveMismatchError(f"Mismatched {label} reduction operations across ranks")
         if differs(_F_ROOT):
-            roots = ", ".join(f"rank {r}: {int(row[_F_ROOT])}" for r, row in enumerate(table))
+            roots = ", ".join(f"rank {r}: {row[_F_ROOT]}" for r, row in enumerate(table))
             raise CollectiveMismatchError(f"Mismatched {label} root ranks ({roots})")
         if differs(_F_SIG) or (kind not in (Kind.ALLGATHER, Kind.ALLTOALL) and differs(_F_NUMEL)):
             shapes = ", ".join(
                 f"rank {r} sent {self._shape_text(row)}" for r, row in enumerate(table)
-                if int(row[_F_JOINED]) == 0)
+                if row[_F_JOINED] == 0)
             raise CollectiveMismatchError(f"Mismatched {label} tensor shapes: {shapes}")
-        if differs(_F_NAME) and int(active[:, _F_NAME].min()) != 0:
+        if differs(_F_NAME) and min(row[_F_NAME] for row in active) != 0:
             raise CollectiveMismatchError(
                 f"Mismatched {label} tensor names across ranks: the ranks are not calling "
                 "the same collective (check that every rank issues collectives in the same order)")
 
     @staticmethod
-    def _shape_text(row: torch.Tensor) -> str:
-        ndim = int(row[_F_NDIM])
+    def _shape_text(row: list[int]) -> str:
+        ndim = row[_F_NDIM]
         if ndim < 0:
-            return f"a group of {int(row[_F_COUNT])} tensors"
-        dims = [int(d) for d in row[_F_SHAPE:_F_SHAPE + min(ndim, 6)]]
+            return f"a group of {row[_F_COUNT]} tensors"
+        dims = row[_F_SHAPE:_F_SHAPE + min(ndim, 6)]
         return "a tensor of shape [" + ", ".join(map(str, dims)) + ("...]" if ndim > 6 else "]")
 
     # -- execution --------------------------------------------------------------------
@@ -358,11 +359,11 @@ class CollectiveEngine:
         round_no = next(self._rounds)
         table = self._negotiate(transport, self._describe(request, round_no, -1))
         self._check(request.kind, table)
-        joined = [r for r in range(transport.size) if int(table[r, _F_JOINED]) == 1]
+        joined = [r for r, row in enumerate(table) if row[_F_JOINED] == 1]
         return self._perform(request, transport, table, joined)
 
     def _perform(
-        self, request: Request, transport: Transport, table: torch.Tensor, joined: list[int]
+        self, request: Request, transport: Transport, table: list[list[int]], joined: list[int]
     ) -> Any:
         kind = request.kind
         if kind == Kind.ALLREDUCE:
@@ -427,12 +428,11 @@ class CollectiveEngine:
         return outputs
 
     def _allgather(
-        self, tensor: torch.Tensor, transport: Transport, table: torch.Tensor, index: int,
+        self, tensor: torch.Tensor, transport: Transport, table: list[list[int]], index: int,
         request: Request,
     ) -> torch.Tensor:
         if len(request.tensors) == 1:
-            dims0 = [int(table[r, _F_DIM0]) if int(table[r, _F_JOINED]) == 0 else 0
-                     for r in range(transport.size)]
+            dims0 = [row[_F_DIM0] if row[_F_JOINED] == 0 else 0 for row in table]
         else:
             dims0 = self._exchange_ints(transport, [tensor.shape[0]])
             dims0 = [d[0] for d in dims0]
@@ -531,41 +531,39 @@ class CollectiveEngine:
             if join_round < 0:
                 join_round = round_no
             table = self._negotiate(transport, self._describe(request, round_no, join_round))
-            joined_flags = table[:, _F_JOINED]
-            if bool((joined_flags == 1).all()):
-                rounds = table[:, _F_JOIN_ROUND]
-                last = max(range(transport.size), key=lambda r: (int(rounds[r]), r))
-                return last
-            self._check(Kind(int(table[joined_flags == 0][0, _F_KIND])), table)
+            active = [row for row in table if row[_F_JOINED] == 0]
+            if not active:
+                return max(range(transport.size), key=lambda r: (table[r][_F_JOIN_ROUND], r))
+            self._check(Kind(active[0][_F_KIND]), table)
             self._contribute_neutral(transport, table)
 
-    def _contribute_neutral(self, transport: Transport, table: torch.Tensor) -> None:
-        active = table[table[:, _F_JOINED] == 0][0]
-        kind = Kind(int(active[_F_KIND]))
-        dtype = _DTYPES[int(active[_F_DTYPE]) - 1] if int(active[_F_DTYPE]) > 0 else torch.float32
-        joined = int((table[:, _F_JOINED] == 1).sum())
-        if int(active[_F_DEVICE]) == 1:
+    def _contribute_neutral(self, transport: Transport, table: list[list[int]]) -> None:
+        active = next(row for row in table if row[_F_JOINED] == 0)
+        kind = Kind(active[_F_KIND])
+        dtype = _DTYPES[active[_F_DTYPE] - 1] if active[_F_DTYPE] > 0 else torch.float32
+        joined = sum(1 for row in table if row[_F_JOINED] == 1)
+        if active[_F_DEVICE] == 1:
             raise ValueError("join() with CUDA collectives is not supported yet")
         if kind == Kind.ALLREDUCE:
-            if int(active[_F_DTYPE]) <= 0:
+            if active[_F_DTYPE] <= 0:
                 raise ValueError("join() does not support grouped allreduce of mixed dtypes")
-            op = ReduceOp(int(active[_F_OP]))
-            flat = torch.full((int(active[_F_NUMEL]),), _neutral(op, dtype), dtype=dtype)
+            op = ReduceOp(active[_F_OP])
+            flat = torch.full((active[_F_NUMEL],), _neutral(op, dtype), dtype=dtype)
             request = Request(Kind.ALLREDUCE, [flat], op=op)
             self._allreduce(request, transport, joined)
         elif kind == Kind.ALLGATHER:
-            ndim = int(active[_F_NDIM])
+            ndim = active[_F_NDIM]
             if ndim < 0:
                 raise ValueError("join() does not support grouped allgather")
-            rest = [int(d) for d in active[_F_SHAPE + 1:_F_SHAPE + ndim]]
+            rest = active[_F_SHAPE + 1:_F_SHAPE + ndim]
             empty = torch.empty((0, *rest), dtype=dtype)
             self._allgather(empty, transport, table, 0, Request(Kind.ALLGATHER, [empty]))
         elif kind == Kind.BROADCAST:
-            ndim = int(active[_F_NDIM])
-            shape = [int(d) for d in active[_F_SHAPE:_F_SHAPE + ndim]] if ndim >= 0 else None
-            if shape is None:
+            ndim = active[_F_NDIM]
+            if ndim < 0:
                 raise ValueError("join() does not support grouped broadcast")
-            self._broadcast(torch.empty(shape, dtype=dtype), transport, int(active[_F_ROOT]))
+            shape = active[_F_SHAPE:_F_SHAPE + ndim]
+            self._broadcast(torch.empty(shape, dtype=dtype), transport, active[_F_ROOT])
         elif kind == Kind.BARRIER:
             self._wait(transport.gloo.barrier(dist.BarrierOptions()), transport.gloo)
         else:

@@ -136,7 +136,7 @@ def without_negotiation() -> Iterator[None]:
 
     original = CollectiveEngine._negotiate
     CollectiveEngine._negotiate = (  # type: ignore[method-assign]
-        lambda self, transport, meta: torch.stack([meta] * transport.size))
+        lambda self, transport, meta: [list(meta) for _ in range(transport.size)])
     try:
         yield
     finally:
