@@ -248,14 +248,17 @@ class CollectiveEngine:
             try:
                 work.wait(_WAIT_SLICE_DELTA)
                 return
-            except RuntimeError as exc:
-                if not work.is_completed():  # only this slice ran out
-                    if self.interrupted.is_set():
-                        raise HorovodInternalError(
-                            "a collective was interrupted: the membership changed (a peer "
-                            "died, hung or left)") from None
-                    continue
-                raise HorovodInternalError(f"collective failed: {exc}") from exc
+            except RuntimeError:
+                if work.is_completed():  # it failed, or finished just after the slice
+                    break
+                if self.interrupted.is_set():
+                    raise HorovodInternalError(
+                        "a collective was interrupted: the membership changed (a peer "
+                        "died, hung or left)") from None
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            raise HorovodInternalError(f"collective failed: {exc}") from exc
 
     # -- negotiation ------------------------------------------------------------------
 

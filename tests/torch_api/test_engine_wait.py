@@ -1,0 +1,62 @@
+"""How the engine waits for a Gloo work: in slices, interruptible, and without mistaking
+a slice that ran out as the work finished for a failed collective."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from elastic.engine import CollectiveEngine
+from elastic.errors import HorovodInternalError
+
+
+class ScriptedWork:
+    """A torch.distributed work whose wait() follows a script of outcomes."""
+
+    def __init__(self, waits: list[str], completed: list[bool]) -> None:
+        self.waits = list(waits)
+        self.completed = list(completed)
+
+    def wait(self, timeout: object = None) -> bool:
+        outcome = self.waits.pop(0)
+        if outcome == "slice":
+            raise RuntimeError("Operation timed out!")
+        if outcome == "error":
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+        return True
+
+    def is_completed(self) -> bool:
+        return self.completed.pop(0)
+
+
+def engine(interrupted: bool = False) -> CollectiveEngine:
+    eng = CollectiveEngine.__new__(CollectiveEngine)
+    eng.interrupted = threading.Event()
+    if interrupted:
+        eng.interrupted.set()
+    return eng
+
+
+def test_slices_that_run_out_are_waited_again_until_the_work_finishes() -> None:
+    work = ScriptedWork(["slice", "slice", "ok"], [False, False])
+    engine()._wait_gloo(work)
+    assert work.waits == []
+
+
+def test_a_work_that_finishes_just_after_its_slice_ran_out_is_a_success() -> None:
+    work = ScriptedWork(["slice", "ok"], [True])
+    engine()._wait_gloo(work)
+    assert work.waits == []
+
+
+def test_a_failed_work_raises_horovod_internal_error_with_the_cause() -> None:
+    work = ScriptedWork(["error", "error"], [True])
+    with pytest.raises(HorovodInternalError, match="collective failed: Connection closed"):
+        engine()._wait_gloo(work)
+
+
+def test_a_membership_change_interrupts_the_wait() -> None:
+    work = ScriptedWork(["slice"], [False])
+    with pytest.raises(HorovodInternalError, match="interrupted"):
+        engine(interrupted=True)._wait_gloo(work)
