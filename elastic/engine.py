@@ -26,12 +26,14 @@ import torch
 import torch.distributed as dist
 
 from elastic.errors import CollectiveMismatchError, HorovodInternalError
+from elastic.gradients import GradientChannel, JoinOffer
 from elastic.transport import Transport
 
 logger = logging.getLogger(__name__)
 
 _WAIT_SLICE = 0.05
 _WAIT_SLICE_DELTA = datetime.timedelta(seconds=_WAIT_SLICE)
+_JOIN_POLL = datetime.timedelta(seconds=0.005)
 _META_LEN = 20
 _MAX_DIMS = 8
 
@@ -141,6 +143,10 @@ class CollectiveEngine:
         self._pending_names: set[tuple[int, str]] = set()
         self._names_lock = threading.Lock()
         self._rounds = itertools.count()
+        self.joined_seen = 0
+        """Negotiated collectives so far in which some rank had joined."""
+        self.gradients = (GradientChannel(transport.gradients, self.rank, self.size, interrupted)
+                          if getattr(transport, "gradients", None) is not None else None)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="horde-engine", daemon=True)
         self._thread.start()
@@ -302,10 +308,15 @@ class CollectiveEngine:
 
     def _negotiate(self, transport: Transport, meta: list[int]) -> list[list[int]]:
         """Every rank's negotiation vector, by rank."""
+        work, out = self._start_negotiation(transport, meta)
+        self._wait(work, transport.gloo)
+        return out.tolist()
+
+    @staticmethod
+    def _start_negotiation(transport: Transport, meta: list[int]) -> tuple[Any, torch.Tensor]:
         mine = torch.tensor(meta, dtype=torch.int64)
         out = torch.empty((transport.size, _META_LEN), dtype=torch.int64)
-        self._wait(transport.gloo.allgather([list(out.unbind(0))], [mine]), transport.gloo)
-        return out.tolist()
+        return transport.gloo.allgather([list(out.unbind(0))], [mine]), out
 
     def _check(self, kind: Kind, table: list[list[int]]) -> None:
         """Raise CollectiveMismatchError naming the first field the ranks disagree on."""
@@ -363,7 +374,15 @@ class CollectiveEngine:
         table = self._negotiate(transport, self._describe(request, round_no, -1))
         self._check(request.kind, table)
         joined = [r for r, row in enumerate(table) if row[_F_JOINED] == 1]
+        if joined:
+            self.joined_seen += 1
         return self._perform(request, transport, table, joined)
+
+    def count_direct(self, collectives: int) -> None:
+        """Advance the collective count by the gradient channel's direct collectives, so
+        that every rank numbers collectives alike (join() reports who joined last)."""
+        for _ in range(collectives):
+            next(self._rounds)
 
     def _perform(
         self, request: Request, transport: Transport, table: list[list[int]], joined: list[int]
@@ -527,18 +546,63 @@ class CollectiveEngine:
         return result
 
     def _join(self, request: Request, transport: Transport) -> int:
-        """Contribute neutral values to the others' collectives until every rank has joined."""
+        """Contribute neutral values to the others' collectives until every rank has joined.
+
+        While the gradient channel is on, the others may next send a direct optimizer
+        step instead of a negotiated collective: a step of zero buckets is offered there
+        too (see `elastic.gradients`).
+        """
         join_round = -1
-        while True:
-            round_no = next(self._rounds)
-            if join_round < 0:
-                join_round = round_no
-            table = self._negotiate(transport, self._describe(request, round_no, join_round))
-            active = [row for row in table if row[_F_JOINED] == 0]
-            if not active:
-                return max(range(transport.size), key=lambda r: (table[r][_F_JOIN_ROUND], r))
-            self._check(Kind(active[0][_F_KIND]), table)
-            self._contribute_neutral(transport, table)
+        offer = (self.gradients.offer_join()
+                 if self.gradients is not None and transport is self.transport else None)
+        try:
+            while True:
+                round_no = next(self._rounds)
+                if join_round < 0:
+                    join_round = round_no
+                work, out = self._start_negotiation(
+                    transport, self._describe(request, round_no, join_round))
+                offer = self._wait_negotiation(work, transport, offer)
+                table = out.tolist()
+                active = [row for row in table if row[_F_JOINED] == 0]
+                if not active:
+                    if offer is not None:  # every rank offered it: it completes
+                        self._settle(offer)
+                        offer = None
+                    return max(range(transport.size),
+                               key=lambda r: (table[r][_F_JOIN_ROUND], r))
+                self._check(Kind(active[0][_F_KIND]), table)
+                self._contribute_neutral(transport, table)
+        finally:
+            if offer is not None and self.gradients is not None:
+                self.gradients.disarm()  # failed: the generation is being left anyway
+
+    def _wait_negotiation(self, work: Any, transport: Transport, offer: JoinOffer | None
+                          ) -> JoinOffer | None:
+        """Wait for a join round's negotiation; settle the offered zero step if the others
+        took it meanwhile. Returns the offer while it is still open."""
+        if offer is None:
+            self._wait(work, transport.gloo)
+            return None
+        while not work.is_completed():
+            if offer.works[0].is_completed():
+                self._settle(offer)
+                self._wait(work, transport.gloo)
+                return None
+            if self.interrupted.is_set():
+                raise HorovodInternalError(
+                    "join() was interrupted: the membership changed (a peer died, hung or "
+                    "left)")
+            try:
+                work.wait(_JOIN_POLL)
+            except RuntimeError:
+                continue
+        self._wait(work, transport.gloo)
+        return offer
+
+    def _settle(self, offer: JoinOffer) -> None:
+        assert self.gradients is not None
+        self.count_direct(self.gradients.settle_join(offer))
 
     def _contribute_neutral(self, transport: Transport, table: list[list[int]]) -> None:
         active = next(row for row in table if row[_F_JOINED] == 0)

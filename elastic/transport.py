@@ -37,7 +37,9 @@ def serve_store(host: str, timeout: float) -> dist.TCPStore:
 
 
 class Transport:
-    """The process groups of one generation: gloo always, NCCL lazily for CUDA tensors."""
+    """The process groups of one generation: gloo always (and a second gloo group that
+    carries only DistributedOptimizer buckets in steady state, `gradients`), NCCL lazily
+    for CUDA tensors."""
 
     def __init__(
         self,
@@ -57,6 +59,8 @@ class Transport:
         self._nccl: dist.ProcessGroup | None = None
         self._lock = threading.Lock()
         self.gloo = self._make_gloo(namespace, rank, size)
+        self.gradients: dist.ProcessGroupGloo | None = (
+            self._make_gloo(namespace + "grad/", rank, size) if size > 1 else None)
 
     def _make_gloo(self, namespace: str, rank: int, size: int) -> dist.ProcessGroupGloo:
         opts = dist.ProcessGroupGloo._Options()
@@ -102,11 +106,12 @@ class Transport:
         sub._nccl = None
         sub._lock = threading.Lock()
         sub.gloo = sub._make_gloo(sub.namespace, sub.rank, sub.size)
+        sub.gradients = None
         return sub
 
     def close(self) -> None:
         """Abort the groups so that no thread stays blocked on a dead peer."""
-        for group in (self.gloo, self._nccl):
+        for group in (self.gloo, self.gradients, self._nccl):
             if group is None:
                 continue
             try:

@@ -20,8 +20,16 @@ from typing import Any
 
 import torch
 
-from elastic.compression import Compression, Compressor, FP16Compressor, TopKCompression
+from elastic.compression import (
+    Compression,
+    Compressor,
+    FP16Compressor,
+    NoneCompressor,
+    TopKCompression,
+)
 from elastic.engine import ReduceOp
+from elastic.gradients import DTYPES, GradientChannel
+from elastic.torch import runtime
 from elastic.torch.collectives import (
     Adasum,
     Average,
@@ -47,6 +55,10 @@ class _Launched:
     flat: torch.Tensor | None = None
     """The bucket's persistent buffer when its gradients were reduced in it."""
     shapes: list[torch.Size] = field(default_factory=list)
+    work: Any = None
+    """The bucket's allreduce on the gradient channel, when sent directly."""
+    channel: GradientChannel | None = None
+    index: int = -1
     was_sparse: list[bool] = field(default_factory=list)
     handle: int | None = None
     sparse: list[tuple[torch.Tensor, int]] = field(default_factory=list)
@@ -92,6 +104,7 @@ class _DistributedOptimizer:
         self._bucket_of: dict[int, int] = {}
         self._hooks: list[Any] = []
         self._flats: dict[int, torch.Tensor] = {}
+        self._steps = {"negotiated": 0, "direct": 0}
         self._reset_progress()
         self._included()  # raises ValueError before hvd.init(), as Horovod does
 
@@ -199,6 +212,8 @@ class _DistributedOptimizer:
         self._next_bucket = 0
         self._inflight: list[_Launched] = []
         self._touched = False
+        self._direct: GradientChannel | None = None
+        self._joined_mark = -1
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         """Change how many backward passes are accumulated before gradients are reduced."""
@@ -231,7 +246,25 @@ class _DistributedOptimizer:
                     self._launch(self._next_bucket)
                     self._next_bucket += 1
 
+    def _channel(self) -> GradientChannel | None:
+        """The generation's gradient channel, when this optimizer's buckets may use it."""
+        if self.process_set.process_set_id not in (0, None) or self._exchange is not None \
+                or self._compression is not NoneCompressor \
+                or self.op not in (ReduceOp.Average, ReduceOp.Sum):
+            return None
+        engine = runtime.context().engine
+        return engine.gradients if engine is not None else None
+
+    def _begin_step(self) -> None:
+        """At the first bucket of a step: direct or negotiated, the same on every rank."""
+        channel = self._channel()
+        self._direct = channel if channel is not None and channel.serves(self) else None
+        engine = runtime.context().engine
+        self._joined_mark = engine.joined_seen if engine is not None else -1
+
     def _launch(self, index: int) -> None:
+        if not self._inflight:
+            self._begin_step()
         params = [p for p in self._buckets[index] if p.requires_grad or p.grad is not None]
         entry = _Launched()
         self._inflight.append(entry)
@@ -253,7 +286,7 @@ class _DistributedOptimizer:
                     name=f"{self._names[id(p)]}.sparse", process_set=self.process_set)
                 entry.sparse.append((p, handle))
                 continue
-            entry.was_sparse.append(grad.is_sparse)
+            entry.was_sparse.append(grad.is_sparse and self._direct is None)
             if grad.is_sparse:
                 grad = grad.to_dense()
             tensor, ctx = self._compression.compress(grad)
@@ -266,8 +299,17 @@ class _DistributedOptimizer:
                 postscale = self.gradient_predivide_factor
             else:
                 prescale = postscale = 1.0
-            flat = self._fill_flat(index, compressed)
-            if flat is not None:
+            channel = self._direct
+            flat = self._fill_flat(index, compressed, channel.tail if channel else 0)
+            if channel is not None:
+                if flat is None:
+                    raise RuntimeError("a directly sent step met a bucket of mixed dtypes")
+                entry.flat, entry.shapes = flat, [t.shape for t in compressed]
+                entry.channel, entry.index = channel, index
+                if prescale != 1.0:
+                    flat[:flat.numel() - channel.tail].mul_(prescale)
+                entry.work = channel.start(flat, index)
+            elif flat is not None:
                 entry.flat, entry.shapes = flat, [t.shape for t in compressed]
                 entry.handle = allreduce_async_(
                     flat, name=name, op=self.op, prescale_factor=prescale,
@@ -277,23 +319,27 @@ class _DistributedOptimizer:
                     compressed, name=name, op=self.op, prescale_factor=prescale,
                     postscale_factor=postscale, process_set=self.process_set)
 
-    def _fill_flat(self, index: int, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    def _fill_flat(self, index: int, tensors: list[torch.Tensor], tail: int = 0
+                   ) -> torch.Tensor | None:
         """Copy a bucket's gradients into its persistent flat buffer (allocated once, as
         DDP's buckets are): no fresh 25 MB allocation and page faults every step, and the
-        allreduce runs in place. None when the gradients differ in dtype or device."""
+        allreduce runs in place. `tail` extra elements follow the gradients (the gradient
+        channel's). None when the gradients differ in dtype or device."""
         first = tensors[0]
         if any(t.dtype != first.dtype or t.device != first.device for t in tensors):
             return None
         numel = sum(t.numel() for t in tensors)
         flat = self._flats.get(index)
-        if flat is None or flat.numel() != numel or flat.dtype != first.dtype \
+        if flat is None or flat.numel() != numel + tail or flat.dtype != first.dtype \
                 or flat.device != first.device:
-            flat = self._flats[index] = torch.empty(numel, dtype=first.dtype,
+            flat = self._flats[index] = torch.empty(numel + tail, dtype=first.dtype,
                                                     device=first.device)
-        torch.cat([t.detach().reshape(-1) for t in tensors], out=flat)
-        return flat
+        torch.cat([t.detach().reshape(-1) for t in tensors], out=flat[:numel])
+        return flat[:numel] if tail == 0 else flat
 
     def _finish(self, entry: _Launched) -> None:
+        if entry.work is not None:
+            self._finish_direct(entry)
         if entry.handle is not None:
             outputs = synchronize(entry.handle)
             entry.handle = None
@@ -318,6 +364,47 @@ class _DistributedOptimizer:
             if self.op == Average:
                 values = values / size
             p.grad = torch.sparse_coo_tensor(indices.t(), values, p.grad.shape).coalesce()
+
+    def _finish_direct(self, entry: _Launched) -> None:
+        channel, work = entry.channel, entry.work
+        assert channel is not None and entry.flat is not None
+        entry.work = None
+        count = channel.finish(work, entry.flat, entry.index)
+        engine = runtime.context().engine
+        if engine is not None:
+            engine.count_direct(1)
+        factor = 1.0
+        if self.op == Average:
+            factor = self.gradient_predivide_factor / count
+        offset = 0
+        with torch.no_grad():
+            for p, shape in zip(entry.dense, entry.shapes):
+                numel = shape.numel()
+                view = entry.flat[offset:offset + numel].view(shape)
+                offset += numel
+                if p.grad.is_sparse:
+                    p.grad = view * factor
+                elif factor != 1.0:
+                    torch.mul(view, factor, out=p.grad)
+                else:
+                    p.grad.copy_(view)
+
+    def _after_step(self, inflight: list[_Launched]) -> None:
+        """Count the step; after a complete negotiated step without joined ranks, send the
+        next ones directly on the gradient channel (`elastic.gradients`)."""
+        if self._direct is not None:
+            self._steps["direct"] += 1
+            return
+        self._steps["negotiated"] += 1
+        channel = self._channel()
+        engine = runtime.context().engine
+        launched = [e for e in inflight if e.dense or e.sparse]
+        if channel is None or engine is None or engine.joined_seen != self._joined_mark \
+                or not launched or any(e.flat is None or e.sparse or any(e.was_sparse)
+                                       or e.flat.device.type != "cpu"
+                                       or e.flat.dtype not in DTYPES for e in launched):
+            return
+        channel.arm(self, [(e.flat.numel(), e.flat.dtype) for e in launched])
 
     # -- Horovod's public methods -----------------------------------------------------
 
@@ -345,6 +432,8 @@ class _DistributedOptimizer:
                 except BaseException as exc:  # noqa: BLE001 - drain the rest, raise the first
                     error = exc
                     _drain(entry)
+            if error is None and inflight and (self.process_set.size() or 1) > 1:
+                self._after_step(inflight)
         finally:
             with self._lock:
                 self._reset_progress()
@@ -404,7 +493,8 @@ class _DistributedOptimizer:
         """What communication cost and saved: bytes sent, density, residual norm, staleness
         histogram, dropped and rejected contributions (top-k and staleness modes)."""
         if self._exchange is None:
-            return {"mode": "dense allreduce"}
+            return {"mode": "dense allreduce", "negotiated_steps": self._steps["negotiated"],
+                    "direct_steps": self._steps["direct"]}
         mode = "staleness" if isinstance(self._exchange, StaleExchange) else "top-k"
         return {"mode": mode, **self._exchange.stats.as_dict()}
 
@@ -441,6 +531,12 @@ def _remove_hooks(hooks: list[Any]) -> None:
 
 def _drain(entry: _Launched) -> None:
     """Wait out a bucket's collectives whose result is no longer wanted."""
+    if entry.work is not None and entry.channel is not None:
+        work, entry.work = entry.work, None
+        try:
+            entry.channel.wait(work)
+        except Exception:  # noqa: BLE001 - the first error is reported by the caller
+            logger.debug("discarded a failed gradient allreduce", exc_info=True)
     handles = ([entry.handle] if entry.handle is not None else []) + [h for _, h in entry.sparse]
     entry.handle, entry.sparse = None, []
     for handle in handles:

@@ -50,6 +50,14 @@ def test_join_with_uneven_batches(two: Run, three: Run, np: int) -> None:
     same_on_every_rank([v["sums"][:2] for v in values], "allreduce results before any join")
 
 
+@pytest.mark.parametrize("np", [2, 3])
+def test_distributed_optimizer_with_join_and_uneven_steps(two: Run, three: Run, np: int
+                                                         ) -> None:
+    values = (two if np == 2 else three).check("optimizer_join_uneven")
+    same_on_every_rank([v["params"] for v in values], "parameters after join")
+    assert all(v["stats"]["direct_steps"] > 0 for v in values), values
+
+
 def test_broadcast_parameters(two: Run) -> None:
     values = two.check("broadcast_parameters")
     same_on_every_rank([v["state"] for v in values], "model state after broadcast")

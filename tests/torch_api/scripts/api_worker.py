@@ -315,6 +315,65 @@ def join_uneven() -> dict[str, Any]:
     return {"last": last, "sums": sums}
 
 
+@check
+def optimizer_join_uneven() -> dict[str, Any]:
+    """DistributedOptimizer with uneven steps and join(): after its first step the buckets
+    go directly (no negotiation); ranks that run out of data join, and the others' steps
+    average over the ranks still training, with negotiated collectives in between."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
+    lr = 0.01
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr),
+                                   named_parameters=model.named_parameters(),
+                                   bucket_cap_mb=0.0001)  # one bucket per parameter
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    reference = [p.detach().clone().double() for p in model.parameters()]
+    ref_model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4)).double()
+
+    def grads_of(rank: int, i: int) -> list[torch.Tensor]:
+        with torch.no_grad():
+            for q, value in zip(ref_model.parameters(), reference):
+                q.copy_(value)
+        ref_model.zero_grad()
+        ref_model(torch.full((4, 8), 0.1 * (rank + 1) + 0.01 * i, dtype=torch.float64)
+                  ).pow(2).sum().backward()
+        return [q.grad.clone() for q in ref_model.parameters()]
+
+    def step(i: int) -> None:
+        opt.zero_grad()
+        model(torch.full((4, 8), 0.1 * (R + 1) + 0.01 * i)).pow(2).sum().backward()
+        opt.step()
+
+    def expect(i: int, active: list[int]) -> None:
+        per_rank = [grads_of(r, i) for r in active]
+        for k, value in enumerate(reference):
+            value -= lr * sum(g[k] for g in per_rank) / len(active)
+
+    steps = [3 + 2 * r for r in range(N)]
+    for i in range(steps[R]):
+        step(i)
+        if i % 2:
+            out = hvd.allreduce(torch.tensor([1.0]), op=hvd.Sum, name=f"opt.join.metric.{i}")
+            close(out, torch.tensor([float(sum(1 for r in range(N) if i < steps[r]))]),
+                  f"metric allreduce {i} while ranks joined")
+    last = hvd.join()
+    assert last == N - 1, f"join returned {last}, expected {N - 1}"
+    # A joined rank does not step (as in Horovod): take the model of the last rank.
+    hvd.broadcast_parameters(model.state_dict(), root_rank=last)
+    for i in range(steps[-1]):
+        expect(i, [r for r in range(N) if i < steps[r]])
+    for i in range(100, 104):  # everyone trains again; the channel is armed again
+        step(i)
+        expect(i, list(range(N)))
+    for k, p in enumerate(model.parameters()):
+        close(p.detach().double(), reference[k], f"parameter {k} after uneven steps",
+              atol=1e-4)
+    stats = opt.communication_stats()
+    assert stats["direct_steps"] >= 3 and stats["negotiated_steps"] >= 2, stats
+    return {"params": [p.detach().reshape(-1).tolist() for p in model.parameters()],
+            "stats": stats}
+
+
 # -- autograd --------------------------------------------------------------------------
 
 @check
@@ -829,6 +888,7 @@ def process_sets() -> dict[str, Any]:
 
 
 CHECKS_THREE = ["allreduce_ops", "allgather", "alltoall", "reducescatter", "join_uneven",
+                "optimizer_join_uneven",
                 "autograd", "objects", "process_sets", "distributed_optimizer_equivalence",
                 "sync_batch_norm", "sync_batch_norm_training"]
 
