@@ -300,10 +300,15 @@ class _DistributedOptimizer:
             else:
                 prescale = postscale = 1.0
             channel = self._direct
+            dtype = compressed[0].dtype
+            if channel is not None and (dtype not in DTYPES or any(
+                    t.dtype != dtype or t.device.type != "cpu" for t in compressed)):
+                # The model changed dtype or device since the channel was armed (alike on
+                # every rank): this bucket, and the next steps, go through negotiation.
+                channel.disarm()
+                channel = None
             flat = self._fill_flat(index, compressed, channel.tail if channel else 0)
-            if channel is not None:
-                if flat is None:
-                    raise RuntimeError("a directly sent step met a bucket of mixed dtypes")
+            if channel is not None and flat is not None:
                 entry.flat, entry.shapes = flat, [t.shape for t in compressed]
                 entry.channel, entry.index = channel, index
                 if prescale != 1.0:
