@@ -62,23 +62,23 @@ class GradientChannel:
 
     # -- arming -----------------------------------------------------------------------
 
-    def arm(self, owner: object, plan: list[tuple[int, torch.dtype]]) -> None:
-        """After a negotiated step of `owner` that every rank completed without joined
-        ranks: send its next steps directly. `plan`: (numel, dtype) of each bucket."""
+    def arm(self, owner: int, plan: list[tuple[int, torch.dtype]]) -> None:
+        """After a negotiated step of optimizer `owner` (a number given in construction
+        order, alike on every rank) that every rank completed without joined ranks: send
+        its next steps directly. `plan`: (numel, dtype) of each bucket. The channel
+        serves one optimizer at a time, the last one armed."""
         with self._lock:
-            if self._owner is not None and self._owner != id(owner):
-                return
             if any(dtype not in DTYPES for _n, dtype in plan) or not plan:
                 return
-            self._owner, self._plan, self.active = id(owner), list(plan), True
+            self._owner, self._plan, self.active = owner, list(plan), True
 
     def disarm(self) -> None:
         """Back to negotiated steps (someone joined, or the plan changed)."""
         with self._lock:
             self.active = False
 
-    def serves(self, owner: object) -> bool:
-        return self.active and self._owner == id(owner)
+    def serves(self, owner: int) -> bool:
+        return self.active and self._owner == owner
 
     # -- the owner's buckets ------------------------------------------------------------
 

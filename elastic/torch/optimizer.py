@@ -9,6 +9,7 @@ and every earlier bucket has been launched; `synchronize()` launches whatever is
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import warnings
@@ -54,7 +55,8 @@ class _Launched:
     dense_ctx: list[Any] = field(default_factory=list)
     flat: torch.Tensor | None = None
     """The bucket's persistent buffer when its gradients were reduced in it."""
-    shapes: list[torch.Size] = field(default_factory=list)
+    views: list[torch.Tensor] = field(default_factory=list)
+    """Views of `flat` shaped as the bucket's gradients."""
     work: Any = None
     """The bucket's allreduce on the gradient channel, when sent directly."""
     channel: GradientChannel | None = None
@@ -103,8 +105,9 @@ class _DistributedOptimizer:
         self._buckets: list[list[torch.Tensor]] = []
         self._bucket_of: dict[int, int] = {}
         self._hooks: list[Any] = []
-        self._flats: dict[int, torch.Tensor] = {}
+        self._flats: dict[int, tuple[torch.Tensor, list[torch.Tensor], Any]] = {}
         self._steps = {"negotiated": 0, "direct": 0}
+        self._serial = next(_serials)  # construction order: alike on every rank
         self._reset_progress()
         self._included()  # raises ValueError before hvd.init(), as Horovod does
 
@@ -258,7 +261,7 @@ class _DistributedOptimizer:
     def _begin_step(self) -> None:
         """At the first bucket of a step: direct or negotiated, the same on every rank."""
         channel = self._channel()
-        self._direct = channel if channel is not None and channel.serves(self) else None
+        self._direct = channel if channel is not None and channel.serves(self._serial) else None
         engine = runtime.context().engine
         self._joined_mark = engine.joined_seen if engine is not None else -1
 
@@ -307,15 +310,16 @@ class _DistributedOptimizer:
                 # every rank): this bucket, and the next steps, go through negotiation.
                 channel.disarm()
                 channel = None
-            flat = self._fill_flat(index, compressed, channel.tail if channel else 0)
-            if channel is not None and flat is not None:
-                entry.flat, entry.shapes = flat, [t.shape for t in compressed]
+            filled = self._fill_flat(index, compressed, channel.tail if channel else 0)
+            if channel is not None and filled is not None:
+                entry.flat, entry.views = filled
                 entry.channel, entry.index = channel, index
                 if prescale != 1.0:
-                    flat[:flat.numel() - channel.tail].mul_(prescale)
-                entry.work = channel.start(flat, index)
-            elif flat is not None:
-                entry.flat, entry.shapes = flat, [t.shape for t in compressed]
+                    entry.flat[:entry.flat.numel() - channel.tail].mul_(prescale)
+                entry.work = channel.start(entry.flat, index)
+            elif filled is not None:
+                entry.flat, entry.views = filled
+                flat = entry.flat
                 entry.handle = allreduce_async_(
                     flat, name=name, op=self.op, prescale_factor=prescale,
                     postscale_factor=postscale, process_set=self.process_set)
@@ -325,22 +329,29 @@ class _DistributedOptimizer:
                     postscale_factor=postscale, process_set=self.process_set)
 
     def _fill_flat(self, index: int, tensors: list[torch.Tensor], tail: int = 0
-                   ) -> torch.Tensor | None:
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         """Copy a bucket's gradients into its persistent flat buffer (allocated once, as
         DDP's buckets are): no fresh 25 MB allocation and page faults every step, and the
         allreduce runs in place. `tail` extra elements follow the gradients (the gradient
-        channel's). None when the gradients differ in dtype or device."""
+        channel's). Returns the buffer and its views shaped as `tensors`; None when the
+        gradients differ in dtype or device."""
         first = tensors[0]
         if any(t.dtype != first.dtype or t.device != first.device for t in tensors):
             return None
-        numel = sum(t.numel() for t in tensors)
-        flat = self._flats.get(index)
-        if flat is None or flat.numel() != numel + tail or flat.dtype != first.dtype \
-                or flat.device != first.device:
-            flat = self._flats[index] = torch.empty(numel + tail, dtype=first.dtype,
-                                                    device=first.device)
-        torch.cat([t.detach().reshape(-1) for t in tensors], out=flat[:numel])
-        return flat[:numel] if tail == 0 else flat
+        shapes = [t.shape for t in tensors]
+        cached = self._flats.get(index)
+        if cached is None or cached[2] != (shapes, tail, first.dtype, first.device):
+            numel = sum(t.numel() for t in tensors)
+            flat = torch.empty(numel + tail, dtype=first.dtype, device=first.device)
+            views, offset = [], 0
+            for shape in shapes:
+                views.append(flat[offset:offset + shape.numel()].view(shape))
+                offset += shape.numel()
+            cached = self._flats[index] = (flat if tail else flat[:numel], views,
+                                           (shapes, tail, first.dtype, first.device))
+        flat, views, _key = cached
+        torch._foreach_copy_(views, [t.detach() for t in tensors])
+        return flat, views
 
     def _finish(self, entry: _Launched) -> None:
         if entry.work is not None:
@@ -349,11 +360,7 @@ class _DistributedOptimizer:
             outputs = synchronize(entry.handle)
             entry.handle = None
             if entry.flat is not None:
-                outputs, offset = [], 0
-                for shape in entry.shapes:
-                    numel = shape.numel()
-                    outputs.append(entry.flat[offset:offset + numel].view(shape))
-                    offset += numel
+                outputs = entry.views
             with torch.no_grad():
                 for p, out, ctx, was_sparse in zip(entry.dense, outputs, entry.dense_ctx,
                                                    entry.was_sparse):
@@ -381,18 +388,15 @@ class _DistributedOptimizer:
         factor = 1.0
         if self.op == Average:
             factor = self.gradient_predivide_factor / count
-        offset = 0
         with torch.no_grad():
-            for p, shape in zip(entry.dense, entry.shapes):
-                numel = shape.numel()
-                view = entry.flat[offset:offset + numel].view(shape)
-                offset += numel
-                if p.grad.is_sparse:
-                    p.grad = view * factor
-                elif factor != 1.0:
-                    torch.mul(view, factor, out=p.grad)
-                else:
-                    p.grad.copy_(view)
+            if factor != 1.0:
+                entry.flat[:entry.flat.numel() - channel.tail].mul_(factor)
+            grads = [p.grad for p in entry.dense]
+            if any(g.is_sparse for g in grads):
+                for p, view in zip(entry.dense, entry.views):
+                    p.grad = view.clone() if p.grad.is_sparse else p.grad.copy_(view)
+            else:
+                torch._foreach_copy_(grads, entry.views)
 
     def _after_step(self, inflight: list[_Launched]) -> None:
         """Count the step; after a complete negotiated step without joined ranks, send the
@@ -409,7 +413,7 @@ class _DistributedOptimizer:
                                        or e.flat.device.type != "cpu"
                                        or e.flat.dtype not in DTYPES for e in launched):
             return
-        channel.arm(self, [(e.flat.numel(), e.flat.dtype) for e in launched])
+        channel.arm(self._serial, [(e.flat.numel(), e.flat.dtype) for e in launched])
 
     # -- Horovod's public methods -----------------------------------------------------
 
@@ -521,6 +525,9 @@ class _DistributedOptimizer:
         self._synchronized = False
         self._should_synchronize = True
         super().load_state_dict(state_dict)  # type: ignore[misc]
+
+
+_serials = itertools.count()
 
 
 def _on_grad_ready(ref: weakref.ReferenceType, param: torch.Tensor) -> None:

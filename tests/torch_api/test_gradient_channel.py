@@ -17,7 +17,7 @@ def channel(size: int = 3, interrupted: bool = False) -> GradientChannel:
     if interrupted:
         event.set()
     ch = GradientChannel(group=None, rank=0, size=size, interrupted=event)  # type: ignore[arg-type]
-    ch.arm(object(), [(4, torch.float32)])
+    ch.arm(0, [(4, torch.float32)])
     return ch
 
 
@@ -57,12 +57,12 @@ def test_a_membership_change_interrupts_a_direct_bucket() -> None:
         ch.finish(ScriptedWork(["slice"], [False]), reduced_bucket([0, 1, 2], [1, 1, 1]), 0)
 
 
-def test_only_float_plans_arm_and_only_for_their_owner() -> None:
+def test_only_float_plans_arm_and_the_last_optimizer_armed_is_served() -> None:
     event = threading.Event()
     ch = GradientChannel(group=None, rank=0, size=2, interrupted=event)  # type: ignore[arg-type]
-    ch.arm(object(), [(4, torch.float16)])
+    ch.arm(0, [(4, torch.float16)])
     assert not ch.active
-    owner, other = object(), object()
-    ch.arm(owner, [(4, torch.float32)])
-    ch.arm(other, [(8, torch.float32)])
-    assert ch.serves(owner) and not ch.serves(other)
+    ch.arm(0, [(4, torch.float32)])
+    assert ch.serves(0)
+    ch.arm(1, [(8, torch.float32)])
+    assert ch.serves(1) and not ch.serves(0)
