@@ -389,14 +389,13 @@ class _DistributedOptimizer:
         if self.op == Average:
             factor = self.gradient_predivide_factor / count
         with torch.no_grad():
-            if factor != 1.0:
-                entry.flat[:entry.flat.numel() - channel.tail].mul_(factor)
-            grads = [p.grad for p in entry.dense]
-            if any(g.is_sparse for g in grads):
-                for p, view in zip(entry.dense, entry.views):
-                    p.grad = view.clone() if p.grad.is_sparse else p.grad.copy_(view)
-            else:
-                torch._foreach_copy_(grads, entry.views)
+            for p, view in zip(entry.dense, entry.views):
+                if p.grad.is_sparse:
+                    p.grad = view * factor
+                elif factor != 1.0:
+                    torch.mul(view, factor, out=p.grad)  # scale and copy in one pass
+                else:
+                    p.grad.copy_(view)
 
     def _after_step(self, inflight: list[_Launched]) -> None:
         """Count the step; after a complete negotiated step without joined ranks, send the
