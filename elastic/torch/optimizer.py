@@ -105,7 +105,7 @@ class _DistributedOptimizer:
         self._buckets: list[list[torch.Tensor]] = []
         self._bucket_of: dict[int, int] = {}
         self._hooks: list[Any] = []
-        self._flats: dict[int, tuple[torch.Tensor, list[torch.Tensor], Any]] = {}
+        self._flats: dict[int, tuple[torch.Tensor, list[torch.Tensor], Any, torch.Tensor]] = {}
         self._steps = {"negotiated": 0, "direct": 0}
         self._serial = next(_serials)  # construction order: alike on every rank
         self._reset_progress()
@@ -348,9 +348,10 @@ class _DistributedOptimizer:
                 views.append(flat[offset:offset + shape.numel()].view(shape))
                 offset += shape.numel()
             cached = self._flats[index] = (flat if tail else flat[:numel], views,
-                                           (shapes, tail, first.dtype, first.device))
-        flat, views, _key = cached
-        torch._foreach_copy_(views, [t.detach() for t in tensors])
+                                           (shapes, tail, first.dtype, first.device),
+                                           flat[:numel])
+        flat, views, _key, data = cached
+        torch.cat([t.detach().reshape(-1) for t in tensors], out=data)  # faster than foreach
         return flat, views
 
     def _finish(self, entry: _Launched) -> None:
