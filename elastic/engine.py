@@ -27,12 +27,11 @@ import torch.distributed as dist
 
 from elastic.errors import CollectiveMismatchError, HorovodInternalError
 from elastic.gradients import GradientChannel, JoinOffer
-from elastic.transport import Transport
+from elastic.transport import Transport, wait_interruptibly
 
 logger = logging.getLogger(__name__)
 
 _WAIT_SLICE = 0.05
-_WAIT_SLICE_DELTA = datetime.timedelta(seconds=_WAIT_SLICE)
 _JOIN_POLL = datetime.timedelta(seconds=0.005)
 _META_LEN = 20
 _MAX_DIMS = 8
@@ -250,21 +249,7 @@ class CollectiveEngine:
             raise HorovodInternalError(f"collective failed: {exc}") from exc
 
     def _wait_gloo(self, work: Any) -> None:
-        while True:
-            try:
-                work.wait(_WAIT_SLICE_DELTA)
-                return
-            except RuntimeError:
-                if work.is_completed():  # it failed, or finished just after the slice
-                    break
-                if self.interrupted.is_set():
-                    raise HorovodInternalError(
-                        "a collective was interrupted: the membership changed (a peer "
-                        "died, hung or left)") from None
-        try:
-            work.wait()
-        except RuntimeError as exc:
-            raise HorovodInternalError(f"collective failed: {exc}") from exc
+        wait_interruptibly(work, self.interrupted, "a collective")
 
     # -- negotiation ------------------------------------------------------------------
 

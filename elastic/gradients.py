@@ -20,7 +20,6 @@ and the next complete negotiated step turns it on again.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 from dataclasses import dataclass
@@ -29,11 +28,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from elastic.errors import CollectiveMismatchError, HorovodInternalError
+from elastic.errors import CollectiveMismatchError
+from elastic.transport import wait_interruptibly
 
 logger = logging.getLogger(__name__)
 
-WAIT_SLICE = datetime.timedelta(seconds=0.05)
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -107,21 +106,7 @@ class GradientChannel:
 
     def wait(self, work: Any) -> None:
         """Wait in slices so that a membership change interrupts the wait."""
-        while True:
-            try:
-                work.wait(WAIT_SLICE)
-                return
-            except RuntimeError:
-                if work.is_completed():
-                    break
-                if self.interrupted.is_set():
-                    raise HorovodInternalError(
-                        "a gradient allreduce was interrupted: the membership changed (a peer "
-                        "died, hung or left)") from None
-        try:
-            work.wait()
-        except RuntimeError as exc:
-            raise HorovodInternalError(f"gradient allreduce failed: {exc}") from exc
+        wait_interruptibly(work, self.interrupted, "a gradient allreduce")
 
     # -- joined ranks -------------------------------------------------------------------
 
