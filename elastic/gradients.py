@@ -62,9 +62,9 @@ class GradientChannel:
     # -- arming -----------------------------------------------------------------------
 
     def arm(self, owner: int, plan: list[tuple[int, torch.dtype]]) -> None:
-        """After a negotiated step of optimizer `owner` (a number given in construction
-        order, alike on every rank) that every rank completed without joined ranks: send
-        its next steps directly. `plan`: (numel, dtype) of each bucket. The channel
+        """After a negotiated step of optimizer `owner` (a number this process never
+        gives another optimizer) that every rank completed without joined ranks: send its
+        next steps directly. `plan`: (numel, dtype) of each bucket's gradients. The channel
         serves one optimizer at a time, the last one armed."""
         with self._lock:
             if any(dtype not in DTYPES for _n, dtype in plan) or not plan:

@@ -107,7 +107,7 @@ class _DistributedOptimizer:
         self._hooks: list[Any] = []
         self._flats: dict[int, tuple[torch.Tensor, list[torch.Tensor], Any, torch.Tensor]] = {}
         self._steps = {"negotiated": 0, "direct": 0}
-        self._serial = next(_serials)  # construction order: alike on every rank
+        self._serial = next(_serials)  # never reused (an id() can be, after collection)
         self._reset_progress()
         self._included()  # raises ValueError before hvd.init(), as Horovod does
 
