@@ -401,13 +401,14 @@ class _DistributedOptimizer:
     def _after_step(self, inflight: list[_Launched]) -> None:
         """Count the step; after a complete negotiated step without joined ranks, send the
         next ones directly on the gradient channel (`elastic.gradients`)."""
-        if self._direct is not None:
-            self._steps["direct"] += 1
+        launched = [e for e in inflight if e.dense or e.sparse]
+        if self._direct is not None:  # began direct; a bucket may have fallen back
+            direct = all(e.channel is not None for e in launched)
+            self._steps["direct" if direct else "negotiated"] += 1
             return
         self._steps["negotiated"] += 1
         channel = self._channel()
         engine = runtime.context().engine
-        launched = [e for e in inflight if e.dense or e.sparse]
         if channel is None or engine is None or engine.joined_seen != self._joined_mark \
                 or not launched or any(e.flat is None or e.sparse or any(e.was_sparse)
                                        or e.flat.device.type != "cpu"

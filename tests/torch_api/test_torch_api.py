@@ -58,6 +58,11 @@ def test_distributed_optimizer_with_join_and_uneven_steps(two: Run, three: Run, 
     assert all(v["stats"]["direct_steps"] > 0 for v in values), values
 
 
+def test_distributed_optimizer_falls_back_when_the_model_changes_dtype(two: Run) -> None:
+    values = two.check("optimizer_dtype_change_falls_back")
+    same_on_every_rank([v["grad"] for v in values], "bf16 gradients after the fallback")
+
+
 def test_broadcast_parameters(two: Run) -> None:
     values = two.check("broadcast_parameters")
     same_on_every_rank([v["state"] for v in values], "model state after broadcast")

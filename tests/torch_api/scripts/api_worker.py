@@ -374,6 +374,28 @@ def optimizer_join_uneven() -> dict[str, Any]:
             "stats": stats}
 
 
+@check
+def optimizer_dtype_change_falls_back() -> dict[str, Any]:
+    """A model cast to bfloat16 after its buckets went direct: the next steps go through
+    negotiation on every rank (no hang) and still average the gradients."""
+    torch.manual_seed(1)
+    model = torch.nn.Linear(8, 4)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
+                                   named_parameters=model.named_parameters())
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    for dtype in [torch.float32] * 3 + [torch.bfloat16] * 2:
+        model.to(dtype)
+        opt.zero_grad()
+        model(torch.ones(2, 8, dtype=dtype) * (R + 1)).sum().backward()
+        opt.step()
+    expected = 2 * sum(r + 1 for r in range(N)) / N  # d(sum)/dW of a batch of 2
+    close(model.weight.grad.float(), torch.full((4, 8), expected), "averaged bf16 gradient",
+          atol=0.05)
+    stats = opt.communication_stats()
+    assert stats["direct_steps"] >= 1 and stats["negotiated_steps"] >= 3, stats
+    return {"grad": model.weight.grad.float().reshape(-1).tolist(), "stats": stats}
+
+
 # -- autograd --------------------------------------------------------------------------
 
 @check
