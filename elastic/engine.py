@@ -232,7 +232,7 @@ class CollectiveEngine:
         more per collective.
         """
         if isinstance(group, dist.ProcessGroupGloo):
-            self._wait_gloo(work)
+            wait_interruptibly(work, self.interrupted, "a collective")
             return
         done = threading.Event()
         fut = work.get_future()
@@ -247,9 +247,6 @@ class CollectiveEngine:
             fut.wait()
         except Exception as exc:
             raise HorovodInternalError(f"collective failed: {exc}") from exc
-
-    def _wait_gloo(self, work: Any) -> None:
-        wait_interruptibly(work, self.interrupted, "a collective")
 
     # -- negotiation ------------------------------------------------------------------
 

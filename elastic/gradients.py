@@ -20,7 +20,6 @@ and the next complete negotiated step turns it on again.
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,6 @@ import torch.distributed as dist
 
 from elastic.errors import CollectiveMismatchError
 from elastic.transport import wait_interruptibly
-
-logger = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.float64)
 

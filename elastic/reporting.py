@@ -55,8 +55,9 @@ class StepWindow:
             ) -> list[dict[str, Any]]:
         """Record one completed step; returns the reports that are now due."""
         key = (job, generation, tuple(members))
-        due = [] if key == self._key else self.flush()
+        due: list[dict[str, Any]] = []
         if key != self._key:
+            due = self.flush()
             self._key, self._first = key, 0
         self._counts.append(list(counts))
         while len(self._counts) > self.span or (self.span == 1 and self._counts):

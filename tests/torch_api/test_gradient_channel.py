@@ -9,7 +9,7 @@ import torch
 
 from elastic.errors import CollectiveMismatchError, HorovodInternalError
 from elastic.gradients import GradientChannel
-from tests.torch_api.test_engine_wait import ScriptedWork
+from tests.torch_api.test_gloo_wait import ScriptedWork
 
 
 def channel(size: int = 3, interrupted: bool = False) -> GradientChannel:

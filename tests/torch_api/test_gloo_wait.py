@@ -1,5 +1,6 @@
-"""How the engine waits for a Gloo work: in slices, interruptible, and without mistaking
-a slice that ran out as the work finished for a failed collective."""
+"""How the engine and the gradient channel wait for a Gloo work: in slices,
+interruptible, and without mistaking a slice that ran out as the work finished for a
+failed collective."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import threading
 
 import pytest
 
-from elastic.engine import CollectiveEngine
 from elastic.errors import HorovodInternalError
+from elastic.transport import wait_interruptibly
 
 
 class ScriptedWork:
@@ -30,33 +31,32 @@ class ScriptedWork:
         return self.completed.pop(0)
 
 
-def engine(interrupted: bool = False) -> CollectiveEngine:
-    eng = CollectiveEngine.__new__(CollectiveEngine)
-    eng.interrupted = threading.Event()
+def wait(work: ScriptedWork, interrupted: bool = False) -> None:
+    event = threading.Event()
     if interrupted:
-        eng.interrupted.set()
-    return eng
+        event.set()
+    wait_interruptibly(work, event, "a collective")
 
 
 def test_slices_that_run_out_are_waited_again_until_the_work_finishes() -> None:
     work = ScriptedWork(["slice", "slice", "ok"], [False, False])
-    engine()._wait_gloo(work)
+    wait(work)
     assert work.waits == []
 
 
 def test_a_work_that_finishes_just_after_its_slice_ran_out_is_a_success() -> None:
     work = ScriptedWork(["slice", "ok"], [True])
-    engine()._wait_gloo(work)
+    wait(work)
     assert work.waits == []
 
 
 def test_a_failed_work_raises_horovod_internal_error_with_the_cause() -> None:
     work = ScriptedWork(["error", "error"], [True])
     with pytest.raises(HorovodInternalError, match="collective failed: Connection closed"):
-        engine()._wait_gloo(work)
+        wait(work)
 
 
 def test_a_membership_change_interrupts_the_wait() -> None:
     work = ScriptedWork(["slice"], [False])
     with pytest.raises(HorovodInternalError, match="interrupted"):
-        engine(interrupted=True)._wait_gloo(work)
+        wait(work, interrupted=True)
