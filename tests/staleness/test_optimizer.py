@@ -48,10 +48,14 @@ def test_staler_than_the_bound_is_dropped_and_counted(tmp_path: Path) -> None:
 
 
 def test_nan_and_outlying_contributions_are_rejected_with_a_strike(tmp_path: Path) -> None:
-    ranks = run(tmp_path, 3, STALENESS="2", POISON_RANK="1", STEPS="30")
+    # A bound above the step count: under load a poisoned gradient could otherwise become
+    # too stale before its round and be dropped unsent, never reaching the norm check.
+    ranks = run(tmp_path, 3, STALENESS="40", POISON_RANK="1", POISON="5:nan,25:1e4",
+                STEPS="30")
     assert len({r["params"] for r in ranks}) == 1, "members' parameters differ"
     assert all(r["finite"] for r in ranks), "a poisoned contribution reached the parameters"
     stats = ranks[0]["stats"]
+    assert stats["dropped_stale"] == 0, stats
     assert stats["rejected"] == 2, stats
     assert sorted(stats["strikes"].values()) == [2], stats["strikes"]
     assert all(r["stats"]["strikes"] == stats["strikes"] for r in ranks)
