@@ -309,8 +309,9 @@ class StalenessRounds:
 
     # -- training thread --------------------------------------------------------------
 
-    def submit(self, flat: torch.Tensor, samples: int, version: int) -> None:
-        """Queue a finished gradient (copied) for the next rounds."""
+    def submit(self, flat: torch.Tensor, samples: int, version: int, copy: bool = True) -> None:
+        """Queue a finished gradient for the next rounds: a copy of it, or with
+        `copy=False` the tensor itself (the caller hands it over and does not touch it)."""
         if self._error is not None:
             raise self._error
         if flat.numel() != self.numel:
@@ -323,8 +324,8 @@ class StalenessRounds:
         if step_time > 0:
             self._own_times.append(step_time)
         with self._outbox_ready:
-            self._outbox.append(_Pending(flat.detach().to(self.dtype).clone(), int(samples),
-                                         int(version), step_time))
+            flat = flat.detach().to(self.dtype, copy=copy)
+            self._outbox.append(_Pending(flat, int(samples), int(version), step_time))
             self._outstanding += 1
             self._outbox_ready.notify_all()
 
@@ -437,19 +438,21 @@ class StalenessRounds:
                               else HorovodInternalError(f"round failed: {exc}"))
 
     def _combine(self, pending: list[_Pending]) -> tuple[torch.Tensor | None, list[list[int]]]:
-        """This member's finished gradients, weighted as every member will weigh them."""
+        """This member's finished gradients, weighted as every member will weigh them
+        (the pending tensors are consumed: one usable gradient is sent as it is)."""
+        usable = [(item, self.weight(self._version - item.version) * item.samples)
+                  for item in pending if self._version - item.version <= self.staleness]
+        contribs = [[p.samples, p.version] for p in pending]
+        if len(usable) == 1:
+            return usable[0][0].flat, contribs
         combined: torch.Tensor | None = None
         mass = 0.0
-        for item in pending:
-            staleness = self._version - item.version
-            if staleness > self.staleness:
-                continue
-            w = self.weight(staleness) * item.samples
-            combined = item.flat * w if combined is None else combined.add_(item.flat, alpha=w)
+        for item, w in usable:
+            combined = item.flat.mul_(w) if combined is None else combined.add_(item.flat, alpha=w)
             mass += w
         if combined is not None and mass > 0:
             combined.div_(mass)
-        return combined, [[p.samples, p.version] for p in pending]
+        return combined, contribs
 
     def _run_round(self, pending: list[_Pending]) -> RoundResult:
         from elastic.engine import Kind, Request

@@ -14,6 +14,7 @@ from elastic.sparse.compressor import (
     SparsePayloadError,
     TopKCompressor,
     add_into,
+    all_finite,
     break_even_density,
     codec_for,
     decompress,
@@ -32,7 +33,7 @@ from elastic.sparse.selection import (
 __all__ = [
     "DENSE_TAG", "HEADER_BYTES", "TOPK_TAG", "Codec", "Selection", "SelectionConfig",
     "SparseCompressor", "SparsePayload", "SparsePayloadError", "TopKCompressor", "add_into",
-    "allgather_bytes", "allreduce_bytes", "break_even_density", "codec_for", "decompress",
-    "pack_payloads", "register_codec", "sample_size", "scatter_add_payloads", "select_topk",
-    "unpack_payloads", "group_size",
+    "all_finite", "allgather_bytes", "allreduce_bytes", "break_even_density", "codec_for",
+    "decompress", "pack_payloads", "register_codec", "sample_size", "scatter_add_payloads",
+    "select_topk", "unpack_payloads", "group_size",
 ]

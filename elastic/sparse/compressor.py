@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DENSE_TAG", "TOPK_TAG", "HEADER_BYTES", "SparsePayloadError", "SparsePayload",
     "SparseCompressor", "TopKCompressor", "register_codec", "codec_for", "add_into",
-    "decompress", "pack_payloads", "unpack_payloads", "break_even_density",
+    "decompress", "pack_payloads", "unpack_payloads", "break_even_density", "all_finite",
 ]
 
 DENSE_TAG = 0
@@ -153,37 +153,44 @@ class SparsePayload:
 
     def validate(self, values: bool = True) -> None:
         """Raise SparsePayloadError unless indices are strictly ascending in range and
-        (with `values`) values finite (one host sync on CUDA).
+        (with `values`) values finite (a host sync or two on CUDA).
 
         `values=False` checks the structure only, for a caller that computes the norm
         anyway (a non-finite value makes it non-finite): one pass fewer over the values.
         """
         if self.values.dim() != 1:
             raise SparsePayloadError(f"payload values must be 1-D, got {tuple(self.values.shape)}")
-        if self.indices is None:
+        idx = self.indices
+        if idx is None:
             if self.count != self.numel:
                 raise SparsePayloadError(
                     f"a dense payload carries {self.count} values for numel={self.numel}")
-            if not values:
-                return
-            bad = ~torch.isfinite(self.values).all()
         else:
-            idx = self.indices
             if idx.dtype != torch.int32 or idx.shape != self.values.shape:
                 raise SparsePayloadError(
                     "payload indices must be int32 of the values' shape "
                     f"{tuple(self.values.shape)}, got {idx.dtype} {tuple(idx.shape)}")
-            if idx.numel() == 0:
-                return
-            bad = (idx[0] < 0) | (idx[-1] >= self.numel)
-            if values:
-                bad = bad | ~torch.isfinite(self.values).all()
-            if idx.numel() > 1:
-                bad = bad | ~(idx[1:] > idx[:-1]).all()
-        if bool(bad):
+            if idx.numel():
+                bad = (idx[0] < 0) | (idx[-1] >= self.numel)
+                if idx.numel() > 1:
+                    bad = bad | ~(idx[1:] > idx[:-1]).all()
+                if bool(bad):
+                    raise SparsePayloadError(
+                        f"payload (tag {self.tag}, {self.count} of {self.numel} entries) has "
+                        "indices out of range or not strictly ascending")
+        if values and not all_finite(self.values):
             raise SparsePayloadError(
-                f"payload (tag {self.tag}, {self.count} of {self.numel} entries) has indices "
-                "out of range or not strictly ascending, or non-finite values")
+                f"payload (tag {self.tag}, {self.count} of {self.numel} entries) has "
+                "non-finite values")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether `t` holds no NaN/Inf. A NaN or Inf makes the sum non-finite, so a finite
+    sum (one fast reduction) settles it; only a non-finite sum, which overflow of finite
+    values can also give, pays for the exact elementwise check."""
+    if t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _view(buf: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
@@ -483,7 +490,7 @@ class TopKCompressor(SparseCompressor):
             raise ValueError(f"buffer {name!r}: gradients must be floating point, got {grad.dtype}")
         numel = grad.numel()
         state = self._state_for(name, grad)
-        if not bool(torch.isfinite(grad).all()):
+        if not all_finite(grad):
             # Accumulating it would poison the residual (and velocity) for good.
             self.skipped_steps += 1
             logger.warning("top-k: the gradient of %r holds NaN/Inf at step %d; this step "
@@ -498,7 +505,8 @@ class TopKCompressor(SparseCompressor):
         if self.momentum > 0.0:
             if state.velocity is None:
                 state.velocity = torch.zeros(numel, dtype=acc_dtype, device=grad.device)
-            increment = state.velocity.mul_(self.momentum).add_(g)
+            # u = m*u + g in one pass over u.
+            increment = torch.add(g, state.velocity, alpha=self.momentum, out=state.velocity)
         else:
             increment = g
         if self.error_feedback:

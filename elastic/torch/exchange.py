@@ -53,17 +53,26 @@ class FlatLayout:
         else:
             self.dtype, self.device = torch.float32, torch.device("cpu")
 
-    def gather(self) -> torch.Tensor:
-        """A fresh flat copy of the gradients (zeros where a parameter has none)."""
-        flat = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+    def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A flat copy of the gradients (zeros where a parameter has none), into `out`
+        when given (reusing one buffer spares a large allocation and its page faults)."""
+        grads = [p.grad for p in self.params]
+        if out is None or out.numel() != self.numel or out.dtype != self.dtype \
+                or out.device != self.device:
+            out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        if grads and all(g is not None and not g.is_sparse and g.dtype == self.dtype
+                         for g in grads):
+            return torch.cat([g.reshape(-1) for g in grads], out=out)  # type: ignore[union-attr]
         offset = 0
-        for p in self.params:
+        for p, grad in zip(self.params, grads):
             n = p.numel()
-            if p.grad is not None:
-                grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                flat[offset:offset + n].copy_(grad.reshape(-1))
+            if grad is None:
+                out[offset:offset + n].zero_()
+            else:
+                grad = grad.to_dense() if grad.is_sparse else grad
+                out[offset:offset + n].copy_(grad.reshape(-1))
             offset += n
-        return flat
+        return out
 
     def scatter(self, flat: torch.Tensor) -> None:
         """Write `flat` back into the parameters' gradients."""
@@ -179,19 +188,22 @@ class SyncSparseExchange:
         self.process_set = process_set
         self.step = 0
         self.stats = RoundStats()
+        self._flat: torch.Tensor | None = None  # the gradients, then their average
 
     def reduce(self) -> None:
         """Replace every gradient by the average of all members' sparsified gradients."""
         size = self.process_set.size() or 1
         codec = PayloadCodec(self.layout, self.compressor, size)
-        flat = self.layout.gather()
+        flat = self._flat = self.layout.gather(self._flat)
         payloads = codec.payloads(flat, self.step)
         expected = [s for s in (self.layout.sparse_numel,
                                 self.layout.numel - self.layout.sparse_numel) if s]
         dense = self.compressor.prefers_dense(self.layout.sparse_numel, self.step, size)
+        # The payloads no longer refer to `flat` (the compressor keeps its own residual,
+        # dense parts are copies), so the average can overwrite it.
         out, sent, rejected = average_payloads(
             payloads, expected, flat, size, "horde.topk", self.process_set,
-            dense_wire=self.compressor.value_dtype if dense else None)
+            dense_wire=self.compressor.value_dtype if dense else None, out=flat)
         self.layout.scatter(out)
         self.stats.rounds += 1
         self.stats.bytes_sent += sent
@@ -248,7 +260,7 @@ class StaleExchange:
     def step(self, samples: int, apply: Callable[[], None]) -> None:
         """Submit the current gradients; run `apply()` once per finished aggregate."""
         rounds = self._ensure_rounds()
-        rounds.submit(self.layout.gather(), samples, self.applied)
+        rounds.submit(self.layout.gather(), samples, self.applied, copy=False)
         self._apply(rounds.results(block=False), apply)
         while rounds.outstanding > self.staleness:
             self._apply(rounds.results(block=True, timeout=1.0), apply)
@@ -326,7 +338,7 @@ def _evict_striker(node: str, reason: str) -> None:
 
 def average_payloads(payloads: list[SparsePayload], numels: list[int], like: torch.Tensor,
                      size: int, name: str, process_set: Any,
-                     dense_wire: torch.dtype | None = None
+                     dense_wire: torch.dtype | None = None, out: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, int, list[int]]:
     """The average over ranks of every rank's `payloads` (one per buffer, together
     `like.numel()` values), the bytes this rank sent for it, and the ranks whose
@@ -336,7 +348,8 @@ def average_payloads(payloads: list[SparsePayload], numels: list[int], like: tor
     `dense_wire`: this step is dense on every rank (warm-up, density above the
     allgather's break-even; the same decision everywhere): one ring allreduce of the
     values in that dtype carries it, as Horovod's would. Otherwise one allgather of the
-    self-delimiting payloads, added in rank order into one buffer.
+    self-delimiting payloads, added in rank order into one buffer: `out` when given (a
+    buffer like `like`, overwritten), else a new one.
     """
     from elastic.torch.collectives import Average, allgather, allreduce
 
@@ -347,7 +360,7 @@ def average_payloads(payloads: list[SparsePayload], numels: list[int], like: tor
         return out.to(like.dtype), sent, []
     message = pack_payloads(payloads)
     gathered = allgather(message, name=name, process_set=process_set)
-    out = torch.zeros_like(like)
+    out = torch.zeros_like(like) if out is None else out.zero_()
     parts = []
     offset = 0
     for n in numels:

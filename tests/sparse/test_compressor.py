@@ -18,6 +18,7 @@ from elastic.sparse import (
     SparsePayloadError,
     TopKCompressor,
     add_into,
+    all_finite,
     break_even_density,
     codec_for,
     decompress,
@@ -281,13 +282,15 @@ def test_payload_header_and_content_errors() -> None:
     with pytest.raises(SparsePayloadError, match="expected 5"):
         unpack_payloads(torch.cat([raw, raw]), numels=[10_000, 5])
     assert len(unpack_payloads(torch.cat([raw, raw]), numels=[10_000, 10_000])[0]) == 2
-    for corrupt in (lambda i, v: i.__setitem__(0, 10_000),      # out of range
-                    lambda i, v: i.__setitem__(1, int(i[0])),    # not strictly ascending
-                    lambda i, v: v.__setitem__(2, float("nan"))):  # non-finite
+    for corrupt, message in (
+            (lambda i, v: i.__setitem__(0, 10_000), "out of range"),
+            (lambda i, v: i.__setitem__(1, int(i[0])), "not strictly ascending"),
+            (lambda i, v: v.__setitem__(2, float("nan")), "non-finite"),
+            (lambda i, v: v.__setitem__(3, float("-inf")), "non-finite")):
         indices, values = p.indices.clone(), p.values.clone()
         corrupt(indices, values)
         buf = SparsePayload(indices, values, p.numel, p.dtype).to_bytes()
-        with pytest.raises(SparsePayloadError, match="out of range"):
+        with pytest.raises(SparsePayloadError, match=message):
             SparsePayload.from_bytes(buf)
         SparsePayload.from_bytes(buf, validate=False)  # the header alone is fine
 
@@ -331,3 +334,24 @@ def test_a_nan_gradient_sends_nothing_and_leaves_the_residual_clean() -> None:
     assert comp.skipped_steps == 1
     assert torch.equal(comp.residual("g"), residual)
     assert torch.isfinite(comp.compress("g", torch.randn(10_000), 2).values).all()
+
+
+def test_all_finite_is_exact_when_the_sum_overflows() -> None:
+    huge = torch.full((4,), 3e38)  # finite values whose float32 sum is inf
+    assert all_finite(huge) and all_finite(torch.empty(0))
+    assert all_finite(torch.full((8,), 60000.0, dtype=torch.float16))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.ones(1000)
+        t[500] = bad
+        assert not all_finite(t), bad
+    mixed = torch.tensor([float("inf"), float("-inf"), 1.0])  # sums to NaN
+    assert not all_finite(mixed)
+
+
+def test_a_huge_but_finite_gradient_is_sent_not_skipped() -> None:
+    comp = TopKCompressor(0.01)
+    grad = torch.zeros(10_000)
+    grad[:200] = 3e38  # finite; their sum overflows float32
+    payload = comp.compress("g", grad, 0)
+    assert comp.skipped_steps == 0 and payload.count == 100
+    assert torch.equal(payload.values, torch.full((100,), 3e38))
