@@ -83,6 +83,9 @@ class RoundStats:
     strikes: Counter = field(default_factory=Counter)
     last_density: float = 1.0
     residual_norm: float = 0.0
+    residual: Callable[[], float] | None = field(default=None, repr=False, compare=False)
+    """Computes the residual norm when the stats are read (a pass over the residual is
+    not worth taking every step); else `residual_norm` is reported."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -92,7 +95,7 @@ class RoundStats:
             "accepted": self.accepted, "dropped_stale": self.dropped_stale,
             "rejected": self.rejected, "staleness_histogram": dict(sorted(self.staleness.items())),
             "strikes": dict(self.strikes), "density": self.last_density,
-            "residual_norm": self.residual_norm,
+            "residual_norm": self.residual() if self.residual else self.residual_norm,
         }
 
 
@@ -100,6 +103,12 @@ class Codec:
     """Turns a flat gradient into bytes for the wire and adds received bytes into a buffer."""
 
     tag = "base"
+    encodes_each = False
+    """Encode every gradient when it is submitted, in the submitting thread, and send a
+    member's pending gradients as separate parts. For codecs whose encoding costs about
+    as much as the round's communication (top-k with error feedback): encoding then
+    overlaps the previous round instead of lengthening this one. Otherwise a member's
+    pending gradients are averaged and encoded once, at the round."""
 
     def encode(self, flat: torch.Tensor, step: int) -> torch.Tensor:
         """A uint8 tensor carrying `flat` (possibly compressed)."""
@@ -181,10 +190,12 @@ class NormCheck:
 
 @dataclass
 class _Pending:
-    flat: torch.Tensor
+    flat: torch.Tensor | None  # the gradient, or None once encoded into `message`
     samples: int
     version: int
     step_time: float
+    message: torch.Tensor | None = None
+    norm: float = 0.0
 
 
 _ALIGN = 8
@@ -234,6 +245,13 @@ def _checked(header: dict, payload: torch.Tensor) -> tuple[dict, torch.Tensor]:
             isinstance(c, list) and len(c) == 2 and all(type(x) is int for x in c)
             and c[0] >= 0 for c in contribs):
         raise ValueError("contribs must be a list of [samples >= 0, version] integer pairs")
+    parts = header.get("parts")
+    if parts is not None and (
+            not isinstance(parts, list) or len(parts) != len(contribs)
+            or not all(type(n) is int and n >= 0 for n in parts)
+            or sum(parts) != payload.numel()):
+        raise ValueError(f"parts must give the payload's {payload.numel()} bytes as one "
+                         f"size >= 0 per contribution ({len(contribs)})")
     step_time = header.get("step_time", 0.0)
     if type(step_time) not in (int, float) or not 0.0 <= step_time < 1e6:
         raise ValueError(f"step_time {step_time!r} is not a duration in seconds")
@@ -277,7 +295,7 @@ class StalenessRounds:
         self.weight = weight
         self.norm_check = norm_check or NormCheck()
         self.dtype = dtype
-        self.stats = RoundStats()
+        self.stats = RoundStats(residual=self.codec.residual_norm)
         self.on_round = on_round
         self.on_strikes = on_strikes
         self.generation = ctx.generation.id  # type: ignore[union-attr]
@@ -295,6 +313,7 @@ class StalenessRounds:
         self._outstanding = 0
         self._round = 0
         self._version = 0
+        self._encoded = 0  # gradients encoded at submit (`Codec.encodes_each`)
         self._step_times: deque[float] = deque(maxlen=16)
         self._released: float | None = None  # when the training thread last went on
         self._round_started: float | None = None  # when this member entered its last round
@@ -323,9 +342,16 @@ class StalenessRounds:
         self._released = now
         if step_time > 0:
             self._own_times.append(step_time)
+        flat = flat.detach().to(self.dtype, copy=copy)
+        item = _Pending(flat, int(samples), int(version), step_time)
+        if self.codec.encodes_each:
+            item.norm = float(flat.norm())
+            item.message = self.codec.encode(flat, self._encoded)
+            item.flat = None
+            self.stats.last_density = self.codec.density(self._encoded)
+            self._encoded += 1
         with self._outbox_ready:
-            flat = flat.detach().to(self.dtype, copy=copy)
-            self._outbox.append(_Pending(flat, int(samples), int(version), step_time))
+            self._outbox.append(item)
             self._outstanding += 1
             self._outbox_ready.notify_all()
 
@@ -437,22 +463,49 @@ class StalenessRounds:
             self._results.put(exc if isinstance(exc, HorovodInternalError)
                               else HorovodInternalError(f"round failed: {exc}"))
 
-    def _combine(self, pending: list[_Pending]) -> tuple[torch.Tensor | None, list[list[int]]]:
+    def _combine(self, pending: list[_Pending]) -> torch.Tensor | None:
         """This member's finished gradients, weighted as every member will weigh them
         (the pending tensors are consumed: one usable gradient is sent as it is)."""
-        usable = [(item, self.weight(self._version - item.version) * item.samples)
-                  for item in pending if self._version - item.version <= self.staleness]
-        contribs = [[p.samples, p.version] for p in pending]
+        usable = [(item.flat, self.weight(self._version - item.version) * item.samples)
+                  for item in pending if self._fresh(item)]
         if len(usable) == 1:
-            return usable[0][0].flat, contribs
+            return usable[0][0]
         combined: torch.Tensor | None = None
         mass = 0.0
-        for item, w in usable:
-            combined = item.flat.mul_(w) if combined is None else combined.add_(item.flat, alpha=w)
+        for flat, w in usable:
+            assert flat is not None
+            combined = flat.mul_(w) if combined is None else combined.add_(flat, alpha=w)
             mass += w
         if combined is not None and mass > 0:
             combined.div_(mass)
-        return combined, contribs
+        return combined
+
+    def _fresh(self, item: _Pending) -> bool:
+        """Whether a pending gradient is still within the bound (every member decides
+        the same from the header, so a staler one is not sent at all)."""
+        return self._version - item.version <= self.staleness
+
+    def _payload(self, pending: list[_Pending], header: dict[str, object]) -> torch.Tensor:
+        """This member's payload for the round (empty when it has nothing to send);
+        fills the header's norm, and parts for a codec that encodes each gradient."""
+        empty = torch.empty(0, dtype=torch.uint8)
+        dense_bytes = self.numel * self.dtype.itemsize * (self.size - 1)
+        if self.codec.encodes_each:
+            fresh = [item for item in pending if self._fresh(item)]
+            if not fresh:
+                return empty
+            header["parts"] = [int(item.message.numel()) if self._fresh(item) else 0
+                               for item in pending]  # type: ignore[union-attr]
+            header["norm"] = max(item.norm for item in fresh)
+            self.stats.dense_bytes += dense_bytes
+            return torch.cat([item.message for item in fresh])  # type: ignore[misc]
+        combined = self._combine(pending)
+        if combined is None:
+            return empty
+        header["norm"] = float(combined.norm())
+        self.stats.last_density = self.codec.density(self._round)
+        self.stats.dense_bytes += dense_bytes
+        return self.codec.encode(combined, self._round)
 
     def _run_round(self, pending: list[_Pending]) -> RoundResult:
         from elastic.engine import Kind, Request
@@ -461,25 +514,18 @@ class StalenessRounds:
         self._round_started = time.monotonic()
         with self._outbox_ready:
             finishing = self._finishing and not self._outbox and not pending
-        combined, contribs = self._combine(pending)
+        contribs = [[p.samples, p.version] for p in pending]
         step_time = statistics.median([p.step_time for p in pending]) if pending else 0.0
         header: dict[str, object] = {"node": self.node_id, "rank": self.rank, "round": t,
                                      "codec": self.codec.tag, "finishing": finishing,
                                      "contribs": contribs, "step_time": step_time}
-        payload = torch.empty(0, dtype=torch.uint8)
-        if combined is not None:
-            header["norm"] = float(combined.norm())
-            payload = self.codec.encode(combined, t)
-            self.stats.last_density = self.codec.density(t)
-            self.stats.dense_bytes += self.numel * combined.element_size() * (self.size - 1)
-        message = pack(header, payload)
+        message = pack(header, self._payload(pending, header))
         self.stats.bytes_sent += int(message.numel()) * (self.size - 1)
         gathered = self._gather(message, Kind, Request)
         result = self._aggregate(t, gathered)
         self._all_finished = self._peers_finishing
         self._round += 1
         self.stats.rounds += 1
-        self.stats.residual_norm = self.codec.residual_norm()
         if self.on_round is not None:
             self.on_round(result)
         return result
@@ -510,13 +556,28 @@ class StalenessRounds:
                 entries.append(({}, torch.empty(0, dtype=torch.uint8)))
         self._peers_finishing = all(h.get("finishing") for h, _ in entries)
         norms: dict[int, float] = {rank: float("nan") for rank in malformed}
-        for rank, (_header, payload) in enumerate(entries):
+        # Messages in parts (`Codec.encodes_each`): per contribution, its bytes and norm.
+        pieces: dict[int, list[tuple[torch.Tensor, float] | None]] = {}
+        for rank, (header, payload) in enumerate(entries):
             if payload.numel() == 0:
                 continue
             try:
-                norms[rank] = self.codec.norm(payload, self.numel)
+                if header.get("parts") is None:
+                    norms[rank] = self.codec.norm(payload, self.numel)
+                    continue
+                split = pieces[rank] = []
+                offset = 0
+                for size in header["parts"]:
+                    data = payload[offset:offset + size]
+                    offset += size
+                    split.append((data, self.codec.norm(data, self.numel)) if size else None)
+                # One bad part rejects the message, as a bad average would.
+                part_norms = [piece[1] for piece in split if piece is not None]
+                norms[rank] = (max(part_norms) if all(map(math.isfinite, part_norms))
+                               else float("nan"))
             except (ValueError, RuntimeError) as exc:
                 norms[rank] = float("nan")
+                pieces.pop(rank, None)
                 logger.warning("round %d: undecodable contribution from rank %d: %s", t, rank, exc)
         rejected = {**self.norm_check.judge(norms, self._recent_norms), **malformed}
         self._recent_norms.extend(n for r, n in sorted(norms.items()) if r not in rejected)
@@ -528,29 +589,40 @@ class StalenessRounds:
             if header.get("step_time"):
                 self._step_times.append(float(header["step_time"]))
             mass = 0.0
-            for samples, v in header.get("contribs", []):
+            split = pieces.get(rank)
+            adds: list[tuple[torch.Tensor, float]] = []  # parts to add, with their mass
+            for i, (samples, v) in enumerate(header.get("contribs", [])):
                 staleness = version - int(v)
+                piece = split[i] if split is not None else None
                 reason = ""
                 if staleness > self.staleness:
                     reason = f"staleness {staleness} exceeds {self.staleness}"
                     self.stats.dropped_stale += 1
                 elif rank in rejected:
                     reason = rejected[rank]
-                elif rank not in norms:
+                elif rank not in norms or (split is not None and piece is None):
                     reason = "no payload"
                 weight = 0.0 if reason else self.weight(staleness)
                 if not reason:
                     mass += weight * int(samples)
+                    if piece is not None:
+                        adds.append((piece[0], weight * int(samples)))
                     self.stats.accepted += 1
                     self.stats.staleness[staleness] += 1
                 contributions.append(Contribution(
                     node=node, rank=rank, samples=int(samples), version=int(v),
-                    staleness=staleness, weight=weight, norm=norms.get(rank, 0.0),
+                    staleness=staleness, weight=weight,
+                    norm=piece[1] if piece is not None else norms.get(rank, 0.0),
                     step_time=float(header.get("step_time", 0.0)),
                     nbytes=int(gathered[rank].numel()), accepted=not reason, reason=reason))
             if rank in rejected:
                 self.stats.rejected += 1
                 self._strike(node, rejected[rank])
+            elif split is not None:
+                for data, part_mass in adds:
+                    if part_mass > 0:
+                        self.codec.decode_add(data, out, part_mass)
+                        total += part_mass
             elif mass > 0:
                 self.codec.decode_add(payload, out, mass)
                 total += mass

@@ -99,6 +99,8 @@ class PayloadCodec(Codec):
         self.compressor = compressor
         self.world_size = world_size
         self.fp16_dense = fp16_dense
+        # Top-k with error feedback: each step's gradient is compressed when submitted.
+        self.encodes_each = compressor is not None
 
     def payloads(self, flat: torch.Tensor, step: int) -> list[SparsePayload]:
         ns, n = self.layout.sparse_numel, self.layout.numel
@@ -187,7 +189,7 @@ class SyncSparseExchange:
         self.compressor = spec.build(_momentum_from(optimizer, spec))
         self.process_set = process_set
         self.step = 0
-        self.stats = RoundStats()
+        self.stats = RoundStats(residual=self.compressor.residual_norm)
         self._flat: torch.Tensor | None = None  # the gradients, then their average
 
     def reduce(self) -> None:
@@ -209,7 +211,6 @@ class SyncSparseExchange:
         self.stats.bytes_sent += sent
         self.stats.dense_bytes += int(allreduce_bytes(flat.numel(), size, flat.element_size()))
         self.stats.last_density = self.compressor.density(self.step)
-        self.stats.residual_norm = self.compressor.residual_norm()
         self.stats.accepted += size - len(rejected)
         self.stats.staleness[0] += size - len(rejected)
         self.stats.rejected += len(rejected)
@@ -431,5 +432,5 @@ class TopKAllreduce:
         self.stats.bytes_sent += sent
         self.stats.dense_bytes += int(allreduce_bytes(flat.numel(), size, flat.element_size()))
         self.stats.last_density = self.compressor.density(step)
-        self.stats.residual_norm = self.compressor.residual_norm()
+        self.stats.residual = self.compressor.residual_norm
         return out.view_as(tensor)
