@@ -314,6 +314,7 @@ class StalenessRounds:
         self._round = 0
         self._version = 0
         self._encoded = 0  # gradients encoded at submit (`Codec.encodes_each`)
+        self._spares: list[torch.Tensor] = []  # recycled aggregate buffers
         self._step_times: deque[float] = deque(maxlen=16)
         self._released: float | None = None  # when the training thread last went on
         self._round_started: float | None = None  # when this member entered its last round
@@ -330,7 +331,8 @@ class StalenessRounds:
 
     def submit(self, flat: torch.Tensor, samples: int, version: int, copy: bool = True) -> None:
         """Queue a finished gradient for the next rounds: a copy of it, or with
-        `copy=False` the tensor itself (the caller hands it over and does not touch it)."""
+        `copy=False` the tensor itself (the caller hands it over and does not touch it).
+        A codec that `encodes_each` encodes it here, and `flat` is free on return."""
         if self._error is not None:
             raise self._error
         if flat.numel() != self.numel:
@@ -581,16 +583,15 @@ class StalenessRounds:
                 logger.warning("round %d: undecodable contribution from rank %d: %s", t, rank, exc)
         rejected = {**self.norm_check.judge(norms, self._recent_norms), **malformed}
         self._recent_norms.extend(n for r, n in sorted(norms.items()) if r not in rejected)
-        out = torch.zeros(self.numel, dtype=self.dtype)
         contributions: list[Contribution] = []
-        total = 0.0
+        adds: list[tuple[torch.Tensor, float]] = []  # what to add, with its weighted samples
         for rank, (header, payload) in enumerate(entries):
             node = self._members[rank]  # by rank, never by what the header claims
             if header.get("step_time"):
                 self._step_times.append(float(header["step_time"]))
             mass = 0.0
             split = pieces.get(rank)
-            adds: list[tuple[torch.Tensor, float]] = []  # parts to add, with their mass
+            part_adds: list[tuple[torch.Tensor, float]] = []
             for i, (samples, v) in enumerate(header.get("contribs", [])):
                 staleness = version - int(v)
                 piece = split[i] if split is not None else None
@@ -606,7 +607,7 @@ class StalenessRounds:
                 if not reason:
                     mass += weight * int(samples)
                     if piece is not None:
-                        adds.append((piece[0], weight * int(samples)))
+                        part_adds.append((piece[0], weight * int(samples)))
                     self.stats.accepted += 1
                     self.stats.staleness[staleness] += 1
                 contributions.append(Contribution(
@@ -619,20 +620,36 @@ class StalenessRounds:
                 self.stats.rejected += 1
                 self._strike(node, rejected[rank])
             elif split is not None:
-                for data, part_mass in adds:
-                    if part_mass > 0:
-                        self.codec.decode_add(data, out, part_mass)
-                        total += part_mass
+                adds.extend((data, m) for data, m in part_adds if m > 0)
             elif mass > 0:
-                self.codec.decode_add(payload, out, mass)
-                total += mass
+                adds.append((payload, mass))
+        total = sum(m for _, m in adds)
         aggregate = None
         if total > 0:
-            aggregate = out.div_(total)
+            aggregate = self._buffer()
+            for data, m in adds:  # normalised as added: no pass over the sum afterwards
+                self.codec.decode_add(data, aggregate, m / total)
             self._version += 1
         else:
             self.stats.empty_rounds += 1
         return RoundResult(self.generation, t, self._version, aggregate, contributions)
+
+    def _buffer(self) -> torch.Tensor:
+        """A zeroed buffer for an aggregate: a recycled one when there is one."""
+        with self._outbox_ready:
+            spare = self._spares.pop() if self._spares else None
+        if spare is None:
+            return torch.zeros(self.numel, dtype=self.dtype)
+        return spare.zero_()
+
+    def recycle(self, aggregate: torch.Tensor) -> None:
+        """Give back an aggregate the caller is done with (applied, no reference kept):
+        a later round reuses its memory instead of allocating and faulting in a new one."""
+        if aggregate.numel() == self.numel and aggregate.dtype == self.dtype \
+                and aggregate.device.type == "cpu":
+            with self._outbox_ready:
+                if len(self._spares) < 2:
+                    self._spares.append(aggregate)
 
     def codec_for(self, header: dict) -> Codec:
         if header.get("codec") != self.codec.tag:

@@ -237,6 +237,7 @@ class StaleExchange:
         self.on_round = on_round
         self.fp16_dense = fp16_dense  # Compression.fp16: dense values travel as float16
         self.rounds: StalenessRounds | None = None
+        self._flat: torch.Tensor | None = None
         self.applied = 0
         self.totals = RoundStats()
 
@@ -261,7 +262,11 @@ class StaleExchange:
     def step(self, samples: int, apply: Callable[[], None]) -> None:
         """Submit the current gradients; run `apply()` once per finished aggregate."""
         rounds = self._ensure_rounds()
-        rounds.submit(self.layout.gather(), samples, self.applied, copy=False)
+        if rounds.codec.encodes_each:  # encoded in submit(): one buffer serves every step
+            self._flat = self.layout.gather(self._flat)
+            rounds.submit(self._flat, samples, self.applied, copy=False)
+        else:
+            rounds.submit(self.layout.gather(), samples, self.applied, copy=False)
         self._apply(rounds.results(block=False), apply)
         while rounds.outstanding > self.staleness:
             self._apply(rounds.results(block=True, timeout=1.0), apply)
@@ -273,6 +278,8 @@ class StaleExchange:
                 self.layout.scatter(result.aggregate)
                 apply()
                 self.applied += 1
+                if self.on_round is None and self.rounds is not None:  # nobody else holds it
+                    self.rounds.recycle(result.aggregate)
 
     def finish(self, apply: Callable[[], None]) -> None:
         """End the rounds on every member together and apply what is left."""
