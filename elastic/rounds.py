@@ -317,6 +317,7 @@ class StalenessRounds:
         self._spares: list[torch.Tensor] = []  # recycled aggregate buffers
         self._step_times: deque[float] = deque(maxlen=16)
         self._released: float | None = None  # when the training thread last went on
+        self._delivered: float | None = None  # when the last round's result was queued
         self._round_started: float | None = None  # when this member entered its last round
         self._own_times: deque[float] = deque(maxlen=16)  # this member's compute times
         self._recent_norms: deque[float] = deque(maxlen=self.norm_check.history)
@@ -337,21 +338,21 @@ class StalenessRounds:
             raise self._error
         if flat.numel() != self.numel:
             raise ValueError(f"submitted {flat.numel()} values; this round stream has {self.numel}")
-        now = time.monotonic()
-        # The step's own compute time: from release (previous `step()` returned) to now,
-        # so time spent blocked on the rounds does not lengthen the deadline.
-        step_time = now - self._released if self._released is not None else 0.0
-        self._released = now
-        if step_time > 0:
-            self._own_times.append(step_time)
         flat = flat.detach().to(self.dtype, copy=copy)
-        item = _Pending(flat, int(samples), int(version), step_time)
+        item = _Pending(flat, int(samples), int(version), 0.0)
         if self.codec.encodes_each:
             item.norm = float(flat.norm())
             item.message = self.codec.encode(flat, self._encoded)
             item.flat = None
             self.stats.last_density = self.codec.density(self._encoded)
             self._encoded += 1
+        now = time.monotonic()
+        # The step's own time: from release (previous `step()` returned) until its
+        # gradient is ready to send, so time spent blocked on rounds does not count.
+        item.step_time = now - self._released if self._released is not None else 0.0
+        self._released = now
+        if item.step_time > 0:
+            self._own_times.append(item.step_time)
         with self._outbox_ready:
             self._outbox.append(item)
             self._outstanding += 1
@@ -446,6 +447,9 @@ class StalenessRounds:
     def _own_deadline(self, start: float, pace: float) -> float:
         deadline = start + pace
         released = self._released  # re-read: `released()` wakes the wait
+        if released is not None and self._delivered is not None:
+            # A training thread still blocked on the round just delivered goes on now.
+            released = max(released, self._delivered)
         if self.round_deadline is None and self._own_times and released is not None:
             own = statistics.median(self._own_times)
             if own <= 1.25 * pace:
@@ -461,6 +465,7 @@ class StalenessRounds:
                 if self._interrupted.is_set():
                     raise HorovodInternalError("the generation ended during a round")
                 self._results.put(self._run_round(pending))
+                self._delivered = time.monotonic()
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread
             self._results.put(exc if isinstance(exc, HorovodInternalError)
                               else HorovodInternalError(f"round failed: {exc}"))
