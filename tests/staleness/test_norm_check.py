@@ -1,12 +1,14 @@
-"""NormCheck's decisions (pure logic): non-finite and outlying norms, with and without history."""
+"""NormCheck's decisions (pure logic): non-finite and outlying norms, with and without
+history; and the header check of a round's message."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
-from elastic.rounds import NormCheck
+from elastic.rounds import NormCheck, _checked, pack, unpack
 
 
 def test_non_finite_norms_are_rejected_even_alone() -> None:
@@ -33,3 +35,34 @@ def test_history_lets_a_thin_round_be_checked() -> None:
 def test_bad_settings_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="NormCheck needs"):
         NormCheck(**kwargs)
+
+
+@pytest.mark.parametrize("parts", [[4], [3, 1, 0], "4", [2, -1, 3], [2.0, 2]])
+def test_a_message_whose_parts_do_not_fit_its_payload_is_malformed(parts: object) -> None:
+    header = {"contribs": [[8, 0], [8, 1]], "parts": parts}
+    with pytest.raises(ValueError, match="parts must give the payload's 4 bytes"):
+        _checked(*unpack(pack(header, torch.zeros(4, dtype=torch.uint8))))
+
+
+def test_parts_that_fit_pass_the_header_check() -> None:
+    header = {"contribs": [[8, 0], [8, 1]], "parts": [0, 4]}
+    checked, payload = _checked(*unpack(pack(header, torch.arange(4, dtype=torch.uint8))))
+    assert checked["parts"] == [0, 4] and payload.tolist() == [0, 1, 2, 3]
+
+
+def test_a_member_blocked_on_the_last_round_waits_for_its_next_gradient_from_then() -> None:
+    from collections import deque
+
+    from elastic.rounds import StalenessRounds
+
+    rounds = StalenessRounds.__new__(StalenessRounds)  # the deadline logic alone
+    rounds.round_deadline, rounds._own_times = None, deque([0.1])
+    rounds._released, rounds._delivered = 100.0, None
+    # Released at 100 s, its gradient was due at 100.1 s: the round's pace decides.
+    assert rounds._own_deadline(start=104.9, pace=0.1) == pytest.approx(105.0)
+    # The training thread waited for the round delivered at 105 s: it computes from then.
+    rounds._delivered = 105.0
+    assert rounds._own_deadline(start=104.9, pace=0.1) == pytest.approx(105.15)
+    # A member much slower than the pace never holds a round for its gradient.
+    rounds._own_times = deque([1.0])
+    assert rounds._own_deadline(start=104.9, pace=0.1) == pytest.approx(105.0)

@@ -67,3 +67,24 @@ def test_a_malformed_message_costs_its_sender_a_strike_not_the_generation(
     assert all(s["rejected"] == 1 for s in stats), stats
     assert all(len(s["strikes"]) == 1 and list(s["strikes"].values()) == [1] for s in stats)
     assert stats[0]["strikes"] == stats[1]["strikes"] == stats[2]["strikes"]
+
+
+@pytest.mark.parametrize(("staleness", "parts"), [("1", "1"), ("3", "1"), ("3", "0")])
+def test_every_aggregate_is_the_weighted_average_of_what_the_round_accepted(
+        tmp_path: Path, staleness: str, parts: str) -> None:
+    """Members' several pending gradients, combined into one payload or (codecs that
+    encode each gradient) sent as parts of one message, each weighted by its own
+    staleness and samples."""
+    ranks = run(tmp_path, 3, STALENESS=staleness, PARTS=parts, CHECK="1", FAST_STEP="0.002",
+                SLOW_RANK="2", SLOW_STEP="0.03", STEPS="40")
+    by_round = [{e["round"]: e for e in r["log"]} for r in ranks]
+    for t in common_rounds(ranks):
+        assert len({b[t]["hash"] for b in by_round}) == 1, f"members diverged at round {t}"
+    for r in ranks:
+        checks = r["checks"]
+        assert checks["aggregates"] > 0 and checks["wrong"] == 0, checks
+        assert checks["no_payload"] == 0, checks
+    stats = ranks[0]["stats"]
+    if staleness == "3":  # several gradients in one message: the case parts exist for
+        assert max(r["checks"]["most_parts"] for r in ranks) >= 2
+    assert max(int(s) for s in stats["staleness_histogram"]) <= int(staleness)

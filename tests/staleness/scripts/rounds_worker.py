@@ -24,6 +24,12 @@ SLOW_RANK = int(os.environ.get("SLOW_RANK", "-1"))
 
 # Rank MALFORM_RANK sends garbage instead of its 5th message (a JSON list as header).
 MALFORM_RANK = int(os.environ.get("MALFORM_RANK", "-1"))
+# PARTS=1: a codec that encodes each gradient at submit (messages in parts), with rounds
+# slowed so that members have several gradients pending. CHECK=1: gradient i of rank r
+# is the constant r * 1000 + i, submitted with i + 1 samples, so every member can check
+# each aggregate against the contributions the round lists.
+PARTS = os.environ.get("PARTS") == "1"
+CHECK = os.environ.get("CHECK") == "1"
 
 hvd.init()
 rank = hvd.rank()
@@ -41,15 +47,48 @@ if rank == MALFORM_RANK:
                             dtype=torch.uint8)
 
     rounds_module.pack = garbage_once
-rounds = StalenessRounds(500, staleness=STALENESS)
+codec = None
+if PARTS:
+    from elastic.rounds import DenseCodec
+
+    class SlowPartsCodec(DenseCodec):
+        encodes_each = True
+
+        def norm(self, data: torch.Tensor, numel: int) -> float:
+            time.sleep(0.005)
+            return super().norm(data, numel)
+
+    codec = SlowPartsCodec()
+rounds = StalenessRounds(500, staleness=STALENESS, codec=codec)
 param = torch.zeros(500)
 applied = 0
 log = []
+checks = {"aggregates": 0, "wrong": 0, "most_parts": 0, "no_payload": 0}
+
+
+def check(result) -> None:
+    """The aggregate is the weighted average of the accepted contributions' gradients."""
+    accepted = [c for c in result.contributions if c.accepted]
+    checks["no_payload"] += sum(c.reason == "no payload" for c in result.contributions)
+    per_rank: dict[int, int] = {}
+    for c in result.contributions:
+        per_rank[c.rank] = per_rank.get(c.rank, 0) + 1
+    checks["most_parts"] = max([checks["most_parts"], *per_rank.values()])
+    if result.aggregate is None:
+        return
+    mass = sum(c.weight * c.samples for c in accepted)
+    expected = sum(c.weight * c.samples * (c.rank * 1000 + c.samples - 1)
+                   for c in accepted) / mass
+    checks["aggregates"] += 1
+    if not torch.allclose(result.aggregate, torch.full((500,), expected), rtol=1e-5):
+        checks["wrong"] += 1
 
 
 def apply(results: list) -> None:
     global applied
     for result in results:
+        if CHECK:
+            check(result)
         if result.aggregate is not None:
             param.sub_(0.1 * result.aggregate)
             applied += 1
@@ -61,10 +100,12 @@ def apply(results: list) -> None:
 
 generator = torch.Generator().manual_seed(rank)
 started = time.monotonic()
-for _ in range(STEPS):
+for i in range(STEPS):
     grad = torch.randn(500, generator=generator) + param
+    if CHECK:
+        grad = torch.full((500,), float(rank * 1000 + i))
     time.sleep(SLOW if rank == SLOW_RANK else FAST)
-    rounds.submit(grad, samples=8, version=applied)
+    rounds.submit(grad, samples=i + 1 if CHECK else 8, version=applied)
     apply(rounds.results(block=False))
     while rounds.outstanding > STALENESS:
         apply(rounds.results(block=True, timeout=30))
@@ -72,4 +113,5 @@ elapsed = time.monotonic() - started
 # End together: every rank sees the same rounds, up to the same last one.
 apply(rounds.finish())
 with open(os.path.join(os.environ["OUT"], f"rank{rank}.json"), "w") as f:
-    json.dump({"elapsed": elapsed, "log": log, "stats": rounds.stats.as_dict()}, f)
+    json.dump({"elapsed": elapsed, "log": log, "stats": rounds.stats.as_dict(),
+               "checks": checks}, f)
