@@ -1,5 +1,5 @@
-"""NormCheck's decisions (pure logic): non-finite and outlying norms, with and without
-history; and the header check of a round's message."""
+"""The rounds' decisions as pure logic: NormCheck (non-finite and outlying norms, with and
+without history), the header check of a member's message, a member's round deadline."""
 
 from __future__ import annotations
 
