@@ -24,10 +24,10 @@ SLOW_RANK = int(os.environ.get("SLOW_RANK", "-1"))
 
 # Rank MALFORM_RANK sends garbage instead of its 5th message (a JSON list as header).
 MALFORM_RANK = int(os.environ.get("MALFORM_RANK", "-1"))
-# PARTS=1: a codec that encodes each gradient at submit (messages in parts), with rounds
-# slowed so that members have several gradients pending. CHECK=1: gradient i of rank r
-# is the constant r * 1000 + i, submitted with i + 1 samples, so every member can check
-# each aggregate against the contributions the round lists.
+# CHECK=1: gradient i of rank r is the constant r * 1000 + i, submitted with i + 1
+# samples, so every member can check each aggregate against the contributions the round
+# lists; rounds are slowed so that members have several gradients pending. PARTS=1: the
+# codec encodes each gradient at submit (messages in parts), else it combines them.
 PARTS = os.environ.get("PARTS") == "1"
 CHECK = os.environ.get("CHECK") == "1"
 
@@ -48,17 +48,17 @@ if rank == MALFORM_RANK:
 
     rounds_module.pack = garbage_once
 codec = None
-if PARTS:
+if CHECK:
     from elastic.rounds import DenseCodec
 
-    class SlowPartsCodec(DenseCodec):
-        encodes_each = True
+    class SlowCodec(DenseCodec):
+        encodes_each = PARTS
 
         def norm(self, data: torch.Tensor, numel: int) -> float:
             time.sleep(0.005)
             return super().norm(data, numel)
 
-    codec = SlowPartsCodec()
+    codec = SlowCodec()
 rounds = StalenessRounds(500, staleness=STALENESS, codec=codec)
 param = torch.zeros(500)
 applied = 0
