@@ -87,6 +87,20 @@ class RoundStats:
     """Computes the residual norm when the stats are read (a pass over the residual is
     not worth taking every step); else `residual_norm` is reported."""
 
+    def plus(self, later: RoundStats) -> RoundStats:
+        """These counts and a later stream's together (generations of one optimizer): the
+        counters add up; density, residual and strikes are the later's (a node's strikes
+        are one count that the streams share)."""
+        return RoundStats(
+            rounds=self.rounds + later.rounds, empty_rounds=self.empty_rounds + later.empty_rounds,
+            bytes_sent=self.bytes_sent + later.bytes_sent,
+            dense_bytes=self.dense_bytes + later.dense_bytes,
+            accepted=self.accepted + later.accepted,
+            dropped_stale=self.dropped_stale + later.dropped_stale,
+            rejected=self.rejected + later.rejected, staleness=self.staleness + later.staleness,
+            strikes=later.strikes, last_density=later.last_density,
+            residual_norm=later.residual_norm, residual=later.residual)
+
     def as_dict(self) -> dict[str, object]:
         return {
             "rounds": self.rounds, "empty_rounds": self.empty_rounds,
@@ -279,7 +293,10 @@ class StalenessRounds:
         dtype: torch.dtype = torch.float32,
         on_round: Callable[[RoundResult], None] | None = None,
         on_strikes: Callable[[str, str], None] | None = None,
+        strikes: Counter | None = None,
     ) -> None:
+        """`strikes`: a count per node to go on from (an earlier generation's), so that
+        membership changes do not wipe a node's record."""
         if staleness < 0:
             raise ValueError(f"staleness={staleness} must be >= 0")
         if round_deadline is not None and round_deadline < 0:
@@ -295,7 +312,8 @@ class StalenessRounds:
         self.weight = weight
         self.norm_check = norm_check or NormCheck()
         self.dtype = dtype
-        self.stats = RoundStats(residual=self.codec.residual_norm)
+        self.stats = RoundStats(residual=self.codec.residual_norm,
+                                strikes=strikes if strikes is not None else Counter())
         self.on_round = on_round
         self.on_strikes = on_strikes
         self.generation = ctx.generation.id  # type: ignore[union-attr]

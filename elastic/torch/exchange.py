@@ -11,6 +11,7 @@ order into one dense buffer.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -239,7 +240,8 @@ class StaleExchange:
         self.rounds: StalenessRounds | None = None
         self._flat: torch.Tensor | None = None
         self.applied = 0
-        self.totals = RoundStats()
+        self.totals = RoundStats()  # of the generations before the current rounds
+        self._strikes: Counter = Counter()  # per node, over all generations
 
     def _ensure_rounds(self) -> StalenessRounds:
         from elastic.torch.runtime import context
@@ -249,13 +251,14 @@ class StaleExchange:
             return self.rounds
         if self.rounds is not None:
             self.rounds.close()
+            self.totals = self.totals.plus(self.rounds.stats)
         size = context().topology.size  # type: ignore[union-attr]
         codec = PayloadCodec(self.layout, self.compressor, size, fp16_dense=self.fp16_dense)
         on_round = self.on_round or _round_reporter()
         self.rounds = StalenessRounds(
             self.layout.numel, self.staleness, codec=codec, round_deadline=self.round_deadline,
             weight=self.weight, dtype=self.layout.dtype, on_round=on_round,
-            on_strikes=_evict_striker)
+            on_strikes=_evict_striker, strikes=self._strikes)
         self.applied = 0
         return self.rounds
 
@@ -285,12 +288,13 @@ class StaleExchange:
         """End the rounds on every member together and apply what is left."""
         if self.rounds is not None:
             self._apply(self.rounds.finish(), apply)
-            self.totals = self.rounds.stats
+            self.totals = self.totals.plus(self.rounds.stats)
             self.rounds = None
 
     @property
     def stats(self) -> RoundStats:
-        return self.rounds.stats if self.rounds is not None else self.totals
+        """Counts over every generation this optimizer ran in."""
+        return self.totals.plus(self.rounds.stats) if self.rounds is not None else self.totals
 
 
 def _round_reporter() -> Callable[[RoundResult], None] | None:

@@ -54,6 +54,46 @@ def test_sigkill_survivors_roll_back_and_continue_without_restart(job: Job) -> N
     print(f"recovery from SIGKILL to first commit: {recovery - killed_at:.2f} s")
 
 
+def test_staleness_with_topk_goes_on_in_place_after_a_sigkill(job: Job) -> None:
+    """Bounded staleness and top-k (what volunteers on home links run) across a
+    membership change: survivors go on without a restart, restart from a committed state
+    held by rank 0, end with identical parameters, and their statistics span the
+    generations."""
+    env = {**SLOW, "TEST_STALENESS": "1", "TEST_TOPK": "0.05"}
+    job.horderun("-np", "3", "--min-np", "2", "--max-np", "3", env=env)
+    job.wait(lambda: len({c["node"] for c in job.commits()}) == 3 and len(job.commits()) >= 9,
+             60, "three workers committing")
+    before = job.pids_by_node()
+    victim = job.latest_pid(rank=2)
+    killed_at = time.time()
+    os.kill(victim, signal.SIGKILL)
+    job.wait(lambda: 2 in _sizes_after(job, killed_at), 30, "commits of the 2 survivors")
+    codes = job.finish()
+    assert codes == [0], job.output()
+    after = job.pids_by_node()
+    survivors = [n for n, pids in after.items() if victim not in pids]
+    assert len(survivors) == 2
+    for node in survivors:
+        assert after[node] == before[node], "a surviving worker was restarted"
+    restarts = [r for r in job.records() if r["event"] == "start" and r["time"] > killed_at]
+    # With S=1 a survivor can still commit after the kill, before the round it waits on
+    # fails: any commit of the first generation is a valid rollback point.
+    assert restarts
+    committed = {c["params"] for c in job.commits() if c["generation"] < restarts[0]["generation"]}
+    assert all(r["params"] in committed for r in restarts), "not rolled back to a commit"
+    assert len({r["params"] for r in restarts}) == 1, "survivors restarted from different states"
+    done = [r for r in job.records() if r["event"] == "done"]
+    assert len(done) == 2 and len({d["params"] for d in done}) == 1, "members' parameters differ"
+    for d in done:
+        stats = d["stats"]
+        assert stats["mode"] == "staleness" and stats["density"] == 0.05, stats
+        assert max(int(s) for s in stats["staleness_histogram"]) <= 1
+        # Counted over both generations: more rounds than any commit before the kill saw.
+        earlier = [c["stats"]["rounds"] for c in job.commits()
+                   if c["node"] == d["node"] and c["time"] < killed_at]
+        assert earlier and stats["rounds"] > max(earlier), (stats, max(earlier))
+
+
 def test_sigstop_hung_worker_is_dropped_then_rejoins(job: Job) -> None:
     job.horderun("-np", "3", "--min-np", "2", "--max-np", "3",
                  env={**SLOW, "TEST_EPOCHS": "4"})

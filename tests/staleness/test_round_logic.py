@@ -66,3 +66,25 @@ def test_a_member_blocked_on_the_last_round_waits_for_its_next_gradient_from_the
     # A member much slower than the pace never holds a round for its gradient.
     rounds._own_times = deque([1.0])
     assert rounds._own_deadline(start=104.9, pace=0.1) == pytest.approx(105.0)
+
+
+def test_stats_of_two_generations_add_up_and_keep_one_strike_count() -> None:
+    from collections import Counter
+
+    from elastic.rounds import RoundStats
+
+    strikes = Counter({"node-a": 1})
+    first = RoundStats(rounds=10, empty_rounds=1, bytes_sent=100, dense_bytes=1000,
+                       accepted=27, dropped_stale=2, rejected=1, staleness=Counter({0: 20, 1: 7}),
+                       strikes=strikes, last_density=0.1, residual_norm=3.0)
+    strikes["node-a"] += 1  # the next generation goes on counting in the same record
+    second = RoundStats(rounds=5, bytes_sent=50, dense_bytes=500, accepted=10,
+                        staleness=Counter({1: 10}), strikes=strikes, last_density=0.01,
+                        residual=lambda: 4.5)
+    total = first.plus(second).as_dict()
+    assert (total["rounds"], total["empty_rounds"], total["accepted"], total["dropped_stale"],
+            total["rejected"], total["bytes_sent"]) == (15, 1, 37, 2, 1, 150)
+    assert total["staleness_histogram"] == {0: 20, 1: 17}
+    assert total["strikes"] == {"node-a": 2}
+    assert total["density"] == 0.01 and total["residual_norm"] == 4.5
+    assert total["compression_ratio"] == 10.0

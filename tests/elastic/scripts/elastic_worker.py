@@ -24,6 +24,8 @@ OUT = os.environ["HORDE_TEST_OUT"]
 EPOCHS = int(os.environ.get("TEST_EPOCHS", "3"))
 STEP_DELAY = float(os.environ.get("TEST_STEP_DELAY", "0.05"))
 COMMIT_EVERY = int(os.environ.get("TEST_COMMIT_EVERY", "2"))
+STALENESS = int(os.environ.get("TEST_STALENESS", "0"))
+TOPK = float(os.environ.get("TEST_TOPK", "0"))  # a density; 0: dense
 BATCH = 8
 
 
@@ -51,7 +53,10 @@ def main() -> None:
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    compression = (hvd.Compression.topk(TOPK, min_sparse_numel=64) if TOPK
+                   else hvd.Compression.none)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                         compression=compression, staleness=STALENESS)
     sampler = hvd.elastic.ElasticSampler(dataset, shuffle=True, seed=3)
     loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler)
 
@@ -62,23 +67,29 @@ def main() -> None:
             for xb, yb in loader:
                 optimizer.zero_grad()
                 F.cross_entropy(model(xb), yb).backward()
-                optimizer.step()
+                optimizer.step(samples=len(yb)) if STALENESS else optimizer.step()
                 sampler.record_batch(state.batch, BATCH)
                 state.batch += 1
                 time.sleep(STEP_DELAY)
                 if state.batch % COMMIT_EVERY == 0:
-                    state.commit()
-                    record("commit", epoch=state.epoch, batch=state.batch,
-                           params=params_hash(model))
+                    commit(state, epoch=state.epoch, batch=state.batch)
             state.batch = 0
             sampler.set_epoch(state.epoch + 1)
-            state.commit()
-            record("commit", epoch=state.epoch + 1, batch=0, params=params_hash(model))
+            commit(state, epoch=state.epoch + 1, batch=0)
+
+    def commit(state: hvd.elastic.TorchState, **fields: object) -> None:
+        """`state.commit()` (save, then check for new members), recorded between the two:
+        a reset raised by the check restores exactly the state recorded here."""
+        state.save()
+        record("commit", params=params_hash(model), stats=optimizer.communication_stats(),
+               **fields)
+        state.check_host_updates()
 
     state = hvd.elastic.TorchState(model=model, optimizer=optimizer, sampler=sampler, epoch=0,
                                    batch=0)
     train(state)
-    record("done", params=params_hash(model))
+    optimizer.finish()  # staleness: end the rounds together (nothing to do otherwise)
+    record("done", params=params_hash(model), stats=optimizer.communication_stats())
 
 
 if __name__ == "__main__":
