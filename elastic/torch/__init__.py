@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from elastic.compression import Compression, Compressor
 from elastic.errors import HorovodInternalError, HostsUpdatedInterrupt
-from elastic.rounds import StalenessRounds
+from elastic.rounds import NormCheck, StalenessRounds
 from elastic.torch import elastic
 from elastic.torch.basics import (
     ccl_built,
@@ -95,7 +95,7 @@ __all__ = [
     "grouped_allreduce_async_", "grouped_reducescatter", "grouped_reducescatter_async", "join",
     "poll", "reducescatter", "reducescatter_async", "synchronize", "ProcessSet",
     "add_process_set", "global_process_set", "init", "is_initialized", "remove_process_set",
-    "shutdown", "elastic", "StalenessRounds", "TopKAllreduce", "record_loss", "allgather_object",
-    "broadcast_object", "broadcast_optimizer_state",
+    "shutdown", "elastic", "NormCheck", "StalenessRounds", "TopKAllreduce", "record_loss",
+    "allgather_object", "broadcast_object", "broadcast_optimizer_state",
     "broadcast_parameters", "DistributedOptimizer", "SyncBatchNorm",
 ]

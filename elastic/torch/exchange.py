@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from elastic.compression import TopKCompression
-from elastic.rounds import Codec, RoundResult, RoundStats, StalenessRounds, inverse_staleness
+from elastic.rounds import (
+    Codec,
+    NormCheck,
+    RoundResult,
+    RoundStats,
+    StalenessRounds,
+    inverse_staleness,
+)
 from elastic.sparse import (
     DENSE_TAG,
     SparseCompressor,
@@ -227,7 +234,7 @@ class StaleExchange:
                  spec: TopKCompression | None, staleness: int, round_deadline: float | None,
                  weight: Callable[[int], float] | None, process_set: Any,
                  on_round: Callable[[RoundResult], None] | None = None,
-                 fp16_dense: bool = False) -> None:
+                 fp16_dense: bool = False, norm_check: NormCheck | None = None) -> None:
         if process_set.process_set_id not in (0, None):
             raise ValueError("staleness > 0 runs on the global process set only")
         self.layout = FlatLayout(params, spec.min_sparse_numel if spec else 1 << 62)
@@ -236,6 +243,7 @@ class StaleExchange:
         self.round_deadline = round_deadline
         self.weight = weight or inverse_staleness
         self.on_round = on_round
+        self.norm_check = norm_check
         self.fp16_dense = fp16_dense  # Compression.fp16: dense values travel as float16
         self.rounds: StalenessRounds | None = None
         self._flat: torch.Tensor | None = None
@@ -258,7 +266,7 @@ class StaleExchange:
         self.rounds = StalenessRounds(
             self.layout.numel, self.staleness, codec=codec, round_deadline=self.round_deadline,
             weight=self.weight, dtype=self.layout.dtype, on_round=on_round,
-            on_strikes=_evict_striker, strikes=self._strikes)
+            on_strikes=_evict_striker, strikes=self._strikes, norm_check=self.norm_check)
         self.applied = 0
         return self.rounds
 

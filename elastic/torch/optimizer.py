@@ -30,6 +30,7 @@ from elastic.compression import (
 )
 from elastic.engine import ReduceOp
 from elastic.gradients import DTYPES, GradientChannel
+from elastic.rounds import NormCheck
 from elastic.torch import runtime
 from elastic.torch.collectives import (
     Adasum,
@@ -87,7 +88,7 @@ class _DistributedOptimizer:
                      groups: int | list[list[torch.Tensor]] | None, sparse_as_dense: bool,
                      process_set: ProcessSet, bucket_cap_mb: float, staleness: int = 0,
                      round_deadline: float | None = None,
-                     staleness_weight: Any = None) -> None:
+                     staleness_weight: Any = None, norm_check: NormCheck | None = None) -> None:
         self._compression = compression
         self._exchange: SyncSparseExchange | StaleExchange | None = None
         self.backward_passes_per_step = backward_passes_per_step
@@ -137,7 +138,7 @@ class _DistributedOptimizer:
                 isinstance(compression, type) and issubclass(compression, FP16Compressor))
             self._exchange = StaleExchange(self, all_params, compression if sparse else None,
                                            staleness, round_deadline, staleness_weight,
-                                           process_set, fp16_dense=fp16)
+                                           process_set, fp16_dense=fp16, norm_check=norm_check)
             register_finisher(self.finish)
         elif sparse:
             self._exchange = SyncSparseExchange(self, all_params, compression, process_set)
@@ -569,7 +570,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          process_set: ProcessSet = global_process_set,
                          bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, staleness: int = 0,
                          round_deadline: float | None = None,
-                         staleness_weight: Any = None) -> torch.optim.Optimizer:
+                         staleness_weight: Any = None,
+                         norm_check: NormCheck | None = None) -> torch.optim.Optimizer:
     """Wrap `optimizer` so that `step()` applies gradients averaged over all ranks.
 
     The result is an instance of a subclass of `optimizer`'s class that shares its
@@ -580,12 +582,19 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     gradient entries (with error feedback); `staleness=S > 0` lets a worker run up to S
     rounds ahead of the last aggregate it applied, so slow peers and links do not stall
     it (`round_deadline` in seconds, default adaptive; `staleness_weight(s)` weighs a
-    contribution `s` aggregates old, default 1/(1+s)).
+    contribution `s` aggregates old, default 1/(1+s); `norm_check`, an
+    `elastic.rounds.NormCheck`, sets when a contribution is rejected and a node evicted).
     """
     if not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0:
         raise ValueError(f"staleness={staleness!r} must be an integer >= 0 (0: synchronous)")
     if round_deadline is not None and round_deadline < 0:
         raise ValueError(f"round_deadline={round_deadline!r} must be >= 0 seconds or None")
+    if norm_check is not None and not isinstance(norm_check, NormCheck):
+        raise TypeError(f"norm_check must be an elastic.rounds.NormCheck, got "
+                        f"{type(norm_check).__name__}")
+    if norm_check is not None and staleness == 0:
+        raise ValueError("norm_check applies to the rounds of staleness >= 1; with "
+                         "staleness=0 leave it out")
     special = staleness > 0 or isinstance(compression, TopKCompression)
     if special and ReduceOp(int(op)) != Average:
         raise ValueError("top-k compression and staleness average gradients; use "
@@ -635,7 +644,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     wrapped.param_groups = list(optimizer.param_groups)
     wrapped._horde_setup(named_parameters, compression, backward_passes_per_step, op,
                          gradient_predivide_factor, groups, sparse_as_dense, process_set,
-                         bucket_cap_mb, staleness, round_deadline, staleness_weight)
+                         bucket_cap_mb, staleness, round_deadline, staleness_weight,
+                         norm_check)
     return wrapped
 
 

@@ -61,6 +61,15 @@ def test_nan_and_outlying_contributions_are_rejected_with_a_strike(tmp_path: Pat
     assert all(r["stats"]["strikes"] == stats["strikes"] for r in ranks)
 
 
+def test_a_looser_norm_check_lets_a_large_gradient_in_but_never_a_nan(tmp_path: Path) -> None:
+    ranks = run(tmp_path, 3, STALENESS="40", POISON_RANK="1", POISON="5:nan,25:1e4",
+                STEPS="30", NORM_FACTOR="1e6")
+    assert len({r["params"] for r in ranks}) == 1, "members' parameters differ"
+    stats = ranks[0]["stats"]
+    assert stats["dropped_stale"] == 0 and stats["rejected"] == 1, stats
+    assert sorted(stats["strikes"].values()) == [1], stats["strikes"]
+
+
 def test_synchronous_topk_leaves_out_a_nan_gradient_and_recovers(tmp_path: Path) -> None:
     ranks = run(tmp_path, 2, STALENESS="0", TOPK="0.05", POISON_RANK="1", POISON="10:nan",
                 STEPS="30")

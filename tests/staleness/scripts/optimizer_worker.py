@@ -27,6 +27,7 @@ TOPK = os.environ.get("TOPK", "0")  # a density, or "fp16" for Compression.fp16
 POISON_RANK = int(os.environ.get("POISON_RANK", "-1"))
 POISON = {int(k): float(v) for k, v in (item.split(":") for item in
           os.environ.get("POISON", "10:nan,20:1e4").split(","))}
+NORM_FACTOR = float(os.environ.get("NORM_FACTOR", "0"))  # 0: the default NormCheck
 
 hvd.init()
 torch.manual_seed(0)
@@ -38,8 +39,10 @@ elif float(TOPK):
     compression = hvd.Compression.topk(float(TOPK), min_sparse_numel=256)
 else:
     compression = hvd.Compression.none
+norm_check = hvd.NormCheck(factor=NORM_FACTOR) if NORM_FACTOR else None
 optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                     compression=compression, staleness=STALENESS)
+                                     compression=compression, staleness=STALENESS,
+                                     norm_check=norm_check)
 generator = torch.Generator().manual_seed(100 + hvd.rank())
 started = time.monotonic()
 for step in range(STEPS):
