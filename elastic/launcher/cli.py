@@ -70,7 +70,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="log what the launcher does")
     parser.add_argument("--log-level", choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR",
                                                 "FATAL"],
-                        help="log level of workers' membership messages (default INFO)")
+                        help="level of Horde's log messages in the workers: membership "
+                        "changes, resets, rejected contributions, compression stats (default "
+                        "INFO, DEBUG with --verbose; TRACE is DEBUG)")
     parser.add_argument("--output-filename", help="also write each worker's output to "
                         "DIR/rank.N/stdout and stderr")
     parser.add_argument("--gloo", action="store_true", help="accepted: Horde always uses Gloo "
