@@ -432,7 +432,7 @@ class TopKAllreduce:
         self.compressor = compression.build()
         self.process_set = process_set if process_set is not None else global_process_set
         self.steps: dict[str, int] = {}
-        self.stats = RoundStats()
+        self.stats = RoundStats(residual=self.compressor.residual_norm)
 
     def __call__(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """The average over ranks of `tensor` as top-k with error feedback transmits it."""
@@ -451,5 +451,4 @@ class TopKAllreduce:
         self.stats.bytes_sent += sent
         self.stats.dense_bytes += int(allreduce_bytes(flat.numel(), size, flat.element_size()))
         self.stats.last_density = self.compressor.density(step)
-        self.stats.residual = self.compressor.residual_norm
         return out.view_as(tensor)
