@@ -1,13 +1,14 @@
 """Bounded-staleness rounds: gradients are aggregated in rounds that never wait long.
 
 A `StalenessRounds` runs a communication thread on a process group of its own. Each
-round, every member contributes what it has: its oldest finished gradient, or nothing
-if none finished within the round deadline. The contributions travel in one allgather
-with their headers (node, samples, parameter version, norm), so every member sees, and
-decides identically: contributions staler than `staleness` rounds are dropped,
-non-finite or outlying ones are rejected (a strike for their node), the others are
-weighted (default `1/(1+staleness)`) and averaged by weighted sample count. Members
-apply the same aggregates in the same order, so parameters stay bit-identical.
+round, every member contributes what it has: the gradients it finished since its last
+round, or nothing if none finished within the round deadline. The contributions travel
+in one allgather with their headers (node, samples, parameter version; each member
+takes the payloads' norms itself), so every member sees, and decides identically:
+contributions staler than `staleness` rounds are dropped, non-finite or outlying ones
+are rejected (a strike for their node), the others are weighted (default
+`1/(1+staleness)`) and averaged by weighted sample count. Members apply the same
+aggregates in the same order, so parameters stay bit-identical.
 """
 
 from __future__ import annotations
@@ -209,7 +210,6 @@ class _Pending:
     version: int
     step_time: float
     message: torch.Tensor | None = None
-    norm: float = 0.0
 
 
 _ALIGN = 8
@@ -359,7 +359,6 @@ class StalenessRounds:
         flat = flat.detach().to(self.dtype, copy=copy)
         item = _Pending(flat, int(samples), int(version), 0.0)
         if self.codec.encodes_each:
-            item.norm = float(flat.norm())
             item.message = self.codec.encode(flat, self._encoded)
             item.flat = None
             self.stats.last_density = self.codec.density(self._encoded)
@@ -492,13 +491,12 @@ class StalenessRounds:
         """This member's finished gradients, weighted as every member will weigh them
         (the pending tensors are consumed: one usable gradient is sent as it is)."""
         usable = [(item.flat, self.weight(self._version - item.version) * item.samples)
-                  for item in pending if self._fresh(item)]
+                  for item in pending if self._fresh(item) and item.flat is not None]
         if len(usable) == 1:
             return usable[0][0]
         combined: torch.Tensor | None = None
         mass = 0.0
         for flat, w in usable:
-            assert flat is not None
             combined = flat.mul_(w) if combined is None else combined.add_(flat, alpha=w)
             mass += w
         if combined is not None and mass > 0:
@@ -511,23 +509,21 @@ class StalenessRounds:
         return self._version - item.version <= self.staleness
 
     def _payload(self, pending: list[_Pending], header: dict[str, object]) -> torch.Tensor:
-        """This member's payload for the round (empty when it has nothing to send);
-        fills the header's norm, and parts for a codec that encodes each gradient."""
+        """This member's payload for the round (empty when it has nothing to send), and
+        the header's parts for a codec that encodes each gradient. No norm travels: every
+        member computes each payload's norm itself (a sender's word is not trusted)."""
         empty = torch.empty(0, dtype=torch.uint8)
         dense_bytes = self.numel * self.dtype.itemsize * (self.size - 1)
         if self.codec.encodes_each:
-            fresh = [item for item in pending if self._fresh(item)]
-            if not fresh:
+            sent = [item.message if self._fresh(item) else None for item in pending]
+            if all(message is None for message in sent):
                 return empty
-            header["parts"] = [int(item.message.numel()) if self._fresh(item) else 0
-                               for item in pending]  # type: ignore[union-attr]
-            header["norm"] = max(item.norm for item in fresh)
+            header["parts"] = [0 if m is None else int(m.numel()) for m in sent]
             self.stats.dense_bytes += dense_bytes
-            return torch.cat([item.message for item in fresh])  # type: ignore[misc]
+            return torch.cat([m for m in sent if m is not None])
         combined = self._combine(pending)
         if combined is None:
             return empty
-        header["norm"] = float(combined.norm())
         self.stats.last_density = self.codec.density(self._round)
         self.stats.dense_bytes += dense_bytes
         return self.codec.encode(combined, self._round)
