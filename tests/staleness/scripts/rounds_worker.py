@@ -92,6 +92,8 @@ def apply(results: list) -> None:
         if result.aggregate is not None:
             param.sub_(0.1 * result.aggregate)
             applied += 1
+            if CHECK:  # later aggregates reuse this memory: the checks cover recycling
+                rounds.recycle(result.aggregate)
         log.append({"round": result.round, "version": result.version,
                     "hash": hashlib.sha256(param.numpy().tobytes()).hexdigest()[:16],
                     "contributions": [[c.rank, c.staleness, c.accepted] for c in
