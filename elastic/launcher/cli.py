@@ -19,6 +19,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 
+from elastic import __version__ as VERSION
 from elastic.launcher import hosts as hostlib
 from elastic.launcher.launch import Launcher, LaunchPlan
 from rendezvous.errors import HordeError
@@ -26,7 +27,8 @@ from rendezvous.settings import RendezvousSettings
 
 logger = logging.getLogger("elastic.launcher")
 
-VERSION = "0.1.0"
+#: Schemes `--rendezvous` takes (etcd's v3 API over its HTTP gateway).
+RENDEZVOUS_SCHEMES = ("etcd", "http")
 
 
 class UsageError(ValueError):
@@ -150,6 +152,41 @@ def _check_command(command: list[str]) -> None:
                              f"(working directory: {os.getcwd()})")
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """Refuse worker counts that cannot work together (-np, --min-np, --max-np)."""
+    for flag, value in (("-np", args.np), ("--min-np", args.min_np), ("--max-np", args.max_np),
+                        ("--slots-per-host", args.slots_per_host)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} must be at least 1")
+    if args.min_np is not None and args.max_np is not None and args.min_np > args.max_np:
+        raise UsageError(f"--min-np {args.min_np} is above --max-np {args.max_np}; the "
+                         "smallest world the job may shrink to cannot exceed the largest")
+    if args.np is not None and args.max_np is not None and args.np > args.max_np:
+        raise UsageError(f"-np {args.np} is above --max-np {args.max_np}; start at most "
+                         "--max-np workers, or raise --max-np")
+    others_join = args.join or args.hosts or args.hostfile or args.host_discovery_script
+    if args.np is not None and args.min_np is not None and args.np < args.min_np \
+            and not others_join:
+        raise UsageError(f"-np {args.np} is below --min-np {args.min_np}; the job would wait "
+                         "for workers nobody starts: start at least --min-np here, or list "
+                         "the other machines with -H (they add theirs with horderun --join)")
+
+
+def rendezvous_url(args: argparse.Namespace) -> str | None:
+    """`--rendezvous` (or `HORDE_RENDEZVOUS`), checked to name an etcd."""
+    url = args.rendezvous or _env("HORDE_RENDEZVOUS")
+    if url is None:
+        return None
+    source = "--rendezvous" if args.rendezvous else "HORDE_RENDEZVOUS"
+    if "://" not in url:
+        raise UsageError(f"{source} {url!r} must look like etcd://HOST:PORT")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in RENDEZVOUS_SCHEMES:
+        raise UsageError(f"{source} {url!r} has the unknown scheme {scheme!r}; Horde's "
+                         "rendezvous is etcd: give etcd://HOST:PORT")
+    return url
+
+
 def _env(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else None
@@ -160,6 +197,8 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     if args.mpi:
         raise UsageError("--mpi is not supported: Horde runs collectives on Gloo/NCCL process "
                          "groups; drop the flag")
+    check_counts(args)
+    rendezvous = rendezvous_url(args)
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -167,8 +206,11 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     slots_default = args.slots_per_host or 1
     np = args.np
     if args.hosts or args.hostfile:
-        listed = (hostlib.parse_hosts(args.hosts, slots_default) if args.hosts
-                  else hostlib.parse_hostfile(args.hostfile, slots_default))
+        try:
+            listed = (hostlib.parse_hosts(args.hosts, slots_default) if args.hosts
+                      else hostlib.parse_hostfile(args.hostfile, slots_default))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
         local, remote = hostlib.local_slots(listed)
         if remote:
             sys.stderr.write(
@@ -181,21 +223,19 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         np = args.min_np or 1
     if np is None:
         raise UsageError("-np is required (number of workers to start here)")
-    if np < 1:
-        raise UsageError(f"-np {np} must be at least 1")
+    if args.max_np is not None and np > args.max_np:
+        raise UsageError(f"the hosts list {np} slots on this machine, above --max-np "
+                         f"{args.max_np}; list fewer slots, or raise --max-np")
     elastic = args.min_np is not None or args.max_np is not None or bool(
         args.host_discovery_script)
     min_np = args.min_np if args.min_np is not None else (1 if elastic else np)
     max_np = args.max_np if args.max_np is not None else (max(np, 1 << 16) if elastic else np)
     if args.join and elastic is False:
         min_np, max_np = 1, max(np, 1)
-    if args.join and not (args.rendezvous or _env("HORDE_RENDEZVOUS")):
+    if args.join and not rendezvous:
         raise UsageError("--join needs --rendezvous etcd://HOST:PORT of the running job")
     if args.join and not (args.job or _env("HORDE_JOB")):
         raise UsageError("--join needs --job NAME of the running job")
-    rendezvous = args.rendezvous or _env("HORDE_RENDEZVOUS")
-    if rendezvous and "://" not in rendezvous:
-        raise UsageError(f"--rendezvous {rendezvous!r} must look like etcd://HOST:PORT")
     job = args.job or _env("HORDE_JOB") or f"job-{uuid.uuid4().hex[:8]}"
     try:
         rdzv = RendezvousSettings.from_env(
@@ -215,6 +255,14 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
                                                           or 60.0)
     if collective_timeout <= 0:
         raise UsageError(f"--collective-timeout {collective_timeout} must be positive")
+    raw_interval = _env("HORDE_DISCOVERY_INTERVAL") or "5"
+    try:
+        discovery_interval = float(raw_interval)
+    except ValueError:
+        discovery_interval = -1.0
+    if not discovery_interval > 0:
+        raise UsageError(f"HORDE_DISCOVERY_INTERVAL={raw_interval!r} must be a positive number "
+                         "of seconds (between runs of --host-discovery-script)")
     if args.reset_limit is not None and args.reset_limit < 0:
         raise UsageError(f"--reset-limit {args.reset_limit} must not be negative")
     return LaunchPlan(
@@ -225,7 +273,7 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         output_filename=args.output_filename, log_level="DEBUG" if level == "TRACE" else level,
         discovery_script=args.host_discovery_script, slots_per_host=slots_default,
         coordinator=_coordinator_choice(args), coordinator_db=args.coordinator_db,
-        coordinator_port=args.coordinator_port,
+        coordinator_port=args.coordinator_port, discovery_interval=discovery_interval,
     )
 
 
@@ -260,7 +308,7 @@ def _admin(args: argparse.Namespace) -> int:
     from rendezvous.agent import blacklist_node, read_control
     from rendezvous.keys import JobKeys
 
-    url = args.rendezvous or _env("HORDE_RENDEZVOUS")
+    url = rendezvous_url(args)
     job = args.job or _env("HORDE_JOB")
     if not url or not job:
         raise UsageError("--evict and --status need --rendezvous etcd://HOST:PORT and --job NAME")
@@ -301,6 +349,10 @@ def _job_cooldown(backend: object, keys: object) -> tuple[float, float] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    try:
+        check_counts(args)
+    except UsageError as exc:
+        parser.error(str(exc))  # exits with code 2, as argparse does for its own checks
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="horderun %(levelname)s %(name)s: %(message)s")
     try:
@@ -311,7 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = build_plan(args)
         return Launcher(plan).run()
     except UsageError as exc:
-        parser.print_usage(sys.stderr)
         sys.stderr.write(f"horderun: error: {exc}\n")
         return 2
     except HordeError as exc:

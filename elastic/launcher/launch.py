@@ -60,6 +60,9 @@ class LaunchPlan:
     coordinator_db: str | None = None
     coordinator_port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Print the rendezvous and the `--join` command (not for `elastic.run`: its workers
+    #: run a function only this process has).
+    announce: bool = True
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Worker:
     proc: subprocess.Popen
     threads: list[threading.Thread]
     code: int | None = None
+    leaving: bool = False  # asked to leave (host discovery removed its slot)
 
 
 def _die_with_parent() -> None:
@@ -96,6 +100,7 @@ class Launcher:
         self._coordinator: object = None
         self._coordinator_url = ""
         self._coordinator_thread: threading.Thread | None = None
+        self._job_over = False
 
     # -- setup ------------------------------------------------------------------------
 
@@ -190,7 +195,7 @@ class Launcher:
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - only setsid and prctl
         )
         threads = [pump(proc.stdout, index, "stdout", None, out_path),  # type: ignore[arg-type]
-                   pump(proc.stderr, index, "stderr", sys.stderr.buffer, err_path)]  # type: ignore[arg-type]
+                   pump(proc.stderr, index, "stderr", sys.stderr, err_path)]  # type: ignore[arg-type]
         worker = Worker(index, node_id, proc, threads)
         self.workers.append(worker)
         logger.info("started worker %d (node %s, pid %d)", index, node_id, proc.pid)
@@ -273,6 +278,7 @@ class Launcher:
                              "training goes on without the status page\n")
 
     def run(self) -> int:
+        previous: dict[int, object] = {}
         try:
             url = self._connect()
             self._plan_coordinator(url)
@@ -285,13 +291,16 @@ class Launcher:
                 job_env["HORDE_COLLECTIVE_TIMEOUT"] = str(self.plan.collective_timeout)
                 job_env["HORDE_RESET_LIMIT"] = ("" if self.plan.reset_limit is None
                                                 else str(self.plan.reset_limit))
-            self._announce(url)
+            if self.plan.announce:
+                self._announce(url)
             if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, self._on_signal)
-                signal.signal(signal.SIGTERM, self._on_signal)
+                previous = {sig: signal.signal(sig, self._on_signal)
+                            for sig in (signal.SIGINT, signal.SIGTERM)}
             self._spawn_batch(self.plan.np, url, job_env)
             return self._supervise(url, job_env)
         finally:
+            for sig, handler in previous.items():  # elastic.run returns to its caller
+                signal.signal(sig, handler)
             self._terminate_all()
             for w in self.workers:
                 for t in w.threads:
@@ -331,13 +340,30 @@ class Launcher:
                 return _exit_code(failed.code)
             if self.plan.discovery_script and time.monotonic() >= next_discovery:
                 next_discovery = time.monotonic() + self.plan.discovery_interval
-                self._rediscover(url, job_env)
+                if not self._finished():
+                    self._rediscover(url, job_env)
             self._stop.wait(_POLL)
         if self._signal is not None:
             sys.stderr.write("horderun: interrupted; stopping every worker\n")
             self._terminate_all()
             return 128 + self._signal
         return self._final_code()
+
+    def _finished(self) -> bool:
+        """True once the job is over: no worker may start after that.
+
+        Over means a worker of ours finished (exit 0 without being asked to leave: as in
+        Horovod, one success ends the job) or the job's status is finished or failed.
+        """
+        if not self._job_over:
+            done = next((w for w in self.workers if w.code == 0 and not w.leaving), None)
+            status = self._job_status() if done is None else None
+            if done is not None or (status is not None and status.state != "running"):
+                self._job_over = True
+                logger.info("job %s is over (%s); starting no more workers", self.plan.rdzv.job,
+                            f"worker {done.index} finished" if done is not None
+                            else f"status {status.state}")  # type: ignore[union-attr]
+        return self._job_over
 
     def _on_exit(self, w: Worker) -> None:
         if w.code == 0:
@@ -400,6 +426,7 @@ class Launcher:
             self._spawn_batch(missing, url, job_env)
         for w in live[wanted:]:
             logger.info("host discovery removed a slot; asking worker %d to leave", w.index)
+            w.leaving = True
             w.proc.send_signal(signal.SIGTERM)
 
     def current_generation(self) -> Generation | None:
