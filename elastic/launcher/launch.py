@@ -299,8 +299,6 @@ class Launcher:
             self._spawn_batch(self.plan.np, url, job_env)
             return self._supervise(url, job_env)
         finally:
-            for sig, handler in previous.items():  # elastic.run returns to its caller
-                signal.signal(sig, handler)
             self._terminate_all()
             for w in self.workers:
                 for t in w.threads:
@@ -313,6 +311,9 @@ class Launcher:
                 self._backend.close()
             if self._etcd is not None:
                 self._etcd.stop()
+            for sig, handler in previous.items():  # elastic.run returns to its caller
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(sig, handler)  # type: ignore[arg-type]
 
     def _announce(self, url: str) -> None:
         job = self.plan.rdzv.job

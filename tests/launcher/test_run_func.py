@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -11,6 +14,7 @@ import pytest
 import torch
 
 import elastic as horovod
+from elastic.launcher.output import pump
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,7 +31,9 @@ def reduce_and_gather(base: float, scale: float = 1.0) -> dict[str, object]:
 
 
 def test_run_returns_each_ranks_result_in_rank_order() -> None:
+    handler = signal.getsignal(signal.SIGINT)
     results = horovod.run(reduce_and_gather, args=(10.0,), kwargs={"scale": 2.0}, num_proc=2)
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's Ctrl-C works as before
     # rank 0 holds 10, rank 1 holds 11: the sum is 21 on both; rank r sends r+1 rows.
     assert results == [
         {"rank": 0, "size": 2, "sum": 42.0, "gathered": [10.0, 11.0, 11.0]},
@@ -116,3 +122,14 @@ def test_a_function_that_cannot_be_shipped(tmp_path: Path,
     with pytest.raises(TypeError, match="cannot ship"):
         horovod.run(holds_a_lock, num_proc=1)
     assert not list(tmp_path.iterdir())  # its private folder is gone too
+
+
+def test_worker_output_reaches_a_console_without_a_byte_buffer() -> None:
+    """A notebook's sys.stdout has no `.buffer`; elastic.run's workers print there too."""
+    read_fd, write_fd = os.pipe()
+    console = io.StringIO()
+    thread = pump(os.fdopen(read_fd, "rb"), 3, "stdout", console, None)
+    with os.fdopen(write_fd, "wb") as writer:
+        writer.write(b"epoch 1 loss 0.5\nno newline")
+    thread.join(10)
+    assert console.getvalue() == "[3]<stdout>:epoch 1 loss 0.5\n[3]<stdout>:no newline\n"
