@@ -164,12 +164,16 @@ def check_counts(args: argparse.Namespace) -> None:
     if args.np is not None and args.max_np is not None and args.np > args.max_np:
         raise UsageError(f"-np {args.np} is above --max-np {args.max_np}; start at most "
                          "--max-np workers, or raise --max-np")
-    others_join = args.join or args.hosts or args.hostfile or args.host_discovery_script
+    # Others may make up the difference: machines listed by -H/--hostfile or a discovery
+    # script, or launchers that --join through a shared etcd.
+    others_join = (args.join or args.hosts or args.hostfile or args.host_discovery_script
+                   or args.rendezvous or _env("HORDE_RENDEZVOUS"))
     if args.np is not None and args.min_np is not None and args.np < args.min_np \
             and not others_join:
         raise UsageError(f"-np {args.np} is below --min-np {args.min_np}; the job would wait "
-                         "for workers nobody starts: start at least --min-np here, or list "
-                         "the other machines with -H (they add theirs with horderun --join)")
+                         "for workers nobody starts: start at least --min-np here, or let "
+                         "other machines join (list them with -H, or give --rendezvous "
+                         "etcd://HOST:PORT of a shared etcd)")
 
 
 def rendezvous_url(args: argparse.Namespace) -> str | None:

@@ -42,10 +42,11 @@ def test_impossible_counts_are_refused_at_parse_time(
     assert err.startswith("usage: horderun") and f"horderun: error: {message}" in err
 
 
-def test_fewer_workers_than_min_np_are_fine_when_other_hosts_will_join(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["-np", "1", "--min-np", "2", "-H", "localhost:1,far-away:1", sys.executable,
-                 "no_such_script.py"])
+@pytest.mark.parametrize("others", [["-H", "localhost:1,far-away:1"],
+                                    ["--rendezvous", "etcd://etcd.example:2379"]])
+def test_fewer_workers_than_min_np_are_fine_when_others_can_join(
+        others: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["-np", "1", "--min-np", "2", *others, sys.executable, "no_such_script.py"])
     assert code == 2 and "does not exist" in capsys.readouterr().err  # past the counts
 
 
