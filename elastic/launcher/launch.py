@@ -351,11 +351,9 @@ class Launcher:
         return self._final_code()
 
     def _finished(self) -> bool:
-        """True once the job is over: no worker may start after that.
-
-        Over means a worker of ours finished (exit 0 without being asked to leave: as in
-        Horovod, one success ends the job) or the job's status is finished or failed.
-        """
+        """True once the job is over, after which no worker may start: a worker of ours
+        finished (exit 0, not asked to leave: in Horovod one success ends the job) or the
+        job's status is finished or failed."""
         if not self._job_over:
             done = next((w for w in self.workers if w.code == 0 and not w.leaving), None)
             status = self._job_status() if done is None else None

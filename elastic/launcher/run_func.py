@@ -59,13 +59,10 @@ def run(
     min_np: int | None = None,
     max_np: int | None = None,
 ) -> list[Any]:
-    """Run `func(*args, **kwargs)` on `num_proc` local workers; their results in rank order.
+    """Run `func(*args, **kwargs)` on `num_proc` workers here; their results in rank order.
 
-    Horovod 0.28's signature and defaults. Elastic when `min_num_proc`, `max_num_proc` or
-    `host_discovery_script` is given: then the list holds one result per rank of the
-    world that finished (Horovod returns only the first `min_num_proc`). A worker that
-    raises fails the call with a `RuntimeError` naming its rank, chained to the original
-    exception. Hosts other than this machine are refused: Horde never SSHes into hosts.
+    Horovod 0.28's signature; how results, errors and hosts differ from Horovod's is in
+    docs/migrating-from-horovod.md (a raising worker gives a `RuntimeError` naming its rank).
     """
     if network_interface:
         warnings.warn("network_interface is deprecated, use network_interfaces instead",
