@@ -38,27 +38,46 @@ def tree_steps(size: int) -> list[tuple[int, int]]:
     return steps
 
 
+CHUNK = 1 << 15
+"""Elements per pass on the CPU: a chunk's float64 temporaries stay in cache (whole
+float64 copies of a large tensor cost more than the arithmetic), and PyTorch runs
+operations this small on the calling thread (no thread-pool hand-off per chunk)."""
+
+
+def _step(t: torch.Tensor) -> int:
+    return CHUNK if t.device.type == "cpu" else max(1, t.numel())
+
+
 def pair_coefficients(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """Adasum's two scale factors for `a` and `b`, from float64 dot products."""
-    a64 = a.reshape(-1).to(torch.float64)
-    b64 = b.reshape(-1).to(torch.float64)
-    dot = float(torch.dot(a64, b64))
-    a_sq = float(torch.dot(a64, a64))
-    b_sq = float(torch.dot(b64, b64))
+    """Adasum's two scale factors for `a` and `b`, from dot products in float64."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    sums = torch.zeros(3, dtype=torch.float64, device=a.device)
+    step = _step(a)
+    for lo in range(0, a.numel(), step):
+        a64 = a[lo:lo + step].to(torch.float64)
+        b64 = b[lo:lo + step].to(torch.float64)
+        sums[0] += a64.mul(b64).sum()  # not torch.dot: BLAS threads stall on a busy host
+        sums[1] += a64.mul(a64).sum()
+        sums[2] += b64.mul(b64).sum()
+    dot, a_sq, b_sq = sums.tolist()
     a_coeff = 1.0 - dot / a_sq * 0.5 if a_sq >= NORM_FLOOR else 1.0
     b_coeff = 1.0 - dot / b_sq * 0.5 if b_sq >= NORM_FLOOR else 1.0
     return a_coeff, b_coeff
 
 
 def combine_(a: torch.Tensor, b: torch.Tensor, a_coeff: float, b_coeff: float) -> None:
-    """`a = a_coeff * a + b_coeff * b`, in float64, rounded once to `a`'s dtype.
+    """`a = a_coeff * a + b_coeff * b` for flat `a` and `b`, in float64, rounded once to
+    `a`'s dtype.
 
     Separate multiply and add kernels, so no fused multiply-add rounds differently on
-    another machine.
+    another machine; chunked alike everywhere (the result does not depend on it).
     """
-    scaled = torch.mul(a.to(torch.float64), a_coeff)
-    scaled.add_(torch.mul(b.to(torch.float64), b_coeff))
-    a.copy_(scaled)
+    step = _step(a)
+    for lo in range(0, a.numel(), step):
+        part = a[lo:lo + step]
+        scaled = torch.mul(part.to(torch.float64), a_coeff)
+        scaled.add_(torch.mul(b[lo:lo + step].to(torch.float64), b_coeff))
+        part.copy_(scaled)
 
 
 def reduce_parts(parts: Sequence[torch.Tensor], counts: Sequence[int],

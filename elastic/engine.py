@@ -439,10 +439,7 @@ class CollectiveEngine:
         zeros for a request of T tensors (neutral for Adasum); its result is not used.
         """
         by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for i, t in enumerate(request.tensors):
-            if not t.dtype.is_floating_point:
-                raise ValueError(f"op=hvd.Adasum needs floating-point tensors, got {t.dtype}; "
-                                 "use hvd.Sum or hvd.Average for integer tensors")
+        for i, t in enumerate(request.tensors):  # floating point (checked by the caller)
             by_dtype.setdefault((t.dtype, t.device), []).append(i)
         results: dict[int, torch.Tensor] = {}
         for idx in by_dtype.values():

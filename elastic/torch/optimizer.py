@@ -579,7 +579,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
 
     The result is an instance of a subclass of `optimizer`'s class that shares its
     param groups, state and defaults. `bucket_cap_mb` (a Horde addition) caps the size
-    of a fused allreduce when `groups` is not given.
+    of a fused allreduce when `groups` is not given. With `op=hvd.Adasum` it is Horovod's
+    Adasum optimizer instead (`elastic.torch.adasum_optimizer`).
 
     Horde additions: `compression=hvd.Compression.topk(density)` sends only the largest
     gradient entries (with error feedback); `staleness=S > 0` lets a worker run up to S
