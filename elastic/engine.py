@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from elastic import adasum
 from elastic.errors import CollectiveMismatchError, HorovodInternalError
 from elastic.gradients import GradientChannel, JoinOffer
 from elastic.transport import Transport, wait_interruptibly
@@ -370,6 +371,8 @@ class CollectiveEngine:
         self, request: Request, transport: Transport, table: list[list[int]], joined: list[int]
     ) -> Any:
         kind = request.kind
+        if kind == Kind.ALLREDUCE and request.op == ReduceOp.Adasum:
+            return self._adasum(request, transport, _first_active(table))
         if kind == Kind.ALLREDUCE:
             return self._allreduce(request, transport, len(joined))
         if kind == Kind.ALLGATHER:
@@ -393,9 +396,6 @@ class CollectiveEngine:
         raise ValueError(f"unknown collective kind {kind!r}")
 
     def _allreduce(self, request: Request, transport: Transport, joined: int) -> list[torch.Tensor]:
-        if request.op == ReduceOp.Adasum:
-            raise NotImplementedError(
-                "op=hvd.Adasum is not supported by Horde; use hvd.Average or hvd.Sum")
         outputs: list[torch.Tensor] = []
         by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, t in enumerate(request.tensors):
@@ -430,6 +430,54 @@ class CollectiveEngine:
                 offset += n
         outputs = [results[i] for i in range(len(request.tensors))]
         return outputs
+
+    def _adasum(self, request: Request, transport: Transport, root: int,
+                neutral_for: int = 0) -> list[torch.Tensor]:
+        """Allreduce with op=Adasum (`elastic.adasum`): per dtype, one allgather of the
+        ranks' buffers, then rank `root` computes the coefficients and broadcasts them,
+        and every rank applies them. `neutral_for=T`: this rank has joined and sends
+        zeros for a request of T tensors (neutral for Adasum); its result is not used.
+        """
+        by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(request.tensors):  # floating point (checked by the caller)
+            by_dtype.setdefault((t.dtype, t.device), []).append(i)
+        results: dict[int, torch.Tensor] = {}
+        for idx in by_dtype.values():
+            flat = torch.cat([request.tensors[i].detach().reshape(-1) for i in idx])
+            if request.prescale != 1.0:
+                _scale(flat, request.prescale)
+            parts = [flat]
+            if transport.size > 1:
+                group = transport.group_for(flat)
+                parts = [torch.empty_like(flat) for _ in range(transport.size)]
+                self._wait(group.allgather([parts], [flat]), group)
+            counts = [request.tensors[i].numel() for i in idx]
+            segments = neutral_for or len(counts)
+            coefficients = None
+            if transport.rank != root:
+                coefficients = torch.empty((transport.size - 1, segments, 2),
+                                           dtype=torch.float64)
+            elif not neutral_for:
+                _, coefficients = adasum.reduce_parts(parts, counts)
+            if transport.size > 1 and coefficients is not None:
+                opts = dist.BroadcastOptions()
+                opts.rootRank = root
+                opts.rootTensor = 0
+                self._wait(transport.gloo.broadcast([coefficients], opts), transport.gloo)
+            if neutral_for:
+                return []
+            if transport.rank == root:
+                out = parts[0]
+            else:
+                out, _ = adasum.reduce_parts(parts, counts, coefficients)
+            if request.postscale != 1.0:
+                _scale(out, request.postscale)
+            offset = 0
+            for i in idx:
+                n = request.tensors[i].numel()
+                results[i] = out[offset:offset + n].view(request.tensors[i].shape)
+                offset += n
+        return [results[i] for i in range(len(request.tensors))]
 
     def _allgather(
         self, tensor: torch.Tensor, transport: Transport, table: list[list[int]], index: int,
@@ -599,7 +647,11 @@ class CollectiveEngine:
             op = ReduceOp(active[_F_OP])
             flat = torch.full((active[_F_NUMEL],), _neutral(op, dtype), dtype=dtype)
             request = Request(Kind.ALLREDUCE, [flat], op=op)
-            self._allreduce(request, transport, joined)
+            if op == ReduceOp.Adasum:
+                self._adasum(request, transport, _first_active(table),
+                             neutral_for=active[_F_COUNT])
+            else:
+                self._allreduce(request, transport, joined)
         elif kind == Kind.ALLGATHER:
             ndim = active[_F_NDIM]
             if ndim < 0:
@@ -625,8 +677,13 @@ def shard_rows(rows: int, parts: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(parts)]
 
 
+def _first_active(table: list[list[int]]) -> int:
+    """The lowest rank that has not joined (it computes what needs real data)."""
+    return next(r for r, row in enumerate(table) if row[_F_JOINED] == 0)
+
+
 def _neutral(op: ReduceOp, dtype: torch.dtype) -> float | int | bool:
-    if op in (ReduceOp.Sum, ReduceOp.Average):
+    if op in (ReduceOp.Sum, ReduceOp.Average, ReduceOp.Adasum):
         return 0
     if op == ReduceOp.Product:
         return 1
