@@ -85,13 +85,15 @@ class StallInspector:
 
     `publish(bytes | None)` writes (or clears) this rank's record; `read()` returns every
     node's records; both None without a rendezvous. `check_time <= 0` turns warnings and
-    shutdown off (publishing goes on, for horderun).
+    shutdown off (publishing goes on, for horderun). `monitor=False`: no thread; the
+    owner calls `inspect(now)` itself.
     """
 
     def __init__(self, node_id: str, rank: int, size: int, generation: int,
                  check_time: float, shutdown_time: float, collective_timeout: float,
                  publish: Callable[[bytes | None], None] | None = None,
-                 read: Callable[[], dict[str, Activity]] | None = None) -> None:
+                 read: Callable[[], dict[str, Activity]] | None = None,
+                 monitor: bool = True) -> None:
         self.node_id, self.rank, self.size, self.generation = node_id, rank, size, generation
         self.check_time = check_time
         self.shutdown_time = shutdown_time
@@ -109,7 +111,8 @@ class StallInspector:
         self.error: CollectiveStallError | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="horde-stall", daemon=True)
-        self._thread.start()
+        if monitor:
+            self._thread.start()
 
     # -- what the waits call --------------------------------------------------------
 
@@ -135,7 +138,7 @@ class StallInspector:
     def close(self) -> None:
         """Stop watching (the generation ends) and clear this rank's record."""
         self._stop.set()
-        if threading.current_thread() is not self._thread:
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(2.0)
         if self._published is not None and self._publish is not None:
             try:
