@@ -5,7 +5,9 @@ Every request is first *negotiated*: ranks exchange a small fixed-size descripti
 mismatch, disagreeing roots) fails promptly on every rank with a clear message
 instead of hanging or corrupting memory, and so ranks inside `join()` learn what
 the others are doing and contribute neutral values. Requests run on a background
-thread, so `*_async` calls overlap with the caller's computation.
+thread, so `*_async` calls overlap with the caller's computation. Negotiation cannot see a
+rank that is elsewhere (in a direct gradient step, or in no collective): a wait that long
+outlasts its peers is reported, and maybe failed, by the stall inspector (`elastic.stall`).
 """
 
 from __future__ import annotations
