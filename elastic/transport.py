@@ -168,6 +168,11 @@ def wait_interruptibly(
     try:
         work.wait()
     except RuntimeError as exc:
+        lag = time.monotonic() - started
+        if token is not None and 0 < stall.check_time <= lag:  # type: ignore[union-attr]
+            raise HorovodInternalError(
+                f"{what} failed after stalling for {lag:.0f} s (the stall warnings above name "
+                f"the ranks that did not submit it): {exc}") from exc
         raise HorovodInternalError(f"{what} failed: {exc}") from exc
 
 
