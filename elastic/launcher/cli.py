@@ -226,16 +226,17 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     if level not in LOG_LEVELS:
         raise UsageError(f"log level {level!r} (HORDE_LOG_LEVEL / HOROVOD_LOG_LEVEL) must be "
                          f"one of {', '.join(LOG_LEVELS)}")
-    collective_timeout = args.collective_timeout or float(
-        _env("HORDE_COLLECTIVE_TIMEOUT") or _env("HOROVOD_GLOO_TIMEOUT_SECONDS") or 60.0)
+    collective_timeout = _seconds(args.collective_timeout, ("HORDE_COLLECTIVE_TIMEOUT",
+                                  "HOROVOD_GLOO_TIMEOUT_SECONDS"), "--collective-timeout", 60.0)
+    assert collective_timeout is not None
     if collective_timeout <= 0:
         raise UsageError(f"--collective-timeout {collective_timeout} must be positive")
     if args.reset_limit is not None and args.reset_limit < 0:
         raise UsageError(f"--reset-limit {args.reset_limit} must not be negative")
-    exit_wait = _seconds(args.exit_wait, "HORDE_EXIT_WAIT", "--exit-wait", None)
+    exit_wait = _seconds(args.exit_wait, ("HORDE_EXIT_WAIT",), "--exit-wait", None)
     if exit_wait is not None and exit_wait <= 0:
         raise UsageError(f"--exit-wait {exit_wait:g} must be a positive number of seconds")
-    report_interval = _seconds(args.exit_report_interval, "HORDE_EXIT_REPORT_INTERVAL",
+    report_interval = _seconds(args.exit_report_interval, ("HORDE_EXIT_REPORT_INTERVAL",),
                                "--exit-report-interval", 30.0)
     if report_interval is None or report_interval < 0:
         raise UsageError(f"--exit-report-interval {report_interval:g} must be >= 0 seconds "
@@ -254,18 +255,22 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     )
 
 
-def _seconds(flag: float | None, variable: str, name: str, default: float | None
-             ) -> float | None:
-    """A duration from its flag, else its HORDE_* variable, else the default."""
+def _seconds(flag: float | None, variables: tuple[str, ...], name: str,
+             default: float | None) -> float | None:
+    """A duration from its flag, else the first of its variables that is set (HORDE_*
+    before HOROVOD_*), else the default."""
     if flag is not None:
         return flag
-    text = _env(variable)
-    if text is None:
-        return default
-    try:
-        return float(text)
-    except ValueError:
-        raise UsageError(f"{variable}={text!r} ({name}) must be a number of seconds") from None
+    for variable in variables:
+        text = _env(variable)
+        if text is None:
+            continue
+        try:
+            return float(text)
+        except ValueError:
+            raise UsageError(f"{variable}={text!r} ({name}) must be a number of "
+                             "seconds") from None
+    return default
 
 
 def _coordinator_choice(args: argparse.Namespace) -> str:

@@ -59,6 +59,11 @@ def test_the_launcher_resolves_flag_then_horde_then_horovod(
     monkeypatch.setenv("HOROVOD_LOG_LEVEL", "chatty")
     with pytest.raises(ValueError, match="log level 'CHATTY'"):
         plan("-np", "2")
+    monkeypatch.delenv("HORDE_COLLECTIVE_TIMEOUT")
+    monkeypatch.setenv("HOROVOD_LOG_LEVEL", "debug")
+    monkeypatch.setenv("HOROVOD_GLOO_TIMEOUT_SECONDS", "soon")
+    with pytest.raises(ValueError, match="HOROVOD_GLOO_TIMEOUT_SECONDS='soon'"):
+        plan("-np", "2")
 
 
 def test_a_worker_reads_horovod_variables_and_horde_twins_win() -> None:
