@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(150)
 
 def test_a_rank_that_works_on_is_reported_and_then_finishes_normally() -> None:
     result = horderun("-np", "2", "--coordinator", "none", "--exit-report-interval", "1",
-                      sys.executable, SCRIPT, env=repo_env(RANK0_SECONDS="10"), timeout=120)
+                      sys.executable, SCRIPT, env=repo_env(RANK0_SECONDS="12"), timeout=120)
     assert result.returncode == 0, result.stderr
     assert "[0]<stdout>:rank 0 done" in result.stdout
     report = re.search(r"horderun: worker 1 finished \d+ s ago; still running: worker 0 "

@@ -22,4 +22,4 @@ if hvd.rank() == 0:
     except HorovodInternalError as exc:
         print(f"timed out after {time.monotonic() - started:.1f} s: {exc}", flush=True)
 else:
-    time.sleep(8)
+    time.sleep(10)
