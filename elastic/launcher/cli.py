@@ -31,6 +31,9 @@ logger = logging.getLogger("elastic.launcher")
 RENDEZVOUS_SCHEMES = ("etcd", "http")
 
 
+LOG_LEVELS = ["TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "FATAL"]
+
+
 class UsageError(ValueError):
     """Flags that cannot work together; reported with exit code 2."""
 
@@ -70,8 +73,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--network-interfaces", "--network-interface", dest="network_interfaces",
                         help="comma-separated interfaces to advertise and bind (e.g. eth0)")
     parser.add_argument("--verbose", action="store_true", help="log what the launcher does")
-    parser.add_argument("--log-level", choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR",
-                                                "FATAL"],
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
                         help="level of Horde's log messages in the workers: membership "
                         "changes, resets, rejected contributions, compression stats (default "
                         "INFO, DEBUG with --verbose; TRACE is DEBUG)")
@@ -98,6 +100,14 @@ def make_parser() -> argparse.ArgumentParser:
                        "to rejoin after a failed collective (default 15)")
     horde.add_argument("--collective-timeout", type=float,
                        help="seconds a collective may wait for a peer (default 60)")
+    horde.add_argument("--exit-wait", type=float, metavar="SECONDS",
+                       help="once a worker has finished, stop the others if they still run "
+                       "after SECONDS, with exit code 1 (env HORDE_EXIT_WAIT; default: wait "
+                       "for them however long they take)")
+    horde.add_argument("--exit-report-interval", type=float, metavar="SECONDS",
+                       help="once a worker has finished, say every SECONDS which workers still "
+                       "run and what they wait on (env HORDE_EXIT_REPORT_INTERVAL; default 30; "
+                       "0: never)")
     horde.add_argument("--coordinator", default=None, metavar="URL|embedded|none",
                        help="where workers report rounds for credit: 'embedded' (default: a "
                        "coordinator on loopback with a SQLite ledger and a status page), the "
@@ -254,9 +264,15 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     hostname = _env("HORDE_HOSTNAME") or socket.gethostname()
-    level = args.log_level or ("DEBUG" if args.verbose else "INFO")
-    collective_timeout = args.collective_timeout or float(_env("HORDE_COLLECTIVE_TIMEOUT")
-                                                          or 60.0)
+    # A flag wins over HORDE_*, which wins over Horovod's variable, which wins over the default.
+    level = (args.log_level or ("DEBUG" if args.verbose else None) or _env("HORDE_LOG_LEVEL")
+             or _env("HOROVOD_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise UsageError(f"log level {level!r} (HORDE_LOG_LEVEL / HOROVOD_LOG_LEVEL) must be "
+                         f"one of {', '.join(LOG_LEVELS)}")
+    collective_timeout = _seconds(args.collective_timeout, ("HORDE_COLLECTIVE_TIMEOUT",
+                                  "HOROVOD_GLOO_TIMEOUT_SECONDS"), "--collective-timeout", 60.0)
+    assert collective_timeout is not None
     if collective_timeout <= 0:
         raise UsageError(f"--collective-timeout {collective_timeout} must be positive")
     raw_interval = _env("HORDE_DISCOVERY_INTERVAL") or "5"
@@ -269,16 +285,44 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
                          "of seconds (between runs of --host-discovery-script)")
     if args.reset_limit is not None and args.reset_limit < 0:
         raise UsageError(f"--reset-limit {args.reset_limit} must not be negative")
+    exit_wait = _seconds(args.exit_wait, ("HORDE_EXIT_WAIT",), "--exit-wait", None)
+    if exit_wait is not None and exit_wait <= 0:
+        raise UsageError(f"--exit-wait {exit_wait:g} must be a positive number of seconds")
+    report_interval = _seconds(args.exit_report_interval, ("HORDE_EXIT_REPORT_INTERVAL",),
+                               "--exit-report-interval", 30.0)
+    if report_interval is None or report_interval < 0:
+        raise UsageError(f"--exit-report-interval {report_interval:g} must be >= 0 seconds "
+                         "(0: never)")
     return LaunchPlan(
         command=command, np=np, rdzv=rdzv, rendezvous_url=rendezvous, join=args.join,
         collective_timeout=collective_timeout, reset_limit=args.reset_limit,
-        advertise_addr=_advertise_addr(args.network_interfaces, rendezvous),
+        advertise_addr=_advertise_addr(args.network_interfaces or _env("HOROVOD_GLOO_IFACE"),
+                                       rendezvous),
         hostname=hostname, node_prefix=args.node_id_prefix or "",
         output_filename=args.output_filename, log_level="DEBUG" if level == "TRACE" else level,
         discovery_script=args.host_discovery_script, slots_per_host=slots_default,
         coordinator=_coordinator_choice(args), coordinator_db=args.coordinator_db,
         coordinator_port=args.coordinator_port, discovery_interval=discovery_interval,
+        exit_wait=exit_wait, exit_report_interval=report_interval,
     )
+
+
+def _seconds(flag: float | None, variables: tuple[str, ...], name: str,
+             default: float | None) -> float | None:
+    """A duration from its flag, else the first of its variables that is set (HORDE_*
+    before HOROVOD_*), else the default."""
+    if flag is not None:
+        return flag
+    for variable in variables:
+        text = _env(variable)
+        if text is None:
+            continue
+        try:
+            return float(text)
+        except ValueError:
+            raise UsageError(f"{variable}={text!r} ({name}) must be a number of "
+                             "seconds") from None
+    return default
 
 
 def _coordinator_choice(args: argparse.Namespace) -> str:

@@ -31,6 +31,7 @@ from elastic.compression import (
 from elastic.engine import ReduceOp
 from elastic.gradients import DTYPES, GradientChannel
 from elastic.rounds import NormCheck
+from elastic.settings import WorkerSettings
 from elastic.torch import runtime
 from elastic.torch.adasum_optimizer import adasum_optimizer
 from elastic.torch.collectives import (
@@ -109,7 +110,7 @@ class _DistributedOptimizer:
                      compression: type[Compressor], backward_passes_per_step: int,
                      op: ReduceOp, gradient_predivide_factor: float,
                      groups: int | list[list[torch.Tensor]] | None, sparse_as_dense: bool,
-                     process_set: ProcessSet, bucket_cap_mb: float, staleness: int = 0,
+                     process_set: ProcessSet, bucket_cap: int, staleness: int = 0,
                      round_deadline: float | None = None,
                      staleness_weight: Any = None, norm_check: NormCheck | None = None) -> None:
         self._compression = compression
@@ -119,7 +120,7 @@ class _DistributedOptimizer:
         self.gradient_predivide_factor = gradient_predivide_factor
         self.sparse_as_dense = sparse_as_dense
         self.process_set = process_set
-        self._bucket_cap = int(bucket_cap_mb * 2**20)
+        self._bucket_cap = bucket_cap
         self._groups = groups
         self._lock = threading.RLock()
         self._synchronized = False
@@ -563,6 +564,17 @@ def _drain(entry: _Launched) -> None:
             logger.debug("discarded a failed gradient reduction", exc_info=True)
 
 
+def _bucket_cap(bucket_cap_mb: float | None) -> int:
+    """Bytes per bucket: the argument, else HOROVOD_FUSION_THRESHOLD, else the default."""
+    if bucket_cap_mb is not None:
+        return int(bucket_cap_mb * 2**20)
+    settings = (runtime.context().settings if runtime.is_initialized()
+                else WorkerSettings.from_env())
+    if settings.fusion_threshold is not None:
+        return settings.fusion_threshold
+    return int(DEFAULT_BUCKET_CAP_MB * 2**20)
+
+
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
                          compression: type[Compressor] = Compression.none,
@@ -571,7 +583,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          groups: int | Sequence[Sequence[torch.Tensor]] | None = None,
                          sparse_as_dense: bool = False,
                          process_set: ProcessSet = global_process_set,
-                         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, staleness: int = 0,
+                         bucket_cap_mb: float | None = None, staleness: int = 0,
                          round_deadline: float | None = None,
                          staleness_weight: Any = None,
                          norm_check: NormCheck | None = None) -> torch.optim.Optimizer:
@@ -579,8 +591,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
 
     The result is an instance of a subclass of `optimizer`'s class that shares its
     param groups, state and defaults. `bucket_cap_mb` (a Horde addition) caps the size
-    of a fused allreduce when `groups` is not given. With `op=hvd.Adasum` it is Horovod's
-    Adasum optimizer instead (`elastic.torch.adasum_optimizer`).
+    of a fused allreduce when `groups` is not given (default: HOROVOD_FUSION_THRESHOLD
+    bytes if set, else 25 MB). With `op=hvd.Adasum` it is Horovod's Adasum optimizer
+    instead (`elastic.torch.adasum_optimizer`).
 
     Horde additions: `compression=hvd.Compression.topk(density)` sends only the largest
     gradient entries (with error feedback); `staleness=S > 0` lets a worker run up to S
@@ -634,7 +647,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                         raise ValueError("A parameter can only appear once in groups.")
                     seen.add(id(p))
             groups = [list(g) for g in groups]
-    if bucket_cap_mb <= 0:
+    if bucket_cap_mb is not None and bucket_cap_mb <= 0:
         raise ValueError(f"bucket_cap_mb={bucket_cap_mb} must be > 0")
     if op == Adasum:
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -651,7 +664,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     wrapped.param_groups = list(optimizer.param_groups)
     wrapped._horde_setup(named_parameters, compression, backward_passes_per_step, op,
                          gradient_predivide_factor, groups, sparse_as_dense, process_set,
-                         bucket_cap_mb, staleness, round_deadline, staleness_weight,
+                         _bucket_cap(bucket_cap_mb), staleness, round_deadline, staleness_weight,
                          norm_check)
     return wrapped
 
