@@ -21,10 +21,12 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -65,12 +67,13 @@ class Example:
     args: Callable[[Path], list[str]]  # script arguments, given the data folder
     expect: tuple[str, ...]  # regular expressions rank 0's output must match
     files: tuple[str, ...] = ()  # globs (in the work folder) that must exist afterwards
+    kill_rank_1_at: str | None = None  # SIGKILL the first rank 1 once it prints this
 
 
 def _synthetic_args(data: Path) -> list[str]:
     # ResNet-18 (the script's --model flag): the ImageNet scripts train ResNet-50 already
-    return ["--model", "resnet18", "--batch-size", "2", "--num-warmup-batches", "1", "--num-batches-per-iter", "1",
-            "--num-iters", "2"]
+    return ["--model", "resnet18", "--batch-size", "2", "--num-warmup-batches", "1",
+            "--num-batches-per-iter", "1", "--num-iters", "2"]
 
 
 def _mnist_args(data: Path) -> list[str]:
@@ -104,6 +107,11 @@ EXAMPLES = (
     Example("imagenet_resnet50_elastic",
             "examples/elastic/pytorch/pytorch_imagenet_resnet50_elastic.py", True,
             _imagenet_args, (), _IMAGENET_FILES),
+    # The elastic MNIST script again, losing a worker: rank 0 restores the last commit and
+    # trains on alone (its third epoch comes after the loss), then tests.
+    Example("mnist_elastic_loses_a_worker", "examples/elastic/pytorch/pytorch_mnist_elastic.py",
+            True, _mnist_args, (*_MNIST_EXPECT, r"Train Epoch: 3 \["),
+            kill_rank_1_at="Train Epoch: 2 ["),
 )
 BY_NAME = {example.name: example for example in EXAMPLES}
 
@@ -255,15 +263,28 @@ def run_example(example: Example, sources: Path, workdir: Path, data: Path,
     env["PYTHONUNBUFFERED"] = "1"
     env["HOME"] = str(folder)  # pytorch_mnist.py takes a FileLock on ~/.horovod_lock
     started = time.monotonic()
+    proc = subprocess.Popen(horderun_command(example, script, data), cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)
+    lines: list[str] = []
+    killed: list[int] = []
+    reader = threading.Thread(target=_read, args=(proc, script, example, lines, killed),
+                              daemon=True)
+    reader.start()
     try:
-        proc = subprocess.run(horderun_command(example, script, data), cwd=folder, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        code, output = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        code, output = None, _text(exc.stdout) + _text(exc.stderr)
+        code: int | None = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        _kill_group(proc)
+        reader.join(10)
+    output = "".join(lines)
     outcome = Outcome(example, code, time.monotonic() - started, output)
     if code != 0:
-        outcome.problems.append(f"horderun exited {code}")
+        outcome.problems.append("horderun timed out" if code is None
+                                else f"horderun exited {code}")
+    if example.kill_rank_1_at and not killed:
+        outcome.problems.append(f"rank 1 never printed {example.kill_rank_1_at!r}, not killed")
     rank0 = "\n".join(line for line in output.splitlines() if line.startswith("[0]"))
     outcome.problems += [f"rank 0 never printed /{pattern}/" for pattern in example.expect
                          if not re.search(pattern, rank0)]
@@ -272,10 +293,41 @@ def run_example(example: Example, sources: Path, workdir: Path, data: Path,
     return outcome
 
 
-def _text(value: str | bytes | None) -> str:
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return value or ""
+def _read(proc: subprocess.Popen, script: Path, example: Example, lines: list[str],
+          killed: list[int]) -> None:
+    """Collect horderun's output; SIGKILL rank 1's worker at the example's cue."""
+    assert proc.stdout is not None
+    cue = example.kill_rank_1_at
+    for line in proc.stdout:
+        lines.append(line)
+        if cue and not killed and line.startswith("[1]<stdout>:") and cue in line:
+            killed += _kill_worker(proc.pid, script, rank=1)
+            lines.append(f"harness: SIGKILL rank 1 (pids {killed})\n")
+
+
+def _kill_worker(launcher_pid: int, script: Path, rank: int) -> list[int]:
+    """SIGKILL the workers of `script` under the launcher that started with `rank`."""
+    import psutil
+
+    pids = []
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if (str(script) in child.cmdline()
+                    and child.environ().get("HOROVOD_RANK") == str(rank)):
+                child.kill()
+                pids.append(child.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End whatever is left of horderun's session (all of it, on a timeout)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
