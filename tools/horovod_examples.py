@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 HOROVOD_TAG = "v0.28.1"
 DOWNLOAD_URL = "https://raw.githubusercontent.com/horovod/horovod/{tag}/{path}"
 DOWNLOAD_TIMEOUT_S = 20.0
+STOP_GRACE_S = 15.0  # seconds horderun gets to stop after SIGTERM at a script's timeout
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "horde" / (
     "horovod-examples-" + HOROVOD_TAG.lstrip("v"))
 SOURCE_ENV = "HORDE_HOROVOD_EXAMPLES"
@@ -124,7 +125,7 @@ def find_sources(source: Path | None = None, cache: Path = DEFAULT_CACHE) -> Pat
         for root in (given, given.parent):  # a checkout, or its examples/ folder
             if all((root / example.path).is_file() for example in EXAMPLES):
                 return root
-        missing = [e.path for e in EXAMPLES if not (given / e.path).is_file()]
+        missing = sorted({e.path for e in EXAMPLES if not (given / e.path).is_file()})
         raise ExamplesUnavailable(
             f"{given} is not a Horovod source tree: {', '.join(missing)} not found in it "
             f"(nor in its parent); point {SOURCE_ENV} at a checkout of Horovod {HOROVOD_TAG}")
@@ -276,7 +277,7 @@ def run_example(example: Example, sources: Path, workdir: Path, data: Path,
     except subprocess.TimeoutExpired:
         code = None
     finally:
-        _kill_group(proc)
+        _stop(proc)
         reader.join(10)
     output = "".join(lines)
     outcome = Outcome(example, code, time.monotonic() - started, output)
@@ -321,8 +322,15 @@ def _kill_worker(launcher_pid: int, script: Path, rank: int) -> list[int]:
     return pids
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """End whatever is left of horderun's session (all of it, on a timeout)."""
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop horderun if it still runs (SIGTERM: it stops its workers and etcd), then kill
+    whatever is left of its session."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

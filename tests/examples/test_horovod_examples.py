@@ -7,16 +7,22 @@ neither works. tools/horovod_examples.py does the work and runs them by hand too
 
 from __future__ import annotations
 
+import functools
+import http.server
 import importlib.util
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tools import torchvision_cpu
+from tools import horovod_examples, torchvision_cpu
 from tools.horovod_examples import (
     BY_NAME,
     EXAMPLES,
+    Example,
     ExamplesUnavailable,
     find_sources,
     prepare,
@@ -37,7 +43,7 @@ def require_example_dependencies() -> None:
 
 
 @pytest.fixture(scope="session")
-def horovod_examples(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(Horovod source tree, work folder, fake data folder), made once per session."""
     require_example_dependencies()
     try:
@@ -69,9 +75,56 @@ def test_rewrite_refuses_scripts_it_would_not_fully_convert(script: str, complai
 
 
 def test_a_source_tree_without_the_examples_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "examples" / "pytorch").mkdir(parents=True)
     with pytest.raises(ExamplesUnavailable, match="is not a Horovod source tree: "
-                       "examples/pytorch/pytorch_synthetic_benchmark.py"):
+                       "examples/elastic/pytorch/pytorch_imagenet_resnet50_elastic.py"):
         find_sources(tmp_path)
+    with pytest.raises(ExamplesUnavailable, match="is not a Horovod source tree"):
+        find_sources(tmp_path / "examples")
+
+
+@pytest.fixture
+def tag_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A real HTTP server standing in for GitHub's raw files; yields the folder it serves."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(horovod_examples, "DOWNLOAD_URL",
+                        f"http://127.0.0.1:{server.server_port}/{{tag}}/{{path}}")
+    try:
+        yield served
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_scripts_are_fetched_from_the_tag_once_then_read_from_the_cache(
+        tmp_path: Path, tag_server: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HORDE_HOROVOD_EXAMPLES", raising=False)
+    for example in EXAMPLES:
+        script = tag_server / "v0.28.1" / example.path
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(f"# {example.path}\nimport horovod.torch as hvd\n")
+    cache = tmp_path / "cache"
+    assert find_sources(cache=cache) == cache
+    for example in EXAMPLES:
+        assert (cache / example.path).read_text().startswith(f"# {example.path}\n")
+    for script in (tag_server / "v0.28.1").rglob("*.py"):
+        script.unlink()  # from now on the server has nothing: the cache must serve
+    assert find_sources(cache=cache) == cache
+
+
+def test_a_failed_fetch_says_what_failed_and_what_to_do(
+        tmp_path: Path, tag_server: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HORDE_HOROVOD_EXAMPLES", raising=False)
+    with pytest.raises(ExamplesUnavailable, match=r"not in its PyPI sdist, and fetching "
+                       r"http://127\.0\.0\.1:\d+/v0\.28\.1/examples/.*404.*set "
+                       r"HORDE_HOROVOD_EXAMPLES to a checkout of Horovod v0\.28\.1"):
+        find_sources(cache=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.py"))
 
 
 def test_fake_mnist_is_what_torchvision_reads_without_downloading(tmp_path: Path) -> None:
@@ -89,8 +142,8 @@ def test_fake_mnist_is_what_torchvision_reads_without_downloading(tmp_path: Path
 
 @pytest.mark.slow
 def test_only_the_import_lines_of_the_real_scripts_change(
-        horovod_examples: tuple[Path, Path, Path]) -> None:
-    sources, _, _ = horovod_examples
+        upstream: tuple[Path, Path, Path]) -> None:
+    sources, _, _ = upstream
     for example in EXAMPLES:
         original = (sources / example.path).read_text().splitlines()
         rewritten, changed = rewrite_imports((sources / example.path).read_text())
@@ -103,12 +156,50 @@ def test_only_the_import_lines_of_the_real_scripts_change(
 @pytest.mark.slow
 @pytest.mark.timeout(SCRIPT_TIMEOUT_S + 60)
 @pytest.mark.parametrize("name", [example.name for example in EXAMPLES])
-def test_horovod_example_runs_under_horderun(horovod_examples: tuple[Path, Path, Path],
+def test_horovod_example_runs_under_horderun(upstream: tuple[Path, Path, Path],
                                              name: str) -> None:
-    sources, workdir, data = horovod_examples
+    sources, workdir, data = upstream
     outcome = run_example(BY_NAME[name], sources, workdir, data, timeout=SCRIPT_TIMEOUT_S)
     assert outcome.ok, "; ".join(outcome.problems) + "\n" + outcome.output[-6000:]
     if name.startswith("mnist"):
         # scikit-learn's digits as MNIST: 3 epochs reach ~90%; chance is 10%
         accuracy = float(re.findall(r"Accuracy: ([\d.]+)%", outcome.output)[-1])
         assert accuracy >= 70, outcome.output[-3000:]
+
+
+def _tree_with(tmp_path: Path, path: str, script: str) -> Path:
+    (tmp_path / "src" / path).parent.mkdir(parents=True)
+    (tmp_path / "src" / path).write_text(script)
+    return tmp_path / "src"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_failing_script_is_reported_with_every_check_that_failed(tmp_path: Path) -> None:
+    example = Example("broken", "examples/pytorch/broken.py", False, lambda data: [],
+                      expect=("Total img/sec",), files=("checkpoint-*",),
+                      kill_rank_1_at="Train Epoch: 2 [")
+    sources = _tree_with(tmp_path, example.path,
+                         "import sys\nimport horovod.torch as hvd\nhvd.init()\nsys.exit(3)\n")
+    outcome = run_example(example, sources, tmp_path / "work", tmp_path, timeout=120)
+    assert not outcome.ok
+    assert outcome.problems == [
+        f"horderun exited {outcome.returncode}",
+        "rank 1 never printed 'Train Epoch: 2 [', not killed",
+        "rank 0 never printed /Total img/sec/",
+        "no file checkpoint-*",
+    ]
+    assert outcome.returncode not in (0, None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_script_past_its_timeout_is_stopped_with_its_workers(tmp_path: Path) -> None:
+    example = Example("hangs", "examples/pytorch/hangs.py", False, lambda data: [], expect=())
+    sources = _tree_with(tmp_path, example.path,
+                         "import time\nimport horovod.torch as hvd\ntime.sleep(600)\n")
+    outcome = run_example(example, sources, tmp_path / "work", tmp_path, timeout=5)
+    assert outcome.problems == ["horderun timed out"] and outcome.returncode is None
+    script = str(tmp_path / "work" / "hangs" / "hangs.py")
+    left = [p for p in psutil.process_iter(["cmdline"]) if script in (p.info["cmdline"] or [])]
+    assert left == []
