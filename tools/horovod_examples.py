@@ -10,9 +10,10 @@ its Horovod import lines rewritten (`import horovod.torch as hvd` -> `import
 elastic.torch as hvd`, `import horovod` -> `import elastic as horovod`) and nothing else
 changed, then run by `horderun -np 2` (the elastic ones with `--min-np 1 --max-np 2`) on
 small settings: fake MNIST files (scikit-learn's digits, upscaled) where the scripts would
-download MNIST, a tiny ImageFolder of random images for the ImageNet ones. Prints one line
-per script: ok / FAIL, seconds, and what was checked. Needs torchvision, tqdm and
-tensorboard (the `horovod-examples` extra).
+download MNIST, a tiny ImageFolder of random images for the ImageNet ones. The elastic MNIST
+script runs a second time losing rank 1 to SIGKILL in its second epoch. Prints one line per
+run: ok, or FAIL with the checks that failed, and its seconds. Needs torchvision, tqdm and
+tensorboard (the `horovod-examples` extra). docs/migrating-from-horovod.md has the table.
 """
 
 from __future__ import annotations
