@@ -21,6 +21,9 @@ COORDINATOR = [
     "prometheus_client>=0.20",
 ]
 POSTGRES = ["psycopg[binary]>=3.1"]
+# What Horovod's own PyTorch examples import besides Horovod (tools/horovod_examples.py);
+# torchvision 0.28.0 is the release built for torch 2.13.0, so torch stays pinned.
+HOROVOD_EXAMPLES = ["torchvision==0.28.0", "tqdm>=4.60", "tensorboard>=2.14"]
 
 setup(
     name="horde",
@@ -44,6 +47,7 @@ setup(
     ],
     extras_require={
         "examples": ["scikit-learn>=1.3"],
+        "horovod-examples": ["scikit-learn>=1.3", *HOROVOD_EXAMPLES],
         "postgres": POSTGRES,
         "test": [
             "pytest>=8",
