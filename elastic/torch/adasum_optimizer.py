@@ -38,12 +38,12 @@ class _DistributedAdasumOptimizer:
 
     def _horde_setup(self, names: dict[int, str], compression: type[Compressor],
                      backward_passes_per_step: int, process_set: ProcessSet,
-                     bucket_cap_mb: float) -> None:
+                     bucket_cap: int) -> None:
         self._compression = compression
         self.backward_passes_per_step = backward_passes_per_step
         self.process_set = process_set
         self._names = names
-        self._bucket_cap = int(bucket_cap_mb * 2**20)
+        self._bucket_cap = bucket_cap
         self._lock = threading.Lock()
         self._passes: dict[int, int] = {}
         self._hooks: list[Any] = []
@@ -66,7 +66,7 @@ class _DistributedAdasumOptimizer:
             self._passes[id(p)] = passes
 
     def _buckets(self, params: list[torch.Tensor]) -> list[list[int]]:
-        """Indices of `params` in reduction order, split by dtype and `bucket_cap_mb`."""
+        """Indices of `params` in reduction order, split by dtype and the bucket size."""
         buckets: list[list[int]] = []
         nbytes = 0
         for i, p in enumerate(params):
@@ -156,8 +156,9 @@ def _remove_hooks(hooks: list[Any]) -> None:
 def adasum_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str],
                      compression: type[Compressor],
                      backward_passes_per_step: int, process_set: ProcessSet,
-                     bucket_cap_mb: float) -> torch.optim.Optimizer:
-    """Wrap `optimizer` as Horovod's Adasum optimizer (a subclass of its class)."""
+                     bucket_cap: int) -> torch.optim.Optimizer:
+    """Wrap `optimizer` as Horovod's Adasum optimizer (a subclass of its class);
+    `bucket_cap` is the most bytes of deltas combined in one collective."""
     base = optimizer.__class__
     cls = type(base.__name__, (_DistributedAdasumOptimizer, base),
                {"__module__": base.__module__})
@@ -165,5 +166,5 @@ def adasum_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str],
     wrapped.__dict__.update(optimizer.__dict__)
     wrapped.param_groups = list(optimizer.param_groups)
     wrapped._horde_setup(names, compression, backward_passes_per_step, process_set,
-                         bucket_cap_mb)
+                         bucket_cap)
     return wrapped

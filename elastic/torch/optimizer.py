@@ -655,7 +655,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
             else {}
         process_set.included()  # raises ValueError before hvd.init(), as Horovod does
         return adasum_optimizer(optimizer, names, compression, backward_passes_per_step,
-                                process_set, bucket_cap_mb)
+                                process_set, _bucket_cap(bucket_cap_mb))
 
     base = optimizer.__class__
     cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": base.__module__})
