@@ -1,0 +1,65 @@
+"""`hvd.shutdown()` then `hvd.init()`, again and again, as Horovod's test suites do: the
+same world comes back (same node, rank and generation, a fresh engine, process sets
+cleared), and the job ends only when the worker processes end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rendezvous import backend_from_url
+from rendezvous.agent import read_control
+from rendezvous.keys import JobKeys
+from rendezvous.settings import DEFAULT_PREFIX
+from tests.harness import Workers, python, unique_job, worker_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+WORKER = Path(__file__).resolve().parent / "scripts" / "reinit_worker.py"
+CYCLES = 20
+LIMIT = 180.0  # seconds for the whole run: start, 20 cycles, exit (a loaded machine)
+COLLECTIVE_TIMEOUT = 120.0
+
+
+def test_shutdown_and_init_twenty_times_give_the_same_world_back(
+        etcd_server: Any, tmp_path: Path) -> None:
+    np = 3
+    job = unique_job("reinit")
+    # rank 2 never calls shutdown after its last cycle: it just exits
+    env = worker_env(etcd_server.url, job, np, extra={
+        "HORDE_TEST_OUT": str(tmp_path), "REINIT_CYCLES": str(CYCLES),
+        "REINIT_NO_FINAL_SHUTDOWN": "2",
+        "HORDE_COLLECTIVE_TIMEOUT": str(COLLECTIVE_TIMEOUT)})
+    workers = Workers()
+    try:
+        for i in range(np):
+            workers.start(python(WORKER), env, tmp_path / f"worker{i}.log", node_id=f"n{i}")
+        codes = workers.wait(LIMIT)
+    finally:
+        workers.kill_all()
+    assert codes == [0] * np, f"exit codes {codes}\n{workers.all_output()}"
+    records = [json.loads((tmp_path / f"reinit-{r}.json").read_text()) for r in range(np)]
+    assert [r["rank"] for r in records] == list(range(np))
+    for r in records:
+        assert len(r["cycles"]) == CYCLES
+        # each worker checked its values itself; every rank must also agree on them
+        assert r["params"] == records[0]["params"], "parameters differ across ranks"
+    for cycle in range(CYCLES):
+        values = [r["cycles"][cycle] for r in records]
+        for key in ("allreduce", "average", "async_max", "grouped", "allgather", "broadcast",
+                    "objects"):
+            assert all(v[key] == values[0][key] for v in values), (cycle, key)
+        assert [v["process_set"]["included"] for v in values] == [True, True, False]
+    # the peers of a rank that shut down inside their collective failed at once
+    for r in (records[0], records[2]):
+        assert r["abandoned"]["seconds"] < COLLECTIVE_TIMEOUT / 2, r["abandoned"]
+    # no shutdown() ended the job, and no re-init cost a reset: still generation 0
+    backend = backend_from_url(etcd_server.url)
+    control, _ = read_control(backend, JobKeys(DEFAULT_PREFIX, job))
+    assert control.status is not None and control.status.state != "failed", control
+    assert control.generation is not None and control.generation.id == 0, control.generation
+    inits = sorted(s for r in records for s in r["init_seconds"])
+    print(f"re-init: median {inits[len(inits) // 2]:.3f} s, max {inits[-1]:.3f} s")
