@@ -64,6 +64,10 @@ class WorkerContext:
         #: generation id -> process groups this process began to connect in it: each
         #: re-init after `release()` connects under a store namespace of its own
         self._connects: dict[int, int] = {}
+        #: between `release()` and `reattach()`: in no collective, so a reset of this
+        #: generation needs nothing from this node but its ready marker
+        self._parked = False
+        self._answered = -1  # the last generation whose reset this node answered
         self.resets = 0
         self.leave_requested = False
 
@@ -115,14 +119,18 @@ class WorkerContext:
             engine, self.engine = self.engine, None
             self.transport = None
             self.topology = None
+            self._parked = True
         if engine is not None:
             engine.close()
             engine.subsets.clear()
+        if self.agent is not None:
+            self._on_control(self.agent.control)  # a reset may already be pending
 
     def reattach(self) -> None:
         """`hvd.init()` after `release()`: connect a fresh process group in the latest
         generation that includes this node: the same one, unless the membership changed
         meanwhile."""
+        self._parked = False
         if self.agent is None:
             self._start_alone()
             return
@@ -142,22 +150,49 @@ class WorkerContext:
     # -- generations ------------------------------------------------------------------
 
     def _on_control(self, control: ControlState) -> None:
-        """Agent thread: decide whether the current generation is still usable."""
+        """Agent thread: decide whether the current generation is still usable.
+
+        A shut-down (parked) node answers a reset of its generation as ready at once:
+        it keeps its place, and connects whatever generation is current at `init()`.
+        """
         with self._lock:
             gen = self.generation
             if gen is None:
                 return
             latest = control.generation
+            # the reset of the latest generation, which a parked node may never have
+            # connected (admitted while it was shut down): it is a member all the same
+            ready = (self._parked and latest is not None and control.reset_of == latest.id
+                     and latest.rank_of(self.node_id) is not None)
             if control.reset_of == gen.id:
                 self._interrupted.set()
             if control.status is not None and control.status.state == "failed":
                 self._interrupted.set()
             if latest is not None and latest.id > gen.id:
                 removed = set(gen.node_ids) - set(latest.node_ids)
-                if removed or latest.rank_of(self.node_id) is None:
+                # A generation still being connected is superseded by any newer one: the
+                # other members go to the newest, and would never complete this one.
+                connecting = self.topology is None or self.topology.generation != gen.id
+                if removed or latest.rank_of(self.node_id) is None or connecting:
                     self._interrupted.set()
                 else:
                     self._growth_pending = True
+        if ready and self.agent is not None:
+            self._answer_reset(control.reset_of)
+
+    def _answer_reset(self, generation: int) -> None:
+        """Tell the leader this node is ready for the generation after `generation`."""
+        assert self.agent is not None
+        if self._answered == generation:
+            return
+        try:
+            self.agent.mark_ready(generation)
+            self._answered = generation
+            logger.info("node %s: ready for the generation after %d", self.node_id,
+                        generation)
+        except Exception:  # noqa: BLE001 - the leader then treats this node as unresponsive
+            logger.warning("node %s: could not say it is ready after generation %d",
+                           self.node_id, generation, exc_info=True)
 
     def _install(self, gen: Generation, transport: Transport, interrupted: threading.Event
                  ) -> None:
@@ -213,6 +248,8 @@ class WorkerContext:
             except InterruptedError:
                 logger.info("node %s: generation %d superseded while connecting", self.node_id,
                             gen.id)
+                if self.agent.control.reset_of == gen.id:
+                    self._answer_reset(gen.id)  # not in any collective: ready at once
                 after = gen.id
                 continue
             except GenerationUnreachableError as exc:

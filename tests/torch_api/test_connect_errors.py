@@ -151,3 +151,73 @@ def test_a_peer_that_reached_the_store_but_cannot_be_connected_is_named(
     assert (f"could not connect the process group of generation 0 of job {job}: every peer "
             "reached the store, so a direct connection failed between this node and its "
             "peers (rank 1 (node ghost, address 192.0.2.8))") in error, error
+
+
+PARK = """
+import time
+import elastic.torch as hvd
+def init():
+    hvd.init()
+    print("generation", hvd.runtime.context().generation.id, "rank", hvd.rank(), flush=True)
+init()
+hvd.shutdown()
+print("parked", flush=True)
+agent = hvd.runtime._context.agent
+parked_in = hvd.runtime._context.generation.id
+while agent.control.generation.id == parked_in:  # wait for the leader's next generation
+    time.sleep(0.05)
+init()
+hvd.shutdown()
+"""
+
+
+def test_a_node_outside_collectives_follows_the_newest_generation_and_answers_resets(
+        etcd_server: Any, tmp_path: Path) -> None:
+    """A node that is connecting or shut down is in no collective: a newer generation
+    supersedes the one it connects (the others go to the newest), and a reset needs only
+    its ready marker, which it gives at once (the leader need not wait `reset_timeout`
+    and evict it as unresponsive)."""
+    job = unique_job("ready")
+    leader = FakeLeader(etcd_server.url, job)
+    env = worker_env(etcd_server.url, job, 1, extra={"HORDE_COLLECTIVE_TIMEOUT": "60"})
+    workers = Workers()
+    workers.start([sys.executable, "-c", PARK], env, tmp_path / "worker.log", node_id="w0")
+
+    def until(predicate: Any, what: str) -> None:
+        deadline = time.monotonic() + 30  # well under the collective timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out: {what}\n{workers.output(0)}"
+            assert workers.procs[0].poll() is None, workers.output(0)
+            time.sleep(0.1)
+
+    def reset_answered(generation: int) -> None:
+        leader.backend.put(leader.keys.reset, json.dumps(
+            {"generation": generation, "by": "ghost"}).encode())
+        until(lambda: leader.backend.get(leader.keys.ready_node(generation, "w0")) is not None,
+              f"w0 ready after the reset of generation {generation}")
+
+    try:
+        info = leader.registration("w0")
+        me = Member("w0", info.host, info.addr, lease=info.lease)
+        ghosts = [Member(f"ghost{i}", "elsewhere", f"192.0.2.{i}") for i in (1, 2)]
+
+        def generation(gen_id: int, *members: Member) -> Generation:
+            return Generation(gen_id, (me, *members), store_host=info.addr,
+                              store_port=info.store_port)
+
+        store = connect_store(info.addr, info.store_port, 10.0)
+        leader.publish(generation(0, ghosts[0]))
+        until(lambda: store.check([f"{job}/g0/arrived/0"]), "w0 connecting generation 0")
+        leader.publish(generation(1, *ghosts))  # grown while w0 connects generation 0
+        until(lambda: store.check([f"{job}/g1/arrived/0"]), "w0 connecting generation 1")
+        reset_answered(1)  # while connecting
+        leader.publish(generation(2))
+        until(lambda: "parked" in workers.output(0), "w0 connected and shut down")
+        reset_answered(2)  # while shut down
+        leader.publish(generation(3))
+        codes = workers.wait(LIMIT)
+    finally:
+        workers.kill_all()
+    out = workers.output(0)
+    assert codes == [0], out
+    assert "generation 2 rank 0\nparked\ngeneration 3 rank 0" in out, out
