@@ -108,7 +108,7 @@ class WorkerContext:
         logger.info("node %s: asked to leave; leaving at the next commit", self.node_id)
         self.leave_requested = True
 
-    def release(self) -> None:
+    def release(self, park: bool = True) -> None:
         """`hvd.shutdown()`: stop the engine and drop this generation's process groups,
         but stay registered (same lease, same rank) so that `reattach()` can reconnect.
 
@@ -119,11 +119,11 @@ class WorkerContext:
             engine, self.engine = self.engine, None
             self.transport = None
             self.topology = None
-            self._parked = True
+            self._parked = park
         if engine is not None:
             engine.close()
             engine.subsets.clear()
-        if self.agent is not None:
+        if park and self.agent is not None:
             self._on_control(self.agent.control)  # a reset may already be pending
 
     def reattach(self) -> None:
@@ -141,7 +141,7 @@ class WorkerContext:
     def shutdown(self, reason: str = "finished") -> None:
         """Leave the job for good (at process exit, or `leave()`): stop the engine and
         deregister, saying why."""
-        self.release()
+        self.release(park=False)
         if self.agent is not None:
             self.agent.stop(reason)
             self.agent = None
@@ -170,10 +170,7 @@ class WorkerContext:
                 self._interrupted.set()
             if latest is not None and latest.id > gen.id:
                 removed = set(gen.node_ids) - set(latest.node_ids)
-                # A generation still being connected is superseded by any newer one: the
-                # other members go to the newest, and would never complete this one.
-                connecting = self.topology is None or self.topology.generation != gen.id
-                if removed or latest.rank_of(self.node_id) is None or connecting:
+                if removed or latest.rank_of(self.node_id) is None:
                     self._interrupted.set()
                 else:
                     self._growth_pending = True
@@ -268,16 +265,16 @@ class WorkerContext:
         the store or the peers that could not be reached, from where."""
         me = f"node {self.node_id} (rank {rank}, address {self.settings.advertise_addr})"
         where = f"generation {gen.id} of job {self.rdzv.job}"
+        arrived = namespace + "arrived/"
         try:
             store = connect_store(gen.store_host, gen.store_port, self.rdzv.start_timeout)
+            store.set(f"{arrived}{rank}", self.settings.advertise_addr)
         except Exception as exc:  # noqa: BLE001 - named and chained below
             raise GenerationUnreachableError(
                 f"{me} could not reach the store of {where} at "
                 f"{gen.store_host}:{gen.store_port} (served by rank 0, node "
                 f"{gen.members[0].node_id}) within {self.rdzv.start_timeout:g} s: "
                 f"{_first_line(exc)}") from exc
-        arrived = namespace + "arrived/"
-        store.set(f"{arrived}{rank}", self.settings.advertise_addr)
         try:
             return Transport(store, namespace, rank, gen.size, self.settings.collective_timeout,
                              bind_host=self.settings.advertise_addr)
@@ -325,8 +322,6 @@ class WorkerContext:
                 logger.warning("node %s: could not report the failed generation %d",
                                self.node_id, gen.id, exc_info=True)
         self._establish(after=gen.id, timeout=self.rdzv.elastic_timeout + self.rdzv.reset_timeout)
-
-
 
 
 def _describe(members: list[tuple[int, Member]]) -> str:
