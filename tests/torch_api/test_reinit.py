@@ -5,6 +5,8 @@ cleared), and the job ends only when the worker processes end."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from rendezvous import backend_from_url
 from rendezvous.agent import read_control
 from rendezvous.keys import JobKeys
 from rendezvous.settings import DEFAULT_PREFIX
-from tests.harness import Workers, python, unique_job, worker_env
+from tests.harness import REPO, Workers, python, repo_env, unique_job, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -63,3 +65,26 @@ def test_shutdown_and_init_twenty_times_give_the_same_world_back(
     assert control.generation is not None and control.generation.id == 0, control.generation
     inits = sorted(s for r in records for s in r["init_seconds"])
     print(f"re-init: median {inits[len(inits) // 2]:.3f} s, max {inits[-1]:.3f} s")
+
+
+ALONE = """
+import torch
+import elastic.torch as hvd
+for cycle in range(20):
+    hvd.init()
+    assert (hvd.rank(), hvd.size()) == (0, 1)
+    assert hvd.allreduce(torch.tensor([float(cycle)])).item() == cycle
+    ps = hvd.add_process_set([0])
+    assert hvd.allgather(torch.ones(1), process_set=ps).tolist() == [1.0]
+    hvd.shutdown()
+    assert not hvd.is_initialized() and ps.process_set_id is None
+print("ok")
+"""
+
+
+def test_a_world_of_one_reinitialises_too() -> None:
+    """Without horderun (no rendezvous) `init()` forms a world of one, again each time."""
+    env = {k: v for k, v in repo_env().items() if not k.startswith("HORDE_")}
+    result = subprocess.run([sys.executable, "-c", ALONE], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

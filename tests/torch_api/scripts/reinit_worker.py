@@ -67,9 +67,10 @@ def collectives(cycle: int, rank: int, size: int) -> dict[str, Any]:
     return out
 
 
-def process_sets(cycle: int, rank: int, size: int, previous: hvd.ProcessSet | None
-                 ) -> tuple[hvd.ProcessSet, dict[str, Any]]:
-    """A set of the first two ranks, registered anew each cycle; last cycle's is cleared."""
+def process_sets(cycle: int, rank: int, size: int, previous: hvd.ProcessSet | None,
+                 static: hvd.ProcessSet | None) -> tuple[hvd.ProcessSet, dict[str, Any]]:
+    """A set of the first two ranks, registered anew each cycle (given to `init()` or
+    added after it); the previous cycle's set was cleared by `shutdown()`."""
     if previous is not None:
         assert previous.process_set_id is None, f"not cleared at shutdown: {previous}"
         try:
@@ -78,7 +79,7 @@ def process_sets(cycle: int, rank: int, size: int, previous: hvd.ProcessSet | No
             pass
         else:
             raise AssertionError("a process set of the previous init still worked")
-    ps = hvd.add_process_set([0, 1])
+    ps = static if static is not None else hvd.add_process_set([0, 1])
     assert ps.process_set_id == 1, f"process set ids restart after init: {ps}"
     out: dict[str, Any] = {"included": ps.included()}
     if ps.included():
@@ -115,14 +116,15 @@ def main() -> int:
         hvd.shutdown()
 
     for cycle in range(CYCLES):
+        static = hvd.ProcessSet([0, 1]) if cycle % 2 else None
         start = time.monotonic()
-        hvd.init()
+        hvd.init(process_sets=[static] if static is not None else None)
         record["init_seconds"].append(round(time.monotonic() - start, 3))
         assert (hvd.rank(), hvd.size()) == (rank, size), (hvd.rank(), hvd.size())
         ctx = hvd.runtime.context()
         assert (ctx.node_id, ctx.generation.id) == world, "re-init changed the world"
         values = collectives(cycle, rank, size)
-        ps, values["process_set"] = process_sets(cycle, rank, size, ps)
+        ps, values["process_set"] = process_sets(cycle, rank, size, ps, static)
         # one DistributedOptimizer used across every re-init
         if optimizer is None:
             optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
