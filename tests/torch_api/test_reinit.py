@@ -49,6 +49,9 @@ def test_shutdown_and_init_twenty_times_give_the_same_world_back(
         assert len(r["cycles"]) == CYCLES
         # each worker checked its values itself; every rank must also agree on them
         assert r["params"] == records[0]["params"], "parameters differ across ranks"
+        assert r["stale_params"] == records[0]["stale_params"], "staleness: ranks differ"
+        # rounds ran in every cycle: each cycle's 2 contributions went into an aggregate
+        assert r["stale_stats"]["accepted"] >= 2 * CYCLES * np, r["stale_stats"]
     for cycle in range(CYCLES):
         values = [r["cycles"][cycle] for r in records]
         for key in ("allreduce", "average", "async_max", "grouped", "allgather", "broadcast",

@@ -94,6 +94,8 @@ def main() -> int:
     ps: hvd.ProcessSet | None = None
     model = torch.nn.Linear(4, 1)
     optimizer: Any = None
+    stale_model = torch.nn.Linear(4, 1)
+    stale: Any = None  # staleness 1: its rounds end at each shutdown() and start again
 
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
@@ -133,9 +135,19 @@ def main() -> int:
         optimizer.zero_grad()
         model(torch.full((2, 4), float(rank + cycle))).sum().backward()
         optimizer.step()
+        if stale is None:
+            hvd.broadcast_parameters(stale_model.state_dict(), root_rank=0)
+            stale = hvd.DistributedOptimizer(
+                torch.optim.SGD(stale_model.parameters(), lr=0.1),
+                named_parameters=stale_model.named_parameters(), staleness=1)
+        for step in range(2):
+            stale.zero_grad()
+            stale_model(torch.full((2, 4), float(rank + cycle + step))).sum().backward()
+            stale.step()
         record["cycles"].append(values)
         hvd.barrier()
         if cycle == CYCLES - 1 and rank == NO_FINAL_SHUTDOWN:
+            stale.finish()  # what shutdown() would do, so that the model is final
             break  # exit without shutdown(): the process's end is what counts
         hvd.shutdown()
         assert not hvd.is_initialized()
@@ -146,6 +158,8 @@ def main() -> int:
         else:
             raise AssertionError("hvd.rank() worked after shutdown()")
     record["params"] = [p.detach().tolist() for p in model.parameters()]
+    record["stale_params"] = [p.detach().tolist() for p in stale_model.parameters()]
+    record["stale_stats"] = stale.communication_stats()
     (OUT / f"reinit-{rank}.json").write_text(json.dumps(record))
     return 0
 
