@@ -1,8 +1,14 @@
 """Distribution `horde`: a Horovod-compatible elastic training runtime for volunteer GPUs."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
+
+# One version for the distribution, `elastic.__version__` and `horderun --version`.
+VERSION = re.search(r'^__version__ = "([^"]+)"',
+                    Path(__file__).with_name("elastic").joinpath("__init__.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 TORCH = "torch==2.13.0"  # pinned: other versions pull gigabytes of CUDA wheels in CI
 # The coordinator (credit ledger, REST API, status page) is part of the default run of
@@ -15,10 +21,13 @@ COORDINATOR = [
     "prometheus_client>=0.20",
 ]
 POSTGRES = ["psycopg[binary]>=3.1"]
+# What Horovod's own PyTorch examples import besides Horovod (tools/horovod_examples.py);
+# torchvision 0.28.0 is the release built for torch 2.13.0, so torch stays pinned.
+HOROVOD_EXAMPLES = ["torchvision==0.28.0", "tqdm>=4.60", "tensorboard>=2.14"]
 
 setup(
     name="horde",
-    version="0.1.0",
+    version=VERSION,
     description="Horovod-compatible elastic training on volunteer GPU nodes",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
@@ -38,6 +47,7 @@ setup(
     ],
     extras_require={
         "examples": ["scikit-learn>=1.3"],
+        "horovod-examples": ["scikit-learn>=1.3", *HOROVOD_EXAMPLES],
         "postgres": POSTGRES,
         "test": [
             "pytest>=8",

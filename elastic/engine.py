@@ -5,7 +5,9 @@ Every request is first *negotiated*: ranks exchange a small fixed-size descripti
 mismatch, disagreeing roots) fails promptly on every rank with a clear message
 instead of hanging or corrupting memory, and so ranks inside `join()` learn what
 the others are doing and contribute neutral values. Requests run on a background
-thread, so `*_async` calls overlap with the caller's computation.
+thread, so `*_async` calls overlap with the caller's computation. Negotiation cannot see a
+rank that is elsewhere (in a direct gradient step, or in no collective): a wait that long
+outlasts its peers is reported, and maybe failed, by the stall inspector (`elastic.stall`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,8 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from elastic.errors import CollectiveMismatchError, HorovodInternalError
+from elastic import adasum
+from elastic.errors import CollectiveMismatchError, CollectiveStallError, HorovodInternalError
 from elastic.gradients import GradientChannel, JoinOffer
+from elastic.stall import StallInspector
 from elastic.transport import Transport, wait_interruptibly
 
 logger = logging.getLogger(__name__)
@@ -132,8 +137,12 @@ class CollectiveEngine:
         transport: Transport,
         interrupted: threading.Event,
         subsets: dict[int, Transport | None] | None = None,
+        stall: StallInspector | None = None,
     ) -> None:
         self.transport = transport
+        self.stall = stall
+        self._current: Request | None = None
+        self._members: tuple[int, ...] | None = None
         self.rank = transport.rank
         self.size = transport.size
         self.interrupted = interrupted
@@ -144,7 +153,8 @@ class CollectiveEngine:
         self._rounds = itertools.count()
         self.joined_seen = 0
         """Negotiated collectives so far in which some rank had joined."""
-        self.gradients = (GradientChannel(transport.gradients, self.rank, self.size, interrupted)
+        self.gradients = (GradientChannel(transport.gradients, self.rank, self.size, interrupted,
+                                          stall)
                           if getattr(transport, "gradients", None) is not None else None)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="horde-engine", daemon=True)
@@ -158,6 +168,9 @@ class CollectiveEngine:
             request.future.set_exception(
                 HorovodInternalError("the process group of this generation is no longer valid")
             )
+            return request.future
+        if self.stall is not None and self.stall.error is not None:
+            request.future.set_exception(CollectiveStallError(str(self.stall.error)))
             return request.future
         if request.name:
             key = (request.process_set_id, request.name)
@@ -188,6 +201,8 @@ class CollectiveEngine:
         self._queue.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        if self.stall is not None:
+            self.stall.close()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -201,8 +216,10 @@ class CollectiveEngine:
                     "the process group of this generation is no longer valid"))
                 continue
             try:
+                self._current = request
                 result = self._execute(request)
-            except (CollectiveMismatchError, ValueError, TypeError, NotImplementedError) as exc:
+            except (CollectiveMismatchError, CollectiveStallError, ValueError, TypeError,
+                    NotImplementedError) as exc:
                 self._fail(request, exc)
             except HorovodInternalError as exc:
                 self._fail(request, exc)
@@ -232,21 +249,35 @@ class CollectiveEngine:
         more per collective.
         """
         if isinstance(group, dist.ProcessGroupGloo):
-            wait_interruptibly(work, self.interrupted, "a collective")
+            wait_interruptibly(work, self.interrupted, "a collective", self.stall,
+                               self._what, members=self._members)
             return
         done = threading.Event()
         fut = work.get_future()
         fut.add_done_callback(lambda _f: done.set())
-        while not done.wait(_WAIT_SLICE):
-            if self.interrupted.is_set():
-                raise HorovodInternalError(
-                    "a collective was interrupted: the membership changed (a peer died, "
-                    "hung or left)"
-                )
+        token, started = None, time.monotonic()
+        try:
+            while not done.wait(_WAIT_SLICE):
+                if self.interrupted.is_set():
+                    raise HorovodInternalError(
+                        "a collective was interrupted: the membership changed (a peer died, "
+                        "hung or left)"
+                    )
+                if self.stall is not None:
+                    if token is None:
+                        token = self.stall.enter(self._what, started, members=self._members)
+                    self.stall.raise_if_failed()
+        finally:
+            if token is not None:
+                self.stall.leave(token)  # type: ignore[union-attr]
         try:
             fut.wait()
         except Exception as exc:
             raise HorovodInternalError(f"collective failed: {exc}") from exc
+
+    def _what(self) -> str:
+        """The collective this engine runs now, as a stall message names it."""
+        return describe_request(self._current) if self._current is not None else "a collective"
 
     # -- negotiation ------------------------------------------------------------------
 
@@ -350,6 +381,7 @@ class CollectiveEngine:
 
     def _execute(self, request: Request) -> Any:
         transport = self._transport_for(request)
+        self._members = transport.members
         if request.kind == Kind.JOIN:
             return self._join(request, transport)
         round_no = next(self._rounds)
@@ -370,6 +402,8 @@ class CollectiveEngine:
         self, request: Request, transport: Transport, table: list[list[int]], joined: list[int]
     ) -> Any:
         kind = request.kind
+        if kind == Kind.ALLREDUCE and request.op == ReduceOp.Adasum:
+            return self._adasum(request, transport, _first_active(table))
         if kind == Kind.ALLREDUCE:
             return self._allreduce(request, transport, len(joined))
         if kind == Kind.ALLGATHER:
@@ -393,9 +427,6 @@ class CollectiveEngine:
         raise ValueError(f"unknown collective kind {kind!r}")
 
     def _allreduce(self, request: Request, transport: Transport, joined: int) -> list[torch.Tensor]:
-        if request.op == ReduceOp.Adasum:
-            raise NotImplementedError(
-                "op=hvd.Adasum is not supported by Horde; use hvd.Average or hvd.Sum")
         outputs: list[torch.Tensor] = []
         by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, t in enumerate(request.tensors):
@@ -430,6 +461,54 @@ class CollectiveEngine:
                 offset += n
         outputs = [results[i] for i in range(len(request.tensors))]
         return outputs
+
+    def _adasum(self, request: Request, transport: Transport, root: int,
+                neutral_for: int = 0) -> list[torch.Tensor]:
+        """Allreduce with op=Adasum (`elastic.adasum`): per dtype, one allgather of the
+        ranks' buffers, then rank `root` computes the coefficients and broadcasts them,
+        and every rank applies them. `neutral_for=T`: this rank has joined and sends
+        zeros for a request of T tensors (neutral for Adasum); its result is not used.
+        """
+        by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(request.tensors):  # floating point (checked by the caller)
+            by_dtype.setdefault((t.dtype, t.device), []).append(i)
+        results: dict[int, torch.Tensor] = {}
+        for idx in by_dtype.values():
+            flat = torch.cat([request.tensors[i].detach().reshape(-1) for i in idx])
+            if request.prescale != 1.0:
+                _scale(flat, request.prescale)
+            parts = [flat]
+            if transport.size > 1:
+                group = transport.group_for(flat)
+                parts = [torch.empty_like(flat) for _ in range(transport.size)]
+                self._wait(group.allgather([parts], [flat]), group)
+            counts = [request.tensors[i].numel() for i in idx]
+            segments = neutral_for or len(counts)
+            coefficients = None
+            if transport.rank != root:
+                coefficients = torch.empty((transport.size - 1, segments, 2),
+                                           dtype=torch.float64)
+            elif not neutral_for:
+                _, coefficients = adasum.reduce_parts(parts, counts)
+            if transport.size > 1 and coefficients is not None:
+                opts = dist.BroadcastOptions()
+                opts.rootRank = root
+                opts.rootTensor = 0
+                self._wait(transport.gloo.broadcast([coefficients], opts), transport.gloo)
+            if neutral_for:
+                return []
+            if transport.rank == root:
+                out = parts[0]
+            else:
+                out, _ = adasum.reduce_parts(parts, counts, coefficients)
+            if request.postscale != 1.0:
+                _scale(out, request.postscale)
+            offset = 0
+            for i in idx:
+                n = request.tensors[i].numel()
+                results[i] = out[offset:offset + n].view(request.tensors[i].shape)
+                offset += n
+        return [results[i] for i in range(len(request.tensors))]
 
     def _allgather(
         self, tensor: torch.Tensor, transport: Transport, table: list[list[int]], index: int,
@@ -564,21 +643,28 @@ class CollectiveEngine:
         """Wait for a join round's negotiation; settle the offered zero step if the others
         took it meanwhile. Returns the offer while it is still open."""
         if offer is None:
-            self._wait(work, transport.gloo)
+            wait_interruptibly(work, self.interrupted, "join()", self.stall, _JOINING,
+                               check=False)
             return None
-        while not work.is_completed():
-            if offer.works[0].is_completed():
-                self._settle(offer)
-                self._wait(work, transport.gloo)
-                return None
-            if self.interrupted.is_set():
-                raise HorovodInternalError(
-                    "join() was interrupted: the membership changed (a peer died, hung or "
-                    "left)")
-            try:
-                work.wait(_JOIN_POLL)
-            except RuntimeError:
-                continue
+        token = (self.stall.enter(_JOINING, time.monotonic(), check=False)
+                 if self.stall is not None else None)
+        try:
+            while not work.is_completed():
+                if offer.works[0].is_completed():
+                    self._settle(offer)
+                    self._wait(work, transport.gloo)
+                    return None
+                if self.interrupted.is_set():
+                    raise HorovodInternalError(
+                        "join() was interrupted: the membership changed (a peer died, hung "
+                        "or left)")
+                try:
+                    work.wait(_JOIN_POLL)
+                except RuntimeError:
+                    continue
+        finally:
+            if token is not None:
+                self.stall.leave(token)  # type: ignore[union-attr]
         self._wait(work, transport.gloo)
         return offer
 
@@ -599,7 +685,11 @@ class CollectiveEngine:
             op = ReduceOp(active[_F_OP])
             flat = torch.full((active[_F_NUMEL],), _neutral(op, dtype), dtype=dtype)
             request = Request(Kind.ALLREDUCE, [flat], op=op)
-            self._allreduce(request, transport, joined)
+            if op == ReduceOp.Adasum:
+                self._adasum(request, transport, _first_active(table),
+                             neutral_for=active[_F_COUNT])
+            else:
+                self._allreduce(request, transport, joined)
         elif kind == Kind.ALLGATHER:
             ndim = active[_F_NDIM]
             if ndim < 0:
@@ -619,14 +709,36 @@ class CollectiveEngine:
             raise ValueError(f"{kind.label} is not supported while some ranks have joined")
 
 
+_JOINING = "hvd.join() (waiting for the other ranks to join)"
+
+
+def describe_request(request: Request) -> str:
+    """`allreduce 'loss' (shape [1], torch.float32)`: a request as stall messages name it."""
+    name = repr(request.name) if request.name else "(unnamed)"
+    tensors = request.tensors
+    if request.kind == Kind.BARRIER:
+        detail = ""
+    elif len(tensors) == 1:
+        detail = f" (shape {list(tensors[0].shape)}, {tensors[0].dtype})"
+    else:
+        detail = f" ({len(tensors)} tensors)"
+    where = f" on process set {request.process_set_id}" if request.process_set_id else ""
+    return f"{request.kind.label} {name}{detail}{where}"
+
+
 def shard_rows(rows: int, parts: int) -> list[int]:
     """Rows per rank for reducescatter: as even as possible, earlier ranks get the extra."""
     base, extra = divmod(rows, parts)
     return [base + (1 if r < extra else 0) for r in range(parts)]
 
 
+def _first_active(table: list[list[int]]) -> int:
+    """The lowest rank that has not joined (it computes what needs real data)."""
+    return next(r for r, row in enumerate(table) if row[_F_JOINED] == 0)
+
+
 def _neutral(op: ReduceOp, dtype: torch.dtype) -> float | int | bool:
-    if op in (ReduceOp.Sum, ReduceOp.Average):
+    if op in (ReduceOp.Sum, ReduceOp.Average, ReduceOp.Adasum):
         return 0
     if op == ReduceOp.Product:
         return 1

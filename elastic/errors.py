@@ -33,6 +33,16 @@ class CollectiveMismatchError(HordeError, RuntimeError):
     """
 
 
+class CollectiveStallError(HordeError, RuntimeError):
+    """A collective waited longer than the stall-shutdown time for ranks that never submitted
+    it (`HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`); the message names them and what they do.
+
+    Not a `HorovodInternalError`: ranks running different collectives is a bug in the
+    script (or a rank hung outside collectives), so `hvd.elastic.run` does not retry it.
+    The rank's collectives stay shut down afterwards, as Horovod's do after a stall.
+    """
+
+
 class NotInitializedError(HordeError, ValueError):
     """A Horde call was made before `hvd.init()`."""
 

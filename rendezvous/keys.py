@@ -71,3 +71,11 @@ class JobKeys:
 
     def leaving_node(self, node_id: str) -> str:
         return self.leaving + node_id
+
+    @property
+    def activity(self) -> str:
+        """What each node is blocked on (stall inspection), bound to its lease."""
+        return self.root + "activity/"
+
+    def activity_node(self, node_id: str) -> str:
+        return self.activity + node_id

@@ -1,8 +1,9 @@
 """Membership settings: one frozen dataclass, read from flags or `HORDE_*` variables.
 
 Rule: an explicit flag (or keyword) wins over the environment, which wins over the
-default. `horderun` passes its resolved settings to workers through the environment,
-so a worker and its launcher always agree.
+default; in the environment a `HORDE_*` variable wins over its Horovod twin
+(`HOROVOD_ELASTIC_TIMEOUT`, `HOROVOD_START_TIMEOUT`). `horderun` passes its resolved
+settings to workers through the environment, so a worker and its launcher always agree.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 DEFAULT_PREFIX = "horde"
+
+#: Horovod's variables for the same settings, read when the `HORDE_*` one is not set.
+HOROVOD_TWINS = {"elastic_timeout": "HOROVOD_ELASTIC_TIMEOUT",
+                 "start_timeout": "HOROVOD_START_TIMEOUT"}
 
 
 def _parse_cooldown(text: str) -> tuple[float, float] | None:
@@ -91,6 +96,8 @@ class RendezvousSettings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(f"HORDE_{f.name.upper()}")
+            if raw is None and f.name in HOROVOD_TWINS:
+                raw = environ.get(HOROVOD_TWINS[f.name]) or None
             if raw is None:
                 continue
             if f.name == "blacklist_cooldown":

@@ -19,6 +19,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 
+from elastic import __version__ as VERSION
 from elastic.launcher import hosts as hostlib
 from elastic.launcher.launch import Launcher, LaunchPlan
 from rendezvous.errors import HordeError
@@ -26,7 +27,11 @@ from rendezvous.settings import RendezvousSettings
 
 logger = logging.getLogger("elastic.launcher")
 
-VERSION = "0.1.0"
+#: Schemes `--rendezvous` takes (etcd's v3 API over its HTTP gateway).
+RENDEZVOUS_SCHEMES = ("etcd", "http")
+
+
+LOG_LEVELS = ["TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "FATAL"]
 
 
 class UsageError(ValueError):
@@ -68,8 +73,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--network-interfaces", "--network-interface", dest="network_interfaces",
                         help="comma-separated interfaces to advertise and bind (e.g. eth0)")
     parser.add_argument("--verbose", action="store_true", help="log what the launcher does")
-    parser.add_argument("--log-level", choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR",
-                                                "FATAL"],
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
                         help="level of Horde's log messages in the workers: membership "
                         "changes, resets, rejected contributions, compression stats (default "
                         "INFO, DEBUG with --verbose; TRACE is DEBUG)")
@@ -96,6 +100,14 @@ def make_parser() -> argparse.ArgumentParser:
                        "to rejoin after a failed collective (default 15)")
     horde.add_argument("--collective-timeout", type=float,
                        help="seconds a collective may wait for a peer (default 60)")
+    horde.add_argument("--exit-wait", type=float, metavar="SECONDS",
+                       help="once a worker has finished, stop the others if they still run "
+                       "after SECONDS, with exit code 1 (env HORDE_EXIT_WAIT; default: wait "
+                       "for them however long they take)")
+    horde.add_argument("--exit-report-interval", type=float, metavar="SECONDS",
+                       help="once a worker has finished, say every SECONDS which workers still "
+                       "run and what they wait on (env HORDE_EXIT_REPORT_INTERVAL; default 30; "
+                       "0: never)")
     horde.add_argument("--coordinator", default=None, metavar="URL|embedded|none",
                        help="where workers report rounds for credit: 'embedded' (default: a "
                        "coordinator on loopback with a SQLite ledger and a status page), the "
@@ -150,6 +162,45 @@ def _check_command(command: list[str]) -> None:
                              f"(working directory: {os.getcwd()})")
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """Refuse worker counts that cannot work together (-np, --min-np, --max-np)."""
+    for flag, value in (("-np", args.np), ("--min-np", args.min_np), ("--max-np", args.max_np),
+                        ("--slots-per-host", args.slots_per_host)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} must be at least 1")
+    if args.min_np is not None and args.max_np is not None and args.min_np > args.max_np:
+        raise UsageError(f"--min-np {args.min_np} is above --max-np {args.max_np}; the "
+                         "smallest world the job may shrink to cannot exceed the largest")
+    if args.np is not None and args.max_np is not None and args.np > args.max_np:
+        raise UsageError(f"-np {args.np} is above --max-np {args.max_np}; start at most "
+                         "--max-np workers, or raise --max-np")
+    # Others may make up the difference: machines listed by -H/--hostfile or a discovery
+    # script, or launchers that --join through a shared etcd.
+    others_join = (args.join or args.hosts or args.hostfile or args.host_discovery_script
+                   or args.rendezvous or _env("HORDE_RENDEZVOUS"))
+    if args.np is not None and args.min_np is not None and args.np < args.min_np \
+            and not others_join:
+        raise UsageError(f"-np {args.np} is below --min-np {args.min_np}; the job would wait "
+                         "for workers nobody starts: start at least --min-np here, or let "
+                         "other machines join (list them with -H, or give --rendezvous "
+                         "etcd://HOST:PORT of a shared etcd)")
+
+
+def rendezvous_url(args: argparse.Namespace) -> str | None:
+    """`--rendezvous` (or `HORDE_RENDEZVOUS`), checked to name an etcd."""
+    url = args.rendezvous or _env("HORDE_RENDEZVOUS")
+    if url is None:
+        return None
+    source = "--rendezvous" if args.rendezvous else "HORDE_RENDEZVOUS"
+    if "://" not in url:
+        raise UsageError(f"{source} {url!r} must look like etcd://HOST:PORT")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in RENDEZVOUS_SCHEMES:
+        raise UsageError(f"{source} {url!r} has the unknown scheme {scheme!r}; Horde's "
+                         "rendezvous is etcd: give etcd://HOST:PORT")
+    return url
+
+
 def _env(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else None
@@ -160,6 +211,8 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     if args.mpi:
         raise UsageError("--mpi is not supported: Horde runs collectives on Gloo/NCCL process "
                          "groups; drop the flag")
+    check_counts(args)
+    rendezvous = rendezvous_url(args)
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -167,8 +220,11 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     slots_default = args.slots_per_host or 1
     np = args.np
     if args.hosts or args.hostfile:
-        listed = (hostlib.parse_hosts(args.hosts, slots_default) if args.hosts
-                  else hostlib.parse_hostfile(args.hostfile, slots_default))
+        try:
+            listed = (hostlib.parse_hosts(args.hosts, slots_default) if args.hosts
+                      else hostlib.parse_hostfile(args.hostfile, slots_default))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
         local, remote = hostlib.local_slots(listed)
         if remote:
             sys.stderr.write(
@@ -181,21 +237,19 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         np = args.min_np or 1
     if np is None:
         raise UsageError("-np is required (number of workers to start here)")
-    if np < 1:
-        raise UsageError(f"-np {np} must be at least 1")
+    if args.max_np is not None and np > args.max_np:
+        raise UsageError(f"the hosts list {np} slots on this machine, above --max-np "
+                         f"{args.max_np}; list fewer slots, or raise --max-np")
     elastic = args.min_np is not None or args.max_np is not None or bool(
         args.host_discovery_script)
     min_np = args.min_np if args.min_np is not None else (1 if elastic else np)
     max_np = args.max_np if args.max_np is not None else (max(np, 1 << 16) if elastic else np)
     if args.join and elastic is False:
         min_np, max_np = 1, max(np, 1)
-    if args.join and not (args.rendezvous or _env("HORDE_RENDEZVOUS")):
+    if args.join and not rendezvous:
         raise UsageError("--join needs --rendezvous etcd://HOST:PORT of the running job")
     if args.join and not (args.job or _env("HORDE_JOB")):
         raise UsageError("--join needs --job NAME of the running job")
-    rendezvous = args.rendezvous or _env("HORDE_RENDEZVOUS")
-    if rendezvous and "://" not in rendezvous:
-        raise UsageError(f"--rendezvous {rendezvous!r} must look like etcd://HOST:PORT")
     job = args.job or _env("HORDE_JOB") or f"job-{uuid.uuid4().hex[:8]}"
     try:
         rdzv = RendezvousSettings.from_env(
@@ -210,23 +264,65 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     hostname = _env("HORDE_HOSTNAME") or socket.gethostname()
-    level = args.log_level or ("DEBUG" if args.verbose else "INFO")
-    collective_timeout = args.collective_timeout or float(_env("HORDE_COLLECTIVE_TIMEOUT")
-                                                          or 60.0)
+    # A flag wins over HORDE_*, which wins over Horovod's variable, which wins over the default.
+    level = (args.log_level or ("DEBUG" if args.verbose else None) or _env("HORDE_LOG_LEVEL")
+             or _env("HOROVOD_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise UsageError(f"log level {level!r} (HORDE_LOG_LEVEL / HOROVOD_LOG_LEVEL) must be "
+                         f"one of {', '.join(LOG_LEVELS)}")
+    collective_timeout = _seconds(args.collective_timeout, ("HORDE_COLLECTIVE_TIMEOUT",
+                                  "HOROVOD_GLOO_TIMEOUT_SECONDS"), "--collective-timeout", 60.0)
+    assert collective_timeout is not None
     if collective_timeout <= 0:
         raise UsageError(f"--collective-timeout {collective_timeout} must be positive")
+    raw_interval = _env("HORDE_DISCOVERY_INTERVAL") or "5"
+    try:
+        discovery_interval = float(raw_interval)
+    except ValueError:
+        discovery_interval = -1.0
+    if not discovery_interval > 0:
+        raise UsageError(f"HORDE_DISCOVERY_INTERVAL={raw_interval!r} must be a positive number "
+                         "of seconds (between runs of --host-discovery-script)")
     if args.reset_limit is not None and args.reset_limit < 0:
         raise UsageError(f"--reset-limit {args.reset_limit} must not be negative")
+    exit_wait = _seconds(args.exit_wait, ("HORDE_EXIT_WAIT",), "--exit-wait", None)
+    if exit_wait is not None and exit_wait <= 0:
+        raise UsageError(f"--exit-wait {exit_wait:g} must be a positive number of seconds")
+    report_interval = _seconds(args.exit_report_interval, ("HORDE_EXIT_REPORT_INTERVAL",),
+                               "--exit-report-interval", 30.0)
+    if report_interval is None or report_interval < 0:
+        raise UsageError(f"--exit-report-interval {report_interval:g} must be >= 0 seconds "
+                         "(0: never)")
     return LaunchPlan(
         command=command, np=np, rdzv=rdzv, rendezvous_url=rendezvous, join=args.join,
         collective_timeout=collective_timeout, reset_limit=args.reset_limit,
-        advertise_addr=_advertise_addr(args.network_interfaces, rendezvous),
+        advertise_addr=_advertise_addr(args.network_interfaces or _env("HOROVOD_GLOO_IFACE"),
+                                       rendezvous),
         hostname=hostname, node_prefix=args.node_id_prefix or "",
         output_filename=args.output_filename, log_level="DEBUG" if level == "TRACE" else level,
         discovery_script=args.host_discovery_script, slots_per_host=slots_default,
         coordinator=_coordinator_choice(args), coordinator_db=args.coordinator_db,
-        coordinator_port=args.coordinator_port,
+        coordinator_port=args.coordinator_port, discovery_interval=discovery_interval,
+        exit_wait=exit_wait, exit_report_interval=report_interval,
     )
+
+
+def _seconds(flag: float | None, variables: tuple[str, ...], name: str,
+             default: float | None) -> float | None:
+    """A duration from its flag, else the first of its variables that is set (HORDE_*
+    before HOROVOD_*), else the default."""
+    if flag is not None:
+        return flag
+    for variable in variables:
+        text = _env(variable)
+        if text is None:
+            continue
+        try:
+            return float(text)
+        except ValueError:
+            raise UsageError(f"{variable}={text!r} ({name}) must be a number of "
+                             "seconds") from None
+    return default
 
 
 def _coordinator_choice(args: argparse.Namespace) -> str:
@@ -260,7 +356,7 @@ def _admin(args: argparse.Namespace) -> int:
     from rendezvous.agent import blacklist_node, read_control
     from rendezvous.keys import JobKeys
 
-    url = args.rendezvous or _env("HORDE_RENDEZVOUS")
+    url = rendezvous_url(args)
     job = args.job or _env("HORDE_JOB")
     if not url or not job:
         raise UsageError("--evict and --status need --rendezvous etcd://HOST:PORT and --job NAME")
@@ -301,6 +397,10 @@ def _job_cooldown(backend: object, keys: object) -> tuple[float, float] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    try:
+        check_counts(args)
+    except UsageError as exc:
+        parser.error(str(exc))  # exits with code 2, as argparse does for its own checks
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="horderun %(levelname)s %(name)s: %(message)s")
     try:
@@ -311,7 +411,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = build_plan(args)
         return Launcher(plan).run()
     except UsageError as exc:
-        parser.print_usage(sys.stderr)
         sys.stderr.write(f"horderun: error: {exc}\n")
         return 2
     except HordeError as exc:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from elastic.launcher import hosts as hostlib
 from elastic.launcher.output import output_paths, pump
+from elastic.stall import Activity, read_activity, waited
 from rendezvous import backend_from_url
 from rendezvous.backend import RendezvousBackend
 from rendezvous.errors import RendezvousError
@@ -60,6 +61,13 @@ class LaunchPlan:
     coordinator_db: str | None = None
     coordinator_port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Print the rendezvous and the `--join` command (not for `elastic.run`: its workers
+    #: run a function only this process has).
+    announce: bool = True
+    exit_wait: float | None = None
+    """Seconds the other workers may run on after the first one finished (None: forever)."""
+    exit_report_interval: float = 30.0
+    """After the first worker finished: say every so many seconds who still runs (0: never)."""
 
 
 @dataclass
@@ -69,6 +77,8 @@ class Worker:
     proc: subprocess.Popen
     threads: list[threading.Thread]
     code: int | None = None
+    asked_to_leave: bool = False
+    """The launcher told it to leave (host discovery removed its slot)."""
 
 
 def _die_with_parent() -> None:
@@ -96,6 +106,9 @@ class Launcher:
         self._coordinator: object = None
         self._coordinator_url = ""
         self._coordinator_thread: threading.Thread | None = None
+        self._job_over = False
+        self._first_finish: tuple[float, Worker] | None = None
+        self._next_report = 0.0
 
     # -- setup ------------------------------------------------------------------------
 
@@ -190,7 +203,7 @@ class Launcher:
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - only setsid and prctl
         )
         threads = [pump(proc.stdout, index, "stdout", None, out_path),  # type: ignore[arg-type]
-                   pump(proc.stderr, index, "stderr", sys.stderr.buffer, err_path)]  # type: ignore[arg-type]
+                   pump(proc.stderr, index, "stderr", sys.stderr, err_path)]  # type: ignore[arg-type]
         worker = Worker(index, node_id, proc, threads)
         self.workers.append(worker)
         logger.info("started worker %d (node %s, pid %d)", index, node_id, proc.pid)
@@ -273,6 +286,7 @@ class Launcher:
                              "training goes on without the status page\n")
 
     def run(self) -> int:
+        previous: dict[int, object] = {}
         try:
             url = self._connect()
             self._plan_coordinator(url)
@@ -285,10 +299,11 @@ class Launcher:
                 job_env["HORDE_COLLECTIVE_TIMEOUT"] = str(self.plan.collective_timeout)
                 job_env["HORDE_RESET_LIMIT"] = ("" if self.plan.reset_limit is None
                                                 else str(self.plan.reset_limit))
-            self._announce(url)
+            if self.plan.announce:
+                self._announce(url)
             if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, self._on_signal)
-                signal.signal(signal.SIGTERM, self._on_signal)
+                previous = {sig: signal.signal(sig, self._on_signal)
+                            for sig in (signal.SIGINT, signal.SIGTERM)}
             self._spawn_batch(self.plan.np, url, job_env)
             return self._supervise(url, job_env)
         finally:
@@ -304,6 +319,9 @@ class Launcher:
                 self._backend.close()
             if self._etcd is not None:
                 self._etcd.stop()
+            for sig, handler in previous.items():  # elastic.run returns to its caller
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(sig, handler)  # type: ignore[arg-type]
 
     def _announce(self, url: str) -> None:
         job = self.plan.rdzv.job
@@ -329,9 +347,13 @@ class Launcher:
                                  f"{failed.code}; stopping the job\n")
                 self._terminate_all()
                 return _exit_code(failed.code)
+            code = self._watch_stragglers()
+            if code is not None:
+                return code
             if self.plan.discovery_script and time.monotonic() >= next_discovery:
                 next_discovery = time.monotonic() + self.plan.discovery_interval
-                self._rediscover(url, job_env)
+                if not self._finished():
+                    self._rediscover(url, job_env)
             self._stop.wait(_POLL)
         if self._signal is not None:
             sys.stderr.write("horderun: interrupted; stopping every worker\n")
@@ -339,14 +361,79 @@ class Launcher:
             return 128 + self._signal
         return self._final_code()
 
+    def _finished(self) -> bool:
+        """True once the job is over, after which no worker may start: a worker of ours
+        finished (exit 0, neither asked to leave nor leaving an elastic job: in Horovod one
+        success ends the job) or the job's status is finished or failed."""
+        if not self._job_over:
+            done = self._first_finish[1] if self._first_finish is not None else None
+            status = self._job_status() if done is None else None
+            if done is not None or (status is not None and status.state != "running"):
+                self._job_over = True
+                logger.info("job %s is over (%s); starting no more workers", self.plan.rdzv.job,
+                            f"worker {done.index} finished" if done is not None
+                            else f"status {status.state}")  # type: ignore[union-attr]
+        return self._job_over
+
     def _on_exit(self, w: Worker) -> None:
         if w.code == 0:
             logger.info("worker %d (%s) finished", w.index, w.node_id)
+            if self._first_finish is None and not w.asked_to_leave and not self._left(w):
+                self._first_finish = (time.monotonic(), w)
+                self._next_report = time.monotonic() + self.plan.exit_report_interval
             return
         how = (f"was killed by signal {-w.code}" if w.code is not None and w.code < 0
                else f"exited with code {w.code}")
         sys.stderr.write(f"horderun: worker {w.index} ({w.node_id}) {how}\n")
         self._report_dead(w)
+
+    def _left(self, w: Worker) -> bool:
+        """Whether a worker that exited 0 left an elastic job (SIGTERM) rather than finished."""
+        try:
+            kv = self._backend.get(self.keys.leaving_node(w.node_id)) if self._backend else None
+        except RendezvousError:
+            return False
+        return kv is not None and kv.value == b"left"
+
+    def _watch_stragglers(self) -> int | None:
+        """Once a worker has finished: say now and then which workers still run and what
+        they wait on; past --exit-wait, stop them (exit code 1). None: keep waiting."""
+        if self._first_finish is None:
+            return None
+        live = [w for w in self.workers if w.code is None]
+        if not live:
+            return None
+        since, first = self._first_finish
+        now = time.monotonic()
+        wait = self.plan.exit_wait
+        if wait is not None and now - since >= wait:
+            sys.stderr.write(
+                f"horderun: worker {first.index} finished {now - since:.0f} s ago and "
+                f"--exit-wait is {wait:g} s; stopping the workers still running: "
+                f"{self._straggler_report(live)}\n")
+            sys.stderr.flush()
+            self._terminate_all()
+            return 1
+        if self.plan.exit_report_interval > 0 and now >= self._next_report:
+            self._next_report = now + self.plan.exit_report_interval
+            sys.stderr.write(
+                f"horderun: worker {first.index} finished {now - since:.0f} s ago; still "
+                f"running: {self._straggler_report(live)}"
+                + ("" if wait is not None else " (to bound this wait: --exit-wait SECONDS)")
+                + "\n")
+            sys.stderr.flush()
+        return None
+
+    def _straggler_report(self, live: list[Worker]) -> str:
+        generation, records = None, {}
+        try:
+            generation = self.current_generation()
+            if self._backend is not None:
+                records = read_activity(self._backend, self.keys.activity)
+        except RendezvousError as exc:
+            logger.debug("could not read what the workers wait on: %s", exc)
+        return describe_stragglers([(w.index, w.node_id) for w in live], generation, records,
+                                   time.time())
 
     def _final_code(self) -> int:
         status = self._job_status()
@@ -400,6 +487,7 @@ class Launcher:
             self._spawn_batch(missing, url, job_env)
         for w in live[wanted:]:
             logger.info("host discovery removed a slot; asking worker %d to leave", w.index)
+            w.asked_to_leave = True
             w.proc.send_signal(signal.SIGTERM)
 
     def current_generation(self) -> Generation | None:
@@ -407,6 +495,22 @@ class Launcher:
             return None
         kv = self._backend.get(self.keys.generation)
         return Generation.from_json(kv.value) if kv else None
+
+
+def describe_stragglers(workers: list[tuple[int, str]], generation: Generation | None,
+                        records: dict[str, Activity], now: float) -> str:
+    """`worker 0 (rank 0, node n-0): not in a collective; ...` for workers still running:
+    the collective each waits in (records published by `elastic.stall`) and for how long."""
+    parts = []
+    for index, node_id in workers:
+        rank = generation.rank_of(node_id) if generation is not None else None
+        record = records.get(node_id)
+        if record is not None and generation is not None and record.generation != generation.id:
+            record = None
+        doing = waited(record, now) if record is not None else "not in a collective"
+        where = f"rank {rank}, " if rank is not None else ""
+        parts.append(f"worker {index} ({where}node {node_id}): {doing}")
+    return "; ".join(parts)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -10,22 +10,33 @@ from typing import IO, BinaryIO
 _console_lock = threading.Lock()
 
 
-def pump(stream: BinaryIO, index: int, kind: str, console: IO[bytes] | None,
+def pump(stream: BinaryIO, index: int, kind: str, console: IO[str] | None,
          copy_to: str | None) -> threading.Thread:
-    """Copy `stream` line by line to the console as `[index]<kind>:line` (and to a file)."""
+    """Copy `stream` line by line to the console as `[index]<kind>:line` (and to a file).
+
+    `console` is a text stream (default `sys.stdout`); bytes go to its binary buffer when
+    it has one, and are decoded for those that have none (a notebook's streams).
+    """
 
     def run() -> None:
         sink = open(copy_to, "ab") if copy_to else None  # noqa: SIM115 - closed below
         prefix = f"[{index}]<{kind}>:".encode()
-        out = console if console is not None else sys.stdout.buffer
+        out = console if console is not None else sys.stdout
+        raw = getattr(out, "buffer", None)
         try:
             for line in iter(stream.readline, b""):
                 if sink is not None:
                     sink.write(line)
                     sink.flush()
+                text = prefix + line if line.endswith(b"\n") else prefix + line + b"\n"
                 with _console_lock:
-                    out.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
-                    out.flush()
+                    if raw is not None:
+                        out.flush()  # what the launcher wrote as text goes first
+                        raw.write(text)
+                        raw.flush()
+                    else:
+                        out.write(text.decode("utf-8", "replace"))
+                        out.flush()
         except (OSError, ValueError):
             pass
         finally:

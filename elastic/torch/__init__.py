@@ -60,6 +60,7 @@ from elastic.torch.collectives import (
     poll,
     reducescatter,
     reducescatter_async,
+    sparse_allreduce_async,
     synchronize,
 )
 from elastic.torch.exchange import TopKAllreduce
@@ -94,6 +95,7 @@ __all__ = [
     "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async",
     "grouped_allreduce_async_", "grouped_reducescatter", "grouped_reducescatter_async", "join",
     "poll", "reducescatter", "reducescatter_async", "synchronize", "ProcessSet",
+    "sparse_allreduce_async",
     "add_process_set", "global_process_set", "init", "is_initialized", "remove_process_set",
     "shutdown", "elastic", "NormCheck", "StalenessRounds", "TopKAllreduce", "record_loss",
     "allgather_object", "broadcast_object", "broadcast_optimizer_state",

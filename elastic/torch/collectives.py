@@ -116,6 +116,11 @@ def synchronize(handle: int) -> Any:
 def _allreduce_async_impl(tensors: list[torch.Tensor], outputs: list[torch.Tensor] | None,
                           name: str | None, op: ReduceOp, prescale: float, postscale: float,
                           process_set: ProcessSet, grouped: bool) -> int:
+    if op == Adasum:
+        bad = next((t.dtype for t in tensors if not t.dtype.is_floating_point), None)
+        if bad is not None:
+            raise ValueError(f"op=hvd.Adasum needs floating-point tensors, got {bad}; use "
+                             "hvd.Sum or hvd.Average for integer tensors")
     request = Request(Kind.ALLREDUCE, list(tensors), name=name, op=op, prescale=prescale,
                       postscale=postscale, process_set_id=_pset(process_set),
                       inplace=outputs is not None and len(tensors) == 1)
@@ -254,6 +259,49 @@ def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = N
     """Reduce several tensors in place in one fused operation."""
     return synchronize(grouped_allreduce_async_(tensors, average, name, op, prescale_factor,
                                                 postscale_factor, process_set))
+
+
+# -- sparse allreduce -----------------------------------------------------------------
+
+class SparseHandle(int):
+    """The handle of `sparse_allreduce_async`: works with `poll`/`synchronize`, and,
+    as Horovod's handle, can also be called to wait for the result."""
+
+    def __call__(self) -> torch.Tensor:
+        return synchronize(self)
+
+
+def sparse_allreduce_async(tensor: torch.Tensor, name: str | None, op: ReduceOp | None,
+                           process_set: ProcessSet = global_process_set) -> SparseHandle:
+    """Start reducing a sparse COO tensor: every rank's indices and values are allgathered.
+
+    The result (`synchronize(handle)` or `handle()`) is a sparse COO tensor that holds
+    every rank's entries, not coalesced (duplicate indices add up), with the values
+    divided by the number of ranks for op=Average.
+    """
+    _check_tensor(tensor, "sparse_allreduce_async")
+    if tensor.layout != torch.sparse_coo:
+        raise ValueError(f"sparse_allreduce_async expects a sparse COO tensor, got layout "
+                         f"{tensor.layout}; use allreduce_async for dense tensors")
+    op = _resolve_op(op, None)
+    if op not in (Average, Sum):
+        raise ValueError(f"sparse_allreduce_async supports op=hvd.Average or hvd.Sum, got "
+                         f"{op.name}")
+    # Rows of the gathered indices are entries, hence the transpose.
+    indices = tensor._indices().t().contiguous()
+    future = _submit(Request(Kind.ALLGATHER, [indices, tensor._values()], name=name,
+                             process_set_id=_pset(process_set)))
+    shape = tensor.shape
+    count = process_set.size() or 1
+
+    def finish(results: list[torch.Tensor]) -> torch.Tensor:
+        gathered, values = results
+        if op == Average:
+            values = (values / count if values.dtype.is_floating_point
+                      else torch.div(values, count, rounding_mode="trunc"))
+        return torch.sparse_coo_tensor(gathered.t(), values, shape)
+
+    return SparseHandle(_register(future, finish))
 
 
 # -- allgather ------------------------------------------------------------------------
@@ -517,6 +565,7 @@ def join(device: int = -1) -> int:
 __all__ = [
     "Average", "Sum", "Adasum", "Min", "Max", "Product", "poll", "synchronize",
     "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
+    "sparse_allreduce_async", "SparseHandle",
     "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "allgather",
     "allgather_async", "grouped_allgather", "grouped_allgather_async", "broadcast",
     "broadcast_", "broadcast_async", "broadcast_async_", "alltoall", "alltoall_async",

@@ -31,13 +31,16 @@ from elastic.compression import (
 from elastic.engine import ReduceOp
 from elastic.gradients import DTYPES, GradientChannel
 from elastic.rounds import NormCheck
+from elastic.settings import WorkerSettings
 from elastic.torch import runtime
+from elastic.torch.adasum_optimizer import adasum_optimizer
 from elastic.torch.collectives import (
     Adasum,
     Average,
+    Sum,
     allreduce_async_,
-    grouped_allgather_async,
     grouped_allreduce_async,
+    sparse_allreduce_async,
     synchronize,
 )
 from elastic.torch.exchange import StaleExchange, SyncSparseExchange, report_synchronous_step
@@ -67,6 +70,27 @@ class _Launched:
     sparse: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
 
+def parameter_names(named_parameters: Iterable[tuple[str, torch.Tensor]],
+                    params: list[torch.Tensor]) -> dict[int, str]:
+    """Names by parameter id, checked as Horovod checks them (tuples, unique, complete)."""
+    named = list(named_parameters)
+    if any(not isinstance(item, tuple) or len(item) != 2 for item in named):
+        raise ValueError("named_parameters should be a sequence of (name, parameter) "
+                         "tuples, usually produced by model.named_parameters()")
+    seen: set[str] = set()
+    dups = sorted({name for name, _ in named if name in seen or seen.add(name)})
+    if dups:
+        raise ValueError("Parameter names in named_parameters must be unique. Found "
+                         f"duplicates: {', '.join(map(str, dups))}")
+    known = {id(p) for _, p in named}
+    unnamed = [p for p in params if id(p) not in known]
+    if unnamed:
+        raise ValueError("named_parameters was specified, but one or more model "
+                         "parameters were not named. Python object ids: "
+                         + ", ".join(str(id(p)) for p in unnamed))
+    return {id(p): name for name, p in named}
+
+
 def _split_evenly(items: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:
     base, extra = divmod(len(items), parts)
     out, start = [], 0
@@ -86,7 +110,7 @@ class _DistributedOptimizer:
                      compression: type[Compressor], backward_passes_per_step: int,
                      op: ReduceOp, gradient_predivide_factor: float,
                      groups: int | list[list[torch.Tensor]] | None, sparse_as_dense: bool,
-                     process_set: ProcessSet, bucket_cap_mb: float, staleness: int = 0,
+                     process_set: ProcessSet, bucket_cap: int, staleness: int = 0,
                      round_deadline: float | None = None,
                      staleness_weight: Any = None, norm_check: NormCheck | None = None) -> None:
         self._compression = compression
@@ -96,7 +120,7 @@ class _DistributedOptimizer:
         self.gradient_predivide_factor = gradient_predivide_factor
         self.sparse_as_dense = sparse_as_dense
         self.process_set = process_set
-        self._bucket_cap = int(bucket_cap_mb * 2**20)
+        self._bucket_cap = bucket_cap
         self._groups = groups
         self._lock = threading.RLock()
         self._synchronized = False
@@ -114,22 +138,7 @@ class _DistributedOptimizer:
 
         all_params = self._all_params()
         if named_parameters is not None:
-            named = list(named_parameters)
-            if any(not isinstance(item, tuple) or len(item) != 2 for item in named):
-                raise ValueError("named_parameters should be a sequence of (name, parameter) "
-                                 "tuples, usually produced by model.named_parameters()")
-            seen: set[str] = set()
-            dups = sorted({name for name, _ in named if name in seen or seen.add(name)})
-            if dups:
-                raise ValueError("Parameter names in named_parameters must be unique. Found "
-                                 f"duplicates: {', '.join(map(str, dups))}")
-            known = {id(p) for _, p in named}
-            unnamed = [p for p in all_params if id(p) not in known]
-            if unnamed:
-                raise ValueError("named_parameters was specified, but one or more model "
-                                 "parameters were not named. Python object ids: "
-                                 + ", ".join(str(id(p)) for p in unnamed))
-            self._names = {id(p): name for name, p in named}
+            self._names = parameter_names(named_parameters, all_params)
         self._add_params(all_params)
         weakref.finalize(self, _remove_hooks, self._hooks)
         sparse = isinstance(compression, TopKCompression)
@@ -284,10 +293,9 @@ class _DistributedOptimizer:
         for p in params:
             grad = p.grad
             if grad.is_sparse and not self.sparse_as_dense:
-                values = grad.coalesce()
-                handle = grouped_allgather_async(
-                    [values.indices().t().contiguous(), values.values()],
-                    name=f"{self._names[id(p)]}.sparse", process_set=self.process_set)
+                handle = sparse_allreduce_async(
+                    grad.coalesce(), name=f"{self._names[id(p)]}.sparse",
+                    op=Average if self.op == Average else Sum, process_set=self.process_set)
                 entry.sparse.append((p, handle))
                 continue
             entry.was_sparse.append(grad.is_sparse and self._direct is None)
@@ -371,13 +379,9 @@ class _DistributedOptimizer:
                         p.grad = result.to_sparse()
                     else:
                         p.grad.copy_(result)
-        size = self.process_set.size() or 1
         while entry.sparse:
             p, handle = entry.sparse.pop(0)
-            indices, values = synchronize(handle)
-            if self.op == Average:
-                values = values / size
-            p.grad = torch.sparse_coo_tensor(indices.t(), values, p.grad.shape).coalesce()
+            p.grad = synchronize(handle).coalesce()
 
     def _finish_direct(self, entry: _Launched) -> None:
         channel, work = entry.channel, entry.work
@@ -560,6 +564,17 @@ def _drain(entry: _Launched) -> None:
             logger.debug("discarded a failed gradient reduction", exc_info=True)
 
 
+def _bucket_cap(bucket_cap_mb: float | None) -> int:
+    """Bytes per bucket: the argument, else HOROVOD_FUSION_THRESHOLD, else the default."""
+    if bucket_cap_mb is not None:
+        return int(bucket_cap_mb * 2**20)
+    settings = (runtime.context().settings if runtime.is_initialized()
+                else WorkerSettings.from_env())
+    if settings.fusion_threshold is not None:
+        return settings.fusion_threshold
+    return int(DEFAULT_BUCKET_CAP_MB * 2**20)
+
+
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
                          compression: type[Compressor] = Compression.none,
@@ -568,7 +583,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          groups: int | Sequence[Sequence[torch.Tensor]] | None = None,
                          sparse_as_dense: bool = False,
                          process_set: ProcessSet = global_process_set,
-                         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, staleness: int = 0,
+                         bucket_cap_mb: float | None = None, staleness: int = 0,
                          round_deadline: float | None = None,
                          staleness_weight: Any = None,
                          norm_check: NormCheck | None = None) -> torch.optim.Optimizer:
@@ -576,7 +591,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
 
     The result is an instance of a subclass of `optimizer`'s class that shares its
     param groups, state and defaults. `bucket_cap_mb` (a Horde addition) caps the size
-    of a fused allreduce when `groups` is not given.
+    of a fused allreduce when `groups` is not given (default: HOROVOD_FUSION_THRESHOLD
+    bytes if set, else 25 MB). With `op=hvd.Adasum` it is Horovod's Adasum optimizer
+    instead (`elastic.torch.adasum_optimizer`).
 
     Horde additions: `compression=hvd.Compression.topk(density)` sends only the largest
     gradient entries (with error feedback); `staleness=S > 0` lets a worker run up to S
@@ -603,10 +620,6 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         raise ValueError("top-k compression and staleness do not support "
                          "backward_passes_per_step > 1 or gradient_predivide_factor yet")
     op = ReduceOp(int(op))
-    if op == Adasum:
-        raise NotImplementedError(
-            "DistributedOptimizer(op=hvd.Adasum) is not supported by Horde; use hvd.Average "
-            "(the default) or hvd.Sum")
     if gradient_predivide_factor != 1.0 and op != Average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
     if gradient_predivide_factor <= 0:
@@ -634,8 +647,15 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                         raise ValueError("A parameter can only appear once in groups.")
                     seen.add(id(p))
             groups = [list(g) for g in groups]
-    if bucket_cap_mb <= 0:
+    if bucket_cap_mb is not None and bucket_cap_mb <= 0:
         raise ValueError(f"bucket_cap_mb={bucket_cap_mb} must be > 0")
+    if op == Adasum:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        names = parameter_names(named_parameters, params) if named_parameters is not None \
+            else {}
+        process_set.included()  # raises ValueError before hvd.init(), as Horovod does
+        return adasum_optimizer(optimizer, names, compression, backward_passes_per_step,
+                                process_set, bucket_cap_mb)
 
     base = optimizer.__class__
     cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": base.__module__})
@@ -644,7 +664,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     wrapped.param_groups = list(optimizer.param_groups)
     wrapped._horde_setup(named_parameters, compression, backward_passes_per_step, op,
                          gradient_predivide_factor, groups, sparse_as_dense, process_set,
-                         bucket_cap_mb, staleness, round_deadline, staleness_weight,
+                         _bucket_cap(bucket_cap_mb), staleness, round_deadline, staleness_weight,
                          norm_check)
     return wrapped
 

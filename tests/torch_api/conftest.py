@@ -38,7 +38,7 @@ class Run:
         return values
 
 
-def launch(etcd_url: str, out: Path, np: int, suite: str) -> Run:
+def launch(etcd_url: str, out: Path, np: int, suite: str, worker: Path = WORKER) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     env = worker_env(etcd_url, unique_job("api"), np,
                      extra={"HORDE_TEST_OUT": str(out), "HORDE_TEST_SUITE": suite})
@@ -46,7 +46,7 @@ def launch(etcd_url: str, out: Path, np: int, suite: str) -> Run:
     start = time.monotonic()
     try:
         for i in range(np):
-            workers.start(python(WORKER), env, out / f"worker{i}.log")
+            workers.start(python(worker), env, out / f"worker{i}.log")
         codes = workers.wait(LAUNCH_LIMIT)
     finally:
         workers.kill_all()

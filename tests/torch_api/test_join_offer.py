@@ -38,6 +38,7 @@ def joined_engine(interrupted: bool = False) -> CollectiveEngine:
     if interrupted:
         eng.interrupted.set()
     eng._rounds = iter(range(1000))
+    eng.stall = None
     eng.gradients = GradientChannel(group=None, rank=1, size=2,  # type: ignore[arg-type]
                                     interrupted=eng.interrupted)
     eng.gradients.arm(0, [(4, torch.float32)] * 2)

@@ -660,8 +660,9 @@ def distributed_optimizer_api() -> dict[str, Any]:
     raises(ValueError, lambda: hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=[p for _, p in named]),
         "not tuples")
-    raises(NotImplementedError, lambda: hvd.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), op=hvd.Adasum), "Adasum")
+    raises(ValueError, lambda: hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), op=hvd.Adasum,
+        gradient_predivide_factor=2.0), "predivide with Adasum")
     raises(ValueError, lambda: hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), op=hvd.Sum,
         gradient_predivide_factor=2.0), "predivide with Sum")
@@ -867,8 +868,8 @@ def misuse_errors() -> dict[str, str]:
     out["duplicate"] = raises(ValueError, lambda: hvd.allreduce_async(torch.ones(2), name="dup"),
                               "duplicate name in flight")
     close(hvd.synchronize(handle), torch.ones(2), "the first 'dup' still completes")
-    out["adasum"] = raises(NotImplementedError, lambda: hvd.allreduce(torch.ones(2),
-                                                                      op=hvd.Adasum), "Adasum")
+    out["adasum"] = raises(ValueError, lambda: hvd.allreduce(
+        torch.ones(2, dtype=torch.int32), op=hvd.Adasum), "Adasum of integers")
     out["op"] = raises(ValueError, lambda: hvd.allreduce(torch.ones(2), op=17), "unknown op")
     out["type"] = raises(TypeError, lambda: hvd.allreduce([1.0, 2.0]), "not a tensor")
     # the engine is healthy after all of this
