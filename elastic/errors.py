@@ -52,3 +52,14 @@ class NotInitializedError(HordeError, ValueError):
 
 class ResetLimitExceededError(HordeError, RuntimeError):
     """The job reset more often than `--reset-limit` allows."""
+
+
+class GenerationUnreachableError(HorovodInternalError):
+    """This node is a member of a published generation but could not connect its process
+    group: the message names the store or the peers that could not be reached, from
+    which node and address, in which generation.
+
+    In a job that is not elastic `hvd.init()` raises it at once. In an elastic job the
+    node reports the failure and waits for the next generation; it is raised (with the
+    wait's own error as its cause) only if no later generation admits the node.
+    """

@@ -122,10 +122,15 @@ class CreditReporter:
         for report in self._steps.add(self.job, generation, members, counts):
             self.record(report)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Flush what is queued, retrying for up to `timeout` seconds, then stop."""
+    def flush(self) -> None:
+        """Report the steps not yet reported (at `hvd.shutdown()`: the node may stay idle
+        for long); step numbers go on where they were, so a re-init reports no step twice."""
         for report in self._steps.flush():
             self.record(report)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush what is queued, retrying for up to `timeout` seconds, then stop."""
+        self.flush()
         with self._wake:
             self._stop = True
             self._flush_deadline = time.monotonic() + timeout

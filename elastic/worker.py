@@ -1,10 +1,12 @@
 """The worker's side of membership: joins generations and owns their transport.
 
-A `WorkerContext` lives from `hvd.init()` to `hvd.shutdown()`. It registers the
-process with the rendezvous (through a `NodeAgent`), waits to be admitted to a
-generation, connects that generation's process group, and rebuilds it in place
-when the membership changes. Without a rendezvous (a plain `python train.py`) it
-forms a world of one, as Horovod does.
+A `WorkerContext` lives from the first `hvd.init()` to the end of the process (or
+`leave()`). It registers the process with the rendezvous (through a `NodeAgent`),
+waits to be admitted to a generation, connects that generation's process group, and
+rebuilds it in place when the membership changes. `hvd.shutdown()` releases the
+process group but keeps the registration, so the next `hvd.init()` reconnects the
+same world (`release()` / `reattach()`). Without a rendezvous (a plain
+`python train.py`) it forms a world of one, as Horovod does.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from elastic.engine import CollectiveEngine
-from elastic.errors import HorovodInternalError
+from elastic.errors import GenerationUnreachableError, HorovodInternalError
 from elastic.settings import WorkerSettings, horovod_notes
 from elastic.stall import StallInspector, read_activity
 from elastic.transport import Transport, build_interruptibly, connect_store, serve_store
 from rendezvous.agent import ControlState, NodeAgent
+from rendezvous.errors import RendezvousClosedError, RendezvousTimeoutError
 from rendezvous.generation import Generation, Member, NodeInfo
 from rendezvous.settings import RendezvousSettings
 
@@ -62,6 +65,13 @@ class WorkerContext:
         self._lock = threading.Lock()
         self._store_server: dist.TCPStore | None = None
         self._graveyard: list[object] = []
+        #: generation id -> process groups this process began to connect in it: each
+        #: re-init after `release()` connects under a store namespace of its own
+        self._connects: dict[int, int] = {}
+        #: between `release()` and `reattach()`: in no collective, so a reset of this
+        #: generation needs nothing from this node but its ready marker
+        self._parked = False
+        self._answered = -1  # the last generation whose reset this node answered
         self.resets = 0
         self.leave_requested = False
 
@@ -107,27 +117,62 @@ class WorkerContext:
         logger.info("node %s: asked to leave; leaving at the next commit", self.node_id)
         self.leave_requested = True
 
+    def release(self, park: bool = True) -> None:
+        """`hvd.shutdown()`: stop the engine and drop this generation's process groups,
+        but stay registered (same lease, same rank) so that `reattach()` can reconnect.
+
+        Dropping the groups closes their connections, so a peer still inside a
+        collective fails at once (HorovodInternalError) instead of at its timeout.
+        """
+        with self._lock:
+            engine, self.engine = self.engine, None
+            self.transport = None
+            self.topology = None
+            self._parked = park
+        if engine is not None:
+            engine.close()
+            engine.subsets.clear()
+        if park and self.agent is not None:
+            self._on_control(self.agent.control)  # a reset may already be pending
+
+    def reattach(self) -> None:
+        """`hvd.init()` after `release()`: connect a fresh process group in the latest
+        generation that includes this node: the same one, unless the membership changed
+        meanwhile."""
+        self._parked = False
+        if self.agent is None:
+            self._start_alone()
+            return
+        after = self.generation.id - 1 if self.generation is not None else -1
+        self._establish(after=after, timeout=self.rdzv.start_timeout + self.rdzv.elastic_timeout
+                        if self.rdzv.elastic else self.rdzv.start_timeout + 5.0)
+
     def shutdown(self, reason: str = "finished") -> None:
-        """Leave the job: stop the engine, deregister, stop this process's store."""
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        """Leave the job for good (at process exit, or `leave()`): stop the engine and
+        deregister, saying why."""
+        self.release(park=False)
         if self.agent is not None:
             self.agent.stop(reason)
             self.agent = None
-        self.transport = None
         self.generation = None
-        self.topology = None
 
     # -- generations ------------------------------------------------------------------
 
     def _on_control(self, control: ControlState) -> None:
-        """Agent thread: decide whether the current generation is still usable."""
+        """Agent thread: decide whether the current generation is still usable.
+
+        A shut-down (parked) node answers a reset of its generation as ready at once:
+        it keeps its place, and connects whatever generation is current at `init()`.
+        """
         with self._lock:
             gen = self.generation
             if gen is None:
                 return
             latest = control.generation
+            # the reset of the latest generation, which a parked node may never have
+            # connected (admitted while it was shut down): it is a member all the same
+            ready = (self._parked and latest is not None and control.reset_of == latest.id
+                     and latest.rank_of(self.node_id) is not None)
             if control.reset_of == gen.id:
                 self._interrupted.set()
             if control.status is not None and control.status.state == "failed":
@@ -138,6 +183,22 @@ class WorkerContext:
                     self._interrupted.set()
                 else:
                     self._growth_pending = True
+        if ready and self.agent is not None:
+            self._answer_reset(control.reset_of)
+
+    def _answer_reset(self, generation: int) -> None:
+        """Tell the leader this node is ready for the generation after `generation`."""
+        assert self.agent is not None
+        if self._answered == generation:
+            return
+        try:
+            self.agent.mark_ready(generation)
+            self._answered = generation
+            logger.info("node %s: ready for the generation after %d", self.node_id,
+                        generation)
+        except Exception:  # noqa: BLE001 - the leader then treats this node as unresponsive
+            logger.warning("node %s: could not say it is ready after generation %d",
+                           self.node_id, generation, exc_info=True)
 
     def _install(self, gen: Generation, transport: Transport, interrupted: threading.Event
                  ) -> None:
@@ -173,9 +234,21 @@ class WorkerContext:
             if agent is not None else None)
 
     def _establish(self, after: int, timeout: float) -> None:
+        """Wait for a generation newer than `after` that includes this node; connect it.
+
+        A failed connection is reported (a ready marker) and the next generation is
+        awaited; in a job that is not elastic no other generation can help, so the
+        failure is raised at once. Either way the error names what could not be reached.
+        """
         assert self.agent is not None
+        failure: GenerationUnreachableError | None = None
         while True:
-            gen = self.agent.wait_for_generation(after, timeout)
+            try:
+                gen = self.agent.wait_for_generation(after, timeout)
+            except (RendezvousTimeoutError, RendezvousClosedError) as exc:
+                if failure is not None:
+                    raise failure from exc
+                raise
             rank = gen.rank_of(self.node_id)
             assert rank is not None
             interrupted = threading.Event()
@@ -183,28 +256,66 @@ class WorkerContext:
                 self.generation = gen
                 self._interrupted = interrupted
             self._on_control(self.agent.control)
-            namespace = f"{self.rdzv.job}/g{gen.id}/"
+            attempt = self._connects.get(gen.id, 0)
+            self._connects = {gen.id: attempt + 1}
+            namespace = f"{self.rdzv.job}/g{gen.id}/" + (f"c{attempt}/" if attempt else "")
 
             def build(gen: Generation = gen, rank: int = rank, ns: str = namespace) -> Transport:
-                store = connect_store(gen.store_host, gen.store_port, self.rdzv.start_timeout)
-                return Transport(store, ns, rank, gen.size, self.settings.collective_timeout,
-                                 bind_host=self.settings.advertise_addr)
+                return self._connect(gen, rank, ns)
 
             try:
                 transport = build_interruptibly(build, interrupted)
             except InterruptedError:
                 logger.info("node %s: generation %d superseded while connecting", self.node_id,
                             gen.id)
+                if self.agent.control.reset_of == gen.id:
+                    self._answer_reset(gen.id)  # not in any collective: ready at once
                 after = gen.id
                 continue
-            except Exception as exc:  # noqa: BLE001 - a peer never connected
-                logger.warning("node %s: connecting generation %d failed: %s", self.node_id,
-                               gen.id, exc)
+            except GenerationUnreachableError as exc:
+                failure = exc
+                logger.warning("%s", exc)
+                if not self.rdzv.elastic:
+                    raise
                 self.agent.request_reset(gen.id)
                 after = gen.id
                 continue
             self._install(gen, transport, interrupted)
             return
+
+    def _connect(self, gen: Generation, rank: int, namespace: str) -> Transport:
+        """Connect this generation's process group; GenerationUnreachableError names
+        the store or the peers that could not be reached, from where."""
+        me = f"node {self.node_id} (rank {rank}, address {self.settings.advertise_addr})"
+        where = f"generation {gen.id} of job {self.rdzv.job}"
+        arrived = namespace + "arrived/"
+        try:
+            store = connect_store(gen.store_host, gen.store_port, self.rdzv.start_timeout)
+            store.set(f"{arrived}{rank}", self.settings.advertise_addr)
+        except Exception as exc:  # noqa: BLE001 - named and chained below
+            raise GenerationUnreachableError(
+                f"{me} could not reach the store of {where} at "
+                f"{gen.store_host}:{gen.store_port} (served by rank 0, node "
+                f"{gen.members[0].node_id}) within {self.rdzv.start_timeout:g} s: "
+                f"{_first_line(exc)}") from exc
+        try:
+            return Transport(store, namespace, rank, gen.size, self.settings.collective_timeout,
+                             bind_host=self.settings.advertise_addr)
+        except Exception as exc:  # noqa: BLE001 - named and chained below
+            peers = [(r, m) for r, m in enumerate(gen.members) if r != rank]
+            try:
+                missing = [(r, m) for r, m in peers if not store.check([f"{arrived}{r}"])]
+            except Exception:  # noqa: BLE001 - the store itself went away
+                missing = []
+            if missing:
+                what = ("peers that never reached the store within "
+                        f"{self.settings.collective_timeout:g} s: " + _describe(missing))
+            else:
+                what = ("every peer reached the store, so a direct connection failed between "
+                        f"this node and its peers ({_describe(peers)})")
+            raise GenerationUnreachableError(
+                f"{me} could not connect the process group of {where}: {what}: "
+                f"{_first_line(exc)}") from exc
 
     def host_updates_pending(self) -> bool:
         """True when the leader admitted new members since this generation began."""
@@ -236,3 +347,11 @@ class WorkerContext:
         self._establish(after=gen.id, timeout=self.rdzv.elastic_timeout + self.rdzv.reset_timeout)
 
 
+def _describe(members: list[tuple[int, Member]]) -> str:
+    return ", ".join(f"rank {r} (node {m.node_id}, address {m.addr})" for r, m in members)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The message of a c10d error without the C++ stack that follows it."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -167,9 +167,13 @@ class NodeAgent:
         with self._cond:
             self._listeners.append(listener)
 
+    def mark_ready(self, generation: int) -> None:
+        """Say that this node is ready for the generation after `generation`."""
+        self.backend.put(self.keys.ready_node(generation, self.node_id), b"1", lease=self._lease)
+
     def request_reset(self, generation: int) -> None:
         """Report that the collective of `generation` failed and this node is ready again."""
-        self.backend.put(self.keys.ready_node(generation, self.node_id), b"1", lease=self._lease)
+        self.mark_ready(generation)
         self.backend.put(self.keys.reset, json.dumps({"generation": generation,
                                                       "by": self.node_id}).encode())
 

@@ -13,7 +13,9 @@ Rules (DESIGN.md, Membership):
   unresponsive ones and blacklist them;
 - nodes waiting and the world under `max_np`: admit them in one batch once no new
   node arrived for `settle_window`;
-- fewer than `min_np` candidates: wait; past `elastic_timeout`, fail the job.
+- fewer than `min_np` candidates: wait; past `elastic_timeout`, fail the job;
+- a member's worker process ended after its work (its agent left as "finished", at
+  process exit, never at `hvd.shutdown()`): the job is finished, no new generation.
 """
 
 from __future__ import annotations
@@ -105,9 +107,11 @@ def _settled(view: ClusterView, newcomers: list[NodeInfo], settings: RendezvousS
 
 def decide(view: ClusterView, settings: RendezvousSettings, now: float) -> Decision:
     """The next membership action for the leader at monotonic time `now`."""
-    if view.generation is not None and any(
-            view.leaving.get(m.node_id) == "finished" for m in view.generation.members):
-        return Decision(Action.FINISH, reason="a member finished training")
+    finished = [m.node_id for m in view.generation.members
+                if view.leaving.get(m.node_id) == "finished"] if view.generation else []
+    if finished:
+        return Decision(Action.FINISH,
+                        reason=f"member {finished[0]} finished: its worker process ended")
     candidates = eligible_nodes(view)
     by_id = {n.node_id: n for n in candidates}
     gen = view.generation

@@ -78,20 +78,27 @@ def is_initialized() -> bool:
 
 
 def init(process_sets: list[ProcessSet] | str | None = None) -> None:
-    """Join the job named by the `HORDE_*` environment (or form a world of one)."""
+    """Join the job named by the `HORDE_*` environment (or form a world of one).
+
+    After `shutdown()` this reconnects the same world: same node, same ranks (unless the
+    membership changed meanwhile), a fresh engine and process groups.
+    """
     global _context
     with _lock:
-        if _context is not None:
+        if _context is not None and _context.topology is not None:
             return
-        settings = WorkerSettings.from_env()
-        if settings.log_level:
-            _configure_logging(settings.log_level)
-        rdzv = RendezvousSettings.from_env()
-        ctx = WorkerContext(settings, rdzv)
-        ctx.start()
-        _context = ctx
-        _start_reporter(ctx)
-        atexit.register(_shutdown_at_exit)
+        if _context is not None:
+            _context.reattach()
+        else:
+            settings = WorkerSettings.from_env()
+            if settings.log_level:
+                _configure_logging(settings.log_level)
+            rdzv = RendezvousSettings.from_env()
+            ctx = WorkerContext(settings, rdzv)
+            ctx.start()
+            _context = ctx
+            _start_reporter(ctx)
+            atexit.register(_shutdown_at_exit)
         if sys.excepthook is not _note_crash:
             global _previous_excepthook
             _previous_excepthook = sys.excepthook
@@ -161,15 +168,22 @@ def register_finisher(method: Callable[[], None]) -> None:
     _finishers.append(weakref.WeakMethod(method))  # type: ignore[arg-type]
 
 
-def _run_finishers() -> None:
-    while _finishers:
-        method = _finishers.pop(0)()
+def _run_finishers(forget: bool) -> None:
+    """Finish every live registered optimizer; `forget` drops them (the process ends).
+
+    A plain `shutdown()` keeps them: an optimizer may be used again after `init()`.
+    """
+    for ref in list(_finishers):
+        method = ref()
         if method is None:
+            _finishers.remove(ref)
             continue
         try:
             method()
         except Exception:  # noqa: BLE001 - shutting down anyway
             logger.warning("finishing an optimizer at shutdown failed", exc_info=True)
+    if forget:
+        _finishers.clear()
 
 
 def _stop_reporter() -> None:
@@ -180,21 +194,31 @@ def _stop_reporter() -> None:
 
 
 def shutdown() -> None:
-    """Leave the job and release the process group (Horovod's `hvd.shutdown()`)."""
-    global _context
-    if _context is not None and _context.topology is not None:
-        _run_finishers()
-    _stop_reporter()
+    """Release the process groups and the engine (Horovod's `hvd.shutdown()`).
+
+    The node stays registered with its rank, so `init()` gives the same world back; the
+    job ends when its worker processes end (or `leave()`), never here. Registered
+    process sets are cleared, as Horovod clears them.
+    """
+    global _next_set_id
     with _lock:
-        ctx, _context = _context, None
+        ctx = _context
+        if ctx is None or ctx.topology is None:
+            return
+        _run_finishers(forget=False)
+        if _reporter is not None:
+            _reporter.flush()
+        for ps in _process_sets.values():
+            ps.process_set_id = None
         _process_sets.clear()
-        if ctx is not None:
-            ctx.shutdown("finished")
+        _next_set_id = 1
+        ctx.release()
 
 
 def leave() -> None:
     """Leave an elastic job for good (after a commit) and exit the process with status 0."""
     global _context
+    _stop_reporter()
     with _lock:
         ctx, _context = _context, None
         if ctx is not None:
@@ -216,11 +240,14 @@ _previous_excepthook = sys.excepthook
 
 
 def _shutdown_at_exit() -> None:
-    """At interpreter exit: leave as finished, or as failed after an uncaught exception."""
+    """At interpreter exit: leave as finished, or as failed after an uncaught exception.
+
+    This, not `shutdown()`, tells the rendezvous that the node's work is over.
+    """
     global _context
     try:
-        if not _crashed and _context is not None:
-            _run_finishers()
+        if not _crashed and _context is not None and _context.topology is not None:
+            _run_finishers(forget=True)
         _stop_reporter()
         with _lock:
             ctx, _context = _context, None

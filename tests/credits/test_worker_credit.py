@@ -35,14 +35,18 @@ def ledger(db: Path) -> dict[str, int]:
         return {node: int(total) for node, total in rows}
 
 
-@pytest.mark.parametrize("pass_samples", ["1", "0"], ids=["step(samples=n)", "step()"])
-def test_default_horderun_credits_its_workers(tmp_path: Path, pass_samples: str) -> None:
+@pytest.mark.parametrize(("pass_samples", "reinit_every"), [("1", "0"), ("0", "0"), ("0", "7")],
+                         ids=["step(samples=n)", "step()", "step() with shutdown/init"])
+def test_default_horderun_credits_its_workers(tmp_path: Path, pass_samples: str,
+                                              reinit_every: str) -> None:
+    # with shutdown/init every 7 steps, credit must neither stop nor count a step twice
     out = tmp_path / "logs"
     out.mkdir()
     db = tmp_path / "ledger.sqlite"
     result = horderun("-np", "2", "--coordinator-db", f"sqlite:///{db}", sys.executable, SCRIPT,
                       env=repo_env(OUT=str(out), STEPS="20", STEP_DELAY="0.02",
-                                   PASS_SAMPLES=pass_samples), timeout=180)
+                                   PASS_SAMPLES=pass_samples, REINIT_EVERY=reinit_every),
+                      timeout=180)
     assert result.returncode == 0, result.stderr
     assert "status page http://127.0.0.1:" in result.stderr
     assert ledger(db) == own_samples(out)

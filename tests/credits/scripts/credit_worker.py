@@ -1,6 +1,7 @@
 """Trains synchronously and logs, per step, the samples this worker contributed.
 
 $OUT/<node id>.log gets one line per step: "<generation> <step> <samples>".
+REINIT_EVERY=k: `hvd.barrier(); hvd.shutdown(); hvd.init()` after every k steps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ STEPS = int(os.environ.get("STEPS", "60"))
 DELAY = float(os.environ.get("STEP_DELAY", "0.05"))
 # "0": a plain Horovod step() (no sample count): every member is credited 1 per step.
 PASS_SAMPLES = os.environ.get("PASS_SAMPLES", "1") == "1"
+REINIT_EVERY = int(os.environ.get("REINIT_EVERY", "0"))
 
 hvd.init()
 ctx = runtime.context()
@@ -38,7 +40,11 @@ with open(os.path.join(os.environ["OUT"], f"{ctx.node_id}.log"), "w") as log:
         else:
             optimizer.step()
         hvd.record_loss(loss.item())
-        log.write(f"{ctx.generation.id} {step} {credited}\n")
+        log.write(f"{runtime.context().generation.id} {step} {credited}\n")
         log.flush()
         time.sleep(DELAY)
+        if REINIT_EVERY and (step + 1) % REINIT_EVERY == 0:
+            hvd.barrier()
+            hvd.shutdown()
+            hvd.init()
 hvd.shutdown()
