@@ -33,6 +33,11 @@ _TOO_MANY_PASSES = ("Gradients were computed more than backward_passes_per_step 
                     "locally.")
 
 
+#: Horovod's message when zero_grad() would race a reduction (both optimizers raise it).
+ZERO_GRAD_RACE = (
+    "optimizer.zero_grad() was called after loss.backward() but before optimizer.step() or "
+    "optimizer.synchronize(). This is prohibited as it can cause a race condition.")
+
 class _DistributedAdasumOptimizer:
     """Mixin placed before the wrapped optimizer's class; see the module docstring."""
 
@@ -129,10 +134,7 @@ class _DistributedAdasumOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients; refused between backward and step, as Horovod does."""
         if self._passes:
-            raise AssertionError(
-                "optimizer.zero_grad() was called after loss.backward() but before "
-                "optimizer.step() or optimizer.synchronize(). This is prohibited as it can "
-                "cause a race condition.")
+            raise AssertionError(ZERO_GRAD_RACE)
         super().zero_grad(set_to_none=set_to_none)  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from elastic.gradients import DTYPES, GradientChannel
 from elastic.rounds import NormCheck
 from elastic.settings import WorkerSettings
 from elastic.torch import runtime
-from elastic.torch.adasum_optimizer import adasum_optimizer
+from elastic.torch.adasum_optimizer import ZERO_GRAD_RACE, adasum_optimizer
 from elastic.torch.collectives import (
     Adasum,
     Average,
@@ -516,10 +516,7 @@ class _DistributedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients; refused while gradients are being reduced (a race)."""
         if self._touched or self._inflight:
-            raise AssertionError(
-                "optimizer.zero_grad() was called after loss.backward() but before "
-                "optimizer.step() or optimizer.synchronize(). This is prohibited as it can "
-                "cause a race condition.")
+            raise AssertionError(ZERO_GRAD_RACE)
         super().zero_grad(set_to_none=set_to_none)  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
