@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 #: Process-set id reserved for the rounds' own process group.
 ROUNDS_SET_ID = 1 << 20
 _HEADER = struct.Struct("<I")
+_streams: Counter = Counter()  # streams of rounds started per generation, in this process
 
 
 def inverse_staleness(staleness: int) -> float:
@@ -298,12 +299,12 @@ class StalenessRounds:
         on_round: Callable[[RoundResult], None] | None = None,
         on_strikes: Callable[[str, str], None] | None = None,
         strikes: Counter | None = None,
-        stream: int = 0,
+        stream: int | None = None,
     ) -> None:
         """`strikes`: a count per node to go on from (an earlier generation's), so that
         membership changes do not wipe a node's record. `stream`: which stream of rounds
-        of this generation this is (one after another, each finished before the next: a
-        process group of its own each)."""
+        of this generation this is, default the next (streams one after another, each
+        finished before the next, as every member does alike: a process group each)."""
         if staleness < 0:
             raise ValueError(f"staleness={staleness} must be >= 0")
         if round_deadline is not None and round_deadline < 0:
@@ -330,6 +331,9 @@ class StalenessRounds:
         self.rank = ctx.topology.rank  # type: ignore[union-attr]
         self.size = ctx.topology.size  # type: ignore[union-attr]
         self._interrupted = ctx._interrupted
+        if stream is None:
+            stream = _streams[self.generation]
+        _streams[self.generation] = stream + 1
         transport = ctx.transport.subset(list(range(self.size)),  # type: ignore[union-attr]
                                          ROUNDS_SET_ID + stream)
         self._engine = CollectiveEngine(transport, self._interrupted)  # type: ignore[arg-type]

@@ -1,0 +1,50 @@
+"""Top-k 1% with staleness 1 and 2 converges like synchronous top-k (issue 9): three tasks
+of different shape, momentum 0.9 and 0, while two CPU-hog processes load the machine;
+every member ends with bit-identical parameters.
+
+One job per task runs its six configurations one after another in the same two worker
+processes (synchronous top-k first: the reference), so the suite costs three jobs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import run_workers_json
+
+SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "stale_topk.py")
+CONFIGS = "0:0.9,1:0.9,2:0.9,0:0,1:0,2:0"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+@pytest.fixture
+def cpu_hogs() -> Iterator[None]:
+    """Two busy processes for the length of the test: a loaded volunteer machine."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(10)
+
+
+@pytest.mark.parametrize(("task", "steps"), [("teacher", "400"), ("digits", "300"),
+                                             ("cnn", "300")])
+def test_stale_topk_ends_within_a_point_of_synchronous_topk(
+        tmp_path: Path, cpu_hogs: None, task: str, steps: str) -> None:
+    ranks = run_workers_json(tmp_path, 2, SCRIPT, TASK=task, CONFIGS=CONFIGS, STEPS=steps)
+    for mine, other in zip(*ranks):
+        assert mine["params"] == other["params"], f"members differ: {mine['staleness']}"
+    results = {(r["staleness"], r["momentum"]): r for r in ranks[0]}
+    summary = {k: round(r["accuracy"], 2) for k, r in results.items()}
+    for (staleness, momentum), r in results.items():
+        if staleness:
+            reference = results[(0, momentum)]["accuracy"]
+            assert r["accuracy"] >= reference - 1.0, (task, staleness, momentum, summary)
+            assert max(int(s) for s in r["stats"]["staleness_histogram"]) <= staleness
