@@ -3,7 +3,8 @@
 TASK (teacher | digits | cnn) picks the model and data; CONFIGS lists `S:momentum`
 pairs (S=0 is synchronous top-k, the reference), run one after another in these
 processes, each from the same initial parameters and data streams, for STEPS steps of
-a batch of 32 per worker, then ended with `optimizer.finish()` (S >= 1). Writes
+a batch of 32 per worker (each followed by a random sleep of up to SLEEP seconds, a
+loaded machine's jitter; default none), then ended with `optimizer.finish()`. Writes
 $OUT/rank<r>.json: per configuration the test accuracy, a parameter hash and the
 round statistics.
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import elastic.torch as hvd  # noqa: E402
 TASK = os.environ.get("TASK", "teacher")
 CONFIGS = [tuple(c.split(":")) for c in os.environ.get("CONFIGS", "0:0.9,1:0.9").split(",")]
 STEPS = int(os.environ.get("STEPS", "400"))
+SLEEP = float(os.environ.get("SLEEP", "0"))
 BATCH = 32
 
 Batches = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -100,10 +104,13 @@ def main() -> None:
             named_parameters=model.named_parameters(),
             compression=hvd.Compression.topk(0.01), staleness=int(staleness))
         gen = torch.Generator().manual_seed(100 + hvd.rank())
+        jitter = random.Random(7 + hvd.rank())
         for _ in range(STEPS):
             x, y = batches(gen)
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
+            if SLEEP:
+                time.sleep(jitter.random() * SLEEP)
             optimizer.step(samples=len(y))
         optimizer.finish()
         with torch.no_grad():
