@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 #: Process-set id reserved for the rounds' own process group.
 ROUNDS_SET_ID = 1 << 20
 _HEADER = struct.Struct("<I")
+_streams: Counter = Counter()  # streams of rounds started per generation, in this process
 
 
 def inverse_staleness(staleness: int) -> float:
@@ -67,6 +68,10 @@ class RoundResult:
     version: int
     aggregate: torch.Tensor | None
     contributions: list[Contribution]
+    freshness: float = 1.0
+    """sum w(s) n / sum n over the accepted contributions: the step size that suits this
+    aggregate relative to one of fresh gradients (the optimizer scales its step by it;
+    the aggregate itself is normalised by the weighted count, so it is an average)."""
 
 
 @dataclass
@@ -294,9 +299,12 @@ class StalenessRounds:
         on_round: Callable[[RoundResult], None] | None = None,
         on_strikes: Callable[[str, str], None] | None = None,
         strikes: Counter | None = None,
+        stream: int | None = None,
     ) -> None:
         """`strikes`: a count per node to go on from (an earlier generation's), so that
-        membership changes do not wipe a node's record."""
+        membership changes do not wipe a node's record. `stream`: which stream of rounds
+        of this generation this is, default the next (streams one after another, each
+        finished before the next, as every member does alike: a process group each)."""
         if staleness < 0:
             raise ValueError(f"staleness={staleness} must be >= 0")
         if round_deadline is not None and round_deadline < 0:
@@ -323,7 +331,11 @@ class StalenessRounds:
         self.rank = ctx.topology.rank  # type: ignore[union-attr]
         self.size = ctx.topology.size  # type: ignore[union-attr]
         self._interrupted = ctx._interrupted
-        transport = ctx.transport.subset(list(range(self.size)), ROUNDS_SET_ID)  # type: ignore[union-attr]
+        if stream is None:
+            stream = _streams[self.generation]
+        _streams[self.generation] = stream + 1
+        transport = ctx.transport.subset(list(range(self.size)),  # type: ignore[union-attr]
+                                         ROUNDS_SET_ID + stream)
         self._engine = CollectiveEngine(transport, self._interrupted)  # type: ignore[arg-type]
         self._outbox: deque[_Pending] = deque()
         self._outbox_ready = threading.Condition()
@@ -604,6 +616,7 @@ class StalenessRounds:
         self._recent_norms.extend(n for r, n in sorted(norms.items()) if r not in rejected)
         contributions: list[Contribution] = []
         adds: list[tuple[torch.Tensor, float]] = []  # what to add, with its weighted samples
+        plain = 0  # accepted samples, unweighted
         for rank, (header, payload) in enumerate(entries):
             node = self._members[rank]  # by rank, never by what the header claims
             if header.get("step_time"):
@@ -624,6 +637,7 @@ class StalenessRounds:
                     reason = "no payload"
                 weight = 0.0 if reason else self.weight(staleness)
                 if not reason:
+                    plain += int(samples)
                     mass += weight * int(samples)
                     if piece is not None:
                         part_adds.append((piece[0], weight * int(samples)))
@@ -651,7 +665,9 @@ class StalenessRounds:
             self._version += 1
         else:
             self.stats.empty_rounds += 1
-        return RoundResult(self.generation, t, self._version, aggregate, contributions)
+        freshness = total / plain if aggregate is not None and plain else 1.0
+        return RoundResult(self.generation, t, self._version, aggregate, contributions,
+                           freshness)
 
     def _buffer(self) -> torch.Tensor:
         """A zeroed buffer for an aggregate: a recycled one when there is one."""

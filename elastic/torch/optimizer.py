@@ -148,7 +148,9 @@ class _DistributedOptimizer:
             self._exchange = StaleExchange(self, all_params, compression if sparse else None,
                                            staleness, round_deadline, staleness_weight,
                                            process_set, fp16_dense=fp16, norm_check=norm_check)
-            register_finisher(self.finish)
+            # Each new stream of rounds (a generation, an init after a shutdown) is ended
+            # by hvd.shutdown(): in flight on one member is applied on all.
+            self._exchange.on_start = lambda: register_finisher(self.finish)
         elif sparse:
             self._exchange = SyncSparseExchange(self, all_params, compression, process_set)
 
@@ -424,7 +426,15 @@ class _DistributedOptimizer:
     # -- Horovod's public methods -----------------------------------------------------
 
     def synchronize(self) -> None:
-        """Finish reducing every gradient (launching any not yet launched) into `p.grad`."""
+        """Finish reducing every gradient (launching any not yet launched) into `p.grad`.
+
+        With staleness: apply every aggregate in flight, on every member together (as
+        `finish()`), so parameters are identical; this step's gradients stay in `p.grad`.
+        """
+        if isinstance(self._exchange, StaleExchange):
+            self.finish()
+            self._synchronized = True
+            return
         if not self._included():
             self._synchronized = True
             return
@@ -497,12 +507,21 @@ class _DistributedOptimizer:
         super().step()  # type: ignore[misc]
 
     def finish(self) -> None:
-        """With staleness: end the rounds on every member together, applying what is left.
+        """With staleness: end the rounds on every member together, applying what is left
+        (the gradients of a backward pass not yet stepped stay in `p.grad`).
 
-        Called by `hvd.shutdown()`; call it yourself to evaluate exactly the final model.
+        Called by `hvd.shutdown()`, `synchronize()` and `state.commit()`; the next `step()`
+        starts new rounds.
         """
-        if isinstance(self._exchange, StaleExchange):
-            self._exchange.finish(self._inner_step)
+        exchange = self._exchange
+        if not isinstance(exchange, StaleExchange):
+            return
+        kept = exchange.layout.gather() if self._touched else None
+        with self._lock:
+            self._reset_progress()
+        exchange.finish(self._inner_step)  # applying the aggregates overwrites `p.grad`
+        if kept is not None:
+            exchange.layout.scatter(kept)
 
     def communication_stats(self) -> dict[str, Any]:
         """What communication cost and saved: bytes sent, density, residual norm, staleness

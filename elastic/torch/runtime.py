@@ -164,8 +164,11 @@ _finishers: list[weakref.WeakMethod] = []
 
 
 def register_finisher(method: Callable[[], None]) -> None:
-    """Run `method` (a bound method, held weakly) at shutdown, before the group goes."""
-    _finishers.append(weakref.WeakMethod(method))  # type: ignore[arg-type]
+    """Run `method` (a bound method, held weakly) at shutdown, before the group goes;
+    once, however often it is registered."""
+    ref = weakref.WeakMethod(method)  # type: ignore[arg-type]
+    if ref not in _finishers:
+        _finishers.append(ref)
 
 
 def _run_finishers(forget: bool) -> None:

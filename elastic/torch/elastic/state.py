@@ -129,6 +129,10 @@ class TorchState(ObjectState):
 
     def save(self) -> None:
         for handler in self._handlers.values():
+            finish = getattr(handler.value, "finish", None)
+            if isinstance(handler, _OptimizerHandler) and callable(finish):
+                finish()  # staleness: apply what is in flight, so every member saves alike
+        for handler in self._handlers.values():
             handler.save()
         super().save()
 

@@ -1,0 +1,60 @@
+"""Top-k 1% with staleness 1 and 2 against synchronous top-k (issue 9): three tasks of
+different shape, momentum 0.9 and 0, while two CPU-hog processes load the machine;
+every member ends with bit-identical parameters.
+
+One job per task runs its six configurations one after another in the same two worker
+processes (synchronous top-k first: the reference), so the suite costs three jobs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import run_workers_json
+
+SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "stale_topk.py")
+CONFIGS = "0:0.9,1:0.9,2:0.9,0:0,1:0,2:0"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+@pytest.fixture
+def cpu_hogs() -> Iterator[None]:
+    """Two busy processes for the length of the test: a loaded volunteer machine."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(10)
+
+
+# Points below synchronous top-k allowed, by (task, S, momentum). Issue 9's task (the
+# teacher, where staleness with momentum diverged) meets its goal of one point but for S=2
+# without momentum; elsewhere S=2 and digits and the CNN at S=1 still trail by a few points
+# after several hundred steps (see docs/staleness.md, "Convergence"): the bounds there
+# guard against divergence (the issue measured 20-30 points), not the goal.
+GAPS = {("teacher", 1, 0.9): 1.0, ("teacher", 2, 0.9): 1.0, ("teacher", 1, 0.0): 1.0,
+        ("teacher", 2, 0.0): 6.0}
+
+
+@pytest.mark.parametrize(("task", "steps"), [("teacher", "400"), ("digits", "300"),
+                                             ("cnn", "300")])
+def test_stale_topk_ends_near_synchronous_topk(
+        tmp_path: Path, cpu_hogs: None, task: str, steps: str) -> None:
+    ranks = run_workers_json(tmp_path, 2, SCRIPT, TASK=task, CONFIGS=CONFIGS, STEPS=steps)
+    for mine, other in zip(*ranks):
+        assert mine["params"] == other["params"], f"members differ: {mine['staleness']}"
+    results = {(r["staleness"], r["momentum"]): r for r in ranks[0]}
+    summary = {k: round(r["accuracy"], 2) for k, r in results.items()}
+    for (staleness, momentum), r in results.items():
+        if staleness:
+            reference = results[(0, momentum)]["accuracy"]
+            gap = GAPS.get((task, staleness, momentum), 3.0 if staleness == 1 else 10.0)
+            assert r["accuracy"] >= reference - gap, (task, staleness, momentum, summary)
+            assert max(int(s) for s in r["stats"]["staleness_histogram"]) <= staleness
