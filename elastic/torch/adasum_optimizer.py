@@ -55,8 +55,8 @@ class _DistributedAdasumOptimizer:
         ref = weakref.ref(self)
         for p in self._params():
             self._hooks.append(p.register_post_accumulate_grad_hook(
-                lambda param, ref=ref: _on_grad_ready(ref, param)))
-        weakref.finalize(self, _remove_hooks, self._hooks)
+                lambda param, ref=ref: on_grad_ready(ref, param)))
+        weakref.finalize(self, remove_hooks, self._hooks)
 
     def _params(self) -> list[torch.Tensor]:
         """The parameters whose deltas are combined, in the same order on every rank."""
@@ -144,13 +144,15 @@ class _DistributedAdasumOptimizer:
         super().load_state_dict(state_dict)  # type: ignore[misc]
 
 
-def _on_grad_ready(ref: weakref.ReferenceType, param: torch.Tensor) -> None:
+def on_grad_ready(ref: weakref.ReferenceType, param: torch.Tensor) -> None:
+    """A gradient hook's body: tell the (weakly held) optimizer that `param` is ready."""
     optimizer = ref()
     if optimizer is not None:
         optimizer._grad_ready(param)
 
 
-def _remove_hooks(hooks: list[Any]) -> None:
+def remove_hooks(hooks: list[Any]) -> None:
+    """Remove gradient hooks (a finalizer: the optimizer is gone)."""
     for hook in hooks:
         hook.remove()
 

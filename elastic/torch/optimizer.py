@@ -33,7 +33,12 @@ from elastic.gradients import DTYPES, GradientChannel
 from elastic.rounds import NormCheck
 from elastic.settings import WorkerSettings
 from elastic.torch import runtime
-from elastic.torch.adasum_optimizer import ZERO_GRAD_RACE, adasum_optimizer
+from elastic.torch.adasum_optimizer import (
+    ZERO_GRAD_RACE,
+    adasum_optimizer,
+    on_grad_ready,
+    remove_hooks,
+)
 from elastic.torch.collectives import (
     Adasum,
     Average,
@@ -140,7 +145,7 @@ class _DistributedOptimizer:
         if named_parameters is not None:
             self._names = parameter_names(named_parameters, all_params)
         self._add_params(all_params)
-        weakref.finalize(self, _remove_hooks, self._hooks)
+        weakref.finalize(self, remove_hooks, self._hooks)
         sparse = isinstance(compression, TopKCompression)
         if staleness > 0:
             fp16 = isinstance(compression, FP16Compressor) or (
@@ -183,7 +188,7 @@ class _DistributedOptimizer:
         for p in fresh:
             self._delay[id(p)] = self.backward_passes_per_step
             self._hooks.append(p.register_post_accumulate_grad_hook(
-                lambda param, ref=ref: _on_grad_ready(ref, param)))
+                lambda param, ref=ref: on_grad_ready(ref, param)))
 
     def _make_buckets(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Fixed, rank-independent bucket order: gradients that are ready first go first."""
@@ -550,17 +555,6 @@ class _DistributedOptimizer:
 
 
 _serials = itertools.count()
-
-
-def _on_grad_ready(ref: weakref.ReferenceType, param: torch.Tensor) -> None:
-    optimizer = ref()
-    if optimizer is not None:
-        optimizer._grad_ready(param)
-
-
-def _remove_hooks(hooks: list[Any]) -> None:
-    for hook in hooks:
-        hook.remove()
 
 
 def _drain(entry: _Launched) -> None:
