@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -16,6 +18,26 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "lease_wait: waits for a lease to expire (a few seconds on a real etcd)"
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_tmpdir() -> Iterator[str]:
+    """One temporary folder for the session, inherited by every process a test starts and
+    removed at the end: `horderun` keeps its embedded ledger folder for the user, and
+    a test run must not leave one per job in the machine's temporary directory."""
+    folder = tempfile.mkdtemp(prefix="horde-tests-")
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = folder
+    tempfile.tempdir = folder
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
