@@ -26,6 +26,7 @@ def _private_tmpdir() -> Iterator[str]:
     removed at the end: `horderun` keeps its embedded ledger folder for the user, and
     a test run must not leave one per job in the machine's temporary directory."""
     folder = tempfile.mkdtemp(prefix="horde-tests-")
+    os.chmod(folder, 0o755)  # other users pass through it (the PostgreSQL test's server)
     saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = folder
     tempfile.tempdir = folder
