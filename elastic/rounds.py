@@ -72,6 +72,12 @@ class RoundResult:
     """sum w(s) n / sum n over the accepted contributions: the step size that suits this
     aggregate relative to one of fresh gradients (the optimizer scales its step by it;
     the aggregate itself is normalised by the weighted count, so it is an average)."""
+    steps: float = 1.0
+    """Accepted contributions per member that contributed: how many steps of its members
+    the aggregate stands for. A round that catches two gradients of every member (their
+    compute outpaced the rounds) averages them into one aggregate; applied as one plain
+    step it makes half the progress per sample of a round of one each, so the optimizer
+    scales its step by this."""
 
 
 @dataclass
@@ -617,6 +623,7 @@ class StalenessRounds:
         contributions: list[Contribution] = []
         adds: list[tuple[torch.Tensor, float]] = []  # what to add, with its weighted samples
         plain = 0  # accepted samples, unweighted
+        counted: Counter = Counter()  # accepted contributions with a payload, per rank
         for rank, (header, payload) in enumerate(entries):
             node = self._members[rank]  # by rank, never by what the header claims
             if header.get("step_time"):
@@ -641,6 +648,8 @@ class StalenessRounds:
                     mass += weight * int(samples)
                     if piece is not None:
                         part_adds.append((piece[0], weight * int(samples)))
+                    if split is None or piece is not None:
+                        counted[rank] += 1
                     self.stats.accepted += 1
                     self.stats.staleness[staleness] += 1
                 contributions.append(Contribution(
@@ -666,8 +675,11 @@ class StalenessRounds:
         else:
             self.stats.empty_rounds += 1
         freshness = total / plain if aggregate is not None and plain else 1.0
+        contributors = [r for r in counted if r not in rejected]
+        steps = (sum(counted[r] for r in contributors) / len(contributors)
+                 if aggregate is not None and contributors else 1.0)
         return RoundResult(self.generation, t, self._version, aggregate, contributions,
-                           freshness)
+                           freshness, steps)
 
     def _buffer(self) -> torch.Tensor:
         """A zeroed buffer for an aggregate: a recycled one when there is one."""

@@ -480,11 +480,17 @@ class TopKCompressor(SparseCompressor):
                                                             dense_bytes=vbytes))
 
     def compress(self, name: str, flat_grad: torch.Tensor, step: int, *, world_size: int = 1,
-                 dense: bool | None = None) -> SparsePayload:
+                 dense: bool | None = None, intake: float = 1.0) -> SparsePayload:
         """Compress one step's gradient of buffer `name` (any shape, sent flat).
 
-        `dense=None` decides with `prefers_dense(numel, step, world_size)`.
+        `dense=None` decides with `prefers_dense(numel, step, world_size)`. `intake` (0
+        to 1): the share of the gradient that enters the velocity; the rest enters the
+        residual directly, sent once instead of repeated by momentum. With staleness the
+        gradient is applied some aggregates late, and a delayed gradient repeated
+        1/(1-m) times is what makes momentum unstable (see `elastic.torch.exchange`).
         """
+        if not 0.0 <= intake <= 1.0:
+            raise ValueError(f"intake={intake!r} must be in [0, 1]")
         grad = flat_grad.detach().reshape(-1)
         if not grad.dtype.is_floating_point:
             raise ValueError(f"buffer {name!r}: gradients must be floating point, got {grad.dtype}")
@@ -505,8 +511,12 @@ class TopKCompressor(SparseCompressor):
         if self.momentum > 0.0:
             if state.velocity is None:
                 state.velocity = torch.zeros(numel, dtype=acc_dtype, device=grad.device)
-            # u = m*u + g in one pass over u.
-            increment = torch.add(g, state.velocity, alpha=self.momentum, out=state.velocity)
+            if intake == 1.0:  # u = m*u + g in one pass over u.
+                increment = torch.add(g, state.velocity, alpha=self.momentum,
+                                      out=state.velocity)
+            else:  # u = m*u + intake*g; what enters v: u + (1 - intake)*g
+                state.velocity.mul_(self.momentum).add_(g, alpha=intake)
+                increment = torch.add(state.velocity, g, alpha=1.0 - intake)
         else:
             increment = g
         if self.error_feedback:

@@ -114,6 +114,12 @@ class PayloadCodec(Codec):
         # The sparsified part of each gradient encoded, in order, until its round says
         # how much of it was applied (what was not goes back to the residual).
         self.sent: deque[SparsePayload | None] = deque()
+        # The share of a new gradient that enters the compressor's velocity (the rest
+        # enters the residual directly): w(s) of the staleness s this member's last
+        # accepted contribution had, the staleness its next one will most likely have
+        # (set by the exchange; 1 until then). A delayed gradient repeated by momentum
+        # 1/(1-m) times is what destabilises stale top-k with momentum (issue 9).
+        self.intake = 1.0
 
     def payloads(self, flat: torch.Tensor, step: int) -> list[SparsePayload]:
         ns, n = self.layout.sparse_numel, self.layout.numel
@@ -121,7 +127,8 @@ class PayloadCodec(Codec):
         if ns:
             if self.compressor is not None:
                 out.append(self.compressor.compress("gradients", flat[:ns], step,
-                                                    world_size=self.world_size))
+                                                    world_size=self.world_size,
+                                                    intake=self.intake))
             else:
                 out.append(self._dense(flat[:ns]))
         if n > ns:
@@ -307,26 +314,58 @@ class StaleExchange:
 
     def _apply(self, results: list[RoundResult], apply: Callable[[], None]) -> None:
         damped = self._damped()
+        adaptive = self._adaptive()
         for result in results:
             self._settle(result, damped)
             if result.aggregate is not None:
-                # Staleness-aware step: a round of gradients s aggregates old steps w(s)
-                # as far as a fresh one (the aggregate itself is their average).
-                self.layout.scatter(result.aggregate, result.freshness if damped else 1.0)
-                apply()
+                # One step per member step the aggregate stands for (a round that caught
+                # two gradients of each member takes two steps' length), and with the
+                # optimizer's momentum a staleness-aware step: a round of gradients s
+                # aggregates old steps w(s) as far as a fresh one (the aggregate is their
+                # average).
+                factor = result.steps * (result.freshness if damped else 1.0)
+                if adaptive:  # Adam and kin ignore a gradient's scale: scale the step
+                    self.layout.scatter(result.aggregate)
+                    self._scaled_lr(factor, apply)
+                else:  # SGD: scale what enters the momentum buffer and the step
+                    self.layout.scatter(result.aggregate, factor)
+                    apply()
                 self.applied += 1
                 if self.on_round is None and self.rounds is not None:  # nobody else holds it
                     self.rounds.recycle(result.aggregate)
 
+    def _adaptive(self) -> bool:
+        """Whether the optimizer normalises the gradient's scale away (Adam, AdamW, ...:
+        param groups with `betas`), so a step is scaled through its learning rate."""
+        return any("betas" in g for g in self._groups)
+
+    def _scaled_lr(self, factor: float, apply: Callable[[], None]) -> None:
+        """Run `apply()` with every group's learning rate times `factor`, then restore
+        it (a scheduler sees its own values)."""
+        if factor == 1.0:
+            apply()
+            return
+        saved = [g.get("lr") for g in self._groups]
+        try:
+            for g, lr in zip(self._groups, saved):
+                if lr is not None:
+                    g["lr"] = lr * factor
+            apply()
+        finally:
+            for g, lr in zip(self._groups, saved):
+                if lr is not None:
+                    g["lr"] = lr
+
     def _damped(self) -> bool:
-        """Whether stale aggregates take a shorter step: with momentum (the compressor's or
-        the optimizer's). A gradient one aggregate old shrinks the steps for which heavy-
-        ball momentum m is stable from 2(1+m)/h to (1-m)/h on a curvature h (0.1/h
-        against 3.8/h for m=0.9), but only from 2/h to 1/h without momentum, where a
-        shorter step would only slow training down."""
-        if self.compressor is not None and self.compressor.momentum > 0:
-            return True
-        return any(float(g.get("momentum", 0.0) or 0.0) > 0 for g in self._groups)
+        """Whether stale aggregates take a shorter step: with the optimizer's momentum
+        (SGD's `momentum`, Adam's first beta). A gradient one aggregate old shrinks the
+        steps for which heavy-ball momentum m is stable from 2(1+m)/h to (1-m)/h on a
+        curvature h (0.1/h against 3.8/h for m=0.9), but only from 2/h to 1/h without
+        momentum, where a shorter step would only slow training down. The compressor's
+        momentum (top-k's momentum correction) is damped where gradients enter it
+        instead (`PayloadCodec.intake`): full steps, stale gradients repeated less."""
+        return any(float(g.get("momentum", 0.0) or 0.0) > 0
+                   or float((g.get("betas") or (0.0,))[0]) > 0 for g in self._groups)
 
     def _settle(self, result: RoundResult, damped: bool) -> None:
         """Tell the codec what became of this member's own contributions in the round."""
@@ -339,6 +378,7 @@ class StaleExchange:
                 continue
             if c.accepted:
                 applied = c.weight if damped else 1.0
+                rounds.codec.intake = c.weight  # w(s) of an accepted one
             elif c.staleness > self.staleness:
                 applied = 0.0  # dropped unapplied: all of it goes back
             else:

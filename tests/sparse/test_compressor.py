@@ -42,9 +42,10 @@ def grads(steps: int, n: int = N, seed: int = 0, device: str = "cpu"):
 
 
 def run(comp: TopKCompressor, steps: int, name: str = "w", device: str = "cpu",
-        world_size: int = 4):
+        world_size: int = 4, intake: float = 1.0):
     """Compress `steps` gradients; returns float64 sums of gradients, of the velocity
-    increments that entered v (reference momentum with DGC masking), and of what was sent."""
+    increments that entered v (reference momentum with DGC masking; `intake` of each
+    gradient into u, the rest straight into v), and of what was sent."""
     total_g = total_u = sent = None
     u = None
     for step, g in enumerate(grads(steps, device=device)):
@@ -52,11 +53,12 @@ def run(comp: TopKCompressor, steps: int, name: str = "w", device: str = "cpu",
         if comp.clip_norm is not None:
             limit = comp.clip_norm / math.sqrt(world_size)
             g64 = g64 * min(1.0, limit / (float(g64.norm()) + 1e-12))
-        u = g64 if u is None else comp.momentum * u + g64
-        payload = comp.compress(name, g, step, world_size=world_size)
+        u = intake * g64 if u is None else comp.momentum * u + intake * g64
+        payload = comp.compress(name, g, step, world_size=world_size, intake=intake)
         dense = decompress(payload).double()
         total_g = g64 if total_g is None else total_g + g64
-        total_u = u.clone() if total_u is None else total_u + u
+        entered = u + (1.0 - intake) * g64 if comp.momentum else g64
+        total_u = entered.clone() if total_u is None else total_u + entered
         sent = dense if sent is None else sent + dense
         if comp.momentum and not payload.is_dense:
             u[payload.indices.long()] = 0.0
@@ -93,6 +95,27 @@ def test_momentum_correction_keeps_the_velocity_mass(fp16: bool, device: str) ->
     total_g, total_u, sent = run(comp, 40, device=device)
     assert_close(sent + comp.residual("w").double(), total_u)
     assert not torch.allclose(total_u, total_g)
+
+
+@pytest.mark.parametrize("intake", [0.0, 0.5])
+def test_a_stale_gradients_intake_into_the_velocity(intake: float) -> None:
+    # With staleness, only `intake` of each gradient enters the velocity u; the rest
+    # enters v directly. Nothing is lost: sent + residual == what entered v.
+    comp = TopKCompressor(density=0.01, momentum=0.9, selection=SAMPLED)
+    total_g, total_u, sent = run(comp, 40, intake=intake)
+    assert_close(sent + comp.residual("w").double(), total_u)
+    full = TopKCompressor(density=0.01, momentum=0.9, selection=SAMPLED)
+    _, total_full, _ = run(full, 40)
+    # Less of the gradients is repeated by momentum: intake 0 is no momentum at all.
+    assert float(total_u.norm()) < float(total_full.norm())
+    if intake == 0.0:
+        assert_close(total_u, total_g)
+
+
+def test_intake_outside_0_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="intake=1.5 must be in"):
+        TopKCompressor(density=0.01, momentum=0.9).compress("w", torch.ones(2048), 0,
+                                                            intake=1.5)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

@@ -1,6 +1,7 @@
 """What a member's top-k contribution did not put into the parameters goes back to its
 residual (pure logic, no processes): all of one dropped as too stale, 1 - w(s) of one
-that took a shorter step, nothing of a rejected one."""
+that took a shorter step (the optimizer's momentum), nothing of a rejected one; and how
+much of the next gradient enters top-k's own velocity."""
 
 from __future__ import annotations
 
@@ -39,12 +40,15 @@ def test_the_unapplied_part_of_a_sent_gradient_returns_to_the_residual(applied: 
     assert not c.sent, "settled gradients are forgotten"
 
 
-@pytest.mark.parametrize(("momentum", "expected"), [(0.9, [0.0, 0.5, 1.0]),
-                                                    (0.0, [0.0, 1.0, 1.0])])
+@pytest.mark.parametrize(("momentum", "optimizer_momentum", "expected", "intake"), [
+    (0.9, 0.0, [0.0, 1.0, 1.0], 0.5),  # top-k's momentum: damped where gradients enter it
+    (0.0, 0.9, [0.0, 0.5, 1.0], 0.5),  # the optimizer's momentum: half a step
+    (0.0, 0.0, [0.0, 1.0, 1.0], 0.5)])
 def test_each_own_contribution_settles_by_what_became_of_it(
-        momentum: float, expected: list[float]) -> None:
+        momentum: float, optimizer_momentum: float, expected: list[float],
+        intake: float) -> None:
     exchange = StaleExchange.__new__(StaleExchange)  # the settling logic alone
-    exchange.staleness, exchange.compressor, exchange._groups = 1, None, [{"momentum": 0}]
+    exchange.staleness, exchange._groups = 1, [{"momentum": optimizer_momentum}]
     settled: list[float] = []
     exchange.rounds = SimpleNamespace(rank=1, codec=codec(momentum))
     exchange.rounds.codec.settle = settled.append
@@ -52,7 +56,10 @@ def test_each_own_contribution_settles_by_what_became_of_it(
     result = RoundResult(0, 5, 3, None, [
         contribution(0, 1, True),                                        # another member's
         contribution(1, 2, False, "staleness 2 exceeds 1"),              # dropped
-        contribution(1, 1, True),                                        # half a step
+        contribution(1, 1, True),                                        # accepted, 1 old
         contribution(1, 0, False, "norm 1e4 exceeds 10x the recent median")])  # rejected
     exchange._settle(result, exchange._damped())
     assert settled == expected
+    # The next gradient is likely as stale as the last accepted one: w(1) of it enters
+    # the compressor's velocity.
+    assert exchange.rounds.codec.intake == intake
