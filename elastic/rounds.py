@@ -72,6 +72,11 @@ class RoundResult:
     """sum w(s) n / sum n over the accepted contributions: the step size that suits this
     aggregate relative to one of fresh gradients (the optimizer scales its step by it;
     the aggregate itself is normalised by the weighted count, so it is an average)."""
+    lrs: list[float] | None = None
+    """The learning rates (one per param group) to apply this aggregate with, the same on
+    every member: per group the least that the members sent in their headers (None when
+    none sent any). A schedule stepped per local step gives members different rates at
+    the moment each applies an aggregate; applying with its own would part them."""
     steps: float = 1.0
     """Accepted contributions per member that contributed: how many steps of its members
     the aggregate stands for. A round that catches two gradients of every member (their
@@ -282,6 +287,10 @@ def _checked(header: dict, payload: torch.Tensor) -> tuple[dict, torch.Tensor]:
         raise ValueError(f"step_time {step_time!r} is not a duration in seconds")
     if not isinstance(header.get("finishing", False), bool):
         raise ValueError("finishing must be true or false")
+    lrs = header.get("lrs")
+    if lrs is not None and (not isinstance(lrs, list) or not 0 < len(lrs) <= 4096 or not all(
+            type(x) in (int, float) and math.isfinite(x) and x >= 0 for x in lrs)):
+        raise ValueError("lrs must be a list of 1-4096 finite learning rates >= 0")
     return header, payload
 
 
@@ -356,6 +365,7 @@ class StalenessRounds:
         self._delivered: float | None = None  # when the last round's result was queued
         self._round_started: float | None = None  # when this member entered its last round
         self._own_times: deque[float] = deque(maxlen=16)  # this member's compute times
+        self._lrs: list[float] | None = None  # this member's learning rates, last submitted
         self._recent_norms: deque[float] = deque(maxlen=self.norm_check.history)
         self._closed = False
         self._finishing = False
@@ -366,10 +376,15 @@ class StalenessRounds:
 
     # -- training thread --------------------------------------------------------------
 
-    def submit(self, flat: torch.Tensor, samples: int, version: int, copy: bool = True) -> None:
+    def submit(self, flat: torch.Tensor, samples: int, version: int, copy: bool = True,
+               lrs: Sequence[float] | None = None) -> None:
         """Queue a finished gradient for the next rounds: a copy of it, or with
         `copy=False` the tensor itself (the caller hands it over and does not touch it).
-        A codec that `encodes_each` encodes it here, and `flat` is free on return."""
+        A codec that `encodes_each` encodes it here, and `flat` is free on return.
+        `lrs`: this member's learning rates now, sent with its next messages (see
+        `RoundResult.lrs`)."""
+        if lrs is not None:
+            self._lrs = [float(lr) for lr in lrs]
         if self._error is not None:
             raise self._error
         if flat.numel() != self.numel:
@@ -558,6 +573,8 @@ class StalenessRounds:
         header: dict[str, object] = {"node": self.node_id, "rank": self.rank, "round": t,
                                      "codec": self.codec.tag, "finishing": finishing,
                                      "contribs": contribs, "step_time": step_time}
+        if self._lrs is not None:
+            header["lrs"] = self._lrs
         message = pack(header, self._payload(pending, header))
         self.stats.bytes_sent += int(message.numel()) * (self.size - 1)
         gathered = self._gather(message, Kind, Request)
@@ -678,8 +695,14 @@ class StalenessRounds:
         contributors = [r for r in counted if r not in rejected]
         steps = (sum(counted[r] for r in contributors) / len(contributors)
                  if aggregate is not None and contributors else 1.0)
+        # The least rate per group (a peer cannot speed everyone up), over the messages
+        # with as many groups as the lowest rank's.
+        sent_lrs = [h["lrs"] for h, _ in entries if h.get("lrs") is not None]
+        lrs = ([float(min(column)) for column in
+                zip(*(x for x in sent_lrs if len(x) == len(sent_lrs[0])))]
+               if sent_lrs else None)
         return RoundResult(self.generation, t, self._version, aggregate, contributions,
-                           freshness, steps)
+                           freshness, lrs, steps)
 
     def _buffer(self) -> torch.Tensor:
         """A zeroed buffer for an aggregate: a recycled one when there is one."""

@@ -113,11 +113,14 @@ def horderun(*args: str, env: Mapping[str, str] | None = None, timeout: float = 
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def run_workers_json(tmp_path: Path, np: int, script: str, **env: str) -> list[dict]:
-    """Run SCRIPT under `horderun -np N`; each rank writes $OUT/rank<r>.json; return them."""
+def run_workers_json(tmp_path: Path, np: int, script: str, *, timeout: float = 120,
+                     **env: str) -> list[dict]:
+    """Run SCRIPT under `horderun -np N` (killed after `timeout` seconds); each rank writes
+    $OUT/rank<r>.json; return them."""
     import json
 
     result = horderun("-np", str(np), "--log-level", "WARNING", "--coordinator", "none",
-                      sys.executable, script, env=repo_env(OUT=str(tmp_path), **env))
+                      sys.executable, script, env=repo_env(OUT=str(tmp_path), **env),
+                      timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(np)]

@@ -302,11 +302,12 @@ class StaleExchange:
     def step(self, samples: int, apply: Callable[[], None]) -> None:
         """Submit the current gradients; run `apply()` once per finished aggregate."""
         rounds = self._ensure_rounds()
+        lrs = self._lrs()
         if rounds.codec.encodes_each:  # encoded in submit(): one buffer serves every step
             self._flat = self.layout.gather(self._flat)
-            rounds.submit(self._flat, samples, self.applied, copy=False)
+            rounds.submit(self._flat, samples, self.applied, copy=False, lrs=lrs)
         else:
-            rounds.submit(self.layout.gather(), samples, self.applied, copy=False)
+            rounds.submit(self.layout.gather(), samples, self.applied, copy=False, lrs=lrs)
         self._apply(rounds.results(block=False), apply)
         while rounds.outstanding > self.staleness:
             self._apply(rounds.results(block=True, timeout=1.0), apply)
@@ -326,10 +327,10 @@ class StaleExchange:
                 factor = result.steps * (result.freshness if damped else 1.0)
                 if adaptive:  # Adam and kin ignore a gradient's scale: scale the step
                     self.layout.scatter(result.aggregate)
-                    self._scaled_lr(factor, apply)
+                    self._with_lrs(result.lrs, factor, apply)
                 else:  # SGD: scale what enters the momentum buffer and the step
                     self.layout.scatter(result.aggregate, factor)
-                    apply()
+                    self._with_lrs(result.lrs, 1.0, apply)
                 self.applied += 1
                 if self.on_round is None and self.rounds is not None:  # nobody else holds it
                     self.rounds.recycle(result.aggregate)
@@ -339,17 +340,28 @@ class StaleExchange:
         param groups with `betas`), so a step is scaled through its learning rate."""
         return any("betas" in g for g in self._groups)
 
-    def _scaled_lr(self, factor: float, apply: Callable[[], None]) -> None:
-        """Run `apply()` with every group's learning rate times `factor`, then restore
-        it (a scheduler sees its own values)."""
-        if factor == 1.0:
+    def _lrs(self) -> list[float] | None:
+        """This member's learning rates, one per param group (None if a group has none)."""
+        try:
+            return [float(g["lr"]) for g in self._groups]
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            return None
+
+    def _with_lrs(self, lrs: list[float] | None, factor: float,
+                  apply: Callable[[], None]) -> None:
+        """Run `apply()` with the round's agreed learning rates (`RoundResult.lrs`, the
+        same on every member, so a schedule stepped per local step does not part them)
+        times `factor`, then restore each group's own (a scheduler sees its values)."""
+        if lrs is not None and len(lrs) != len(self._groups):
+            lrs = None  # another optimizer layout than the round's: keep our own rates
+        if lrs is None and factor == 1.0:
             apply()
             return
         saved = [g.get("lr") for g in self._groups]
         try:
-            for g, lr in zip(self._groups, saved):
+            for i, (g, lr) in enumerate(zip(self._groups, saved)):
                 if lr is not None:
-                    g["lr"] = lr * factor
+                    g["lr"] = (lrs[i] if lrs is not None else lr) * factor
             apply()
         finally:
             for g, lr in zip(self._groups, saved):

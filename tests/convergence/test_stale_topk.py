@@ -3,7 +3,10 @@ different shape, momentum 0.9 and 0, while two CPU-hog processes load the machin
 every member ends with bit-identical parameters.
 
 One job per task runs its six configurations one after another in the same two worker
-processes (synchronous top-k first: the reference), so the suite costs three jobs.
+processes (synchronous top-k first: the reference), so the suite costs three jobs. Each
+run decays its learning rate along a cosine (the script's default), so the end compares
+where training settled, not the noise of a last step (one SGD step moves the digits
+test accuracy by up to a point and a half).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from tests.harness import run_workers_json
 
 SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "stale_topk.py")
 CONFIGS = "0:0.9,1:0.9,2:0.9,0:0,1:0,2:0"
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
@@ -34,20 +37,15 @@ def cpu_hogs() -> Iterator[None]:
             hog.wait(10)
 
 
-# Points below synchronous top-k allowed, by (task, S, momentum). Issue 9's task (the
-# teacher, where staleness with momentum diverged) meets its goal of one point but for S=2
-# without momentum; elsewhere S=2 and digits and the CNN at S=1 still trail by a few points
-# after several hundred steps (see docs/staleness.md, "Convergence"): the bounds there
-# guard against divergence (the issue measured 20-30 points), not the goal.
-GAPS = {("teacher", 1, 0.9): 1.0, ("teacher", 2, 0.9): 1.0, ("teacher", 1, 0.0): 1.0,
-        ("teacher", 2, 0.0): 6.0}
+GAP = 1.0  # points of test accuracy below synchronous top-k allowed (issue 9)
 
 
-@pytest.mark.parametrize(("task", "steps"), [("teacher", "400"), ("digits", "300"),
-                                             ("cnn", "300")])
+@pytest.mark.parametrize(("task", "steps"), [("teacher", "400"), ("digits", "600"),
+                                             ("cnn", "600")])
 def test_stale_topk_ends_near_synchronous_topk(
         tmp_path: Path, cpu_hogs: None, task: str, steps: str) -> None:
-    ranks = run_workers_json(tmp_path, 2, SCRIPT, TASK=task, CONFIGS=CONFIGS, STEPS=steps)
+    ranks = run_workers_json(tmp_path, 2, SCRIPT, timeout=560, TASK=task, CONFIGS=CONFIGS,
+                             STEPS=steps)
     for mine, other in zip(*ranks):
         assert mine["params"] == other["params"], f"members differ: {mine['staleness']}"
     results = {(r["staleness"], r["momentum"]): r for r in ranks[0]}
@@ -55,6 +53,5 @@ def test_stale_topk_ends_near_synchronous_topk(
     for (staleness, momentum), r in results.items():
         if staleness:
             reference = results[(0, momentum)]["accuracy"]
-            gap = GAPS.get((task, staleness, momentum), 3.0 if staleness == 1 else 10.0)
-            assert r["accuracy"] >= reference - gap, (task, staleness, momentum, summary)
+            assert r["accuracy"] >= reference - GAP, (task, staleness, momentum, summary)
             assert max(int(s) for s in r["stats"]["staleness_histogram"]) <= staleness

@@ -39,9 +39,11 @@ def rounds_of(members: int, version: int) -> StalenessRounds:
     return rounds
 
 
-def message(rank: int, versions: list[int]) -> torch.Tensor:
+def message(rank: int, versions: list[int], lrs: object = None) -> torch.Tensor:
     header = {"node": f"n{rank}", "rank": rank, "round": 0, "codec": "dense-fp32",
               "finishing": False, "contribs": [[8, v] for v in versions], "step_time": 0.01}
+    if lrs is not None:
+        header["lrs"] = lrs
     payload = torch.ones(4).view(torch.uint8) if versions else torch.empty(0, dtype=torch.uint8)
     return pack(header, payload)
 
@@ -61,6 +63,26 @@ def test_a_round_stands_for_as_many_steps_as_its_members_took(
     assert torch.allclose(result.aggregate, torch.ones(4))  # still an average
 
 
+def test_every_member_applies_a_round_with_the_least_learning_rate_sent() -> None:
+    # A schedule stepped per local step: members at different steps hold different rates
+    # when an aggregate arrives; all apply it with the same, the least sent (one group
+    # each here, two groups on the first member: its second is ignored, not trusted).
+    rounds = rounds_of(3, version=10)
+    result = rounds._aggregate(0, [message(0, [9], [0.1]), message(1, [9], [0.05]),
+                                   message(2, [], [0.2, 0.0])])
+    assert result.lrs == [0.05]
+    assert rounds_of(2, version=10)._aggregate(0, [message(0, [9]), message(1, [9])]).lrs is None
+
+
+@pytest.mark.parametrize("lrs", [[-0.1], [float("nan")], ["0.1"], [], 0.1])
+def test_a_message_with_bad_learning_rates_is_rejected(lrs: object) -> None:
+    rounds = rounds_of(2, version=10)
+    result = rounds._aggregate(0, [message(0, [9], [0.1]), message(1, [9], lrs)])
+    bad = [c for c in result.contributions if c.rank == 1]
+    assert bad == [] or not bad[0].accepted
+    assert result.lrs == [0.1] and rounds.stats.strikes["n1"] == 1
+
+
 def exchange_for(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> StaleExchange:
     exchange = StaleExchange.__new__(StaleExchange)  # applying rounds alone
     exchange.layout = FlatLayout([param], 1 << 62)
@@ -69,10 +91,11 @@ def exchange_for(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Stale
     return exchange
 
 
-def result(steps: float, freshness: float) -> RoundResult:
+def result(steps: float, freshness: float, lrs: list[float] | None = None) -> RoundResult:
     c = Contribution(node="n0", rank=0, samples=8, version=0, staleness=1, weight=0.5,
                      norm=1.0, step_time=0.0, nbytes=0, accepted=True)
-    return RoundResult(0, 0, 1, torch.ones(3), [c], freshness=freshness, steps=steps)
+    return RoundResult(0, 0, 1, torch.ones(3), [c], freshness=freshness, lrs=lrs,
+                       steps=steps)
 
 
 @pytest.mark.parametrize(("momentum", "expected"), [(0.0, 2.0), (0.9, 1.0)])
@@ -97,3 +120,13 @@ def test_adam_steps_through_its_learning_rate_and_gets_it_back(
     # Adam's first step moves each entry by lr whatever the gradient's scale.
     assert torch.allclose(param.detach(), torch.full((3,), -0.01 * expected), rtol=1e-4)
     assert optimizer.param_groups[0]["lr"] == 0.01  # a scheduler sees its own value
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.Adam])
+def test_a_round_is_applied_with_its_agreed_learning_rate(optimizer_class: type) -> None:
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = optimizer_class([param], lr=0.1)
+    exchange = exchange_for(optimizer, param)
+    exchange._apply([result(1.0, 1.0, lrs=[0.05])], optimizer.step)
+    assert torch.allclose(param.detach(), torch.full((3,), -0.05), rtol=1e-4)
+    assert optimizer.param_groups[0]["lr"] == 0.1

@@ -4,7 +4,10 @@ TASK (teacher | digits | cnn) picks the model and data; CONFIGS lists `S:momentu
 pairs (S=0 is synchronous top-k, the reference), run one after another in these
 processes, each from the same initial parameters and data streams, for STEPS steps of
 a batch of 32 per worker (each followed by a random sleep of up to SLEEP seconds, a
-loaded machine's jitter; default none), then ended with `optimizer.finish()`. Writes
+loaded machine's jitter; default none), the learning rate decayed to 0 along a cosine
+(SCHEDULE=cosine, the default; `constant` keeps it), so that the end compares where
+training settled rather than the noise of its last steps; then ended with
+`optimizer.finish()`. Writes
 $OUT/rank<r>.json: per configuration the test accuracy, a parameter hash and the
 round statistics.
 """
@@ -30,6 +33,7 @@ TASK = os.environ.get("TASK", "teacher")
 CONFIGS = [tuple(c.split(":")) for c in os.environ.get("CONFIGS", "0:0.9,1:0.9").split(",")]
 STEPS = int(os.environ.get("STEPS", "400"))
 SLEEP = float(os.environ.get("SLEEP", "0"))
+SCHEDULE = os.environ.get("SCHEDULE", "cosine")
 BATCH = 32
 
 Batches = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -83,6 +87,15 @@ def digits_task(cnn: bool) -> tuple[Callable[[], torch.nn.Module], Batches, tupl
         0.05 if cnn else 0.1
 
 
+def decay(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule SCHEDULE names, stepped once per training step."""
+    if SCHEDULE == "constant":
+        return None
+    if SCHEDULE != "cosine":
+        raise ValueError(f"SCHEDULE={SCHEDULE!r}: use cosine or constant")
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=STEPS)
+
+
 def digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for p in model.parameters():
@@ -103,6 +116,7 @@ def main() -> None:
             torch.optim.SGD(model.parameters(), lr=lr, momentum=float(momentum)),
             named_parameters=model.named_parameters(),
             compression=hvd.Compression.topk(0.01), staleness=int(staleness))
+        schedule = decay(optimizer)
         gen = torch.Generator().manual_seed(100 + hvd.rank())
         jitter = random.Random(7 + hvd.rank())
         for _ in range(STEPS):
@@ -112,6 +126,8 @@ def main() -> None:
             if SLEEP:
                 time.sleep(jitter.random() * SLEEP)
             optimizer.step(samples=len(y))
+            if schedule is not None:
+                schedule.step()
         optimizer.finish()
         with torch.no_grad():
             accuracy = float((model(x_test).argmax(1) == y_test).float().mean()) * 100
