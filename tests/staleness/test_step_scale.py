@@ -130,3 +130,19 @@ def test_a_round_is_applied_with_its_agreed_learning_rate(optimizer_class: type)
     exchange._apply([result(1.0, 1.0, lrs=[0.05])], optimizer.step)
     assert torch.allclose(param.detach(), torch.full((3,), -0.05), rtol=1e-4)
     assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_rates_for_another_number_of_param_groups_are_not_applied() -> None:
+    # Every member builds the same optimizer; a round's rates for another layout are
+    # ignored rather than misassigned to the wrong groups.
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.2}], lr=0.1)
+    exchange = StaleExchange.__new__(StaleExchange)
+    exchange.layout = FlatLayout([a, b], 1 << 62)
+    exchange._groups = optimizer.param_groups
+    exchange.rounds, exchange.on_round, exchange.applied = None, None, 0
+    assert exchange._lrs() == [0.1, 0.2]
+    aggregate = RoundResult(0, 0, 1, torch.ones(6), [], lrs=[0.05])
+    exchange._apply([aggregate], optimizer.step)
+    assert torch.allclose(a.detach(), torch.full((3,), -0.1))
+    assert torch.allclose(b.detach(), torch.full((3,), -0.2))
