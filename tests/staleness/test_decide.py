@@ -110,6 +110,13 @@ def test_a_round_stands_for_as_many_steps_as_its_members_took(
     assert d.steps == steps and d.total > 0
 
 
+def test_every_member_takes_the_least_learning_rate_sent_per_group() -> None:
+    d = decide([Entry(((8, 5),), norm=1.0, lrs=(0.1, 0.2)), Entry(lrs=(0.05, 0.3)),
+                Entry(((8, 5),), norm=1.0, lrs=(0.01,))])
+    assert d.lrs == [0.05, 0.2], "rank 2's single group does not match rank 0's two"
+    assert decide([Entry(((8, 5),), norm=1.0), Entry(), Entry()]).lrs is None
+
+
 def test_the_weight_function_is_the_callers() -> None:
     d = decide([Entry(((8, 4),), norm=1.0), Entry(), Entry()], weight=lambda s: 0.25 ** s)
     assert d.contributions[0].weight == 0.25 and d.adds[0].mass == 2.0

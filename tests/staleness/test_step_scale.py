@@ -127,7 +127,7 @@ def test_a_round_is_applied_with_its_agreed_learning_rate(optimizer_class: type)
     param = torch.nn.Parameter(torch.zeros(3))
     optimizer = optimizer_class([param], lr=0.1)
     exchange = exchange_for(optimizer, param)
-    exchange._apply([result(1.0, 1.0, lrs=[0.05])], optimizer.step)
+    exchange._apply([result(1.0, 1.0, lrs=[0.05])], TorchStepper(optimizer, optimizer.step))
     assert torch.allclose(param.detach(), torch.full((3,), -0.05), rtol=1e-4)
     assert optimizer.param_groups[0]["lr"] == 0.1
 
