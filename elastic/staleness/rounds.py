@@ -415,7 +415,8 @@ class StalenessRounds:
             aggregate = self._buffer()
             for add in decision.adds:  # normalised as added: no pass over the sum afterwards
                 payload, parts = payloads[add.rank]
-                data = payload if add.part is None else parts[add.part]  # type: ignore[index]
+                data = payload if add.part is None or parts is None else parts[add.part]
+                assert data is not None  # decide_round adds only parts that came with bytes
                 self.codec.decode_add(data, aggregate, add.mass / total)
             self._version += 1
         else:
