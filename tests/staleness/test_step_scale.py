@@ -139,10 +139,10 @@ def test_rates_for_another_number_of_param_groups_are_not_applied() -> None:
     optimizer = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.2}], lr=0.1)
     exchange = StaleExchange.__new__(StaleExchange)
     exchange.layout = FlatLayout([a, b], 1 << 62)
-    exchange._groups = optimizer.param_groups
     exchange.rounds, exchange.on_round, exchange.applied = None, None, 0
-    assert exchange._lrs() == [0.1, 0.2]
+    stepper = TorchStepper(optimizer, optimizer.step)
+    assert stepper.lrs() == [0.1, 0.2]
     aggregate = RoundResult(0, 0, 1, torch.ones(6), [], lrs=[0.05])
-    exchange._apply([aggregate], optimizer.step)
+    exchange._apply([aggregate], stepper)
     assert torch.allclose(a.detach(), torch.full((3,), -0.1))
     assert torch.allclose(b.detach(), torch.full((3,), -0.2))
