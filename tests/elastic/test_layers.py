@@ -49,3 +49,14 @@ def test_importing_the_core_loads_no_frontend() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=repo_env(), capture_output=True,
                          text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_folder_of_the_training_side_is_an_installed_package() -> None:
+    # setup.py's find_packages skips a folder without __init__.py: an installed Horde
+    # would then lack it.
+    from setuptools import find_packages
+
+    packages = set(find_packages(str(REPO), include=["elastic*"]))
+    folders = {".".join(p.parent.relative_to(REPO).parts)
+               for p in (REPO / "elastic").rglob("*.py") if "__pycache__" not in p.parts}
+    assert folders <= packages, f"not packages: {sorted(folders - packages)}"
