@@ -1,46 +1,28 @@
-"""Gradient exchanges other than Horovod's dense allreduce: top-k and bounded staleness.
+"""PyTorch's side of the exchanges other than Horovod's dense allreduce (top-k, staleness).
 
-`DistributedOptimizer` uses one of these when given `compression=hvd.Compression.topk(...)`
-or `staleness=S > 0`. All gradients are laid out in one flat buffer: parameters of at
-least `min_sparse_numel` values first (the part that is sparsified), small ones (biases,
-norms) after it, sent dense. A member's message is self-delimiting payloads (see
-`elastic.sparse`), so one allgather carries everything and every rank decodes in rank
-order into one dense buffer.
+The exchanges themselves are framework-neutral (`elastic.codecs.exchange`,
+`elastic.staleness.exchange`); here is what they need from PyTorch: the parameters'
+gradients as one flat buffer (`FlatLayout`: parameters of at least `min_sparse_numel`
+values first, the part that is sparsified; small ones after it, sent dense), the
+optimizer as the rounds step it (`TorchStepper`, `momentum_from`), and the user-facing
+`hvd.TopKAllreduce` and `hvd.StalenessRounds`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from elastic.compression import TopKCompression
-from elastic.rounds import (
-    Codec,
-    NormCheck,
-    RoundResult,
-    RoundStats,
-    StalenessRounds,
-    inverse_staleness,
-)
-from elastic.sparse import (
-    DENSE_TAG,
-    SparseCompressor,
-    SparsePayload,
-    SparsePayloadError,
-    add_into,
-    allreduce_bytes,
-    pack_payloads,
-    unpack_payloads,
-)
+from elastic.codecs.aggregate import allreduce_bytes
+from elastic.codecs.compression import TopKCompression
+from elastic.codecs.exchange import average_payloads
+from elastic.codecs.stats import RoundStats
+from elastic.staleness import rounds as core_rounds
 
 logger = logging.getLogger(__name__)
-
-#: Log the communication summary every this many exchanges.
-LOG_EVERY = 100
 
 
 class FlatLayout:
@@ -98,99 +80,7 @@ class FlatLayout:
                 offset += n
 
 
-class PayloadCodec(Codec):
-    """Encodes a flat gradient as payloads: top-k of the large part, dense small part."""
-
-    tag = "horde-payloads"
-
-    def __init__(self, layout: FlatLayout, compressor: SparseCompressor | None,
-                 world_size: int, fp16_dense: bool = False) -> None:
-        self.layout = layout
-        self.compressor = compressor
-        self.world_size = world_size
-        self.fp16_dense = fp16_dense
-        # Top-k with error feedback: each step's gradient is compressed when submitted.
-        self.encodes_each = compressor is not None
-        # The sparsified part of each gradient encoded, in order, until its round says
-        # how much of it was applied (what was not goes back to the residual).
-        self.sent: deque[SparsePayload | None] = deque()
-        # The share of a new gradient that enters the compressor's velocity (the rest
-        # enters the residual directly): w(s) of the staleness s this member's last
-        # accepted contribution had, the staleness its next one will most likely have
-        # (set by the exchange; 1 until then). A delayed gradient repeated by momentum
-        # 1/(1-m) times is what destabilises stale top-k with momentum (issue 9).
-        self.intake = 1.0
-
-    def payloads(self, flat: torch.Tensor, step: int) -> list[SparsePayload]:
-        ns, n = self.layout.sparse_numel, self.layout.numel
-        out: list[SparsePayload] = []
-        if ns:
-            if self.compressor is not None:
-                out.append(self.compressor.compress("gradients", flat[:ns], step,
-                                                    world_size=self.world_size,
-                                                    intake=self.intake))
-            else:
-                out.append(self._dense(flat[:ns]))
-        if n > ns:
-            out.append(self._dense(flat[ns:]))
-        return out
-
-    def _dense(self, part: torch.Tensor) -> SparsePayload:
-        values = part.to(torch.float16) if self.fp16_dense else part.clone()
-        return SparsePayload(None, values, part.numel(), part.dtype, DENSE_TAG)
-
-    def encode(self, flat: torch.Tensor, step: int) -> torch.Tensor:
-        payloads = self.payloads(flat, step)
-        if self.compressor is not None:
-            self.sent.append(payloads[0] if self.layout.sparse_numel else None)
-        return pack_payloads(payloads)
-
-    def settle(self, applied: float) -> None:
-        """The oldest encoded gradient's round is known: `applied` (0 to 1) of it entered
-        the parameters at full step size; the rest returns to the residual (error
-        feedback), so a contribution dropped as too stale or down-weighted is delayed,
-        not lost."""
-        payload = self.sent.popleft() if self.sent else None
-        residual = self.compressor.residual("gradients") if self.compressor else None
-        if payload is not None and residual is not None and applied < 1.0:
-            add_into(payload, residual, 1.0 - applied)
-
-    def _split(self, data: torch.Tensor) -> list[SparsePayload]:
-        """The payloads of one member's message, their structure checked (headers, sizes,
-        indices); values are not scanned here: `norm` turns a non-finite value into a
-        non-finite norm, which the round's norm check rejects."""
-        ns, n = self.layout.sparse_numel, self.layout.numel
-        expected = [size for size in (ns, n - ns) if size]
-        payloads, end = unpack_payloads(data, numels=expected, validate=False)
-        if end != data.numel():
-            raise ValueError(f"{data.numel() - end} bytes follow the payloads for buffers "
-                             f"{expected}")
-        for payload in payloads:
-            payload.validate(values=False)
-        return payloads
-
-    def norm(self, data: torch.Tensor, numel: int) -> float:
-        total = 0.0
-        for payload in self._split(data):
-            total += float(torch.linalg.vector_norm(payload.values, dtype=torch.float32)) ** 2
-        return total ** 0.5
-
-    def decode_add(self, data: torch.Tensor, out: torch.Tensor, weight: float) -> None:
-        """Add the payloads into `out`; `data` must have passed `norm` (the rounds check
-        every contribution's norm before adding any)."""
-        ns = self.layout.sparse_numel
-        parts = [out[:ns], out[ns:]] if ns else [out]
-        for payload, part in zip(self._split(data), [p for p in parts if p.numel()]):
-            add_into(payload, part, weight)
-
-    def density(self, step: int) -> float:
-        return self.compressor.density(step) if self.compressor is not None else 1.0
-
-    def residual_norm(self) -> float:
-        return self.compressor.residual_norm() if self.compressor is not None else 0.0
-
-
-def _momentum_from(optimizer: torch.optim.Optimizer, spec: TopKCompression) -> float:
+def momentum_from(optimizer: torch.optim.Optimizer, spec: TopKCompression) -> float:
     """Move SGD's momentum into the compressor (DGC's momentum correction)."""
     if not spec.momentum_correction:
         return 0.0
@@ -212,309 +102,71 @@ def _momentum_from(optimizer: torch.optim.Optimizer, spec: TopKCompression) -> f
     return momentum
 
 
-class SyncSparseExchange:
-    """Synchronous top-k (staleness 0): per step one allgather of every member's payloads, or
-    one dense allreduce on steps that send every buffer dense."""
+class StalenessRounds(core_rounds.StalenessRounds):
+    """`hvd.StalenessRounds`: rounds of one flat gradient buffer in the current generation
+    (`elastic.staleness.rounds.StalenessRounds`, whose arguments it takes)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-                 spec: TopKCompression, process_set: Any) -> None:
-        self.layout = FlatLayout(params, spec.min_sparse_numel)
-        self.compressor = spec.build(_momentum_from(optimizer, spec))
-        self.process_set = process_set
-        self.step = 0
-        self.stats = RoundStats(residual=self.compressor.residual_norm)
-        self._flat: torch.Tensor | None = None  # the gradients, then their average
+    def __init__(self, numel: int, staleness: int, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("runtime") is None:
+            from elastic.torch.runtime import runtime
 
-    def reduce(self) -> None:
-        """Replace every gradient by the average of all members' sparsified gradients."""
-        size = self.process_set.size() or 1
-        codec = PayloadCodec(self.layout, self.compressor, size)
-        flat = self._flat = self.layout.gather(self._flat)
-        payloads = codec.payloads(flat, self.step)
-        expected = [s for s in (self.layout.sparse_numel,
-                                self.layout.numel - self.layout.sparse_numel) if s]
-        dense = self.compressor.prefers_dense(self.layout.sparse_numel, self.step, size)
-        # The payloads no longer refer to `flat` (the compressor keeps its own residual,
-        # dense parts are copies), so the average can overwrite it.
-        out, sent, rejected = average_payloads(
-            payloads, expected, flat, size, "horde.topk", self.process_set,
-            dense_wire=self.compressor.value_dtype if dense else None, out=flat)
-        self.layout.scatter(out)
-        self.stats.rounds += 1
-        self.stats.bytes_sent += sent
-        self.stats.dense_bytes += int(allreduce_bytes(flat.numel(), size, flat.element_size()))
-        self.stats.last_density = self.compressor.density(self.step)
-        self.stats.accepted += size - len(rejected)
-        self.stats.staleness[0] += size - len(rejected)
-        self.stats.rejected += len(rejected)
-        self.step += 1
-        if self.step % LOG_EVERY == 0:
-            logger.info("top-k: %s", self.stats.as_dict())
+            kwargs["runtime"] = runtime()
+        super().__init__(numel, staleness, *args, **kwargs)
 
 
-class StaleExchange:
-    """Bounded-staleness steps: submit this step's gradient, apply finished rounds in order."""
+class TorchStepper:
+    """A torch optimizer as the staleness rounds step it (`elastic.staleness.exchange.Stepper`):
+    `step` runs the wrapped optimizer's own step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-                 spec: TopKCompression | None, staleness: int, round_deadline: float | None,
-                 weight: Callable[[int], float] | None, process_set: Any,
-                 on_round: Callable[[RoundResult], None] | None = None,
-                 fp16_dense: bool = False, norm_check: NormCheck | None = None) -> None:
-        if process_set.process_set_id not in (0, None):
-            raise ValueError("staleness > 0 runs on the global process set only")
-        self.layout = FlatLayout(params, spec.min_sparse_numel if spec else 1 << 62)
-        self.compressor = spec.build(_momentum_from(optimizer, spec)) if spec else None
-        self._groups = optimizer.param_groups
-        self.staleness = staleness
-        self.round_deadline = round_deadline
-        self.weight = weight or inverse_staleness
-        self.on_round = on_round
-        self.norm_check = norm_check
-        self.fp16_dense = fp16_dense  # Compression.fp16: dense values travel as float16
-        self.rounds: StalenessRounds | None = None
-        self._flat: torch.Tensor | None = None
-        self.applied = 0
-        self.totals = RoundStats()  # of the generations before the current rounds
-        self._strikes: Counter = Counter()  # per node, over all generations
-        self.on_start: Callable[[], None] | None = None  # called when new rounds start
+    def __init__(self, optimizer: torch.optim.Optimizer, step: Callable[[], None]) -> None:
+        self._optimizer = optimizer
+        self._step = step
 
-    def _ensure_rounds(self) -> StalenessRounds:
-        from elastic.torch.runtime import context
+    def momentum(self) -> bool:
+        return any(float(g.get("momentum", 0.0) or 0.0) > 0
+                   or float((g.get("betas") or (0.0,))[0]) > 0
+                   for g in self._optimizer.param_groups)
 
-        generation = context().generation.id  # type: ignore[union-attr]
-        if self.rounds is not None and self.rounds.generation == generation:
-            return self.rounds
-        if self.rounds is not None:
-            self.rounds.close()
-            self.totals = self.totals.plus(self.rounds.stats)
-        size = context().topology.size  # type: ignore[union-attr]
-        codec = PayloadCodec(self.layout, self.compressor, size, fp16_dense=self.fp16_dense)
-        on_round = self.on_round or _round_reporter()
-        self.rounds = StalenessRounds(
-            self.layout.numel, self.staleness, codec=codec, round_deadline=self.round_deadline,
-            weight=self.weight, dtype=self.layout.dtype, on_round=on_round,
-            on_strikes=_evict_striker, strikes=self._strikes, norm_check=self.norm_check)
-        self.applied = 0
-        if self.on_start is not None:
-            self.on_start()
-        return self.rounds
+    def adaptive(self) -> bool:
+        """Adam, AdamW, ...: param groups with `betas`."""
+        return any("betas" in g for g in self._optimizer.param_groups)
 
-    def step(self, samples: int, apply: Callable[[], None]) -> None:
-        """Submit the current gradients; run `apply()` once per finished aggregate."""
-        rounds = self._ensure_rounds()
-        lrs = self._lrs()
-        if rounds.codec.encodes_each:  # encoded in submit(): one buffer serves every step
-            self._flat = self.layout.gather(self._flat)
-            rounds.submit(self._flat, samples, self.applied, copy=False, lrs=lrs)
-        else:
-            rounds.submit(self.layout.gather(), samples, self.applied, copy=False, lrs=lrs)
-        self._apply(rounds.results(block=False), apply)
-        while rounds.outstanding > self.staleness:
-            self._apply(rounds.results(block=True, timeout=1.0), apply)
-        rounds.released()
-
-    def _apply(self, results: list[RoundResult], apply: Callable[[], None]) -> None:
-        damped = self._damped()
-        adaptive = self._adaptive()
-        for result in results:
-            self._settle(result, damped)
-            if result.aggregate is not None:
-                # One step per member step the aggregate stands for (a round that caught
-                # two gradients of each member takes two steps' length), and with the
-                # optimizer's momentum a staleness-aware step: a round of gradients s
-                # aggregates old steps w(s) as far as a fresh one (the aggregate is their
-                # average).
-                factor = result.steps * (result.freshness if damped else 1.0)
-                if adaptive:  # Adam and kin ignore a gradient's scale: scale the step
-                    self.layout.scatter(result.aggregate)
-                    self._with_lrs(result.lrs, factor, apply)
-                else:  # SGD: scale what enters the momentum buffer and the step
-                    self.layout.scatter(result.aggregate, factor)
-                    self._with_lrs(result.lrs, 1.0, apply)
-                self.applied += 1
-                if self.on_round is None and self.rounds is not None:  # nobody else holds it
-                    self.rounds.recycle(result.aggregate)
-
-    def _adaptive(self) -> bool:
-        """Whether the optimizer normalises the gradient's scale away (Adam, AdamW, ...:
-        param groups with `betas`), so a step is scaled through its learning rate."""
-        return any("betas" in g for g in self._groups)
-
-    def _lrs(self) -> list[float] | None:
+    def lrs(self) -> list[float] | None:
         """This member's learning rates, one per param group (None if a group has none)."""
         try:
-            return [float(g["lr"]) for g in self._groups]
+            return [float(g["lr"]) for g in self._optimizer.param_groups]
         except (KeyError, TypeError, ValueError, RuntimeError):
             return None
 
-    def _with_lrs(self, lrs: list[float] | None, factor: float,
-                  apply: Callable[[], None]) -> None:
-        """Run `apply()` with the round's agreed learning rates (`RoundResult.lrs`, the
-        same on every member, so a schedule stepped per local step does not part them)
-        times `factor`, then restore each group's own (a scheduler sees its values)."""
-        if lrs is not None and len(lrs) != len(self._groups):
+    def step(self, lr_factor: float = 1.0, lrs: list[float] | None = None) -> None:
+        """Step with the round's agreed learning rates (`RoundResult.lrs`, the same on
+        every member, so a schedule stepped per local step does not part them) times
+        `lr_factor`, then restore each group's own (a scheduler sees its values)."""
+        groups = self._optimizer.param_groups
+        if lrs is not None and len(lrs) != len(groups):
             lrs = None  # another optimizer layout than the round's: keep our own rates
-        if lrs is None and factor == 1.0:
-            apply()
+        if lrs is None and lr_factor == 1.0:
+            self._step()
             return
-        saved = [g.get("lr") for g in self._groups]
+        saved = [g.get("lr") for g in groups]
         try:
-            for i, (g, lr) in enumerate(zip(self._groups, saved)):
+            for i, (g, lr) in enumerate(zip(groups, saved)):
                 if lr is not None:
-                    g["lr"] = (lrs[i] if lrs is not None else lr) * factor
-            apply()
+                    g["lr"] = (lrs[i] if lrs is not None else lr) * lr_factor
+            self._step()
         finally:
-            for g, lr in zip(self._groups, saved):
+            for g, lr in zip(groups, saved):
                 if lr is not None:
                     g["lr"] = lr
 
-    def _damped(self) -> bool:
-        """Whether stale aggregates take a shorter step: with the optimizer's momentum
-        (SGD's `momentum`, Adam's first beta). A gradient one aggregate old shrinks the
-        steps for which heavy-ball momentum m is stable from 2(1+m)/h to (1-m)/h on a
-        curvature h (0.1/h against 3.8/h for m=0.9), but only from 2/h to 1/h without
-        momentum, where a shorter step would only slow training down. The compressor's
-        momentum (top-k's momentum correction) is damped where gradients enter it
-        instead (`PayloadCodec.intake`): full steps, stale gradients repeated less."""
-        return any(float(g.get("momentum", 0.0) or 0.0) > 0
-                   or float((g.get("betas") or (0.0,))[0]) > 0 for g in self._groups)
-
-    def _settle(self, result: RoundResult, damped: bool) -> None:
-        """Tell the codec what became of this member's own contributions in the round."""
-        rounds = self.rounds
-        if rounds is None or not isinstance(rounds.codec, PayloadCodec) \
-                or rounds.codec.compressor is None:
-            return
-        for c in result.contributions:
-            if c.rank != rounds.rank:
-                continue
-            if c.accepted:
-                applied = c.weight if damped else 1.0
-                rounds.codec.intake = c.weight  # w(s) of an accepted one
-            elif c.staleness > self.staleness:
-                applied = 0.0  # dropped unapplied: all of it goes back
-            else:
-                applied = 1.0  # rejected: never fed back
-            rounds.codec.settle(applied)
-
-    def finish(self, apply: Callable[[], None]) -> None:
-        """End the rounds on every member together and apply what is left."""
-        if self.rounds is not None:
-            self._apply(self.rounds.finish(), apply)
-            self.totals = self.totals.plus(self.rounds.stats)
-            self.rounds = None
-
-    @property
-    def stats(self) -> RoundStats:
-        """Counts over every generation this optimizer ran in."""
-        return self.totals.plus(self.rounds.stats) if self.rounds is not None else self.totals
-
-
-def _round_reporter() -> Callable[[RoundResult], None] | None:
-    """Report every staleness round to the coordinator, when there is one."""
-    from elastic.reporting import report_from_round
-    from elastic.torch.runtime import context, reporter
-
-    sink = reporter()
-    if sink is None:
-        return None
-    ctx = context()
-    members = list(ctx.generation.node_ids)  # type: ignore[union-attr]
-    job = ctx.rdzv.job
-    return lambda result: sink.record(report_from_round(job, members, result))
-
 
 def report_synchronous_step(samples: int | None, process_set: Any) -> None:
-    """Synchronous steps: report the round to the coordinator, when there is one.
+    """A synchronous step of the global set: credit it (`elastic.credit.steps`)."""
+    from elastic.credit import steps
+    from elastic.torch.runtime import runtime
 
-    The allreduce that just completed is itself the proof that every member took part.
-    With `samples=None` (the default, and what every Horovod script passes) each member
-    counts one sample per step and nothing more is exchanged; with explicit counts, one
-    allgather shares them (pass `samples` on every rank or on none).
-    """
-    from elastic.torch.collectives import allgather
-    from elastic.torch.runtime import context, reporter
-
-    sink = reporter()
-    if sink is None or process_set.process_set_id not in (0, None):
-        return
-    generation = context().generation
-    members = list(generation.node_ids)  # type: ignore[union-attr]
-    if samples is None:
-        counts = [1] * len(members)
-    else:
-        counts = allgather(torch.tensor([int(samples)]), name="horde.samples").tolist()
-    sink.record_step(generation.id, members, counts)  # type: ignore[union-attr]
-
-
-def _evict_striker(node: str, reason: str) -> None:
-    """Rank 0 blacklists a node whose contributions were rejected too often."""
-    from elastic.torch.runtime import context
-
-    ctx = context()
-    if ctx.agent is None or ctx.topology is None or ctx.topology.rank != 0:
-        return
-    from rendezvous.agent import blacklist_node
-
-    blacklist_node(ctx.agent.backend, ctx.agent.keys, node,
-                   f"too many rejected contributions (last: {reason})",
-                   ctx.rdzv.blacklist_cooldown)
-
-
-def average_payloads(payloads: list[SparsePayload], numels: list[int], like: torch.Tensor,
-                     size: int, name: str, process_set: Any,
-                     dense_wire: torch.dtype | None = None, out: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, int, list[int]]:
-    """The average over ranks of every rank's `payloads` (one per buffer, together
-    `like.numel()` values), the bytes this rank sent for it, and the ranks whose
-    payloads were rejected (indices out of range or not ascending, NaN/Inf values: left
-    out of the average on every member alike).
-
-    `dense_wire`: this step is dense on every rank (warm-up, density above the
-    allgather's break-even; the same decision everywhere): one ring allreduce of the
-    values in that dtype carries it, as Horovod's would. Otherwise one allgather of the
-    self-delimiting payloads, added in rank order into one buffer: `out` when given (a
-    buffer like `like`, overwritten), else a new one.
-    """
-    from elastic.torch.collectives import Average, allgather, allreduce
-
-    if dense_wire is not None:
-        values = torch.cat([_dense_values(p, dense_wire) for p in payloads])
-        out = allreduce(values, op=Average, name=f"{name}.dense", process_set=process_set)
-        sent = int(allreduce_bytes(values.numel(), size, values.element_size()))
-        return out.to(like.dtype), sent, []
-    message = pack_payloads(payloads)
-    gathered = allgather(message, name=name, process_set=process_set)
-    out = torch.zeros_like(like) if out is None else out.zero_()
-    parts = []
-    offset = 0
-    for n in numels:
-        parts.append(out[offset:offset + n])
-        offset += n
-    offset, accepted, rejected = 0, 0, []
-    for rank in range(size):
-        received, offset = unpack_payloads(gathered, offset, numels=numels, validate=False)
-        try:
-            for payload in received:
-                payload.validate()
-        except SparsePayloadError as exc:
-            # Every member sees the same bytes, so every member rejects the same rank.
-            logger.warning("top-k: rejected the gradient of rank %d: %s", rank, exc)
-            rejected.append(rank)
-            continue
-        for payload, part in zip(received, parts):
-            add_into(payload, part, 1.0)
-        accepted += 1
-    return out.div_(max(accepted, 1)), int(message.numel()) * (size - 1), rejected
-
-
-def _dense_values(payload: SparsePayload, dtype: torch.dtype) -> torch.Tensor:
-    """A payload's values as a dense vector (zeros where a sparse one sends nothing)."""
-    if payload.indices is None:
-        return payload.values.reshape(-1).to(dtype)
-    out = torch.zeros(payload.numel, dtype=dtype, device=payload.values.device)
-    out.index_copy_(0, payload.indices.long(), payload.values.to(dtype))
-    return out
+    if process_set.process_set_id in (0, None):
+        steps.report_synchronous_step(runtime(), samples)
 
 
 class TopKAllreduce:
@@ -541,6 +193,7 @@ class TopKAllreduce:
 
     def __call__(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """The average over ranks of `tensor` as top-k with error feedback transmits it."""
+        from elastic.torch.runtime import process_set_id, runtime
 
         size = self.process_set.size() or 1
         step = self.steps.get(name, 0)
@@ -549,7 +202,8 @@ class TopKAllreduce:
         payload = self.compressor.compress(name, flat, step, world_size=size)
         dense = self.compressor.prefers_dense(flat.numel(), step, size)
         out, sent, rejected = average_payloads(
-            [payload], [flat.numel()], flat, size, f"horde.topk.{name}", self.process_set,
+            runtime().engine, [payload], [flat.numel()], flat, size, f"horde.topk.{name}",
+            process_set_id(self.process_set),
             dense_wire=self.compressor.value_dtype if dense else None)
         self.stats.rejected += len(rejected)
         self.stats.rounds += 1

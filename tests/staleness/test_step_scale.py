@@ -12,17 +12,18 @@ from collections import Counter, deque
 import pytest
 import torch
 
-from elastic.rounds import (
+from elastic.codecs import DenseCodec
+from elastic.codecs.stats import RoundStats
+from elastic.staleness import (
     Contribution,
-    DenseCodec,
     NormCheck,
     RoundResult,
-    RoundStats,
     StalenessRounds,
     inverse_staleness,
-    pack,
 )
-from elastic.torch.exchange import FlatLayout, StaleExchange
+from elastic.staleness.exchange import StaleExchange
+from elastic.staleness.wire import pack
+from elastic.torch.exchange import FlatLayout, TorchStepper
 
 
 def rounds_of(members: int, version: int) -> StalenessRounds:
@@ -86,7 +87,6 @@ def test_a_message_with_bad_learning_rates_is_rejected(lrs: object) -> None:
 def exchange_for(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> StaleExchange:
     exchange = StaleExchange.__new__(StaleExchange)  # applying rounds alone
     exchange.layout = FlatLayout([param], 1 << 62)
-    exchange._groups = optimizer.param_groups
     exchange.rounds, exchange.on_round, exchange.applied = None, None, 0
     return exchange
 
@@ -104,7 +104,7 @@ def test_sgd_steps_by_the_rounds_steps_and_with_momentum_its_freshness(
     param = torch.nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.SGD([param], lr=0.1, momentum=momentum)
     exchange = exchange_for(optimizer, param)
-    exchange._apply([result(steps=2.0, freshness=0.5)], optimizer.step)
+    exchange._apply([result(steps=2.0, freshness=0.5)], TorchStepper(optimizer, optimizer.step))
     assert torch.allclose(param.detach(), torch.full((3,), -0.1 * expected))
     assert exchange.applied == 1
 
@@ -116,7 +116,7 @@ def test_adam_steps_through_its_learning_rate_and_gets_it_back(
     param = torch.nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.Adam([param], lr=0.01)
     exchange = exchange_for(optimizer, param)
-    exchange._apply([result(steps, freshness)], optimizer.step)
+    exchange._apply([result(steps, freshness)], TorchStepper(optimizer, optimizer.step))
     # Adam's first step moves each entry by lr whatever the gradient's scale.
     assert torch.allclose(param.detach(), torch.full((3,), -0.01 * expected), rtol=1e-4)
     assert optimizer.param_groups[0]["lr"] == 0.01  # a scheduler sees its own value
@@ -127,7 +127,7 @@ def test_a_round_is_applied_with_its_agreed_learning_rate(optimizer_class: type)
     param = torch.nn.Parameter(torch.zeros(3))
     optimizer = optimizer_class([param], lr=0.1)
     exchange = exchange_for(optimizer, param)
-    exchange._apply([result(1.0, 1.0, lrs=[0.05])], optimizer.step)
+    exchange._apply([result(1.0, 1.0, lrs=[0.05])], TorchStepper(optimizer, optimizer.step))
     assert torch.allclose(param.detach(), torch.full((3,), -0.05), rtol=1e-4)
     assert optimizer.param_groups[0]["lr"] == 0.1
 
@@ -139,10 +139,10 @@ def test_rates_for_another_number_of_param_groups_are_not_applied() -> None:
     optimizer = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.2}], lr=0.1)
     exchange = StaleExchange.__new__(StaleExchange)
     exchange.layout = FlatLayout([a, b], 1 << 62)
-    exchange._groups = optimizer.param_groups
     exchange.rounds, exchange.on_round, exchange.applied = None, None, 0
-    assert exchange._lrs() == [0.1, 0.2]
+    stepper = TorchStepper(optimizer, optimizer.step)
+    assert stepper.lrs() == [0.1, 0.2]
     aggregate = RoundResult(0, 0, 1, torch.ones(6), [], lrs=[0.05])
-    exchange._apply([aggregate], optimizer.step)
+    exchange._apply([aggregate], stepper)
     assert torch.allclose(a.detach(), torch.full((3,), -0.1))
     assert torch.allclose(b.detach(), torch.full((3,), -0.2))
