@@ -24,10 +24,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from elastic.errors import HorovodInternalError
+
+if TYPE_CHECKING:
+    from elastic.core.runtime import GenerationRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -306,19 +310,23 @@ class StalenessRounds:
         on_strikes: Callable[[str, str], None] | None = None,
         strikes: Counter | None = None,
         stream: int | None = None,
+        runtime: GenerationRuntime | None = None,
     ) -> None:
         """`strikes`: a count per node to go on from (an earlier generation's), so that
         membership changes do not wipe a node's record. `stream`: which stream of rounds
         of this generation this is, default the next (streams one after another, each
-        finished before the next, as every member does alike: a process group each)."""
+        finished before the next, as every member does alike: a process group each).
+        `runtime`: the generation to run in (default: the current one)."""
         if staleness < 0:
             raise ValueError(f"staleness={staleness} must be >= 0")
         if round_deadline is not None and round_deadline < 0:
             raise ValueError(f"round_deadline={round_deadline} must be >= 0 seconds")
-        from elastic.engine import CollectiveEngine
-        from elastic.torch.runtime import context
+        from elastic.core.engine import CollectiveEngine
 
-        ctx = context()
+        if runtime is None:
+            from elastic.core.session import runtime as current
+
+            runtime = current()
         self.numel = numel
         self.staleness = staleness
         self.codec = codec or DenseCodec()
@@ -330,19 +338,19 @@ class StalenessRounds:
                                 strikes=strikes if strikes is not None else Counter())
         self.on_round = on_round
         self.on_strikes = on_strikes
-        self.generation = ctx.generation.id  # type: ignore[union-attr]
-        self.node_id = ctx.node_id
-        self._members = list(ctx.generation.node_ids)  # type: ignore[union-attr]
+        self.generation = runtime.generation.id
+        self.node_id = runtime.node_id
+        self._members = runtime.members
         self._peers_finishing = False
-        self.rank = ctx.topology.rank  # type: ignore[union-attr]
-        self.size = ctx.topology.size  # type: ignore[union-attr]
-        self._interrupted = ctx._interrupted
+        self.rank = runtime.rank
+        self.size = runtime.size
+        self._interrupted = runtime.interrupted
         if stream is None:
             stream = _streams[self.generation]
         _streams[self.generation] = stream + 1
-        transport = ctx.transport.subset(list(range(self.size)),  # type: ignore[union-attr]
-                                         ROUNDS_SET_ID + stream)
-        self._engine = CollectiveEngine(transport, self._interrupted)  # type: ignore[arg-type]
+        transport = runtime.transport.subset(list(range(self.size)), ROUNDS_SET_ID + stream)
+        assert transport is not None  # every rank is in the set
+        self._engine = CollectiveEngine(transport, self._interrupted)
         self._outbox: deque[_Pending] = deque()
         self._outbox_ready = threading.Condition()
         self._results: queue.Queue[RoundResult | BaseException] = queue.Queue()
@@ -547,7 +555,7 @@ class StalenessRounds:
         return self.codec.encode(combined, self._round)
 
     def _run_round(self, pending: list[_Pending]) -> RoundResult:
-        from elastic.engine import Kind, Request
+        from elastic.core.engine import Kind, Request
 
         t = self._round
         self._round_started = time.monotonic()

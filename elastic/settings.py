@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_REPORT_SPAN = 16
 DEFAULT_STALL_CHECK_TIME = 60.0
@@ -62,6 +62,13 @@ class WorkerSettings:
     fusion_threshold: int | None = None
     """Bytes per DistributedOptimizer bucket (HOROVOD_FUSION_THRESHOLD; None: the
     optimizer's default; 0: one bucket per tensor, i.e. no fusion)."""
+    coordinator: str = ""
+    """URL of the coordinator that rounds are reported to for credit (HORDE_COORDINATOR;
+    empty: no reports)."""
+    coordinator_registration_token: str | None = field(default=None, repr=False)
+    """Bearer token for registering this node (HORDE_COORDINATOR_REGISTRATION_TOKEN)."""
+    coordinator_token: str | None = field(default=None, repr=False)
+    """This node's own token, if it registered before (HORDE_COORDINATOR_TOKEN)."""
 
     @property
     def stall_check_seconds(self) -> float:
@@ -122,6 +129,10 @@ class WorkerSettings:
             stall_shutdown_time=_number(env, ("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",), 0.0),
             stall_check=not _flag(env, "HOROVOD_STALL_CHECK_DISABLE"),
             fusion_threshold=_integer(env, "HOROVOD_FUSION_THRESHOLD", None),
+            coordinator=env.get("HORDE_COORDINATOR", ""),
+            coordinator_registration_token=env.get("HORDE_COORDINATOR_REGISTRATION_TOKEN")
+            or None,
+            coordinator_token=env.get("HORDE_COORDINATOR_TOKEN") or None,
         )
 
 

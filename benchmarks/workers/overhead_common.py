@@ -132,7 +132,7 @@ def without_negotiation() -> Iterator[None]:
     Patches `CollectiveEngine._negotiate` in this process only, while the block runs;
     every rank must do the same, or collectives pair up wrongly.
     """
-    from elastic.engine import CollectiveEngine
+    from elastic.core.engine import CollectiveEngine
 
     original = CollectiveEngine._negotiate
     CollectiveEngine._negotiate = (  # type: ignore[method-assign]

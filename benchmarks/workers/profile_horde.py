@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from overhead_common import without_negotiation
 
-from elastic import engine as engine_mod
+from elastic.core import engine as engine_mod
 from elastic.torch import optimizer as optimizer_mod
 
 _events: list[tuple[str, float, float]] = []
@@ -188,10 +188,10 @@ def _isolated(grads: list[torch.Tensor], reps: int) -> dict[str, list[float]]:
     import torch.distributed as dist
 
     import elastic.torch as hvd
-    from elastic.engine import _META_LEN, Kind, Request
+    from elastic.core.engine import _META_LEN, Kind, Request
     from elastic.torch import runtime
 
-    ctx = runtime.context()
+    ctx = runtime.runtime()
     gloo = ctx.transport.gloo
     engine = ctx.engine
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -21,9 +21,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from elastic.core.stall import Activity, read_activity, waited
 from elastic.launcher import hosts as hostlib
 from elastic.launcher.output import output_paths, pump
-from elastic.stall import Activity, read_activity, waited
 from rendezvous import backend_from_url
 from rendezvous.backend import RendezvousBackend
 from rendezvous.errors import RendezvousError
@@ -500,7 +500,7 @@ class Launcher:
 def describe_stragglers(workers: list[tuple[int, str]], generation: Generation | None,
                         records: dict[str, Activity], now: float) -> str:
     """`worker 0 (rank 0, node n-0): not in a collective; ...` for workers still running:
-    the collective each waits in (records published by `elastic.stall`) and for how long."""
+    the collective each waits in (records published by `elastic.core.stall`) and for how long."""
     parts = []
     for index, node_id in workers:
         rank = generation.rank_of(node_id) if generation is not None else None

@@ -1,7 +1,7 @@
 """Horovod's Adasum optimizer: `DistributedOptimizer(optimizer, op=hvd.Adasum)`.
 
 Each rank first steps the wrapped optimizer on its own gradients; what is combined across
-ranks is the change of the parameters (the *delta*), by Adasum (`elastic.adasum`), and
+ranks is the change of the parameters (the *delta*), by Adasum (`elastic.core.adasum`), and
 every rank then sets its parameters to their value before the step plus the combined
 delta. Adasum adapts to the deltas: their sum when they are orthogonal, their average when
 they are parallel, so the learning rate needs less scaling with the number of ranks than

@@ -5,43 +5,42 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from elastic.torch.runtime import context
+from elastic.torch.runtime import runtime
 
 
 def size() -> int:
     """Number of workers in the current generation."""
-    return context().topology.size  # type: ignore[union-attr]
+    return runtime().topology.size
 
 
 def rank() -> int:
     """This worker's rank in the current generation (changes only on a reset)."""
-    return context().topology.rank  # type: ignore[union-attr]
+    return runtime().topology.rank
 
 
 def local_size() -> int:
     """Number of workers on this host."""
-    return context().topology.local_size  # type: ignore[union-attr]
+    return runtime().topology.local_size
 
 
 def local_rank() -> int:
     """This worker's rank among the workers on its host."""
-    return context().topology.local_rank  # type: ignore[union-attr]
+    return runtime().topology.local_rank
 
 
 def cross_size() -> int:
     """Number of hosts that have a worker with this worker's local rank."""
-    return context().topology.cross_size  # type: ignore[union-attr]
+    return runtime().topology.cross_size
 
 
 def cross_rank() -> int:
     """This host's index among the hosts that have a worker with this local rank."""
-    return context().topology.cross_rank  # type: ignore[union-attr]
+    return runtime().topology.cross_rank
 
 
 def is_homogeneous() -> bool:
     """True when every host runs the same number of workers."""
-    gen = context().generation
-    hosts = [m.host for m in gen.members]  # type: ignore[union-attr]
+    hosts = [m.host for m in runtime().generation.members]
     counts = {h: hosts.count(h) for h in hosts}
     return len(set(counts.values())) <= 1
 

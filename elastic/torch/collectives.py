@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from elastic.compression import Compression, Compressor
-from elastic.engine import Kind, ReduceOp, Request, shard_rows
-from elastic.errors import HorovodInternalError
+from elastic.core.engine import Kind, ReduceOp, Request, shard_rows
 from elastic.torch import runtime
 from elastic.torch.runtime import ProcessSet, global_process_set
 
@@ -51,10 +50,7 @@ def _register(future: Future, finish: Callable[[Any], Any]) -> int:
 
 
 def _submit(request: Request) -> Future:
-    ctx = runtime.context()
-    if ctx.engine is None:
-        raise HorovodInternalError("no process group: the worker is between generations")
-    return ctx.engine.submit(request)
+    return runtime.runtime().engine.submit(request)
 
 
 def _pset(process_set: ProcessSet) -> int:
@@ -84,7 +80,7 @@ def _check_tensor(tensor: Any, what: str) -> torch.Tensor:
 
 
 def _check_root(root_rank: int, process_set: ProcessSet) -> int:
-    size = process_set.size() or runtime.context().topology.size  # type: ignore[union-attr]
+    size = process_set.size() or runtime.runtime().size
     if not isinstance(root_rank, int) or not 0 <= root_rank < size:
         raise ValueError(f"root_rank={root_rank!r} is not a rank of the process set "
                          f"(valid: 0..{size - 1})")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from elastic.sparse import (
     pack_payloads,
     unpack_payloads,
 )
+
+if TYPE_CHECKING:
+    from elastic.core.runtime import GenerationRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -278,30 +281,30 @@ class StaleExchange:
         self._strikes: Counter = Counter()  # per node, over all generations
         self.on_start: Callable[[], None] | None = None  # called when new rounds start
 
-    def _ensure_rounds(self) -> StalenessRounds:
-        from elastic.torch.runtime import context
-
-        generation = context().generation.id  # type: ignore[union-attr]
+    def _ensure_rounds(self, runtime: GenerationRuntime) -> StalenessRounds:
+        generation = runtime.generation.id
         if self.rounds is not None and self.rounds.generation == generation:
             return self.rounds
         if self.rounds is not None:
             self.rounds.close()
             self.totals = self.totals.plus(self.rounds.stats)
-        size = context().topology.size  # type: ignore[union-attr]
-        codec = PayloadCodec(self.layout, self.compressor, size, fp16_dense=self.fp16_dense)
-        on_round = self.on_round or _round_reporter()
+        codec = PayloadCodec(self.layout, self.compressor, runtime.size,
+                             fp16_dense=self.fp16_dense)
+        on_round = self.on_round or _round_reporter(runtime)
         self.rounds = StalenessRounds(
             self.layout.numel, self.staleness, codec=codec, round_deadline=self.round_deadline,
             weight=self.weight, dtype=self.layout.dtype, on_round=on_round,
-            on_strikes=_evict_striker, strikes=self._strikes, norm_check=self.norm_check)
+            on_strikes=_evictor(runtime), strikes=self._strikes, norm_check=self.norm_check,
+            runtime=runtime)
         self.applied = 0
         if self.on_start is not None:
             self.on_start()
         return self.rounds
 
-    def step(self, samples: int, apply: Callable[[], None]) -> None:
-        """Submit the current gradients; run `apply()` once per finished aggregate."""
-        rounds = self._ensure_rounds()
+    def step(self, runtime: GenerationRuntime, samples: int, apply: Callable[[], None]) -> None:
+        """Submit the current gradients to the rounds of `runtime`'s generation; run
+        `apply()` once per finished aggregate."""
+        rounds = self._ensure_rounds(runtime)
         if rounds.codec.encodes_each:  # encoded in submit(): one buffer serves every step
             self._flat = self.layout.gather(self._flat)
             rounds.submit(self._flat, samples, self.applied, copy=False)
@@ -398,17 +401,14 @@ class StaleExchange:
         return self.totals.plus(self.rounds.stats) if self.rounds is not None else self.totals
 
 
-def _round_reporter() -> Callable[[RoundResult], None] | None:
+def _round_reporter(runtime: GenerationRuntime) -> Callable[[RoundResult], None] | None:
     """Report every staleness round to the coordinator, when there is one."""
-    from elastic.reporting import report_from_round
-    from elastic.torch.runtime import context, reporter
+    from elastic.credit.reports import report_from_round
 
-    sink = reporter()
+    sink = runtime.reports
     if sink is None:
         return None
-    ctx = context()
-    members = list(ctx.generation.node_ids)  # type: ignore[union-attr]
-    job = ctx.rdzv.job
+    members, job = runtime.members, runtime.job
     return lambda result: sink.record(report_from_round(job, members, result))
 
 
@@ -421,32 +421,27 @@ def report_synchronous_step(samples: int | None, process_set: Any) -> None:
     allgather shares them (pass `samples` on every rank or on none).
     """
     from elastic.torch.collectives import allgather
-    from elastic.torch.runtime import context, reporter
+    from elastic.torch.runtime import runtime
 
-    sink = reporter()
+    current = runtime()
+    sink = current.reports
     if sink is None or process_set.process_set_id not in (0, None):
         return
-    generation = context().generation
-    members = list(generation.node_ids)  # type: ignore[union-attr]
+    members = current.members
     if samples is None:
         counts = [1] * len(members)
     else:
         counts = allgather(torch.tensor([int(samples)]), name="horde.samples").tolist()
-    sink.record_step(generation.id, members, counts)  # type: ignore[union-attr]
+    sink.record_step(current.generation.id, members, counts)
 
 
-def _evict_striker(node: str, reason: str) -> None:
+def _evictor(runtime: GenerationRuntime) -> Callable[[str, str], None] | None:
     """Rank 0 blacklists a node whose contributions were rejected too often."""
-    from elastic.torch.runtime import context
-
-    ctx = context()
-    if ctx.agent is None or ctx.topology is None or ctx.topology.rank != 0:
-        return
-    from rendezvous.agent import blacklist_node
-
-    blacklist_node(ctx.agent.backend, ctx.agent.keys, node,
-                   f"too many rejected contributions (last: {reason})",
-                   ctx.rdzv.blacklist_cooldown)
+    blacklist = runtime.blacklist
+    if blacklist is None:
+        return None
+    return lambda node, reason: blacklist(
+        node, f"too many rejected contributions (last: {reason})")
 
 
 def average_payloads(payloads: list[SparsePayload], numels: list[int], like: torch.Tensor,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from elastic.engine import Kind, Request
+from elastic.core.engine import Kind, Request
 from elastic.torch import collectives
 from elastic.torch.collectives import Max, allgather, allreduce, broadcast_
 from elastic.torch.runtime import ProcessSet, global_process_set

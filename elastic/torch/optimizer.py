@@ -28,10 +28,9 @@ from elastic.compression import (
     NoneCompressor,
     TopKCompression,
 )
-from elastic.engine import ReduceOp
-from elastic.gradients import DTYPES, GradientChannel
+from elastic.core.engine import GradientStep, ReduceOp
+from elastic.core.gradients import DTYPES
 from elastic.rounds import NormCheck
-from elastic.settings import WorkerSettings
 from elastic.torch import runtime
 from elastic.torch.adasum_optimizer import (
     ZERO_GRAD_RACE,
@@ -68,7 +67,8 @@ class _Launched:
     """Views of `flat` shaped as the bucket's gradients."""
     work: Any = None
     """The bucket's allreduce on the gradient channel, when sent directly."""
-    channel: GradientChannel | None = None
+    step: GradientStep | None = None
+    """The step whose channel carries `work`."""
     index: int = -1
     was_sparse: list[bool] = field(default_factory=list)
     handle: int | None = None
@@ -232,8 +232,7 @@ class _DistributedOptimizer:
         self._next_bucket = 0
         self._inflight: list[_Launched] = []
         self._touched = False
-        self._direct: GradientChannel | None = None
-        self._joined_mark = -1
+        self._step: GradientStep | None = None
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         """Change how many backward passes are accumulated before gradients are reduced."""
@@ -266,21 +265,19 @@ class _DistributedOptimizer:
                     self._launch(self._next_bucket)
                     self._next_bucket += 1
 
-    def _channel(self) -> GradientChannel | None:
-        """The generation's gradient channel, when this optimizer's buckets may use it."""
+    def _begin_step(self) -> None:
+        """At the first bucket of a step: direct or negotiated, the same on every rank.
+        Only plain dense buckets of the global set may use the gradient channel."""
         if self.process_set.process_set_id not in (0, None) or self._exchange is not None \
                 or self._compression is not NoneCompressor \
                 or self.op not in (ReduceOp.Average, ReduceOp.Sum):
-            return None
-        engine = runtime.context().engine
-        return engine.gradients if engine is not None else None
+            self._step = None
+            return
+        self._step = runtime.runtime().engine.gradient_step(self._serial)
 
-    def _begin_step(self) -> None:
-        """At the first bucket of a step: direct or negotiated, the same on every rank."""
-        channel = self._channel()
-        self._direct = channel if channel is not None and channel.serves(self._serial) else None
-        engine = runtime.context().engine
-        self._joined_mark = engine.joined_seen if engine is not None else -1
+    def _direct(self) -> bool:
+        """Whether this step's buckets go directly on the gradient channel."""
+        return self._step is not None and self._step.direct
 
     def _launch(self, index: int) -> None:
         if not self._inflight:
@@ -305,7 +302,7 @@ class _DistributedOptimizer:
                     op=Average if self.op == Average else Sum, process_set=self.process_set)
                 entry.sparse.append((p, handle))
                 continue
-            entry.was_sparse.append(grad.is_sparse and self._direct is None)
+            entry.was_sparse.append(grad.is_sparse and not self._direct())
             if grad.is_sparse:
                 grad = grad.to_dense()
             tensor, ctx = self._compression.compress(grad)
@@ -318,21 +315,21 @@ class _DistributedOptimizer:
                 postscale = self.gradient_predivide_factor
             else:
                 prescale = postscale = 1.0
-            channel = self._direct
+            step = self._step if self._direct() else None
             dtype = compressed[0].dtype
-            if channel is not None and (dtype not in DTYPES or any(
+            if step is not None and (dtype not in DTYPES or any(
                     t.dtype != dtype or t.device.type != "cpu" for t in compressed)):
                 # The model changed dtype or device since the channel was armed (alike on
                 # every rank): this bucket, and the next steps, go through negotiation.
-                channel.disarm()
-                channel = None
-            filled = self._fill_flat(index, compressed, channel.tail if channel else 0)
-            if channel is not None and filled is not None:
+                step.fall_back()
+                step = None
+            filled = self._fill_flat(index, compressed, step.tail if step else 0)
+            if step is not None and filled is not None:
                 entry.flat, entry.views = filled
-                entry.channel, entry.index = channel, index
+                entry.step, entry.index = step, index
                 if prescale != 1.0:
-                    entry.flat[:entry.flat.numel() - channel.tail].mul_(prescale)
-                entry.work = channel.start(entry.flat, index)
+                    entry.flat[:entry.flat.numel() - step.tail].mul_(prescale)
+                entry.work = step.start(entry.flat, index)
             elif filled is not None:
                 entry.flat, entry.views = filled
                 flat = entry.flat
@@ -391,13 +388,10 @@ class _DistributedOptimizer:
             p.grad = synchronize(handle).coalesce()
 
     def _finish_direct(self, entry: _Launched) -> None:
-        channel, work = entry.channel, entry.work
-        assert channel is not None and entry.flat is not None
+        step, work = entry.step, entry.work
+        assert step is not None and entry.flat is not None
         entry.work = None
-        count = channel.finish(work, entry.flat, entry.index)
-        engine = runtime.context().engine
-        if engine is not None:
-            engine.count_direct(1)
+        count = step.finish(work, entry.flat, entry.index)
         factor = 1.0
         if self.op == Average:
             factor = self.gradient_predivide_factor / count
@@ -412,21 +406,19 @@ class _DistributedOptimizer:
 
     def _after_step(self, inflight: list[_Launched]) -> None:
         """Count the step; after a complete negotiated step without joined ranks, send the
-        next ones directly on the gradient channel (`elastic.gradients`)."""
+        next ones directly on the gradient channel (`elastic.core.gradients`)."""
         launched = [e for e in inflight if e.dense or e.sparse]
-        if self._direct is not None:  # began direct; a bucket may have fallen back
-            direct = all(e.channel is not None for e in launched)
+        step = self._step
+        if self._direct():  # began direct; a bucket may have fallen back
+            direct = all(e.step is not None for e in launched)
             self._steps["direct" if direct else "negotiated"] += 1
             return
         self._steps["negotiated"] += 1
-        channel = self._channel()
-        engine = runtime.context().engine
-        if channel is None or engine is None or engine.joined_seen != self._joined_mark \
-                or not launched or any(e.flat is None or e.sparse or any(e.was_sparse)
-                                       or e.flat.device.type != "cpu"
-                                       or e.flat.dtype not in DTYPES for e in launched):
+        if step is None or not launched or any(
+                e.flat is None or e.sparse or any(e.was_sparse) or e.flat.device.type != "cpu"
+                or e.flat.dtype not in DTYPES for e in launched):
             return
-        channel.arm(self._serial, [(e.flat.numel(), e.flat.dtype) for e in launched])
+        step.complete([(e.flat.numel(), e.flat.dtype) for e in launched])
 
     # -- Horovod's public methods -----------------------------------------------------
 
@@ -493,7 +485,8 @@ class _DistributedOptimizer:
             loss = closure() if closure is not None else None
             with self._lock:
                 self._reset_progress()
-            self._exchange.step(1 if samples is None else int(samples), self._inner_step)
+            self._exchange.step(runtime.runtime(), 1 if samples is None else int(samples),
+                                self._inner_step)
             return loss
         if self._should_synchronize:
             if self._synchronized:
@@ -559,10 +552,10 @@ _serials = itertools.count()
 
 def _drain(entry: _Launched) -> None:
     """Wait out a bucket's collectives whose result is no longer wanted."""
-    if entry.work is not None and entry.channel is not None:
+    if entry.work is not None and entry.step is not None:
         work, entry.work = entry.work, None
         try:
-            entry.channel.wait(work)
+            entry.step.wait(work)
         except Exception:  # noqa: BLE001 - the first error is reported by the caller
             logger.debug("discarded a failed gradient allreduce", exc_info=True)
     handles = ([entry.handle] if entry.handle is not None else []) + [h for _, h in entry.sparse]
@@ -578,10 +571,9 @@ def _bucket_cap(bucket_cap_mb: float | None) -> int:
     """Bytes per bucket: the argument, else HOROVOD_FUSION_THRESHOLD, else the default."""
     if bucket_cap_mb is not None:
         return int(bucket_cap_mb * 2**20)
-    settings = (runtime.context().settings if runtime.is_initialized()
-                else WorkerSettings.from_env())
-    if settings.fusion_threshold is not None:
-        return settings.fusion_threshold
+    threshold = runtime.settings().fusion_threshold
+    if threshold is not None:
+        return threshold
     return int(DEFAULT_BUCKET_CAP_MB * 2**20)
 
 

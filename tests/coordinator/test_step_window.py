@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.reporting import StepWindow
+from elastic.credit.reports import StepWindow
 from elastic.settings import WorkerSettings
 from tests.coordinator.helpers import credit_of, post_reports, register
 

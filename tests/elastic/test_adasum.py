@@ -1,4 +1,4 @@
-"""`elastic.adasum` without processes: the tree order, the formula, and applying coefficients
+"""`elastic.core.adasum` without processes: the tree order, the formula, and applying coefficients
 computed elsewhere (what every rank but one does)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elastic.adasum import CHUNK, reduce_parts, tree_steps
+from elastic.core.adasum import CHUNK, reduce_parts, tree_steps
 
 
 def direct(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from elastic.core.stall import Activity, read_activity
 from elastic.launcher.launch import describe_stragglers
-from elastic.stall import Activity, read_activity
 from rendezvous import backend_from_url
 from rendezvous.generation import Generation, Member
 from rendezvous.keys import JobKeys

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from elastic.transport import connect_store
+from elastic.core.transport import connect_store
 from rendezvous import backend_from_url
 from rendezvous.backend import RendezvousBackend
 from rendezvous.generation import Generation, JobStatus, Member, NodeInfo
@@ -156,14 +156,15 @@ def test_a_peer_that_reached_the_store_but_cannot_be_connected_is_named(
 PARK = """
 import time
 import elastic.torch as hvd
+from elastic.core import session
 def init():
     hvd.init()
     print("generation", hvd.runtime.context().generation.id, "rank", hvd.rank(), flush=True)
 init()
 hvd.shutdown()
 print("parked", flush=True)
-agent = hvd.runtime._context.agent
-parked_in = hvd.runtime._context.generation.id
+agent = session._context.agent
+parked_in = session._context.generation.id
 while agent.control.generation.id == parked_in:  # wait for the leader's next generation
     time.sleep(0.05)
 init()

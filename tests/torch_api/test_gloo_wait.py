@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
+from elastic.core.transport import wait_interruptibly
 from elastic.errors import HorovodInternalError
-from elastic.transport import wait_interruptibly
 
 
 class ScriptedWork:

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
+from elastic.core.gradients import GradientChannel
 from elastic.errors import CollectiveMismatchError, HorovodInternalError
-from elastic.gradients import GradientChannel
 from tests.torch_api.test_gloo_wait import ScriptedWork
 
 

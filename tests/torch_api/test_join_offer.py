@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from elastic.engine import CollectiveEngine
+from elastic.core.engine import CollectiveEngine
+from elastic.core.gradients import GradientChannel, JoinOffer
+from elastic.core.transport import wait_interruptibly
 from elastic.errors import HorovodInternalError
-from elastic.gradients import GradientChannel, JoinOffer
-from elastic.transport import wait_interruptibly
 
 
 class Work:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from elastic.core.stall import Activity, StallInspector, read_activity
 from elastic.errors import CollectiveStallError
 from elastic.settings import WorkerSettings, horovod_notes
-from elastic.stall import Activity, StallInspector, read_activity
 from rendezvous.keys import JobKeys
 from rendezvous.memory import MemoryBackend
 from tests.harness import horderun, repo_env
@@ -87,7 +87,7 @@ def test_a_rank_names_peers_in_another_collective_and_peers_in_none(
     peer.inspect(t0)  # past half the check time: published
     assert board.read()["n1"].what == "DistributedOptimizer gradient bucket 2"
     me.enter("allreduce 'loss'", t0 - 11)
-    with caplog.at_level("WARNING", logger="elastic.stall"):
+    with caplog.at_level("WARNING", logger="elastic.core.stall"):
         me.inspect(t0)
     text = caplog.text
     assert "rank 0 has waited 11 s in allreduce 'loss' (generation 7)" in text
@@ -104,7 +104,7 @@ def test_the_record_is_cleared_when_the_wait_ends_and_peers_in_it_are_not_missin
     token = peer.enter("barrier (unnamed)", t0 - 6)
     peer.inspect(t0)
     me.enter("barrier (unnamed)", t0 - 12)
-    with caplog.at_level("WARNING", logger="elastic.stall"):
+    with caplog.at_level("WARNING", logger="elastic.core.stall"):
         me.inspect(t0)
     assert "every other rank waits in it too" in caplog.text
     peer.leave(token)
@@ -141,7 +141,7 @@ def test_peer_records_are_data_checked_and_cut_short() -> None:
 
 def test_a_real_wait_is_entered_only_after_its_first_slice() -> None:
     """wait_interruptibly enters a wait that outlasts a slice and leaves it when done."""
-    from elastic.transport import wait_interruptibly
+    from elastic.core.transport import wait_interruptibly
     from tests.torch_api.test_gloo_wait import ScriptedWork
 
     board = Board()

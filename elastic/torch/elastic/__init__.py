@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from elastic import state as _state
+from elastic.core import session
 from elastic.errors import HorovodInternalError, HostsUpdatedInterrupt
 from elastic.torch.elastic.sampler import ElasticSampler
 from elastic.torch.elastic.state import TorchState, _bcast_object, _rank, check_host_updates
@@ -20,22 +21,9 @@ class ObjectState(_state.ObjectState):
         super().__init__(_bcast_object, _rank, check_host_updates, **kwargs)
 
 
-def _reset(failed: bool) -> None:
-    from elastic.torch import runtime
-
-    runtime.context().reset(failed)
-    runtime.reattach_process_sets()
-
-
-def _reset_limit() -> int | None:
-    from elastic.torch import runtime
-
-    return runtime.context().settings.reset_limit
-
-
 def run(func: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: re-enter `func(state, ...)` after every membership change, in place."""
-    return _state.run_fn(func, _reset, _reset_limit)
+    return _state.run_fn(func, session.reset, session.reset_limit)
 
 
 __all__ = ["run", "State", "ObjectState", "TorchState", "ElasticSampler",

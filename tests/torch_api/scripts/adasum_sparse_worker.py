@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import elastic.adasum
+import elastic.core.adasum
 import elastic.torch as hvd
 
 OUT = Path(os.environ["HORDE_TEST_OUT"])
@@ -207,19 +207,19 @@ def adasum_join() -> dict[str, Any]:
 def adasum_bit_identical_with_uneven_rounding() -> dict[str, Any]:
     """A rank whose dot products round differently (another CPU, another GPU): every rank
     still ends with the same bits, since only one rank computes the coefficients."""
-    original = elastic.adasum.pair_coefficients
+    original = elastic.core.adasum.pair_coefficients
     if R == N - 1:
         def skewed(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
             ca, cb = original(a, b)
             return ca * (1 + 1e-6), cb * (1 - 1e-6)
 
-        elastic.adasum.pair_coefficients = skewed
+        elastic.core.adasum.pair_coefficients = skewed
     try:
         vectors = [rank_vector(r, 40, (64,), torch.float32) for r in range(N)]
         got = hvd.allreduce(vectors[R], op=hvd.Adasum, process_set=PS)
         expect(got, vectors, "with one skewed rank")
     finally:
-        elastic.adasum.pair_coefficients = original
+        elastic.core.adasum.pair_coefficients = original
     return {"result": bits(got)}
 
 

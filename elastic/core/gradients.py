@@ -28,9 +28,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from elastic.core.stall import StallInspector
+from elastic.core.transport import wait_interruptibly
 from elastic.errors import CollectiveMismatchError
-from elastic.stall import StallInspector
-from elastic.transport import wait_interruptibly
 
 DTYPES = (torch.float32, torch.float64)
 

@@ -7,7 +7,7 @@ instead of hanging or corrupting memory, and so ranks inside `join()` learn what
 the others are doing and contribute neutral values. Requests run on a background
 thread, so `*_async` calls overlap with the caller's computation. Negotiation cannot see a
 rank that is elsewhere (in a direct gradient step, or in no collective): a wait that long
-outlasts its peers is reported, and maybe failed, by the stall inspector (`elastic.stall`).
+outlasts its peers is reported, and maybe failed, by the stall inspector (`elastic.core.stall`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from elastic import adasum
+from elastic.core import adasum
+from elastic.core.gradients import GradientChannel, JoinOffer
+from elastic.core.stall import StallInspector
+from elastic.core.transport import Transport, wait_interruptibly
 from elastic.errors import CollectiveMismatchError, CollectiveStallError, HorovodInternalError
-from elastic.gradients import GradientChannel, JoinOffer
-from elastic.stall import StallInspector
-from elastic.transport import Transport, wait_interruptibly
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,7 @@ class CollectiveEngine:
         self._pending_names: set[tuple[int, str]] = set()
         self._names_lock = threading.Lock()
         self._rounds = itertools.count()
-        self.joined_seen = 0
-        """Negotiated collectives so far in which some rank had joined."""
+        self._joined_seen = 0  # negotiated collectives so far in which some rank had joined
         self.gradients = (GradientChannel(transport.gradients, self.rank, self.size, interrupted,
                                           stall)
                           if getattr(transport, "gradients", None) is not None else None)
@@ -389,14 +388,25 @@ class CollectiveEngine:
         self._check(request.kind, table)
         joined = [r for r, row in enumerate(table) if row[_F_JOINED] == 1]
         if joined:
-            self.joined_seen += 1
+            self._joined_seen += 1
         return self._perform(request, transport, table, joined)
 
-    def count_direct(self, collectives: int) -> None:
+    def _count_direct(self, collectives: int) -> None:
         """Advance the collective count by the gradient channel's direct collectives, so
         that every rank numbers collectives alike (join() reports who joined last)."""
         for _ in range(collectives):
             next(self._rounds)
+
+    def gradient_step(self, owner: int) -> GradientStep | None:
+        """One step of optimizer `owner` (a number never given to another optimizer) on
+        this generation's gradient channel, or None when the transport has none.
+
+        The step says whether its buckets go directly on the channel; what it sends is
+        numbered with the engine's collectives, so the optimizer never touches the count.
+        """
+        if self.gradients is None:
+            return None
+        return GradientStep(self, self.gradients, owner)
 
     def _perform(
         self, request: Request, transport: Transport, table: list[list[int]], joined: list[int]
@@ -464,7 +474,7 @@ class CollectiveEngine:
 
     def _adasum(self, request: Request, transport: Transport, root: int,
                 neutral_for: int = 0) -> list[torch.Tensor]:
-        """Allreduce with op=Adasum (`elastic.adasum`): per dtype, one allgather of the
+        """Allreduce with op=Adasum (`elastic.core.adasum`): per dtype, one allgather of the
         ranks' buffers, then rank `root` computes the coefficients and broadcasts them,
         and every rank applies them. `neutral_for=T`: this rank has joined and sends
         zeros for a request of T tensors (neutral for Adasum); its result is not used.
@@ -611,7 +621,7 @@ class CollectiveEngine:
 
         While the gradient channel is on, the others may next send a direct optimizer
         step instead of a negotiated collective: a step of zero buckets is offered there
-        too (see `elastic.gradients`).
+        too (see `elastic.core.gradients`).
         """
         join_round = -1
         offer = (self.gradients.offer_join()
@@ -670,7 +680,7 @@ class CollectiveEngine:
 
     def _settle(self, offer: JoinOffer) -> None:
         assert self.gradients is not None
-        self.count_direct(self.gradients.settle_join(offer))
+        self._count_direct(self.gradients.settle_join(offer))
 
     def _contribute_neutral(self, transport: Transport, table: list[list[int]]) -> None:
         active = next(row for row in table if row[_F_JOINED] == 0)
@@ -710,6 +720,49 @@ class CollectiveEngine:
 
 
 _JOINING = "hvd.join() (waiting for the other ranks to join)"
+
+
+class GradientStep:
+    """One optimizer step as the gradient channel sees it (`CollectiveEngine.gradient_step`).
+
+    `direct`: the step's buckets go straight to the channel (the channel was armed for
+    this optimizer by an earlier complete step); otherwise they are negotiated, and
+    `complete(plan)` arms the channel for the next steps unless a rank joined meanwhile.
+    """
+
+    def __init__(self, engine: CollectiveEngine, channel: GradientChannel, owner: int) -> None:
+        self._engine = engine
+        self._channel = channel
+        self._owner = owner
+        self._joined_mark = engine._joined_seen
+        self.direct = channel.serves(owner)
+        self.tail = channel.tail if self.direct else 0
+        """Elements a bucket's buffer holds after its gradients (the channel's tail)."""
+
+    def start(self, flat: torch.Tensor, index: int) -> Any:
+        """Start bucket `index` (gradients first, then `tail` free elements) on the channel."""
+        return self._channel.start(flat, index)
+
+    def finish(self, work: Any, flat: torch.Tensor, index: int) -> int:
+        """Wait for a started bucket; returns how many ranks contributed to it."""
+        count = self._channel.finish(work, flat, index)
+        self._engine._count_direct(1)
+        return count
+
+    def wait(self, work: Any) -> None:
+        """Wait out a started bucket whose result is not wanted (after an error)."""
+        self._channel.wait(work)
+
+    def fall_back(self) -> None:
+        """This bucket cannot go direct (its dtype or device changed, alike on every rank):
+        the channel is off until a complete negotiated step arms it again."""
+        self._channel.disarm()
+
+    def complete(self, plan: list[tuple[int, torch.dtype]]) -> None:
+        """After a negotiated step that every rank completed: send the next steps directly
+        (`plan`: numel and dtype of each bucket's buffer), unless a rank joined during it."""
+        if self._engine._joined_seen == self._joined_mark:
+            self._channel.arm(self._owner, plan)
 
 
 def describe_request(request: Request) -> str:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from elastic.core.stall import StallInspector
 from elastic.errors import HorovodInternalError
-from elastic.stall import StallInspector
 
 logger = logging.getLogger(__name__)
 

@@ -15,19 +15,23 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
-from elastic.engine import CollectiveEngine
+from elastic.core.engine import CollectiveEngine
+from elastic.core.runtime import GenerationRuntime, Topology
+from elastic.core.stall import StallInspector, read_activity
+from elastic.core.transport import Transport, build_interruptibly, connect_store, serve_store
 from elastic.errors import GenerationUnreachableError, HorovodInternalError
 from elastic.settings import WorkerSettings, horovod_notes
-from elastic.stall import StallInspector, read_activity
-from elastic.transport import Transport, build_interruptibly, connect_store, serve_store
 from rendezvous.agent import ControlState, NodeAgent
 from rendezvous.errors import RendezvousClosedError, RendezvousTimeoutError
 from rendezvous.generation import Generation, Member, NodeInfo
 from rendezvous.settings import RendezvousSettings
+
+if TYPE_CHECKING:
+    from elastic.credit.reporter import CreditReporter
 
 logger = logging.getLogger(__name__)
 
@@ -35,31 +39,22 @@ _noted = False
 """Whether this process logged its notes on Horovod variables (once, not per init)."""
 
 
-@dataclass(frozen=True)
-class Topology:
-    """Rank layout of this worker in its current generation."""
-
-    generation: int
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
-    cross_rank: int
-    cross_size: int
-
-
 class WorkerContext:
     """Membership and transport of this process, generation after generation."""
 
-    def __init__(self, settings: WorkerSettings, rendezvous: RendezvousSettings) -> None:
+    def __init__(self, settings: WorkerSettings, rendezvous: RendezvousSettings,
+                 reports: CreditReporter | None = None) -> None:
         self.settings = settings
+        self.reports = reports
         self.rdzv = rendezvous
         self.node_id = settings.node_id
         self.agent: NodeAgent | None = None
+        #: the latest generation this node is a member of (kept while shut down, set
+        #: before its process group is connected)
         self.generation: Generation | None = None
-        self.topology: Topology | None = None
-        self.engine: CollectiveEngine | None = None
-        self.transport: Transport | None = None
+        #: the connected generation's runtime; None between generations and after
+        #: `release()`
+        self.runtime: GenerationRuntime | None = None
         self._interrupted = threading.Event()
         self._growth_pending = False
         self._lock = threading.Lock()
@@ -125,13 +120,11 @@ class WorkerContext:
         collective fails at once (HorovodInternalError) instead of at its timeout.
         """
         with self._lock:
-            engine, self.engine = self.engine, None
-            self.transport = None
-            self.topology = None
+            runtime, self.runtime = self.runtime, None
             self._parked = park
-        if engine is not None:
-            engine.close()
-            engine.subsets.clear()
+        if runtime is not None:
+            runtime.engine.close()
+            runtime.engine.subsets.clear()
         if park and self.agent is not None:
             self._on_control(self.agent.control)  # a reset may already be pending
 
@@ -203,15 +196,18 @@ class WorkerContext:
     def _install(self, gen: Generation, transport: Transport, interrupted: threading.Event
                  ) -> None:
         local_rank, local_size, cross_rank, cross_size = gen.local_layout(self.node_id)
+        engine = CollectiveEngine(transport, interrupted,
+                                  stall=self._stall_inspector(gen, transport))
+        topology = Topology(gen.id, transport.rank, transport.size, local_rank, local_size,
+                            cross_rank, cross_size)
         with self._lock:
             self.generation = gen
-            self.transport = transport
             self._interrupted = interrupted
             self._growth_pending = False
-            self.engine = CollectiveEngine(transport, interrupted,
-                                           stall=self._stall_inspector(gen, transport))
-            self.topology = Topology(gen.id, transport.rank, transport.size, local_rank,
-                                     local_size, cross_rank, cross_size)
+            self.runtime = GenerationRuntime(
+                gen, topology, transport, engine, interrupted, self.node_id, self.rdzv.job,
+                self.settings, blacklist=self._blacklist if self.agent is not None else None,
+                reports=self.reports)
         os.environ.update({
             "HOROVOD_RANK": str(transport.rank), "HOROVOD_SIZE": str(transport.size),
             "HOROVOD_LOCAL_RANK": str(local_rank), "HOROVOD_LOCAL_SIZE": str(local_size),
@@ -221,7 +217,7 @@ class WorkerContext:
                     transport.rank, transport.size, gen.reason)
 
     def _stall_inspector(self, gen: Generation, transport: Transport) -> StallInspector | None:
-        """The stall inspector of a generation of several ranks (`elastic.stall`)."""
+        """The stall inspector of a generation of several ranks (`elastic.core.stall`)."""
         if transport.size < 2:
             return None
         agent = self.agent
@@ -317,6 +313,15 @@ class WorkerContext:
                 f"{me} could not connect the process group of {where}: {what}: "
                 f"{_first_line(exc)}") from exc
 
+    def _blacklist(self, node: str, reason: str) -> None:
+        """Evict `node` from the job for the job's blacklist cooldown (rank 0 only)."""
+        runtime, agent = self.runtime, self.agent
+        if agent is None or runtime is None or runtime.rank != 0:
+            return
+        from rendezvous.agent import blacklist_node
+
+        blacklist_node(agent.backend, agent.keys, node, reason, self.rdzv.blacklist_cooldown)
+
     def host_updates_pending(self) -> bool:
         """True when the leader admitted new members since this generation began."""
         return self._growth_pending
@@ -335,9 +340,10 @@ class WorkerContext:
         gen = self.generation
         assert gen is not None
         self.resets += 1
-        if self.engine is not None:
-            self.engine.close()
-        self._graveyard = ([self.transport] + self._graveyard)[:4]
+        runtime = self.runtime  # kept (closed) until the next generation replaces it
+        if runtime is not None:
+            runtime.engine.close()
+            self._graveyard = ([runtime.transport] + self._graveyard)[:4]
         if failed:
             try:
                 self.agent.request_reset(gen.id)

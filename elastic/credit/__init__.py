@@ -1,0 +1,1 @@
+"""Credit for work: the round reports every member sends the coordinator, and their sender."""
