@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from benchtable import table, wait_for_quiet, write_json  # noqa: E402
 
-from elastic.sparse import select_topk  # noqa: E402
+from elastic.codecs import select_topk  # noqa: E402
 
 
 def cores() -> int:

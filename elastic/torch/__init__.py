@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from elastic.compression import Compression, Compressor
+from elastic.codecs.compression import Compression, Compressor
 from elastic.errors import HorovodInternalError, HostsUpdatedInterrupt
 from elastic.rounds import NormCheck, StalenessRounds
 from elastic.torch import elastic

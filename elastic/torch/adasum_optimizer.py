@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from elastic.compression import Compressor
+from elastic.codecs.compression import Compressor
 from elastic.torch.collectives import Adasum, grouped_allreduce_async_, synchronize
 from elastic.torch.exchange import report_synchronous_step
 from elastic.torch.runtime import ProcessSet

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from elastic.compression import Compression, Compressor
+from elastic.codecs.compression import Compression, Compressor
 from elastic.core.engine import Kind, ReduceOp, Request, shard_rows
 from elastic.torch import runtime
 from elastic.torch.runtime import ProcessSet, global_process_set

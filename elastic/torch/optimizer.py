@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from elastic.compression import (
+from elastic.codecs.compression import (
     Compression,
     Compressor,
     FP16Compressor,

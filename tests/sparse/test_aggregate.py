@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elastic.sparse import (
+from elastic.codecs import (
     SparsePayload,
     TopKCompressor,
     allgather_bytes,

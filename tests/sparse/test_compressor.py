@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 
-from elastic.sparse import (
+from elastic.codecs import (
     DENSE_TAG,
     HEADER_BYTES,
     TOPK_TAG,
-    Codec,
     SelectionConfig,
     SparsePayload,
     SparsePayloadError,
@@ -20,10 +19,10 @@ from elastic.sparse import (
     add_into,
     all_finite,
     break_even_density,
-    codec_for,
+    decoder_for,
     decompress,
     pack_payloads,
-    register_codec,
+    register_decoder,
     unpack_payloads,
 )
 from tests.sparse.conftest import DEVICES, make_buffer
@@ -319,28 +318,22 @@ def test_payload_header_and_content_errors() -> None:
 
 
 def test_registry_decodes_by_tag() -> None:
-    @register_codec
-    class SignCodec(Codec):
-        """A toy codec: the payload carries signs, decoded as +-0.5."""
+    def signs(payload, out, alpha):
+        """A toy kind: the payload carries signs, decoded as +-0.5."""
+        out.index_add_(0, payload.indices, payload.values.float().sign() * 0.5, alpha=alpha)
 
-        TAG = 77
-
-        @classmethod
-        def add_payload(cls, payload, out, alpha):
-            out.index_add_(0, payload.indices, payload.values.float().sign() * 0.5,
-                           alpha=alpha)
-
+    register_decoder(77, signs)
     idx = torch.tensor([1, 4], dtype=torch.int32)
     p = SparsePayload(idx, torch.tensor([3.0, -2.0]), 6, torch.float32, tag=77)
     back = SparsePayload.from_bytes(p.to_bytes())
-    assert codec_for(back.tag) is SignCodec
+    assert decoder_for(back.tag) is signs
     assert decompress(back).tolist() == [0.0, 0.5, 0.0, 0.0, -0.5, 0.0]
-    assert codec_for(TOPK_TAG) is TopKCompressor
-    assert TopKCompressor.decompress(back).tolist() == decompress(back).tolist()
+    topk = SparsePayload(idx, torch.tensor([3.0, -2.0]), 6, torch.float32, tag=TOPK_TAG)
+    assert decompress(topk).tolist() == [0.0, 3.0, 0.0, 0.0, -2.0, 0.0]
     with pytest.raises(ValueError, match="already registered"):
-        register_codec(type("Other", (Codec,), {"TAG": 77}))
-    with pytest.raises(SparsePayloadError, match="no codec"):
-        codec_for(250)
+        register_decoder(77, lambda payload, out, alpha: None)
+    with pytest.raises(SparsePayloadError, match="no decoder"):
+        decoder_for(250)
     with pytest.raises(SparsePayloadError, match="numel=6"):
         add_into(p, torch.zeros(5))
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from elastic.sparse import SelectionConfig, group_size, sample_size, select_topk
+from elastic.codecs import SelectionConfig, group_size, sample_size, select_topk
 from tests.sparse.conftest import DEVICES, make_buffer
 
 N = 300_000  # above exact_below, so the sampled threshold path runs

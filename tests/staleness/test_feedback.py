@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from elastic.codecs import PayloadCodec, TopKCompressor
 from elastic.rounds import Contribution, RoundResult
-from elastic.sparse import TopKCompressor
-from elastic.torch.exchange import FlatLayout, PayloadCodec, StaleExchange
+from elastic.torch.exchange import FlatLayout, StaleExchange
 
 
 def codec(momentum: float = 0.0) -> PayloadCodec:

@@ -1,5 +1,10 @@
-"""Gradient compressors with Horovod's interface: `compress(tensor) -> (tensor, ctx)` and
-`decompress(tensor, ctx) -> tensor`. Dense compressors only change the wire dtype."""
+"""Horovod's `Compression`: what a user passes as `compression=`.
+
+Dense compressors keep Horovod's interface, `compress(tensor) -> (tensor, ctx)` and
+`decompress(tensor, ctx) -> tensor`, and only change the wire dtype around a collective.
+`Compression.topk(...)` gives the settings of a top-k compressor (`elastic.codecs.topk`),
+built once per optimizer since it keeps a residual.
+"""
 
 from __future__ import annotations
 
@@ -77,7 +82,7 @@ class TopKCompression:
 
     def build(self, momentum: float = 0.0) -> Any:
         """A fresh `TopKCompressor` (momentum > 0: DGC's momentum correction)."""
-        from elastic.sparse import TopKCompressor
+        from elastic.codecs.topk import TopKCompressor
 
         return TopKCompressor(
             density=self.density, fp16_values=self.fp16_values,

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from elastic.sparse.compressor import SparsePayload, add_into, break_even_density
+from elastic.codecs.registry import add_into
+from elastic.codecs.topk import break_even_density
+from elastic.codecs.wire import SparsePayload
 
 __all__ = ["scatter_add_payloads", "break_even_density", "allreduce_bytes", "allgather_bytes"]
 
