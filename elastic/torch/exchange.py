@@ -19,9 +19,8 @@ import torch
 
 from elastic.codecs.aggregate import allreduce_bytes
 from elastic.codecs.compression import TopKCompression
+from elastic.codecs.exchange import average_payloads
 from elastic.codecs.payload import PayloadCodec
-from elastic.codecs.registry import add_into
-from elastic.codecs.wire import SparsePayload, SparsePayloadError, pack_payloads, unpack_payloads
 from elastic.rounds import (
     NormCheck,
     RoundResult,
@@ -34,10 +33,6 @@ if TYPE_CHECKING:
     from elastic.core.runtime import GenerationRuntime
 
 logger = logging.getLogger(__name__)
-
-#: Log the communication summary every this many exchanges.
-LOG_EVERY = 100
-
 
 class FlatLayout:
     """Where each parameter's gradient lives in the flat buffer (large ones first)."""
@@ -94,7 +89,7 @@ class FlatLayout:
                 offset += n
 
 
-def _momentum_from(optimizer: torch.optim.Optimizer, spec: TopKCompression) -> float:
+def momentum_from(optimizer: torch.optim.Optimizer, spec: TopKCompression) -> float:
     """Move SGD's momentum into the compressor (DGC's momentum correction)."""
     if not spec.momentum_correction:
         return 0.0
@@ -116,46 +111,6 @@ def _momentum_from(optimizer: torch.optim.Optimizer, spec: TopKCompression) -> f
     return momentum
 
 
-class SyncSparseExchange:
-    """Synchronous top-k (staleness 0): per step one allgather of every member's payloads, or
-    one dense allreduce on steps that send every buffer dense."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-                 spec: TopKCompression, process_set: Any) -> None:
-        self.layout = FlatLayout(params, spec.min_sparse_numel)
-        self.compressor = spec.build(_momentum_from(optimizer, spec))
-        self.process_set = process_set
-        self.step = 0
-        self.stats = RoundStats(residual=self.compressor.residual_norm)
-        self._flat: torch.Tensor | None = None  # the gradients, then their average
-
-    def reduce(self) -> None:
-        """Replace every gradient by the average of all members' sparsified gradients."""
-        size = self.process_set.size() or 1
-        codec = PayloadCodec(self.layout, self.compressor, size)
-        flat = self._flat = self.layout.gather(self._flat)
-        payloads = codec.payloads(flat, self.step)
-        expected = [s for s in (self.layout.sparse_numel,
-                                self.layout.numel - self.layout.sparse_numel) if s]
-        dense = self.compressor.prefers_dense(self.layout.sparse_numel, self.step, size)
-        # The payloads no longer refer to `flat` (the compressor keeps its own residual,
-        # dense parts are copies), so the average can overwrite it.
-        out, sent, rejected = average_payloads(
-            payloads, expected, flat, size, "horde.topk", self.process_set,
-            dense_wire=self.compressor.value_dtype if dense else None, out=flat)
-        self.layout.scatter(out)
-        self.stats.rounds += 1
-        self.stats.bytes_sent += sent
-        self.stats.dense_bytes += int(allreduce_bytes(flat.numel(), size, flat.element_size()))
-        self.stats.last_density = self.compressor.density(self.step)
-        self.stats.accepted += size - len(rejected)
-        self.stats.staleness[0] += size - len(rejected)
-        self.stats.rejected += len(rejected)
-        self.step += 1
-        if self.step % LOG_EVERY == 0:
-            logger.info("top-k: %s", self.stats.as_dict())
-
-
 class StaleExchange:
     """Bounded-staleness steps: submit this step's gradient, apply finished rounds in order."""
 
@@ -167,7 +122,7 @@ class StaleExchange:
         if process_set.process_set_id not in (0, None):
             raise ValueError("staleness > 0 runs on the global process set only")
         self.layout = FlatLayout(params, spec.min_sparse_numel if spec else 1 << 62)
-        self.compressor = spec.build(_momentum_from(optimizer, spec)) if spec else None
+        self.compressor = spec.build(momentum_from(optimizer, spec)) if spec else None
         self._groups = optimizer.param_groups
         self.staleness = staleness
         self.round_deadline = round_deadline
@@ -345,62 +300,6 @@ def _evictor(runtime: GenerationRuntime) -> Callable[[str, str], None] | None:
         node, f"too many rejected contributions (last: {reason})")
 
 
-def average_payloads(payloads: list[SparsePayload], numels: list[int], like: torch.Tensor,
-                     size: int, name: str, process_set: Any,
-                     dense_wire: torch.dtype | None = None, out: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, int, list[int]]:
-    """The average over ranks of every rank's `payloads` (one per buffer, together
-    `like.numel()` values), the bytes this rank sent for it, and the ranks whose
-    payloads were rejected (indices out of range or not ascending, NaN/Inf values: left
-    out of the average on every member alike).
-
-    `dense_wire`: this step is dense on every rank (warm-up, density above the
-    allgather's break-even; the same decision everywhere): one ring allreduce of the
-    values in that dtype carries it, as Horovod's would. Otherwise one allgather of the
-    self-delimiting payloads, added in rank order into one buffer: `out` when given (a
-    buffer like `like`, overwritten), else a new one.
-    """
-    from elastic.torch.collectives import Average, allgather, allreduce
-
-    if dense_wire is not None:
-        values = torch.cat([_dense_values(p, dense_wire) for p in payloads])
-        out = allreduce(values, op=Average, name=f"{name}.dense", process_set=process_set)
-        sent = int(allreduce_bytes(values.numel(), size, values.element_size()))
-        return out.to(like.dtype), sent, []
-    message = pack_payloads(payloads)
-    gathered = allgather(message, name=name, process_set=process_set)
-    out = torch.zeros_like(like) if out is None else out.zero_()
-    parts = []
-    offset = 0
-    for n in numels:
-        parts.append(out[offset:offset + n])
-        offset += n
-    offset, accepted, rejected = 0, 0, []
-    for rank in range(size):
-        received, offset = unpack_payloads(gathered, offset, numels=numels, validate=False)
-        try:
-            for payload in received:
-                payload.validate()
-        except SparsePayloadError as exc:
-            # Every member sees the same bytes, so every member rejects the same rank.
-            logger.warning("top-k: rejected the gradient of rank %d: %s", rank, exc)
-            rejected.append(rank)
-            continue
-        for payload, part in zip(received, parts):
-            add_into(payload, part, 1.0)
-        accepted += 1
-    return out.div_(max(accepted, 1)), int(message.numel()) * (size - 1), rejected
-
-
-def _dense_values(payload: SparsePayload, dtype: torch.dtype) -> torch.Tensor:
-    """A payload's values as a dense vector (zeros where a sparse one sends nothing)."""
-    if payload.indices is None:
-        return payload.values.reshape(-1).to(dtype)
-    out = torch.zeros(payload.numel, dtype=dtype, device=payload.values.device)
-    out.index_copy_(0, payload.indices.long(), payload.values.to(dtype))
-    return out
-
-
 class TopKAllreduce:
     """Top-k sparsified averaging of named tensors, for users of `hvd.allreduce`.
 
@@ -425,6 +324,7 @@ class TopKAllreduce:
 
     def __call__(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """The average over ranks of `tensor` as top-k with error feedback transmits it."""
+        from elastic.torch.runtime import process_set_id, runtime
 
         size = self.process_set.size() or 1
         step = self.steps.get(name, 0)
@@ -433,7 +333,8 @@ class TopKAllreduce:
         payload = self.compressor.compress(name, flat, step, world_size=size)
         dense = self.compressor.prefers_dense(flat.numel(), step, size)
         out, sent, rejected = average_payloads(
-            [payload], [flat.numel()], flat, size, f"horde.topk.{name}", self.process_set,
+            runtime().engine, [payload], [flat.numel()], flat, size, f"horde.topk.{name}",
+            process_set_id(self.process_set),
             dense_wire=self.compressor.value_dtype if dense else None)
         self.stats.rejected += len(rejected)
         self.stats.rounds += 1

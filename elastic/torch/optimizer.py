@@ -28,6 +28,7 @@ from elastic.codecs.compression import (
     NoneCompressor,
     TopKCompression,
 )
+from elastic.codecs.exchange import SyncSparseExchange
 from elastic.core.engine import GradientStep, ReduceOp
 from elastic.core.gradients import DTYPES
 from elastic.rounds import NormCheck
@@ -47,7 +48,12 @@ from elastic.torch.collectives import (
     sparse_allreduce_async,
     synchronize,
 )
-from elastic.torch.exchange import StaleExchange, SyncSparseExchange, report_synchronous_step
+from elastic.torch.exchange import (
+    FlatLayout,
+    StaleExchange,
+    momentum_from,
+    report_synchronous_step,
+)
 from elastic.torch.runtime import ProcessSet, global_process_set, register_finisher
 
 logger = logging.getLogger(__name__)
@@ -157,7 +163,9 @@ class _DistributedOptimizer:
             # by hvd.shutdown(): in flight on one member is applied on all.
             self._exchange.on_start = lambda: register_finisher(self.finish)
         elif sparse:
-            self._exchange = SyncSparseExchange(self, all_params, compression, process_set)
+            self._exchange = SyncSparseExchange(
+                FlatLayout(all_params, compression.min_sparse_numel),
+                compression.build(momentum_from(self, compression)))
 
     def _all_params(self) -> list[torch.Tensor]:
         params = self.param_groups  # type: ignore[attr-defined]
@@ -461,8 +469,10 @@ class _DistributedOptimizer:
                 self._reset_progress()
         if error is not None:
             raise error
-        if isinstance(self._exchange, SyncSparseExchange) and (self.process_set.size() or 1) > 1:
-            self._exchange.reduce()
+        size = self.process_set.size() or 1
+        if isinstance(self._exchange, SyncSparseExchange) and size > 1:
+            self._exchange.reduce(runtime.runtime().engine, size,
+                                  runtime.process_set_id(self.process_set))
         self._synchronized = True
 
     @contextmanager

@@ -1,0 +1,143 @@
+"""Synchronous top-k (staleness 0) over the engine: one allgather of payloads per step.
+
+Framework-neutral: gradients come and go through a `GradientLayout` (a frontend's view
+of its parameters as one flat torch CPU buffer, large parameters first), collectives go
+to the engine of the generation's runtime. A member's message is self-delimiting
+payloads (`elastic.codecs.wire`), so one allgather carries everything and every rank
+decodes in rank order into one dense buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from elastic.codecs.aggregate import allreduce_bytes
+from elastic.codecs.payload import PayloadCodec
+from elastic.codecs.registry import add_into
+from elastic.codecs.stats import RoundStats
+from elastic.codecs.topk import TopKCompressor
+from elastic.codecs.wire import SparsePayload, SparsePayloadError, pack_payloads, unpack_payloads
+from elastic.core.engine import Kind, ReduceOp, Request
+
+if TYPE_CHECKING:
+    from elastic.core.engine import CollectiveEngine
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GradientLayout", "SyncSparseExchange", "average_payloads"]
+
+#: Log the communication summary every this many exchanges.
+LOG_EVERY = 100
+
+
+class GradientLayout(Protocol):
+    """A frontend's gradients as one flat buffer: the first `sparse_numel` of `numel`
+    values are sparsified, the rest (small parameters) sent dense."""
+
+    sparse_numel: int
+    numel: int
+    dtype: torch.dtype
+
+    def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The gradients, flat (into `out` when it fits)."""
+
+    def scatter(self, flat: torch.Tensor, scale: float = 1.0) -> None:
+        """Write `scale * flat` back as the gradients."""
+
+
+class SyncSparseExchange:
+    """Synchronous top-k: per step one allgather of every member's payloads, or one dense
+    allreduce on steps that send every buffer dense."""
+
+    def __init__(self, layout: GradientLayout, compressor: TopKCompressor) -> None:
+        self.layout = layout
+        self.compressor = compressor
+        self.step = 0
+        self.stats = RoundStats(residual=self.compressor.residual_norm)
+        self._flat: torch.Tensor | None = None  # the gradients, then their average
+
+    def reduce(self, engine: CollectiveEngine, size: int, process_set_id: int = 0) -> None:
+        """Replace every gradient by the average of the `size` members' sparsified
+        gradients (members of process set `process_set_id`)."""
+        codec = PayloadCodec(self.layout, self.compressor, size)
+        flat = self._flat = self.layout.gather(self._flat)
+        payloads = codec.payloads(flat, self.step)
+        expected = [s for s in (self.layout.sparse_numel,
+                                self.layout.numel - self.layout.sparse_numel) if s]
+        dense = self.compressor.prefers_dense(self.layout.sparse_numel, self.step, size)
+        # The payloads no longer refer to `flat` (the compressor keeps its own residual,
+        # dense parts are copies), so the average can overwrite it.
+        out, sent, rejected = average_payloads(
+            engine, payloads, expected, flat, size, "horde.topk", process_set_id,
+            dense_wire=self.compressor.value_dtype if dense else None, out=flat)
+        self.layout.scatter(out)
+        self.stats.rounds += 1
+        self.stats.bytes_sent += sent
+        self.stats.dense_bytes += int(allreduce_bytes(flat.numel(), size, flat.element_size()))
+        self.stats.last_density = self.compressor.density(self.step)
+        self.stats.accepted += size - len(rejected)
+        self.stats.staleness[0] += size - len(rejected)
+        self.stats.rejected += len(rejected)
+        self.step += 1
+        if self.step % LOG_EVERY == 0:
+            logger.info("top-k: %s", self.stats.as_dict())
+
+
+def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
+                     numels: list[int], like: torch.Tensor, size: int, name: str,
+                     process_set_id: int = 0, dense_wire: torch.dtype | None = None,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, int, list[int]]:
+    """The average over ranks of every rank's `payloads` (one per buffer, together
+    `like.numel()` values), the bytes this rank sent for it, and the ranks whose
+    payloads were rejected (indices out of range or not ascending, NaN/Inf values: left
+    out of the average on every member alike).
+
+    `dense_wire`: this step is dense on every rank (warm-up, density above the
+    allgather's break-even; the same decision everywhere): one ring allreduce of the
+    values in that dtype carries it, as Horovod's would. Otherwise one allgather of the
+    self-delimiting payloads, added in rank order into one buffer: `out` when given (a
+    buffer like `like`, overwritten), else a new one.
+    """
+    if dense_wire is not None:
+        values = torch.cat([_dense_values(p, dense_wire) for p in payloads])
+        (average,) = engine.submit(Request(
+            Kind.ALLREDUCE, [values], name=f"{name}.dense", op=ReduceOp.Average,
+            process_set_id=process_set_id)).result()
+        sent = int(allreduce_bytes(values.numel(), size, values.element_size()))
+        return average.to(like.dtype), sent, []
+    message = pack_payloads(payloads)
+    (gathered,) = engine.submit(Request(Kind.ALLGATHER, [message], name=name,
+                                        process_set_id=process_set_id)).result()
+    out = torch.zeros_like(like) if out is None else out.zero_()
+    parts = []
+    offset = 0
+    for n in numels:
+        parts.append(out[offset:offset + n])
+        offset += n
+    offset, accepted, rejected = 0, 0, []
+    for rank in range(size):
+        received, offset = unpack_payloads(gathered, offset, numels=numels, validate=False)
+        try:
+            for payload in received:
+                payload.validate()
+        except SparsePayloadError as exc:
+            # Every member sees the same bytes, so every member rejects the same rank.
+            logger.warning("top-k: rejected the gradient of rank %d: %s", rank, exc)
+            rejected.append(rank)
+            continue
+        for payload, part in zip(received, parts):
+            add_into(payload, part, 1.0)
+        accepted += 1
+    return out.div_(max(accepted, 1)), int(message.numel()) * (size - 1), rejected
+
+
+def _dense_values(payload: SparsePayload, dtype: torch.dtype) -> torch.Tensor:
+    """A payload's values as a dense vector (zeros where a sparse one sends nothing)."""
+    if payload.indices is None:
+        return payload.values.reshape(-1).to(dtype)
+    out = torch.zeros(payload.numel, dtype=dtype, device=payload.values.device)
+    out.index_copy_(0, payload.indices.long(), payload.values.to(dtype))
+    return out
