@@ -269,6 +269,22 @@ def reset(failed: bool) -> None:
     reattach_process_sets()
 
 
+def check_host_updates() -> bool:
+    """At a commit of elastic state: leave now if asked to (SIGTERM), else agree across
+    ranks whether new members wait (one tiny MAX allreduce, named alike in every frontend)."""
+    import torch
+
+    from elastic.core.engine import Kind, ReduceOp, Request
+
+    ctx = context()
+    if ctx.leave_requested:
+        leave()
+    pending = torch.tensor([1 if ctx.host_updates_pending() else 0], dtype=torch.int32)
+    (flag,) = runtime().engine.submit(Request(
+        Kind.ALLREDUCE, [pending], name="horde.check_host_updates", op=ReduceOp.Max)).result()
+    return bool(flag.item())
+
+
 def reset_limit() -> int | None:
     """How many resets an elastic run may take (HORDE_RESET_LIMIT; None: no limit)."""
     return settings().reset_limit

@@ -11,9 +11,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from elastic.settings import DEFAULT_REPORT_SPAN
+from elastic.staleness.decide import Refusal
 
 if TYPE_CHECKING:
-    from elastic.rounds import RoundResult
+    from elastic.staleness.rounds import RoundResult
+
+_REPORTED = {Refusal.STALE: "stale", Refusal.NONFINITE: "nonfinite", Refusal.OUTLIER: "outlier"}
 
 
 class StepWindow:
@@ -81,7 +84,7 @@ def report_from_round(job: str, members: list[str], result: RoundResult) -> dict
             worst = items[0]
             header.update(samples=sum(c.samples for c in items), staleness=worst.staleness,
                           param_version=worst.version, accepted=False,
-                          reason=_reason(worst.reason))
+                          reason=reported_reason(worst.refusal))
         else:
             header.update(samples=0, staleness=0, param_version=version, accepted=False,
                           reason="absent")
@@ -104,11 +107,9 @@ def report_synchronous(job: str, generation: int, round_: int, members: list[str
     return report
 
 
-def _reason(text: str) -> str:
-    if text.startswith("staleness"):
-        return "stale"
-    if "non-finite" in text:
-        return "nonfinite"
-    if "norm" in text:
-        return "outlier"
+def reported_reason(refusal: Refusal | None) -> str:
+    """The coordinator's reason for a refused contribution (docs/coordinator.md): its own
+    code for a drop or a strike the coordinator counts, "other" for the rest."""
+    if refusal in _REPORTED:
+        return _REPORTED[refusal]
     return "other"

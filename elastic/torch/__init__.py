@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from elastic.codecs.compression import Compression, Compressor
 from elastic.errors import HorovodInternalError, HostsUpdatedInterrupt
-from elastic.rounds import NormCheck, StalenessRounds
+from elastic.staleness.decide import NormCheck
 from elastic.torch import elastic
 from elastic.torch.basics import (
     ccl_built,
@@ -63,7 +63,7 @@ from elastic.torch.collectives import (
     sparse_allreduce_async,
     synchronize,
 )
-from elastic.torch.exchange import TopKAllreduce
+from elastic.torch.exchange import StalenessRounds, TopKAllreduce
 from elastic.torch.functions import (
     allgather_object,
     broadcast_object,

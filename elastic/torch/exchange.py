@@ -21,13 +21,10 @@ from elastic.codecs.aggregate import allreduce_bytes
 from elastic.codecs.compression import TopKCompression
 from elastic.codecs.exchange import average_payloads
 from elastic.codecs.payload import PayloadCodec
-from elastic.rounds import (
-    NormCheck,
-    RoundResult,
-    RoundStats,
-    StalenessRounds,
-    inverse_staleness,
-)
+from elastic.codecs.stats import RoundStats
+from elastic.staleness import rounds as core_rounds
+from elastic.staleness.decide import NormCheck, inverse_staleness
+from elastic.staleness.rounds import RoundResult
 
 if TYPE_CHECKING:
     from elastic.core.runtime import GenerationRuntime
@@ -111,6 +108,18 @@ def momentum_from(optimizer: torch.optim.Optimizer, spec: TopKCompression) -> fl
     return momentum
 
 
+class StalenessRounds(core_rounds.StalenessRounds):
+    """`hvd.StalenessRounds`: rounds of one flat gradient buffer in the current generation
+    (`elastic.staleness.rounds.StalenessRounds`, whose arguments it takes)."""
+
+    def __init__(self, numel: int, staleness: int, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("runtime") is None:
+            from elastic.torch.runtime import runtime
+
+            kwargs["runtime"] = runtime()
+        super().__init__(numel, staleness, *args, **kwargs)
+
+
 class StaleExchange:
     """Bounded-staleness steps: submit this step's gradient, apply finished rounds in order."""
 
@@ -130,14 +139,14 @@ class StaleExchange:
         self.on_round = on_round
         self.norm_check = norm_check
         self.fp16_dense = fp16_dense  # Compression.fp16: dense values travel as float16
-        self.rounds: StalenessRounds | None = None
+        self.rounds: core_rounds.StalenessRounds | None = None
         self._flat: torch.Tensor | None = None
         self.applied = 0
         self.totals = RoundStats()  # of the generations before the current rounds
         self._strikes: Counter = Counter()  # per node, over all generations
         self.on_start: Callable[[], None] | None = None  # called when new rounds start
 
-    def _ensure_rounds(self, runtime: GenerationRuntime) -> StalenessRounds:
+    def _ensure_rounds(self, runtime: GenerationRuntime) -> core_rounds.StalenessRounds:
         generation = runtime.generation.id
         if self.rounds is not None and self.rounds.generation == generation:
             return self.rounds
@@ -147,7 +156,7 @@ class StaleExchange:
         codec = PayloadCodec(self.layout, self.compressor, runtime.size,
                              fp16_dense=self.fp16_dense)
         on_round = self.on_round or _round_reporter(runtime)
-        self.rounds = StalenessRounds(
+        self.rounds = core_rounds.StalenessRounds(
             self.layout.numel, self.staleness, codec=codec, round_deadline=self.round_deadline,
             weight=self.weight, dtype=self.layout.dtype, on_round=on_round,
             on_strikes=_evictor(runtime), strikes=self._strikes, norm_check=self.norm_check,

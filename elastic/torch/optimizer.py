@@ -31,7 +31,7 @@ from elastic.codecs.compression import (
 from elastic.codecs.exchange import SyncSparseExchange
 from elastic.core.engine import GradientStep, ReduceOp
 from elastic.core.gradients import DTYPES
-from elastic.rounds import NormCheck
+from elastic.staleness.decide import NormCheck
 from elastic.torch import runtime
 from elastic.torch.adasum_optimizer import (
     ZERO_GRAD_RACE,

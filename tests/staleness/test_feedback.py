@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from elastic.codecs import PayloadCodec, TopKCompressor
-from elastic.rounds import Contribution, RoundResult
+from elastic.staleness import Contribution, RoundResult
 from elastic.torch.exchange import FlatLayout, StaleExchange
 
 

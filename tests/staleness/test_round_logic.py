@@ -8,22 +8,23 @@ import math
 import pytest
 import torch
 
-from elastic.rounds import NormCheck, _checked, pack, unpack
+from elastic.staleness.decide import NormCheck, Refusal
+from elastic.staleness.wire import checked, pack, unpack
 
 
 def test_non_finite_norms_are_rejected_even_alone() -> None:
     check = NormCheck()
-    assert check.judge({0: math.nan, 1: math.inf}) == {0: "non-finite values",
-                                                       1: "non-finite values"}
+    assert check.judge({0: math.nan, 1: math.inf}) == {0: Refusal.NONFINITE,
+                                                       1: Refusal.NONFINITE}
 
 
 def test_outlier_needs_enough_norms_in_the_round_without_history() -> None:
     check = NormCheck()
     assert check.judge({0: 1.0, 1: 1e4}) == {}
-    assert set(check.judge({0: 1.0, 1: 1.1, 2: 1e4})) == {2}
+    assert check.judge({0: 1.0, 1: 1.1, 2: 1e4}) == {2: Refusal.OUTLIER}
 
 
-def test_history_lets_a_thin_round_be_checked() -> None:
+def test_history_lets_a_thin_round_bechecked() -> None:
     check = NormCheck()
     recent = [1.0, 0.9, 1.2]
     assert set(check.judge({1: 1e4}, recent)) == {1}
@@ -41,13 +42,13 @@ def test_bad_settings_are_refused(kwargs: dict) -> None:
 def test_a_message_whose_parts_do_not_fit_its_payload_is_malformed(parts: object) -> None:
     header = {"contribs": [[8, 0], [8, 1]], "parts": parts}
     with pytest.raises(ValueError, match="parts must give the payload's 4 bytes"):
-        _checked(*unpack(pack(header, torch.zeros(4, dtype=torch.uint8))))
+        checked(*unpack(pack(header, torch.zeros(4, dtype=torch.uint8))))
 
 
 def test_parts_that_fit_pass_the_header_check() -> None:
     header = {"contribs": [[8, 0], [8, 1]], "parts": [0, 4]}
-    checked, payload = _checked(*unpack(pack(header, torch.arange(4, dtype=torch.uint8))))
-    assert checked["parts"] == [0, 4] and payload.tolist() == [0, 1, 2, 3]
+    header_out, payload = checked(*unpack(pack(header, torch.arange(4, dtype=torch.uint8))))
+    assert header_out["parts"] == [0, 4] and payload.tolist() == [0, 1, 2, 3]
 
 
 def test_a_member_blocked_on_the_last_round_waits_for_its_next_gradient_from_then() -> None:
@@ -71,7 +72,7 @@ def test_a_member_blocked_on_the_last_round_waits_for_its_next_gradient_from_the
 def test_stats_of_two_generations_add_up_and_keep_one_strike_count() -> None:
     from collections import Counter
 
-    from elastic.rounds import RoundStats
+    from elastic.codecs.stats import RoundStats
 
     strikes = Counter({"node-a": 1})
     first = RoundStats(rounds=10, empty_rounds=1, bytes_sent=100, dense_bytes=1000,

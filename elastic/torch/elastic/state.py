@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from elastic.core.session import check_host_updates
 from elastic.state import ObjectState
 from elastic.torch.elastic.sampler import ElasticSampler
 
@@ -25,19 +26,6 @@ def _rank() -> int:
     from elastic.torch.basics import rank
 
     return rank()
-
-
-def check_host_updates() -> bool:
-    """Agree across ranks whether new members wait (one tiny MAX allreduce)."""
-    from elastic.torch.collectives import Max, allreduce
-    from elastic.torch.runtime import context, leave
-
-    if context().leave_requested:
-        leave()
-    pending = 1 if context().host_updates_pending() else 0
-    flag = allreduce(torch.tensor([pending], dtype=torch.int32), op=Max,
-                     name="horde.check_host_updates")
-    return bool(flag.item())
 
 
 class _Handler:

@@ -34,7 +34,7 @@ CHECK = os.environ.get("CHECK") == "1"
 hvd.init()
 rank = hvd.rank()
 if rank == MALFORM_RANK:
-    import elastic.rounds as rounds_module
+    import elastic.staleness.rounds as rounds_module
 
     real_pack, sent = rounds_module.pack, [0]
 

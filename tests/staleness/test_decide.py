@@ -1,0 +1,112 @@
+"""decide_round as pure logic: what a round accepts, drops, rejects and weighs, and the
+codes its refusals carry to the credit reports (no processes, no threads)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from elastic.credit.reports import report_from_round, reported_reason
+from elastic.staleness import Entry, NormCheck, Refusal, RoundResult, decide_round
+
+MEMBERS = ["a", "b", "c"]
+
+
+def decide(entries: list[Entry], version: int = 5, staleness: int = 2, **kwargs: object):
+    return decide_round(entries, MEMBERS, version, staleness, NormCheck(), **kwargs)
+
+
+def test_fresh_contributions_are_weighed_by_staleness_and_samples() -> None:
+    d = decide([Entry(((8, 5),), norm=1.0), Entry(((4, 4),), norm=1.0),
+                Entry(((2, 3),), norm=1.0)])
+    assert [c.accepted for c in d.contributions] == [True, True, True]
+    assert [c.weight for c in d.contributions] == [1.0, 0.5, pytest.approx(1 / 3)]
+    assert [(a.rank, a.part) for a in d.adds] == [(0, None), (1, None), (2, None)]
+    assert [a.mass for a in d.adds] == [8.0, 2.0, pytest.approx(2 / 3)]
+    assert d.plain == 14 and d.freshness == pytest.approx((8 + 2 + 2 / 3) / 14)
+    assert d.staleness == {0: 1, 1: 1, 2: 1} and d.accepted == 3 and not d.rejected
+
+
+def test_a_contribution_above_the_bound_is_dropped_without_a_strike() -> None:
+    d = decide([Entry(((8, 5),), norm=1.0), Entry(((8, 2),), norm=1.0), Entry()])
+    dropped = d.contributions[1]
+    assert not dropped.accepted and dropped.refusal is Refusal.STALE
+    assert dropped.reason == "staleness 3 exceeds 2" and dropped.weight == 0.0
+    assert d.dropped_stale == 1 and not d.rejected
+    assert [a.rank for a in d.adds] == [0]
+
+
+def test_an_outlier_is_rejected_whole_with_its_norm_in_the_reason() -> None:
+    d = decide([Entry(((8, 5),), norm=1.0), Entry(((8, 5),), norm=1.1),
+                Entry(((8, 5), (8, 4)), norm=500.0)])
+    assert d.rejected == {2: Refusal.OUTLIER}
+    assert d.reasons[2] == "norm 500 exceeds 10x the recent median"
+    assert [c.refusal for c in d.contributions if c.rank == 2] == [Refusal.OUTLIER] * 2
+    assert [a.rank for a in d.adds] == [0, 1]
+    assert d.accepted_norms == [1.0, 1.1], "a rejected norm does not enter the history"
+
+
+def test_history_rejects_an_outlier_in_a_round_of_one() -> None:
+    entries = [Entry(((8, 5),), norm=100.0), Entry(), Entry()]
+    assert decide(entries).rejected == {}
+    assert decide(entries, recent=[1.0, 1.2, 0.9]).rejected == {0: Refusal.OUTLIER}
+
+
+def test_malformed_and_undecodable_messages_are_rejected_with_their_own_codes() -> None:
+    d = decide([Entry(malformed="the header is list, not an object"),
+                Entry(((8, 5),), norm=math.nan), Entry(((8, 5),), norm=1.0)])
+    assert d.rejected == {0: Refusal.MALFORMED, 1: Refusal.NONFINITE}
+    assert d.reasons[0] == "malformed message (the header is list, not an object)"
+    assert d.reasons[1] == "non-finite values"
+    assert all(code.strikes for code in d.rejected.values())
+    assert [a.rank for a in d.adds] == [2]
+
+
+def test_an_announced_contribution_without_bytes_has_no_payload() -> None:
+    d = decide([Entry(((8, 5),)), Entry(((8, 5), (4, 4)), part_norms=(1.0, None)), Entry()])
+    refusals = [(c.rank, c.refusal) for c in d.contributions]
+    assert refusals == [(0, Refusal.NO_PAYLOAD), (1, None), (1, Refusal.NO_PAYLOAD)]
+    assert not Refusal.NO_PAYLOAD.strikes and not d.rejected
+    assert [(a.rank, a.part, a.mass) for a in d.adds] == [(1, 0, 8.0)]
+
+
+def test_parts_are_weighed_each_by_its_own_staleness() -> None:
+    d = decide([Entry(((8, 5), (8, 4), (8, 1)), part_norms=(1.0, 2.0, 3.0))])
+    assert [(a.part, a.mass) for a in d.adds] == [(0, 8.0), (1, 4.0)]
+    assert [c.norm for c in d.contributions] == [1.0, 2.0, 3.0]
+    assert d.contributions[2].refusal is Refusal.STALE
+
+
+def test_one_bad_part_rejects_the_whole_message() -> None:
+    d = decide([Entry(((8, 5), (8, 4)), part_norms=(1.0, math.inf)), Entry(), Entry()])
+    assert d.rejected == {0: Refusal.NONFINITE} and d.adds == []
+
+
+def test_an_empty_round_has_no_adds_and_full_freshness() -> None:
+    d = decide([Entry(), Entry(), Entry()])
+    assert d.adds == [] and d.total == 0 and d.freshness == 1.0 and d.contributions == []
+
+
+def test_every_member_decides_the_same() -> None:
+    entries = [Entry(((8, 5), (3, 3)), part_norms=(1.0, 1.5)), Entry(((8, 2),), norm=1.0),
+               Entry(((4, 4),), norm=40.0)]
+    first = decide(entries, recent=[1.0, 1.1])
+    again = decide(list(entries), recent=[1.0, 1.1])
+    assert first.contributions == again.contributions and first.adds == again.adds
+
+
+def test_the_weight_function_is_the_callers() -> None:
+    d = decide([Entry(((8, 4),), norm=1.0), Entry(), Entry()], weight=lambda s: 0.25 ** s)
+    assert d.contributions[0].weight == 0.25 and d.adds[0].mass == 2.0
+
+
+def test_reports_carry_the_refusal_codes_not_prose() -> None:
+    d = decide([Entry(malformed="bad"), Entry(((8, 1),), norm=1.0),
+                Entry(((8, 5),), norm=1.0)], recent=[1.0])
+    result = RoundResult(0, 7, 6, None, d.contributions)
+    report = report_from_round("job", MEMBERS, result)
+    reasons = {c["node_id"]: c.get("reason") for c in report["contributions"]}
+    assert reasons == {"a": "absent", "b": "stale", "c": None}
+    assert [reported_reason(code) for code in Refusal] == [
+        "stale", "nonfinite", "outlier", "other", "other"]
