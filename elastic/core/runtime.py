@@ -56,6 +56,7 @@ class GenerationRuntime:
     settings: WorkerSettings
     blacklist: Callable[[str, str], None] | None = field(default=None, repr=False)
     reports: CreditReporter | None = field(default=None, repr=False)
+    _next_stream: list[int] = field(default_factory=lambda: [0], repr=False)
 
     @property
     def rank(self) -> int:
@@ -69,6 +70,15 @@ class GenerationRuntime:
     def members(self) -> list[str]:
         """Node ids by rank."""
         return list(self.generation.node_ids)
+
+    def rounds_stream(self, stream: int | None = None) -> int:
+        """Number a new stream of staleness rounds in this generation: `stream`, or the one
+        after the last; every member starts its streams in the same order, so they agree
+        (each stream has a process group of its own)."""
+        if stream is None:
+            stream = self._next_stream[0]
+        self._next_stream[0] = stream + 1
+        return stream
 
     def is_interrupted(self) -> bool:
         """True once this generation has ended for this process."""

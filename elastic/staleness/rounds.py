@@ -49,7 +49,6 @@ __all__ = ["ROUNDS_SET_ID", "RoundResult", "StalenessRounds"]
 
 #: Process-set id reserved for the rounds' own process group.
 ROUNDS_SET_ID = 1 << 20
-_streams: Counter = Counter()  # streams of rounds started per generation, in this process
 
 
 @dataclass
@@ -135,9 +134,7 @@ class StalenessRounds:
         self.rank = runtime.rank
         self.size = runtime.size
         self._interrupted = runtime.interrupted
-        if stream is None:
-            stream = _streams[self.generation]
-        _streams[self.generation] = stream + 1
+        stream = runtime.rounds_stream(stream)
         transport = runtime.transport.subset(list(range(self.size)), ROUNDS_SET_ID + stream)
         assert transport is not None  # every rank is in the set
         self._engine = CollectiveEngine(transport, self._interrupted)
