@@ -96,6 +96,20 @@ def test_every_member_decides_the_same() -> None:
     assert first.contributions == again.contributions and first.adds == again.adds
 
 
+@pytest.mark.parametrize(("contribs", "steps"), [
+    ([[9], [9], []], 1.0),        # one gradient of each member: one step
+    ([[9, 9], [9, 9], []], 2.0),  # two of each (compute outpaced the rounds): two steps
+    ([[9, 9], [6], []], 2.0),     # one dropped as too stale (4 > S=2) does not count
+    ([[9, 9], [9], [9]], 1.5)])   # the outlier's (rank 2) does not count either
+def test_a_round_stands_for_as_many_steps_as_its_members_took(
+        contribs: list[list[int]], steps: float) -> None:
+    norms = [1.0, 1.0, 900.0]
+    entries = [Entry(tuple((8, v) for v in versions), norm=norms[r] if versions else None)
+               for r, versions in enumerate(contribs)]
+    d = decide(entries, version=10, recent=[1.0])
+    assert d.steps == steps and d.total > 0
+
+
 def test_the_weight_function_is_the_callers() -> None:
     d = decide([Entry(((8, 4),), norm=1.0), Entry(), Entry()], weight=lambda s: 0.25 ** s)
     assert d.contributions[0].weight == 0.25 and d.adds[0].mass == 2.0

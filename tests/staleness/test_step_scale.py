@@ -12,16 +12,16 @@ from collections import Counter, deque
 import pytest
 import torch
 
-from elastic.rounds import (
+from elastic.codecs import DenseCodec
+from elastic.codecs.stats import RoundStats
+from elastic.staleness import (
     Contribution,
-    DenseCodec,
     NormCheck,
     RoundResult,
-    RoundStats,
     StalenessRounds,
     inverse_staleness,
-    pack,
 )
+from elastic.staleness.wire import pack
 from elastic.torch.exchange import FlatLayout, StaleExchange
 
 
