@@ -1,35 +1,29 @@
-"""Gradient exchanges other than Horovod's dense allreduce: top-k and bounded staleness.
+"""PyTorch's side of the exchanges other than Horovod's dense allreduce (top-k, staleness).
 
-`DistributedOptimizer` uses one of these when given `compression=hvd.Compression.topk(...)`
-or `staleness=S > 0`. All gradients are laid out in one flat buffer: parameters of at
-least `min_sparse_numel` values first (the part that is sparsified), small ones (biases,
-norms) after it, sent dense. A member's message is self-delimiting payloads (see
-`elastic.codecs.wire`), so one allgather carries everything and every rank decodes in rank
-order into one dense buffer.
+The exchanges themselves are framework-neutral (`elastic.codecs.exchange`,
+`elastic.staleness.exchange`); here is what they need from PyTorch: the parameters'
+gradients as one flat buffer (`FlatLayout`: parameters of at least `min_sparse_numel`
+values first, the part that is sparsified; small ones after it, sent dense), the
+optimizer as the rounds step it (`TorchStepper`, `momentum_from`), and the user-facing
+`hvd.TopKAllreduce` and `hvd.StalenessRounds`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from elastic.codecs.aggregate import allreduce_bytes
 from elastic.codecs.compression import TopKCompression
 from elastic.codecs.exchange import average_payloads
-from elastic.codecs.payload import PayloadCodec
 from elastic.codecs.stats import RoundStats
 from elastic.staleness import rounds as core_rounds
-from elastic.staleness.decide import NormCheck, inverse_staleness
-from elastic.staleness.rounds import RoundResult
-
-if TYPE_CHECKING:
-    from elastic.core.runtime import GenerationRuntime
 
 logger = logging.getLogger(__name__)
+
 
 class FlatLayout:
     """Where each parameter's gradient lives in the flat buffer (large ones first)."""
@@ -120,193 +114,49 @@ class StalenessRounds(core_rounds.StalenessRounds):
         super().__init__(numel, staleness, *args, **kwargs)
 
 
-class StaleExchange:
-    """Bounded-staleness steps: submit this step's gradient, apply finished rounds in order."""
+class TorchStepper:
+    """A torch optimizer as the staleness rounds step it (`elastic.staleness.exchange.Stepper`):
+    `step` runs the wrapped optimizer's own step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-                 spec: TopKCompression | None, staleness: int, round_deadline: float | None,
-                 weight: Callable[[int], float] | None, process_set: Any,
-                 on_round: Callable[[RoundResult], None] | None = None,
-                 fp16_dense: bool = False, norm_check: NormCheck | None = None) -> None:
-        if process_set.process_set_id not in (0, None):
-            raise ValueError("staleness > 0 runs on the global process set only")
-        self.layout = FlatLayout(params, spec.min_sparse_numel if spec else 1 << 62)
-        self.compressor = spec.build(momentum_from(optimizer, spec)) if spec else None
-        self._groups = optimizer.param_groups
-        self.staleness = staleness
-        self.round_deadline = round_deadline
-        self.weight = weight or inverse_staleness
-        self.on_round = on_round
-        self.norm_check = norm_check
-        self.fp16_dense = fp16_dense  # Compression.fp16: dense values travel as float16
-        self.rounds: core_rounds.StalenessRounds | None = None
-        self._flat: torch.Tensor | None = None
-        self.applied = 0
-        self.totals = RoundStats()  # of the generations before the current rounds
-        self._strikes: Counter = Counter()  # per node, over all generations
-        self.on_start: Callable[[], None] | None = None  # called when new rounds start
+    def __init__(self, optimizer: torch.optim.Optimizer, step: Callable[[], None]) -> None:
+        self._optimizer = optimizer
+        self._step = step
 
-    def _ensure_rounds(self, runtime: GenerationRuntime) -> core_rounds.StalenessRounds:
-        generation = runtime.generation.id
-        if self.rounds is not None and self.rounds.generation == generation:
-            return self.rounds
-        if self.rounds is not None:
-            self.rounds.close()
-            self.totals = self.totals.plus(self.rounds.stats)
-        codec = PayloadCodec(self.layout, self.compressor, runtime.size,
-                             fp16_dense=self.fp16_dense)
-        on_round = self.on_round or _round_reporter(runtime)
-        self.rounds = core_rounds.StalenessRounds(
-            self.layout.numel, self.staleness, codec=codec, round_deadline=self.round_deadline,
-            weight=self.weight, dtype=self.layout.dtype, on_round=on_round,
-            on_strikes=_evictor(runtime), strikes=self._strikes, norm_check=self.norm_check,
-            runtime=runtime)
-        self.applied = 0
-        if self.on_start is not None:
-            self.on_start()
-        return self.rounds
+    def momentum(self) -> bool:
+        return any(float(g.get("momentum", 0.0) or 0.0) > 0
+                   or float((g.get("betas") or (0.0,))[0]) > 0
+                   for g in self._optimizer.param_groups)
 
-    def step(self, runtime: GenerationRuntime, samples: int, apply: Callable[[], None]) -> None:
-        """Submit the current gradients to the rounds of `runtime`'s generation; run
-        `apply()` once per finished aggregate."""
-        rounds = self._ensure_rounds(runtime)
-        if rounds.codec.encodes_each:  # encoded in submit(): one buffer serves every step
-            self._flat = self.layout.gather(self._flat)
-            rounds.submit(self._flat, samples, self.applied, copy=False)
-        else:
-            rounds.submit(self.layout.gather(), samples, self.applied, copy=False)
-        self._apply(rounds.results(block=False), apply)
-        while rounds.outstanding > self.staleness:
-            self._apply(rounds.results(block=True, timeout=1.0), apply)
-        rounds.released()
+    def adaptive(self) -> bool:
+        """Adam, AdamW, ...: param groups with `betas`."""
+        return any("betas" in g for g in self._optimizer.param_groups)
 
-    def _apply(self, results: list[RoundResult], apply: Callable[[], None]) -> None:
-        damped = self._damped()
-        adaptive = self._adaptive()
-        for result in results:
-            self._settle(result, damped)
-            if result.aggregate is not None:
-                # One step per member step the aggregate stands for (a round that caught
-                # two gradients of each member takes two steps' length), and with the
-                # optimizer's momentum a staleness-aware step: a round of gradients s
-                # aggregates old steps w(s) as far as a fresh one (the aggregate is their
-                # average).
-                factor = result.steps * (result.freshness if damped else 1.0)
-                if adaptive:  # Adam and kin ignore a gradient's scale: scale the step
-                    self.layout.scatter(result.aggregate)
-                    self._scaled_lr(factor, apply)
-                else:  # SGD: scale what enters the momentum buffer and the step
-                    self.layout.scatter(result.aggregate, factor)
-                    apply()
-                self.applied += 1
-                if self.on_round is None and self.rounds is not None:  # nobody else holds it
-                    self.rounds.recycle(result.aggregate)
-
-    def _adaptive(self) -> bool:
-        """Whether the optimizer normalises the gradient's scale away (Adam, AdamW, ...:
-        param groups with `betas`), so a step is scaled through its learning rate."""
-        return any("betas" in g for g in self._groups)
-
-    def _scaled_lr(self, factor: float, apply: Callable[[], None]) -> None:
-        """Run `apply()` with every group's learning rate times `factor`, then restore
-        it (a scheduler sees its own values)."""
-        if factor == 1.0:
-            apply()
+    def step(self, lr_factor: float = 1.0) -> None:
+        """Step with every group's learning rate times `lr_factor`, then restore it (a
+        scheduler sees its own values)."""
+        if lr_factor == 1.0:
+            self._step()
             return
-        saved = [g.get("lr") for g in self._groups]
+        groups = self._optimizer.param_groups
+        saved = [g.get("lr") for g in groups]
         try:
-            for g, lr in zip(self._groups, saved):
+            for g, lr in zip(groups, saved):
                 if lr is not None:
-                    g["lr"] = lr * factor
-            apply()
+                    g["lr"] = lr * lr_factor
+            self._step()
         finally:
-            for g, lr in zip(self._groups, saved):
+            for g, lr in zip(groups, saved):
                 if lr is not None:
                     g["lr"] = lr
 
-    def _damped(self) -> bool:
-        """Whether stale aggregates take a shorter step: with the optimizer's momentum
-        (SGD's `momentum`, Adam's first beta). A gradient one aggregate old shrinks the
-        steps for which heavy-ball momentum m is stable from 2(1+m)/h to (1-m)/h on a
-        curvature h (0.1/h against 3.8/h for m=0.9), but only from 2/h to 1/h without
-        momentum, where a shorter step would only slow training down. The compressor's
-        momentum (top-k's momentum correction) is damped where gradients enter it
-        instead (`PayloadCodec.intake`): full steps, stale gradients repeated less."""
-        return any(float(g.get("momentum", 0.0) or 0.0) > 0
-                   or float((g.get("betas") or (0.0,))[0]) > 0 for g in self._groups)
-
-    def _settle(self, result: RoundResult, damped: bool) -> None:
-        """Tell the codec what became of this member's own contributions in the round."""
-        rounds = self.rounds
-        if rounds is None or not isinstance(rounds.codec, PayloadCodec) \
-                or rounds.codec.compressor is None:
-            return
-        for c in result.contributions:
-            if c.rank != rounds.rank:
-                continue
-            if c.accepted:
-                applied = c.weight if damped else 1.0
-                rounds.codec.intake = c.weight  # w(s) of an accepted one
-            elif c.staleness > self.staleness:
-                applied = 0.0  # dropped unapplied: all of it goes back
-            else:
-                applied = 1.0  # rejected: never fed back
-            rounds.codec.settle(applied)
-
-    def finish(self, apply: Callable[[], None]) -> None:
-        """End the rounds on every member together and apply what is left."""
-        if self.rounds is not None:
-            self._apply(self.rounds.finish(), apply)
-            self.totals = self.totals.plus(self.rounds.stats)
-            self.rounds = None
-
-    @property
-    def stats(self) -> RoundStats:
-        """Counts over every generation this optimizer ran in."""
-        return self.totals.plus(self.rounds.stats) if self.rounds is not None else self.totals
-
-
-def _round_reporter(runtime: GenerationRuntime) -> Callable[[RoundResult], None] | None:
-    """Report every staleness round to the coordinator, when there is one."""
-    from elastic.credit.reports import report_from_round
-
-    sink = runtime.reports
-    if sink is None:
-        return None
-    members, job = runtime.members, runtime.job
-    return lambda result: sink.record(report_from_round(job, members, result))
-
 
 def report_synchronous_step(samples: int | None, process_set: Any) -> None:
-    """Synchronous steps: report the round to the coordinator, when there is one.
-
-    The allreduce that just completed is itself the proof that every member took part.
-    With `samples=None` (the default, and what every Horovod script passes) each member
-    counts one sample per step and nothing more is exchanged; with explicit counts, one
-    allgather shares them (pass `samples` on every rank or on none).
-    """
-    from elastic.torch.collectives import allgather
+    """A synchronous step of the global set: credit it (`elastic.credit.steps`)."""
+    from elastic.credit import steps
     from elastic.torch.runtime import runtime
 
-    current = runtime()
-    sink = current.reports
-    if sink is None or process_set.process_set_id not in (0, None):
-        return
-    members = current.members
-    if samples is None:
-        counts = [1] * len(members)
-    else:
-        counts = allgather(torch.tensor([int(samples)]), name="horde.samples").tolist()
-    sink.record_step(current.generation.id, members, counts)
-
-
-def _evictor(runtime: GenerationRuntime) -> Callable[[str, str], None] | None:
-    """Rank 0 blacklists a node whose contributions were rejected too often."""
-    blacklist = runtime.blacklist
-    if blacklist is None:
-        return None
-    return lambda node, reason: blacklist(
-        node, f"too many rejected contributions (last: {reason})")
+    if process_set.process_set_id in (0, None):
+        steps.report_synchronous_step(runtime(), samples)
 
 
 class TopKAllreduce:

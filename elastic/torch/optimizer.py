@@ -32,6 +32,7 @@ from elastic.codecs.exchange import SyncSparseExchange
 from elastic.core.engine import GradientStep, ReduceOp
 from elastic.core.gradients import DTYPES
 from elastic.staleness.decide import NormCheck
+from elastic.staleness.exchange import StaleExchange
 from elastic.torch import runtime
 from elastic.torch.adasum_optimizer import (
     ZERO_GRAD_RACE,
@@ -50,7 +51,7 @@ from elastic.torch.collectives import (
 )
 from elastic.torch.exchange import (
     FlatLayout,
-    StaleExchange,
+    TorchStepper,
     momentum_from,
     report_synchronous_step,
 )
@@ -156,9 +157,14 @@ class _DistributedOptimizer:
         if staleness > 0:
             fp16 = isinstance(compression, FP16Compressor) or (
                 isinstance(compression, type) and issubclass(compression, FP16Compressor))
-            self._exchange = StaleExchange(self, all_params, compression if sparse else None,
-                                           staleness, round_deadline, staleness_weight,
-                                           process_set, fp16_dense=fp16, norm_check=norm_check)
+            if self.process_set.process_set_id not in (0, None):
+                raise ValueError("staleness > 0 runs on the global process set only")
+            spec = compression if sparse else None
+            self._exchange = StaleExchange(
+                FlatLayout(all_params, spec.min_sparse_numel if spec else 1 << 62),
+                spec.build(momentum_from(self, spec)) if spec else None, staleness,
+                round_deadline, staleness_weight, fp16_dense=fp16, norm_check=norm_check)
+            self._stepper = TorchStepper(self, self._inner_step)
             # Each new stream of rounds (a generation, an init after a shutdown) is ended
             # by hvd.shutdown(): in flight on one member is applied on all.
             self._exchange.on_start = lambda: register_finisher(self.finish)
@@ -496,7 +502,7 @@ class _DistributedOptimizer:
             with self._lock:
                 self._reset_progress()
             self._exchange.step(runtime.runtime(), 1 if samples is None else int(samples),
-                                self._inner_step)
+                                self._stepper)
             return loss
         if self._should_synchronize:
             if self._synchronized:
@@ -527,7 +533,7 @@ class _DistributedOptimizer:
         kept = exchange.layout.gather() if self._touched else None
         with self._lock:
             self._reset_progress()
-        exchange.finish(self._inner_step)  # applying the aggregates overwrites `p.grad`
+        exchange.finish(self._stepper)  # applying the aggregates overwrites `p.grad`
         if kept is not None:
             exchange.layout.scatter(kept)
 

@@ -12,7 +12,8 @@ import torch
 
 from elastic.codecs import PayloadCodec, TopKCompressor
 from elastic.staleness import Contribution, RoundResult
-from elastic.torch.exchange import FlatLayout, StaleExchange
+from elastic.staleness.exchange import StaleExchange
+from elastic.torch.exchange import FlatLayout, TorchStepper
 
 
 def codec(momentum: float = 0.0) -> PayloadCodec:
@@ -48,7 +49,9 @@ def test_each_own_contribution_settles_by_what_became_of_it(
         momentum: float, optimizer_momentum: float, expected: list[float],
         intake: float) -> None:
     exchange = StaleExchange.__new__(StaleExchange)  # the settling logic alone
-    exchange.staleness, exchange._groups = 1, [{"momentum": optimizer_momentum}]
+    exchange.staleness = 1
+    optimizer = TorchStepper(SimpleNamespace(param_groups=[{"momentum": optimizer_momentum}]),
+                             lambda: None)
     settled: list[float] = []
     exchange.rounds = SimpleNamespace(rank=1, codec=codec(momentum))
     exchange.rounds.codec.settle = settled.append
@@ -58,7 +61,7 @@ def test_each_own_contribution_settles_by_what_became_of_it(
         contribution(1, 2, False, "staleness 2 exceeds 1"),              # dropped
         contribution(1, 1, True),                                        # accepted, 1 old
         contribution(1, 0, False, "norm 1e4 exceeds 10x the recent median")])  # rejected
-    exchange._settle(result, exchange._damped())
+    exchange._settle(result, exchange._damped(optimizer))
     assert settled == expected
     # The next gradient is likely as stale as the last accepted one: w(1) of it enters
     # the compressor's velocity.

@@ -21,8 +21,9 @@ from elastic.staleness import (
     StalenessRounds,
     inverse_staleness,
 )
+from elastic.staleness.exchange import StaleExchange
 from elastic.staleness.wire import pack
-from elastic.torch.exchange import FlatLayout, StaleExchange
+from elastic.torch.exchange import FlatLayout, TorchStepper
 
 
 def rounds_of(members: int, version: int) -> StalenessRounds:
@@ -64,7 +65,6 @@ def test_a_round_stands_for_as_many_steps_as_its_members_took(
 def exchange_for(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> StaleExchange:
     exchange = StaleExchange.__new__(StaleExchange)  # applying rounds alone
     exchange.layout = FlatLayout([param], 1 << 62)
-    exchange._groups = optimizer.param_groups
     exchange.rounds, exchange.on_round, exchange.applied = None, None, 0
     return exchange
 
@@ -81,7 +81,7 @@ def test_sgd_steps_by_the_rounds_steps_and_with_momentum_its_freshness(
     param = torch.nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.SGD([param], lr=0.1, momentum=momentum)
     exchange = exchange_for(optimizer, param)
-    exchange._apply([result(steps=2.0, freshness=0.5)], optimizer.step)
+    exchange._apply([result(steps=2.0, freshness=0.5)], TorchStepper(optimizer, optimizer.step))
     assert torch.allclose(param.detach(), torch.full((3,), -0.1 * expected))
     assert exchange.applied == 1
 
@@ -93,7 +93,7 @@ def test_adam_steps_through_its_learning_rate_and_gets_it_back(
     param = torch.nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.Adam([param], lr=0.01)
     exchange = exchange_for(optimizer, param)
-    exchange._apply([result(steps, freshness)], optimizer.step)
+    exchange._apply([result(steps, freshness)], TorchStepper(optimizer, optimizer.step))
     # Adam's first step moves each entry by lr whatever the gradient's scale.
     assert torch.allclose(param.detach(), torch.full((3,), -0.01 * expected), rtol=1e-4)
     assert optimizer.param_groups[0]["lr"] == 0.01  # a scheduler sees its own value
