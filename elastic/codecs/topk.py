@@ -130,7 +130,7 @@ class TopKCompressor:
         to 1): the share of the gradient that enters the velocity; the rest enters the
         residual directly, sent once instead of repeated by momentum. With staleness the
         gradient is applied some aggregates late, and a delayed gradient repeated
-        1/(1-m) times is what makes momentum unstable (see `elastic.torch.exchange`).
+        1/(1-m) times is what makes momentum unstable (see `elastic.staleness.exchange`).
         """
         if not 0.0 <= intake <= 1.0:
             raise ValueError(f"intake={intake!r} must be in [0, 1]")
