@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 from elastic.tensorflow import _core_bridge as core
-from elastic.tensorflow.compression import Compression, Compressor
 from elastic.tensorflow._core_bridge import ProcessSet, ReduceOp, global_process_set
+from elastic.tensorflow.compression import Compression, Compressor
 
 logger = logging.getLogger(__name__)
 
