@@ -8,7 +8,8 @@ allreduce, allgather, broadcast, alltoall and reducescatter are differentiable.
 
 Misuse fails as Horovod's TensorFlow ops fail: ranks that disagree on shape, dtype or
 root rank raise `tf.errors.FailedPreconditionError` on every rank; a bad argument raises
-`tf.errors.InvalidArgumentError` (a `ValueError` before any communication in eager code).
+`tf.errors.InvalidArgumentError`. Inside `tf.function` TensorFlow reports every failure
+of a `py_function` as `tf.errors.UnknownError`; its message starts with the kind above.
 A failed collective raises `HorovodInternalError` (inside `tf.function`, TensorFlow
 reports it as an `OpError`; `hvd.elastic.run` turns it back into `HorovodInternalError`).
 """
