@@ -17,16 +17,17 @@ def broadcast_variables(variables: Sequence[tf.Variable], root_rank: int,
                         inplace: bool = False) -> Any:
     """Assign rank `root_rank`'s value to every variable, on every rank of the set.
 
-    One request carries all variables, keyed by position and name, so ranks whose
-    variable lists differ fail together instead of exchanging mismatched values.
+    One request carries all variables, keyed by position, shape and dtype (not by name:
+    Keras numbers layer names per process), so ranks whose variable lists differ fail
+    together instead of exchanging mismatched values.
     Works eagerly and inside `tf.function`; returns the assign ops' group.
     """
     variables = list(variables)
     _check_root(root_rank, process_set)
     if not variables:
         return tf.group()
-    keys = [f"{i}:{getattr(v, 'path', None) or v.name}" for i, v in enumerate(variables)]
     values = [tf.convert_to_tensor(v) for v in variables]
+    keys = [f"{i}:{v.shape}:{v.dtype.name}" for i, v in enumerate(values)]
 
     def fn(*arrays: Any) -> list[Any]:
         return core.broadcast_many(list(zip(keys, arrays)), root_rank, process_set)

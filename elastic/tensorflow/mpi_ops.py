@@ -39,21 +39,25 @@ Product = ReduceOp.Product
 
 # -- errors -----------------------------------------------------------------------------
 
-_last_error = threading.local()
+# Process-wide, not per thread: TensorFlow runs a graph's py_functions on its own threads.
+_last_error: list[BaseException | None] = [None]
+_last_error_lock = threading.Lock()
 
 
 def _remember(exc: BaseException) -> None:
-    _last_error.value = exc
+    with _last_error_lock:
+        _last_error[0] = exc
 
 
 def horde_error_behind(exc: BaseException) -> BaseException | None:
     """The Horde error (HorovodInternalError, HostsUpdatedInterrupt) that a TensorFlow
     `OpError` from a graph-mode collective stands for, else None."""
-    inner = getattr(_last_error, "value", None)
-    if isinstance(exc, tf.errors.OpError) and isinstance(
-            inner, (core.HorovodInternalError, core.HostsUpdatedInterrupt)):
-        _last_error.value = None
-        return inner
+    with _last_error_lock:
+        inner = _last_error[0]
+        if isinstance(exc, tf.errors.OpError) and isinstance(
+                inner, (core.HorovodInternalError, core.HostsUpdatedInterrupt)):
+            _last_error[0] = None
+            return inner
     return None
 
 

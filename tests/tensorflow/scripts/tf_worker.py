@@ -206,7 +206,7 @@ def misuse_errors() -> dict:
         "root_mismatch": error_of(lambda: hvd.broadcast(tf.ones([2]), R)),
         "root_range": error_of(lambda: hvd.broadcast(tf.ones([2]), 7)),
         "variables_differ": error_of(lambda: hvd.broadcast_variables(
-            [tf.Variable([1.0], name=f"only_on_{R}")], 0)),
+            [tf.Variable(tf.zeros([2 + R]))], 0)),
         "duplicate_set": error_of(lambda: (hvd.add_process_set([0, 1]),
                                            hvd.add_process_set([0, 1]))),
         "after": hvd.allreduce(tf.constant([1.0]), op=hvd.Sum).numpy().tolist(),
