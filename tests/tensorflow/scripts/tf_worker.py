@@ -105,11 +105,23 @@ def collectives_match_torch() -> int:
     half = data((6,), "float32").astype("float16")
     same(hvd.allreduce(tf.constant(half), op=hvd.Sum),
          thvd.allreduce(torch.from_numpy(half.copy()), op=thvd.Sum), "allreduce float16")
+    bf16 = tf.constant(data((6,), "float32"), tf.bfloat16)
+    got = hvd.allreduce(bf16, op=hvd.Sum)
+    want = thvd.allreduce(torch.from_numpy(tf.cast(bf16, tf.float32).numpy()).bfloat16(),
+                          op=thvd.Sum)
+    assert got.dtype == tf.bfloat16
+    same(tf.cast(got, tf.float32), want.float(), "allreduce bfloat16")
+    ps = hvd.add_process_set([0, 1])
+    x = data((4,), "float32")
+    same(hvd.allreduce(tf.constant(x), op=hvd.Sum, process_set=ps),
+         thvd.allreduce(torch.from_numpy(x.copy()), op=thvd.Sum, process_set=ps),
+         "allreduce on a process set")
+    hvd.remove_process_set(ps)
     x = data((8,), "float32")
     same(hvd.allreduce(tf.constant(x), compression=hvd.Compression.fp16),
          thvd.allreduce(torch.from_numpy(x.copy()), compression=thvd.Compression.fp16),
          "allreduce fp16 compression")
-    return compared + 2
+    return compared + 4
 
 
 @check
