@@ -1,0 +1,128 @@
+"""Horovod's Keras API on Horde for Keras 3 / TensorFlow 2: `import elastic.tensorflow.keras
+as hvd`. Everything in `elastic.tensorflow`, plus the Keras `DistributedOptimizer`, the
+callbacks and `hvd.elastic` with Keras state and callbacks."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from elastic.tensorflow import *  # noqa: F403 - the same API as elastic.tensorflow
+from elastic.tensorflow import __all__ as _tf_all
+from elastic.tensorflow import _core_bridge as core
+from elastic.tensorflow.compression import Compression
+from elastic.tensorflow.gradient_tape import GradientReducer
+from elastic.tensorflow.keras import callbacks
+from elastic.tensorflow.mpi_ops import Average, ReduceOp
+
+# The star import bound `elastic` to elastic.tensorflow.elastic; Keras users get the
+# Keras flavour (KerasState and the callbacks), as in Horovod.
+elastic = importlib.import_module("elastic.tensorflow.keras.elastic")
+
+
+class _DistributedOptimizer:
+    """Mixin placed before the wrapped Keras optimizer's class: `apply()` (which
+    `apply_gradients()` and `model.fit` go through) first reduces the gradients."""
+
+    _horde_reducer: GradientReducer
+    _horde_staleness: int = 0
+    _horde_stale: Any = None
+
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None
+              ) -> Any:
+        grads = list(grads)
+        variables = (list(trainable_variables) if trainable_variables is not None
+                     else list(getattr(self, "_trainable_variables", [])))
+        if self._horde_staleness > 0:
+            return self._horde_apply_stale(grads, trainable_variables, variables)
+        reduced = self._horde_reducer.reduce(grads, variables)
+        return super().apply(reduced, trainable_variables)  # type: ignore[misc]
+
+    def _horde_apply_stale(self, grads: list[Any], trainable_variables: Any,
+                           variables: list[Any]) -> None:
+        """Bounded staleness (Horde's addition): submit this step's gradients to the shared
+        rounds and apply every aggregate that finished, in the same order everywhere."""
+        if not tf.executing_eagerly():
+            raise ValueError("DistributedOptimizer(staleness>0) applies a varying number of "
+                             "aggregates per step; compile the model with run_eagerly=True")
+        if not getattr(self, "built", True):
+            self.build(variables)  # type: ignore[attr-defined]
+        dense = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                 for g, v in zip(grads, variables)]
+        if self._horde_stale is None:
+            spec = self._horde_reducer.topk
+            self._horde_stale = core.StaleAllreduce(
+                [tuple(g.shape.as_list()) for g in dense], dense[0].dtype.as_numpy_dtype,
+                spec, self._horde_staleness, self._horde_reducer.process_set)
+        parent = super()
+
+        def apply(aggregate: list[Any]) -> None:
+            parent.apply([tf.constant(a) for a in aggregate], variables)  # type: ignore[misc]
+
+        self._horde_stale.step([g.numpy() for g in dense], 1, apply)
+
+    def finish(self) -> None:
+        """Staleness: apply what is still in flight (every rank together)."""
+        if self._horde_stale is not None:
+            parent = super()
+            variables = list(getattr(self, "_trainable_variables", []))
+            self._horde_stale.finish(
+                lambda agg: parent.apply([tf.constant(a) for a in agg], variables))
+
+
+def DistributedOptimizer(optimizer: Any, name: str | None = None,  # noqa: N802
+                         device_dense: str = "", device_sparse: str = "",
+                         compression: Any = Compression.none, sparse_as_dense: bool = False,
+                         gradient_predivide_factor: float = 1.0, op: ReduceOp = Average,
+                         backward_passes_per_step: int = 1,
+                         average_aggregated_gradients: bool = False, num_groups: int = 0,
+                         groups: Any = None,
+                         process_set: core.ProcessSet = core.global_process_set,
+                         scale_local_gradients: bool = True, staleness: int = 0) -> Any:
+    """A copy of the Keras `optimizer` that averages gradients over the ranks before
+    applying them (Horovod's arguments; `compression` also takes
+    `hvd.Compression.topk(d)`, and `staleness=S` runs bounded-staleness rounds)."""
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise ValueError(f"DistributedOptimizer wraps a keras.optimizers.Optimizer, got "
+                         f"{type(optimizer).__name__}")
+    if backward_passes_per_step != 1:
+        raise NotImplementedError(
+            "backward_passes_per_step > 1 is not supported by Horde's Keras optimizer yet; "
+            "Keras 3 optimizers accumulate locally with gradient_accumulation_steps=N")
+    if staleness < 0:
+        raise ValueError(f"staleness={staleness} must be >= 0")
+    reducer = GradientReducer(compression, sparse_as_dense, op, gradient_predivide_factor,
+                              num_groups, groups, process_set, scale_local_gradients)
+    base = type(optimizer)
+    cls = type(base.__name__, (_DistributedOptimizer, base), {})
+    config = optimizer.get_config()
+    if name is not None:
+        config["name"] = name
+    distributed = cls.from_config(config)
+    distributed._horde_reducer = reducer
+    distributed._horde_staleness = int(staleness)
+    return distributed
+
+
+def broadcast_global_variables(root_rank: int) -> Any:
+    """Not available in TensorFlow 2 (no global variables); as in Horovod."""
+    raise RuntimeError("hvd.broadcast_global_variables() does not support eager execution; "
+                       "use hvd.broadcast_variables(model.variables, root_rank)")
+
+
+def load_model(filepath: str, custom_optimizers: Sequence[type] | None = None,
+               custom_objects: dict[str, Any] | None = None,
+               compression: Any = Compression.none) -> Any:
+    """Load a saved Keras model and wrap its optimizer in `DistributedOptimizer`."""
+    model = keras.models.load_model(filepath, custom_objects=custom_objects, compile=True)
+    if getattr(model, "optimizer", None) is not None:
+        model.optimizer = DistributedOptimizer(model.optimizer, compression=compression)
+    return model
+
+
+__all__ = [*_tf_all, "DistributedOptimizer", "callbacks", "elastic",
+           "broadcast_global_variables", "load_model"]
