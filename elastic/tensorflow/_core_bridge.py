@@ -225,7 +225,7 @@ class SparseAllreduce:
 
 class StaleAllreduce:
     """Bounded-staleness rounds over one list of gradients per step: the shared
-    `StaleExchange`; `step` calls `apply(aggregate)` once per finished round."""
+    `StaleExchange`; `step` calls `apply(aggregate, lr_factor)` once per finished round."""
 
     def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: np.dtype,
                  spec: TopKCompression | None, staleness: int, process_set: ProcessSet,
@@ -235,12 +235,18 @@ class StaleAllreduce:
                                        round_deadline, None, process_set)
 
     def step(self, grads: Sequence[np.ndarray | None], samples: int,
-             apply: Callable[[list[np.ndarray]], None]) -> None:
+             apply: Callable[[list[np.ndarray], float], None], momentum: bool = False,
+             adaptive: bool = False) -> None:
+        """Submit `grads`; `momentum` makes stale aggregates take shorter steps (here by
+        scaling the aggregate, so `apply` always gets the factor 1.0)."""
+        self._shadow.param_groups[0]["momentum"] = 0.9 if momentum else 0.0
         self._shadow.load(grads)
-        self._exchange.step(samples, lambda: apply(self._shadow.grads()))
+        self._exchange.step(samples, lambda: apply(self._shadow.grads(), 1.0))
 
-    def finish(self, apply: Callable[[list[np.ndarray]], None]) -> None:
-        self._exchange.finish(lambda: apply(self._shadow.grads()))
+    def finish(self, apply: Callable[[list[np.ndarray], float], None], momentum: bool = False,
+               adaptive: bool = False) -> None:
+        self._shadow.param_groups[0]["momentum"] = 0.9 if momentum else 0.0
+        self._exchange.finish(lambda: apply(self._shadow.grads(), 1.0))
 
     @property
     def stats(self) -> Any:

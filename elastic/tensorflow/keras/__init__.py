@@ -58,20 +58,36 @@ class _DistributedOptimizer:
             self._horde_stale = core.StaleAllreduce(
                 [tuple(g.shape.as_list()) for g in dense], dense[0].dtype.as_numpy_dtype,
                 spec, self._horde_staleness, self._horde_reducer.process_set)
-        parent = super()
+        self._horde_stale.step([g.numpy() for g in dense], 1, self._horde_apply_aggregate,
+                               **self._horde_kind())
 
-        def apply(aggregate: list[Any]) -> None:
-            parent.apply([tf.constant(a) for a in aggregate], variables)  # type: ignore[misc]
+    def _horde_kind(self) -> dict[str, bool]:
+        """What the staleness rounds need to know of this optimizer: momentum (SGD's
+        `momentum`, Adam's `beta_1`) and whether it is adaptive (Adam and kin)."""
+        momentum = float(getattr(self, "momentum", 0.0) or 0.0) > 0 or \
+            float(getattr(self, "beta_1", 0.0) or 0.0) > 0
+        return {"momentum": momentum, "adaptive": hasattr(self, "beta_2")}
 
-        self._horde_stale.step([g.numpy() for g in dense], 1, apply)
+    def _horde_apply_aggregate(self, aggregate: list[Any], lr_factor: float = 1.0) -> None:
+        """One step of the wrapped optimizer on a finished round's aggregate, its learning
+        rate times `lr_factor` for that step."""
+        variables = list(getattr(self, "_trainable_variables", []))
+        grads = [tf.constant(a) for a in aggregate]
+        scaled = lr_factor != 1.0 and not isinstance(
+            getattr(self, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule)
+        if scaled:
+            saved = float(keras.ops.convert_to_numpy(self.learning_rate))  # type: ignore[attr-defined]
+            self.learning_rate = saved * lr_factor  # type: ignore[attr-defined]
+        try:
+            super().apply(grads, variables)  # type: ignore[misc]
+        finally:
+            if scaled:
+                self.learning_rate = saved  # type: ignore[attr-defined]
 
     def finish(self) -> None:
         """Staleness: apply what is still in flight (every rank together)."""
         if self._horde_stale is not None:
-            parent = super()
-            variables = list(getattr(self, "_trainable_variables", []))
-            self._horde_stale.finish(
-                lambda agg: parent.apply([tf.constant(a) for a in agg], variables))
+            self._horde_stale.finish(self._horde_apply_aggregate, **self._horde_kind())
 
 
 def DistributedOptimizer(optimizer: Any, name: str | None = None,  # noqa: N802
