@@ -19,7 +19,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import elastic.tensorflow.keras as hvd  # noqa: E402
-from elastic.torch import runtime  # noqa: E402 - the test reads the generation id
+from elastic.core import session as runtime  # noqa: E402 - the test reads the generation id
 
 OUT = os.environ["HORDE_TEST_OUT"]
 EPOCHS = int(os.environ.get("TEST_EPOCHS", "3"))
