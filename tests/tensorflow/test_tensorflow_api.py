@@ -93,5 +93,7 @@ def test_keras_fit_matches_one_process_and_ranks_agree(ranks: list[dict]) -> Non
     assert f0["weights"] == f1["weights"]
     assert f0["loss"] == f1["loss"]  # MetricAverageCallback
     assert f0["lr"] == pytest.approx([0.05, 0.05])  # warmed up to the full rate
+    p0, p1 = values(ranks, "keras_fit_backward_passes")
+    assert p0 == p1 and p0["updates"] == 2 * 64 // (2 * 8)  # 2 epochs of 8 batches, every 2nd
     s0, s1 = values(ranks, "keras_fit_staleness")
     assert s0 == s1

@@ -31,6 +31,10 @@ class _DistributedOptimizer:
     _horde_reducer: GradientReducer
     _horde_staleness: int = 0
     _horde_stale: Any = None
+    _horde_passes: int = 1
+    _horde_average_passes: bool = False
+    _horde_sums: list[Any] | None = None
+    _horde_count: Any = None
 
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None
               ) -> Any:
@@ -39,8 +43,41 @@ class _DistributedOptimizer:
                      else list(getattr(self, "_trainable_variables", [])))
         if self._horde_staleness > 0:
             return self._horde_apply_stale(grads, trainable_variables, variables)
+        if self._horde_passes > 1:
+            return self._horde_apply_aggregated(grads, variables)
         reduced = self._horde_reducer.reduce(grads, variables)
         return super().apply(reduced, trainable_variables)  # type: ignore[misc]
+
+    def _horde_apply_aggregated(self, grads: list[Any], variables: list[Any]) -> None:
+        """`backward_passes_per_step=N`: add this pass's gradients to local sums; every Nth
+        pass reduce the sums over the ranks (divided by N with average_aggregated_gradients)
+        and apply them. Every rank counts alike, so all take the same branch."""
+        if any(isinstance(g, tf.IndexedSlices) for g in grads):
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                     for g in grads]
+        if self._horde_sums is None:
+            with tf.init_scope():  # created once, outside the traced training step
+                self._horde_sums = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False)
+                                    for v in variables]
+                self._horde_count = tf.Variable(0, dtype=tf.int64, trainable=False)
+        for total, g in zip(self._horde_sums, grads):
+            if g is not None:
+                total.assign_add(tf.cast(g, total.dtype))
+        count = self._horde_count.assign_add(1)
+        parent = super()
+
+        def reduce_and_apply() -> tf.Tensor:
+            scale = 1.0 / self._horde_passes if self._horde_average_passes else 1.0
+            summed = [tf.convert_to_tensor(t) * scale for t in self._horde_sums]
+            reduced = self._horde_reducer.reduce(summed, variables)
+            parent.apply(reduced, variables)  # type: ignore[misc]
+            with tf.control_dependencies([r for r in reduced if r is not None]):
+                for total in self._horde_sums:
+                    total.assign(tf.zeros_like(total))
+            return tf.constant(True)
+
+        tf.cond(count % self._horde_passes == 0, reduce_and_apply,
+                lambda: tf.constant(False))
 
     def _horde_apply_stale(self, grads: list[Any], trainable_variables: Any,
                            variables: list[Any]) -> None:
@@ -105,12 +142,13 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None,  # noqa: N802
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise ValueError(f"DistributedOptimizer wraps a keras.optimizers.Optimizer, got "
                          f"{type(optimizer).__name__}")
-    if backward_passes_per_step != 1:
-        raise NotImplementedError(
-            "backward_passes_per_step > 1 is not supported by Horde's Keras optimizer yet; "
-            "Keras 3 optimizers accumulate locally with gradient_accumulation_steps=N")
+    if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+        raise ValueError(f"backward_passes_per_step={backward_passes_per_step!r} must be an "
+                         "integer >= 1")
     if staleness < 0:
         raise ValueError(f"staleness={staleness} must be >= 0")
+    if staleness > 0 and backward_passes_per_step > 1:
+        raise ValueError("staleness > 0 and backward_passes_per_step > 1 cannot be combined")
     reducer = GradientReducer(compression, sparse_as_dense, op, gradient_predivide_factor,
                               num_groups, groups, process_set, scale_local_gradients)
     base = type(optimizer)
@@ -121,6 +159,8 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None,  # noqa: N802
     distributed = cls.from_config(config)
     distributed._horde_reducer = reducer
     distributed._horde_staleness = int(staleness)
+    distributed._horde_passes = backward_passes_per_step
+    distributed._horde_average_passes = bool(average_aggregated_gradients)
     return distributed
 
 

@@ -57,7 +57,9 @@ cases = {
     "bad_groups": lambda: hvd.DistributedGradientTape(tf.GradientTape(), groups=[1, 2]),
     "optimizer_not_keras": lambda: hvd.DistributedOptimizer(object()),
     "backward_passes": lambda: hvd.DistributedOptimizer(keras.optimizers.SGD(),
-                                                        backward_passes_per_step=2),
+                                                        backward_passes_per_step=0),
+    "stale_and_passes": lambda: hvd.DistributedOptimizer(
+        keras.optimizers.SGD(), backward_passes_per_step=2, staleness=1),
     "negative_staleness": lambda: hvd.DistributedOptimizer(keras.optimizers.SGD(),
                                                            staleness=-1),
     "staleness_in_graph": fit_stale_in_graph,

@@ -314,6 +314,27 @@ def keras_fit() -> dict:
 
 
 @check
+def keras_fit_backward_passes() -> dict:
+    """backward_passes_per_step=2, averaged: one update per 2 local batches of every rank,
+    as one process with batches 2 * N times larger."""
+    x, y = _dataset()
+    batch = 8
+    model, reference = _model(9), _model(9)
+    model.compile(optimizer=hvd.DistributedOptimizer(
+        keras.optimizers.SGD(0.05, momentum=0.5), backward_passes_per_step=2,
+        average_aggregated_gradients=True), loss="mse")
+    model.fit(_shard(x, batch, R), _shard(y, batch, R), batch_size=batch, epochs=2,
+              shuffle=False, verbose=0)
+    reference.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.5), loss="mse")
+    reference.fit(x, y, batch_size=2 * N * batch, epochs=2, shuffle=False, verbose=0)
+    diff = max(float(np.max(np.abs(a - b)))
+               for a, b in zip(model.get_weights(), reference.get_weights()))
+    assert diff < 1e-5, f"backward_passes_per_step=2 differs from the reference by {diff}"
+    return {"weights": [w.tolist() for w in model.get_weights()],
+            "updates": int(model.optimizer.iterations.numpy())}
+
+
+@check
 def keras_fit_staleness() -> dict:
     x, y = _dataset()
     model = _model(8)
