@@ -24,6 +24,9 @@ POSTGRES = ["psycopg[binary]>=3.1"]
 # What Horovod's own PyTorch examples import besides Horovod (tools/horovod_examples.py);
 # torchvision 0.28.0 is the release built for torch 2.13.0, so torch stays pinned.
 HOROVOD_EXAMPLES = ["torchvision==0.28.0", "tqdm>=4.60", "tensorboard>=2.14"]
+# `elastic.tensorflow`: the CPU build of TensorFlow 2.21 (it brings Keras 3); it does not
+# touch the pinned torch.
+TENSORFLOW = ["tensorflow-cpu==2.21.0"]
 
 setup(
     name="horde",
@@ -49,6 +52,7 @@ setup(
         "examples": ["scikit-learn>=1.3"],
         "horovod-examples": ["scikit-learn>=1.3", *HOROVOD_EXAMPLES],
         "postgres": POSTGRES,
+        "tensorflow": TENSORFLOW,
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.2",

@@ -1,0 +1,412 @@
+"""The one door from `elastic.tensorflow` into Horde's framework-neutral layers.
+
+Everything the TensorFlow frontend needs from below goes through this module, in NumPy
+arrays: the session (`elastic.core.session`: lifecycle, ranks, process sets, elastic
+resets), the generation's collective engine (`elastic.core.engine`), and the shared
+top-k (`elastic.codecs`) and staleness (`elastic.staleness`) exchanges. Arrays become
+torch CPU tensors here (`torch.from_numpy`, no copy) for the Gloo transport and come
+back as arrays. Nothing here imports the PyTorch frontend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from elastic import state as _state
+from elastic.codecs.compression import TopKCompression
+from elastic.codecs.exchange import SyncSparseExchange
+from elastic.core import session
+from elastic.core.engine import Kind, ReduceOp, Request
+from elastic.core.session import ProcessSet, global_process_set
+from elastic.errors import (
+    CollectiveMismatchError,
+    CollectiveStallError,
+    HorovodInternalError,
+    HostsUpdatedInterrupt,
+    NotInitializedError,
+)
+from elastic.staleness.exchange import StaleExchange
+
+try:  # as elastic.torch: lambdas and local classes travel too
+    import cloudpickle as _pickler
+except ImportError:  # pragma: no cover
+    _pickler = pickle  # type: ignore[assignment]
+
+__all__ = [
+    "CollectiveMismatchError", "CollectiveStallError", "HorovodInternalError",
+    "HostsUpdatedInterrupt", "NotInitializedError", "ProcessSet", "ReduceOp",
+    "TopKCompression", "global_process_set",
+]
+
+# -- lifecycle and topology -------------------------------------------------------------
+
+init = session.init
+shutdown = session.shutdown
+is_initialized = session.is_initialized
+add_process_set = session.add_process_set
+remove_process_set = session.remove_process_set
+
+
+def rank() -> int:
+    return session.runtime().rank
+
+
+def size() -> int:
+    return session.runtime().size
+
+
+def local_rank() -> int:
+    return session.runtime().topology.local_rank
+
+
+def local_size() -> int:
+    return session.runtime().topology.local_size
+
+
+def cross_rank() -> int:
+    return session.runtime().topology.cross_rank
+
+
+def cross_size() -> int:
+    return session.runtime().topology.cross_size
+
+
+def is_homogeneous() -> bool:
+    hosts = [m.host for m in session.runtime().generation.members]
+    return len({hosts.count(h) for h in hosts}) <= 1
+
+
+def gloo_built() -> bool:
+    return torch.distributed.is_gloo_available()
+
+
+def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
+    """Accepted for compatibility; Horde has no timeline."""
+
+
+def stop_timeline() -> None:
+    """Accepted for compatibility."""
+
+
+def _set_size(process_set: ProcessSet) -> int:
+    return process_set.size() or size()
+
+
+def check_root(root_rank: Any, process_set: ProcessSet) -> int:
+    """`root_rank` when it is a rank of `process_set`; ValueError naming the valid range."""
+    n = _set_size(process_set)
+    if not isinstance(root_rank, (int, np.integer)) or not 0 <= int(root_rank) < n:
+        raise ValueError(f"root_rank={root_rank!r} is not a rank of the process set "
+                         f"(valid: 0..{n - 1})")
+    return int(root_rank)
+
+
+def resolve_op(op: Any, average: bool | None) -> ReduceOp:
+    """Horovod's `op`/`average` arguments as one ReduceOp (default Average)."""
+    if op is not None and average is not None:
+        raise ValueError("The op parameter supersedes average. Please provide only one of them.")
+    if average is not None:
+        return ReduceOp.Average if average else ReduceOp.Sum
+    if op is None:
+        return ReduceOp.Average
+    try:
+        return ReduceOp(int(op))
+    except ValueError:
+        raise ValueError(f"op={op!r} is not one of hvd.Average, Sum, Min, Max, Product, "
+                         "Adasum") from None
+
+
+# -- conversion -----------------------------------------------------------------------
+
+def _torch(array: np.ndarray) -> torch.Tensor:
+    """A torch view of `array` (copied only when torch cannot share its memory)."""
+    array = np.asarray(array)
+    if not array.flags.c_contiguous or not array.flags.writeable:
+        array = np.ascontiguousarray(array).copy()
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: same bits as torch's
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    try:
+        return torch.from_numpy(array)
+    except TypeError as exc:
+        raise TypeError(f"dtype {array.dtype} is not supported by Horde's collectives "
+                        "(use a floating-point, integer or bool dtype)") from exc
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+# -- collectives (NumPy in, NumPy out) -------------------------------------------------
+
+def _run(request: Request) -> Any:
+    return session.runtime().engine.submit(request).result()
+
+
+def allreduce(arrays: Sequence[np.ndarray], op: ReduceOp, prescale: float, postscale: float,
+              name: str | None, process_set: ProcessSet) -> list[np.ndarray]:
+    """Reduce every array over the ranks of `process_set` as one fused request."""
+    tensors = [_torch(a) for a in arrays]
+    if op == ReduceOp.Adasum and any(not t.dtype.is_floating_point for t in tensors):
+        raise ValueError("op=hvd.Adasum needs floating-point tensors; use hvd.Sum or "
+                         "hvd.Average for integer tensors")
+    out = _run(Request(Kind.ALLREDUCE, tensors, name=name, op=op, prescale=prescale,
+                       postscale=postscale, process_set_id=session.process_set_id(process_set)))
+    return [_numpy(t) for t in out]
+
+
+def allgather(arrays: Sequence[np.ndarray], name: str | None,
+              process_set: ProcessSet) -> list[np.ndarray]:
+    """Concatenate every rank's arrays along the first dimension (one request)."""
+    out = _run(Request(Kind.ALLGATHER, [_torch(a) for a in arrays], name=name,
+                       process_set_id=session.process_set_id(process_set)))
+    return [_numpy(t) for t in out]
+
+
+def broadcast(array: np.ndarray, root_rank: int, name: str | None,
+              process_set: ProcessSet) -> np.ndarray:
+    """Rank `root_rank`'s array on every rank."""
+    return broadcast_many([(name, array)], root_rank, process_set, name=name)[0]
+
+
+def broadcast_many(named: Sequence[tuple[str | None, np.ndarray]], root_rank: int,
+                   process_set: ProcessSet, name: str | None = None) -> list[np.ndarray]:
+    """Rank `root_rank`'s arrays on every rank, in one request named after their keys (ranks
+    whose key lists differ fail together)."""
+    root = check_root(root_rank, process_set)
+    targets = [_torch(a).clone() for _, a in named]
+    if name is None and len(named) > 1:
+        digest = hashlib.blake2b("\n".join(str(k) for k, _ in named).encode(),
+                                 digest_size=6).hexdigest()
+        name = f"broadcast_variables.{digest}"
+    out = _run(Request(Kind.BROADCAST, targets, name=name, root=root,
+                       process_set_id=session.process_set_id(process_set)))
+    return [_numpy(t) for t in out]
+
+
+def alltoall(array: np.ndarray, splits: Sequence[int] | None, name: str | None,
+             process_set: ProcessSet) -> tuple[np.ndarray, np.ndarray]:
+    """Slice i of `array` (by `splits`) to rank i; the received array and splits."""
+    tensor = _torch(array)
+    values = None if splits is None else [int(s) for s in splits]
+    if values is not None:
+        n, rows = _set_size(process_set), (tensor.shape[0] if tensor.dim() else 1)
+        if any(s < 0 for s in values):
+            raise ValueError(f"alltoall splits {values} must not be negative")
+        if len(values) != n:
+            raise ValueError(f"alltoall splits has {len(values)} entries; it needs one per "
+                             f"rank ({n})")
+        if sum(values) != rows:
+            raise ValueError(f"alltoall splits sum to {sum(values)} but the tensor's first "
+                             f"dimension is {rows}")
+    out, received = _run(Request(Kind.ALLTOALL, [tensor], name=name, splits=values,
+                                 process_set_id=session.process_set_id(process_set)))
+    return _numpy(out), _numpy(received)
+
+
+def reducescatter(arrays: Sequence[np.ndarray], op: ReduceOp, name: str | None,
+                  process_set: ProcessSet, prescale: float,
+                  postscale: float) -> list[np.ndarray]:
+    """Reduce every array and give each rank its share of the first dimension."""
+    if op not in (ReduceOp.Average, ReduceOp.Sum, ReduceOp.Min, ReduceOp.Max,
+                  ReduceOp.Product):
+        raise ValueError(f"reducescatter does not support op={op!r}")
+    out = _run(Request(Kind.REDUCESCATTER, [_torch(a) for a in arrays], name=name, op=op,
+                       prescale=prescale, postscale=postscale,
+                       process_set_id=session.process_set_id(process_set)))
+    return [_numpy(t) for t in out]
+
+
+def barrier(process_set: ProcessSet) -> None:
+    _run(Request(Kind.BARRIER, [], process_set_id=session.process_set_id(process_set)))
+
+
+def join() -> int:
+    return int(_run(Request(Kind.JOIN, [torch.zeros(1)])))
+
+
+# -- Python objects -------------------------------------------------------------------
+
+def _member(process_set: ProcessSet, what: str) -> int:
+    me = process_set.rank()
+    if me is None:
+        raise ValueError(f"{process_set} is not registered; call hvd.add_process_set() first")
+    if me < 0:
+        raise ValueError(f"{what} was called on a rank that is not a member of {process_set}")
+    return me
+
+
+def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> Any:
+    """Rank `root_rank`'s `obj` on every rank (serialized; others' `obj` is ignored)."""
+    me = _member(process_set, "broadcast_object")
+    root = check_root(root_rank, process_set)
+    name = name or "broadcast_object"
+    payload = np.frombuffer(_pickler.dumps(obj), np.uint8) if me == root else None
+    length = np.array([0 if payload is None else payload.size], np.int64)
+    (length,) = broadcast_many([(None, length)], root, process_set, name=f"{name}.sz")
+    data = payload if payload is not None else np.zeros(int(length[0]), np.uint8)
+    (data,) = broadcast_many([(None, data)], root, process_set, name=f"{name}.t")
+    return obj if me == root else _pickler.loads(data.tobytes())
+
+
+def allgather_object(obj: Any, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> list[Any]:
+    """Every rank's `obj`, in rank order of the process set."""
+    _member(process_set, "allgather_object")
+    name = name or "allgather_object"
+    payload = np.frombuffer(_pickler.dumps(obj), np.uint8)
+    (sizes,) = allgather([np.array([payload.size], np.int64)], f"{name}.sz", process_set)
+    (data,) = allgather([payload], f"{name}.t", process_set)
+    out, offset = [], 0
+    for n in sizes.tolist():
+        out.append(_pickler.loads(data[offset:offset + n].tobytes()))
+        offset += n
+    return out
+
+
+# -- elastic --------------------------------------------------------------------------
+
+State = _state.State
+ObjectState = _state.ObjectState
+check_host_updates = session.check_host_updates
+
+
+def bcast_object_from_root(obj: Any) -> Any:
+    return broadcast_object(obj, root_rank=0)
+
+
+def elastic_run(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Horovod's `hvd.elastic.run` retry loop on the shared session."""
+    return _state.run_fn(func, session.reset, session.reset_limit)
+
+
+# -- shared gradient exchanges (top-k, staleness) -------------------------------------
+
+class _FlatLayout:
+    """A frontend's gradients (NumPy arrays) as the shared exchanges' one flat buffer:
+    tensors of at least `min_sparse` values first (sparsified), small ones after."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: np.dtype,
+                 min_sparse: int) -> None:
+        sizes = [int(np.prod(s)) for s in shapes]
+        self.order = ([i for i, n in enumerate(sizes) if n >= min_sparse]
+                      + [i for i, n in enumerate(sizes) if n < min_sparse])
+        self.shapes, self.sizes = list(shapes), sizes
+        self.sparse_numel = sum(n for n in sizes if n >= min_sparse)
+        self.numel = sum(sizes)
+        self.dtype = _torch(np.zeros(0, dtype)).dtype
+        self.grads: list[np.ndarray | None] = [None] * len(shapes)
+        self.result: list[np.ndarray] = []
+
+    def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None or out.numel() != self.numel:
+            out = torch.empty(self.numel, dtype=self.dtype)
+        offset = 0
+        for i in self.order:
+            n, g = self.sizes[i], self.grads[i]
+            if g is None:
+                out[offset:offset + n].zero_()
+            else:
+                out[offset:offset + n].copy_(_torch(g).reshape(-1))
+            offset += n
+        return out
+
+    def scatter(self, flat: torch.Tensor, scale: float = 1.0) -> None:
+        result: list[Any] = [None] * len(self.shapes)
+        offset = 0
+        for i in self.order:
+            n = self.sizes[i]
+            part = flat[offset:offset + n].reshape(self.shapes[i])
+            result[i] = (_numpy(part * scale) if scale != 1.0 else _numpy(part).copy())
+            offset += n
+        self.result = result
+
+
+class SparseAllreduce:
+    """Synchronous top-k averaging of one list of gradients per step, with error feedback:
+    the shared `SyncSparseExchange`."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: np.dtype,
+                 spec: TopKCompression, process_set: ProcessSet) -> None:
+        self._layout = _FlatLayout(shapes, dtype, spec.min_sparse_numel)
+        self._exchange = SyncSparseExchange(self._layout, spec.build())
+        self._process_set = process_set
+
+    def reduce(self, grads: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+        """The average over ranks of every rank's top-k-sparsified `grads`."""
+        self._layout.grads = list(grads)
+        self._exchange.reduce(session.runtime().engine, _set_size(self._process_set),
+                              session.process_set_id(self._process_set))
+        return self._layout.result
+
+    @property
+    def stats(self) -> Any:
+        return self._exchange.stats
+
+
+ApplyAggregate = Callable[[list[np.ndarray], float, "float | None"], None]
+"""Steps the optimizer on an aggregate: (aggregate, lr_factor, learning rate or None)."""
+
+
+class _Stepper:
+    """The frontend's optimizer as the staleness rounds step it."""
+
+    def __init__(self, layout: _FlatLayout, apply: ApplyAggregate, momentum: bool,
+                 adaptive: bool, lr: Callable[[], float | None] | None) -> None:
+        self._layout, self._apply = layout, apply
+        self._momentum, self._adaptive, self._lr = momentum, adaptive, lr
+
+    def momentum(self) -> bool:
+        return self._momentum
+
+    def adaptive(self) -> bool:
+        return self._adaptive
+
+    def lrs(self) -> list[float] | None:
+        rate = self._lr() if self._lr is not None else None
+        return None if rate is None else [float(rate)]
+
+    def step(self, lr_factor: float = 1.0, lrs: list[float] | None = None) -> None:
+        self._apply(self._layout.result, lr_factor, lrs[0] if lrs else None)
+
+
+class StaleAllreduce:
+    """Bounded-staleness rounds over one list of gradients per step: the shared
+    `StaleExchange`; `step` calls `apply(aggregate, lr_factor)` once per finished round."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: np.dtype,
+                 spec: TopKCompression | None, staleness: int, process_set: ProcessSet,
+                 round_deadline: float | None = None) -> None:
+        if process_set.process_set_id not in (0, None):
+            raise ValueError("staleness > 0 runs on the global process set only")
+        self._layout = _FlatLayout(shapes, dtype, spec.min_sparse_numel if spec else 1 << 62)
+        self._exchange = StaleExchange(self._layout, spec.build() if spec else None, staleness,
+                                       round_deadline, None)
+
+    def step(self, grads: Sequence[np.ndarray | None], samples: int, apply: ApplyAggregate,
+             momentum: bool = False, adaptive: bool = False,
+             lr: Callable[[], float | None] | None = None) -> None:
+        """`lr` tells the optimizer's learning rate now (None: a schedule the rounds leave
+        alone); every member applies a round with the lowest rate any of them sent."""
+        self._layout.grads = list(grads)
+        self._exchange.step(session.runtime(), samples,
+                            _Stepper(self._layout, apply, momentum, adaptive, lr))
+
+    def finish(self, apply: ApplyAggregate, momentum: bool = False, adaptive: bool = False,
+               lr: Callable[[], float | None] | None = None) -> None:
+        self._exchange.finish(_Stepper(self._layout, apply, momentum, adaptive, lr))
+
+    @property
+    def stats(self) -> Any:
+        return self._exchange.stats

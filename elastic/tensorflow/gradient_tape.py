@@ -1,0 +1,171 @@
+"""Gradient averaging for TensorFlow: Horovod's `DistributedGradientTape`, and the
+reducer it shares with the Keras `DistributedOptimizer`.
+
+Dense gradients go in one fused allreduce (or `num_groups` of them); `tf.IndexedSlices`
+are allgathered (or densified with `sparse_as_dense=True`). With
+`compression=hvd.Compression.topk(d)` the gradients go through Horde's shared top-k
+exchange with error feedback instead (the same code as the PyTorch optimizer's).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from elastic.tensorflow import _core_bridge as core
+from elastic.tensorflow._core_bridge import ProcessSet, ReduceOp, TopKCompression
+from elastic.tensorflow.compression import Compression, Compressor
+from elastic.tensorflow.mpi_ops import Adasum, Average, _run, grouped_allreduce
+
+logger = logging.getLogger(__name__)
+
+
+class GradientReducer:
+    """Averages (or sums) a list of gradients over a process set, as Horovod does."""
+
+    def __init__(self, compression: Any = Compression.none, sparse_as_dense: bool = False,
+                 op: ReduceOp = Average, gradient_predivide_factor: float = 1.0,
+                 num_groups: int = 0, groups: Sequence[Sequence[Any]] | int | None = None,
+                 process_set: ProcessSet = core.global_process_set,
+                 scale_local_gradients: bool = True) -> None:
+        op = ReduceOp(int(op))
+        if gradient_predivide_factor != 1.0 and op != Average:
+            raise ValueError("gradient_predivide_factor not supported with op != Average")
+        if op == Adasum and gradient_predivide_factor != 1.0:
+            raise ValueError("gradient_predivide_factor not supported with op=Adasum")
+        if isinstance(groups, int):
+            num_groups, groups = groups, None
+        if num_groups < 0:
+            raise ValueError(f"num_groups={num_groups} must not be negative")
+        if groups is not None and not all(isinstance(g, (list, tuple)) for g in groups):
+            raise ValueError("groups must be a list of lists of variables")
+        self.topk = compression if isinstance(compression, TopKCompression) else None
+        if self.topk is None and not (isinstance(compression, type)
+                                      and issubclass(compression, Compressor)):
+            raise ValueError(f"compression={compression!r} is not hvd.Compression.none, "
+                             ".fp16 or .topk(density)")
+        self.compression: type[Compressor] = (Compression.none if self.topk is not None
+                                              else compression)
+        self.sparse_as_dense = sparse_as_dense
+        self.op = op
+        self.predivide = float(gradient_predivide_factor)
+        self.num_groups = num_groups
+        self.groups = groups
+        self.process_set = process_set
+        self.scale_local_gradients = scale_local_gradients
+        self._sparse: core.SparseAllreduce | None = None
+
+    def reduce(self, grads: Sequence[Any], variables: Sequence[Any] | None = None) -> list[Any]:
+        """The reduced gradients, in order; None stays None (the same on every rank)."""
+        grads = list(grads)
+        if not self.process_set.included():
+            return grads
+        if self.sparse_as_dense:
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                     for g in grads]
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return grads
+        if self.topk is not None:
+            reduced = self._reduce_topk([grads[i] for i in present])
+        else:
+            reduced = []
+            for chunk in self._chunks(present, variables):
+                reduced.extend(zip(chunk, self._reduce_dense([grads[i] for i in chunk])))
+            reduced = [g for _, g in sorted(reduced, key=lambda item: item[0])]
+        out = list(grads)
+        for i, g in zip(present, reduced):
+            out[i] = g
+        return out
+
+    def _chunks(self, present: list[int], variables: Sequence[Any] | None) -> list[list[int]]:
+        if self.groups is not None and variables is not None:
+            ids = {id(v): n for n, group in enumerate(self.groups) for v in group}
+            by_group: dict[int, list[int]] = {}
+            for i in present:
+                by_group.setdefault(ids.get(id(variables[i]), -1), []).append(i)
+            return [by_group[k] for k in sorted(by_group)]
+        if self.num_groups > 0:
+            parts = np.array_split(np.array(present), min(self.num_groups, len(present)))
+            return [[int(i) for i in part] for part in parts if len(part)]
+        return [present]
+
+    def _reduce_dense(self, grads: list[Any]) -> list[Any]:
+        prescale, postscale = 1.0, 1.0
+        if self.op == Average and self.predivide != 1.0:
+            prescale, postscale = 1.0 / self.predivide, self.predivide
+        return grouped_allreduce(grads, compression=self.compression, op=self.op,
+                                 prescale_factor=prescale, postscale_factor=postscale,
+                                 process_set=self.process_set)
+
+    def _reduce_topk(self, grads: list[Any]) -> list[Any]:
+        """Horde's shared top-k exchange (allgather of sparse payloads, error feedback)."""
+        if self.op != Average:
+            raise ValueError("Compression.topk averages gradients; use op=hvd.Average")
+        dense = [tf.convert_to_tensor(g) for g in grads]
+        dtypes = {g.dtype for g in dense}
+        if len(dtypes) != 1:
+            raise ValueError(f"Compression.topk needs one gradient dtype, got {dtypes}")
+        if self._sparse is None:
+            shapes = [tuple(g.shape.as_list()) for g in dense]
+            if any(d is None for s in shapes for d in s):
+                raise ValueError("Compression.topk needs gradients of known shapes")
+            self._sparse = core.SparseAllreduce(shapes, dense[0].dtype.as_numpy_dtype,
+                                                self.topk, self.process_set)
+        sparse = self._sparse
+
+        def fn(*arrays: np.ndarray) -> list[np.ndarray]:
+            return [np.array(a, copy=True) for a in sparse.reduce(arrays)]
+
+        return _run(fn, dense, [g.dtype for g in dense], [g.shape for g in dense])
+
+    @property
+    def stats(self) -> Any:
+        """Top-k communication counts (None with dense compression)."""
+        return self._sparse.stats if self._sparse is not None else None
+
+
+class _DistributedGradientTape(tf.GradientTape):
+    """A GradientTape whose `gradient()` returns gradients reduced over the ranks."""
+
+    def __init__(self, tape: tf.GradientTape, reducer: GradientReducer) -> None:
+        # Share the wrapped tape's recording (no super().__init__: it would start anew).
+        self.__dict__.update(tape.__dict__)
+        self._horde_reducer = reducer
+
+    def gradient(self, target: Any, sources: Any, output_gradients: Any = None,
+                 unconnected_gradients: Any = tf.UnconnectedGradients.NONE,
+                 use_generic_names: bool = False) -> Any:
+        """The gradients of `target` averaged over the ranks (Horovod's semantics)."""
+        grads = super().gradient(target, sources, output_gradients, unconnected_gradients)
+        flat = tf.nest.flatten(grads)
+        flat_sources = tf.nest.flatten(sources)
+        reduced = self._horde_reducer.reduce(flat, flat_sources)
+        return tf.nest.pack_sequence_as(grads, reduced)
+
+
+def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "",  # noqa: N802
+                            device_sparse: str = "",
+                            compression: Any = Compression.none,
+                            sparse_as_dense: bool = False, op: ReduceOp = Average,
+                            gradient_predivide_factor: float = 1.0, num_groups: int = 0,
+                            groups: Any = None,
+                            process_set: ProcessSet = core.global_process_set,
+                            scale_local_gradients: bool = True) -> tf.GradientTape:
+    """Wrap `gradtape` so that `gradient()` averages the gradients over the ranks.
+
+    Arguments as Horovod's; `compression` also takes `hvd.Compression.topk(density)`.
+    """
+    if not isinstance(gradtape, tf.GradientTape):
+        raise ValueError(f"DistributedGradientTape wraps a tf.GradientTape, got "
+                         f"{type(gradtape).__name__}")
+    reducer = GradientReducer(compression, sparse_as_dense, op, gradient_predivide_factor,
+                              num_groups, groups, process_set, scale_local_gradients)
+    return _DistributedGradientTape(gradtape, reducer)
+
+
+__all__ = ["DistributedGradientTape", "GradientReducer"]
