@@ -278,10 +278,15 @@ class EtcdBackend(RendezvousBackend):
             "up and reach each other: if some answered with a timeout or 'no leader', it has "
             "lost its quorum")
 
-    @staticmethod
-    def _detail(exc: BaseException) -> str:
-        text = getattr(exc, "detail_text", None) or str(exc) or type(exc).__name__
-        return " ".join(str(text).split())[:300]
+    def _detail(self, exc: BaseException) -> str:
+        """What went wrong, in a few words (urllib3's messages run to hundreds of characters)."""
+        text = " ".join(str(getattr(exc, "detail_text", None) or exc or
+                            type(exc).__name__).split())
+        if "Connection refused" in text:
+            return "connection refused"
+        if "Read timed out" in text or "timed out" in text.lower() and "etcdserver" not in text:
+            return f"no answer within {self.timeout:g} s"
+        return text[:300]
 
     def _post_once(self, index: int, path: str, payload: dict[str, Any], lease: int
                    ) -> dict[str, Any]:
