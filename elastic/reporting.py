@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import secrets
 import threading
 import time
 from collections import deque
@@ -92,6 +93,7 @@ class CreditReporter:
         self.job = job
         self._registration_token = registration_token
         self._token = token
+        self._own_token = ""
         self._hardware = hardware or {}
         self._queue: deque[dict[str, Any]] = deque(maxlen=MAX_QUEUED)
         self._wake = threading.Condition()
@@ -151,11 +153,14 @@ class CreditReporter:
             return True
         headers = ({"Authorization": f"Bearer {self._registration_token}"}
                    if self._registration_token else {})
+        # Our own token: a registration retried on another coordinator after a lost
+        # answer then succeeds again instead of finding the id taken.
+        self._own_token = self._own_token or "hrd_" + secrets.token_urlsafe(32)
         body = {"node_id": self.node_id, "display_name": self.node_id,
-                "hardware": self._hardware}
+                "hardware": self._hardware, "token": self._own_token}
         response = self._client.post("/api/v1/nodes", json=body, headers=headers, timeout=10)
         if response.status_code == 201:
-            self._token = response.json()["token"]
+            self._token = response.json().get("token") or self._own_token
             logger.info("registered %s with the coordinator at %s", self.node_id, self.url)
             return True
         if response.status_code >= 500 or response.status_code == 429:
