@@ -4,17 +4,22 @@ watch positions that survive it, quorum loss and its return, and lost answers.""
 from __future__ import annotations
 
 import http.server
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import requests
 
 from rendezvous import EtcdBackend, RendezvousConnectionError, backend_from_url
+from rendezvous.embedded import free_port
 from rendezvous.etcd import parse_endpoints
 from rendezvous.local_cluster import LocalEtcdCluster
+from tests.harness import REPO, horderun, repo_env
 
 pytestmark = pytest.mark.timeout(120)
 T = TypeVar("T")
@@ -191,3 +196,49 @@ def test_compare_and_swap_whose_answer_was_lost_is_settled_by_reading_back(
     assert direct.get(key_prefix + "gen").value == b"theirs"
     backend.close()
     direct.close()
+
+
+# -- the commands say where they connect ----------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["etcd://127.0.0.1:2379,127.0.0.1", "etcd://a:1,,b:2"])
+def test_horderun_refuses_a_bad_member_list(url: str) -> None:
+    result = horderun("-np", "1", "--rendezvous", url, sys.executable, "-c", "pass")
+    assert result.returncode == 2, result.stderr
+    assert "etcd://HOST1:PORT1,HOST2:PORT2" in result.stderr
+
+
+def test_unreachable_cluster_is_named_by_horderun() -> None:
+    ports = [free_port() for _ in range(3)]
+    url = "etcd://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    result = horderun("-np", "1", "--rendezvous", url, sys.executable, "-c", "pass",
+                      env=repo_env(HORDE_RENDEZVOUS=""), timeout=60)
+    assert result.returncode == 1
+    assert "cannot reach etcd at any of its 3 members" in result.stderr
+    assert "majority (2 of 3)" in result.stderr
+
+
+def test_coordinator_names_the_member_it_uses(etcd_cluster: LocalEtcdCluster,
+                                              tmp_path: Path) -> None:
+    etcd_cluster.kill(0)
+    etcd_cluster.wait_healthy([1, 2])
+    port_file = tmp_path / "port"
+    log = tmp_path / "coordinator.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "coordinator.cli", "--log-level", "INFO", "serve",
+             "--db", f"sqlite:///{tmp_path / 'ledger.db'}", "--port", "0",
+             "--port-file", str(port_file), "--rendezvous", etcd_cluster.url],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=repo_env())
+    try:
+        deadline = time.monotonic() + 60
+        while "serving at" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        text = log.read_text()
+        live = etcd_cluster.members[1].client_port
+        assert f"using member 127.0.0.1:{live}" in text, text
+        assert "ledger: Storage('sqlite:///" in text
+    finally:
+        proc.terminate()
+        proc.wait(15)
