@@ -42,6 +42,7 @@ from typing import Any
 
 from rendezvous.agent import ControlState, NodeAgent, read_control
 from rendezvous.embedded import EmbeddedEtcd
+from rendezvous.errors import RendezvousConnectionError
 from rendezvous.etcd import EtcdBackend, parse_endpoints
 from rendezvous.generation import NodeInfo
 from rendezvous.keys import JobKeys
@@ -240,13 +241,20 @@ class Observer:
     def _run(self) -> None:
         last: ControlState | None = None
         while not self._stop.is_set():
-            control, revision = read_control(self.backend, self.keys)
+            try:
+                control, revision = read_control(self.backend, self.keys)
+            except RendezvousConnectionError:  # a loaded cluster: look again
+                self._stop.wait(0.2)
+                continue
             if control != last:
                 last = control
                 with self._cond:
                     self.history.append((time.monotonic(), control))
                     self._cond.notify_all()
-            self.backend.wait_for_change(self.keys.control, revision, 0.5)
+            try:
+                self.backend.wait_for_change(self.keys.control, revision, 0.5)
+            except RendezvousConnectionError:
+                self._stop.wait(0.2)
 
     def wait(self, predicate: Any, since: float, timeout: float) -> tuple[float, ControlState]:
         """The first recorded state after `since` for which `predicate` holds."""
@@ -285,6 +293,10 @@ def _describe(control: ControlState | None) -> str:
 # -- the run ----------------------------------------------------------------------------
 
 
+class _Skip(Exception):
+    """The failure phase is not wanted."""
+
+
 def _specs(nodes: int, candidates: int) -> list[NodeSpec]:
     return [NodeSpec(f"node-{i:04d}", i, i < candidates) for i in range(nodes)]
 
@@ -312,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     )
     keys = JobKeys(PREFIX, JOB)
     specs = _specs(nodes, candidates)
-    kill_count = max(1, round(nodes * args.kill_fraction))
+    kill_count = max(1, round(nodes * max(args.kill_fraction, 0.0)))
     followers = {s.node_id for s in specs if not s.candidate}
     rows: list[list[str]] = []
     notes: list[str] = []
@@ -325,7 +337,10 @@ def run(args: argparse.Namespace) -> int:
 
     started_all = time.monotonic()
     ctx = mp.get_context("spawn")
-    etcd: Any = LocalEtcdCluster(args.cluster) if args.cluster > 1 else EmbeddedEtcd()
+    # Raft timing as etcd's defaults (100 ms heartbeat, 1 s election): a loaded simulation
+    # host must not make the members elect a new leader over and over.
+    etcd: Any = (LocalEtcdCluster(args.cluster, heartbeat_ms=100, election_ms=1000)
+                 if args.cluster > 1 else EmbeddedEtcd())
     workers: list[Worker] = []
     observer: Observer | None = None
     try:
@@ -334,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
                    for i in range(procs)]
         for worker in workers:
             worker.reply()
-        observer = Observer(EtcdBackend.from_url(etcd.url), keys)
+        observer = Observer(EtcdBackend.from_url(etcd.url, timeout=30.0), keys)
         rows.append(["setup", "etcd + worker processes ready",
                      f"{time.monotonic() - started_all:.1f} s"])
 
@@ -345,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
             worker.send("start")
         registration = 0.0
         for worker in workers:
-            _, seconds, failures = worker.reply(REPLY_TIMEOUT * 2)
+            _, seconds, failures = worker.reply(max(REPLY_TIMEOUT * 2, args.phase_timeout))
             registration = max(registration, seconds)
             if failures:
                 notes.append(f"registration failures: {failures}")
@@ -408,6 +423,8 @@ def run(args: argparse.Namespace) -> int:
                 "cores: for clean figures use fewer --nodes, a longer --lease-ttl, or a "
                 "machine with more cores")
 
+        if args.kill_fraction <= 0:
+            raise _Skip
         # 3. kill 10% of the current members (followers, spread over the ranks; the
         # leader survives), then wait for the generations that drop them.
         _, current = observer.history[-1]
@@ -448,6 +465,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         if s1.failed_agents or k1.failed_agents:
             notes.append(f"{k1.failed_agents} agent(s) failed (see --verbose)")
+    except _Skip:
+        notes.append("failure phase skipped (--kill-fraction 0)")
     except (TimeoutError, RuntimeError) as exc:
         notes.append(f"aborted: {exc}")
     finally:
@@ -483,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steady", type=float, default=8.0,
                         help="seconds of steady state to measure (default 8)")
     parser.add_argument("--kill-fraction", type=float, default=0.1,
-                        help="share of the nodes to kill (default 0.1)")
+                        help="share of the nodes to kill (default 0.1; 0: skip that phase)")
     parser.add_argument("--phase-timeout", type=float, default=45.0,
                         help="give up on a phase after this many seconds (default 45)")
     parser.add_argument("--cluster", type=int, default=1,
