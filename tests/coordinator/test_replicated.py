@@ -11,8 +11,11 @@ computed independently from the stored reports: nothing lost, nothing counted tw
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,9 @@ from tests.coordinator.helpers import JOB, auth, make_config, report
 from tests.coordinator.serverproc import ServerProcess
 from tests.coordinator.test_crash import MEMBERS, expected_credit, samples_of
 from tests.coordinator.test_postgres import postgres_url  # noqa: F401 - the fixture
+from tests.credits.test_worker_credit import SCRIPT as CREDIT_WORKER
+from tests.credits.test_worker_credit import own_samples
+from tests.harness import REPO, repo_env
 
 ROUNDS = 600
 BATCH = 12
@@ -108,14 +114,18 @@ class Reporter(threading.Thread):
                 twin.join(15)
 
 
-@pytest.mark.timeout(240)
-def test_two_coordinators_one_killed_ledger_equals_accepted_contributions(
-        postgres_url: str, tmp_path: Path) -> None:  # noqa: F811 - the imported fixture
-    engine = create_engine(postgres_url)
+def _fresh_schema(url: str) -> None:
+    engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
+
+
+@pytest.mark.timeout(240)
+def test_two_coordinators_one_killed_ledger_equals_accepted_contributions(
+        postgres_url: str, tmp_path: Path) -> None:  # noqa: F811 - the imported fixture
+    _fresh_schema(postgres_url)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     first = ServerProcess(postgres_url, tmp_path / "a", "--threads", "4")
@@ -224,3 +234,66 @@ def test_client_fails_over_on_refused_connections_and_5xx_but_not_on_4xx(
 def test_client_refuses_bad_url_lists(text: str) -> None:
     with pytest.raises(ValueError, match="coordinator URL"):
         CoordinatorClient(text)
+
+
+# -- real training workers reporting to two coordinators -------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_training_workers_fail_over_to_the_other_coordinator(
+        postgres_url: str, etcd_server: object, tmp_path: Path) -> None:  # noqa: F811
+    """`horderun --coordinator C1,C2`: C1 is SIGKILLed mid-training; the workers go on
+    reporting to C2, and the ledger equals what each worker logged it contributed."""
+    _fresh_schema(postgres_url)
+    job = f"replicated-{uuid.uuid4().hex[:6]}"
+    out = tmp_path / "logs"
+    out.mkdir()
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        servers.append(ServerProcess(postgres_url, tmp_path / name, "--rendezvous",
+                                     etcd_server.url, "--job", job))  # type: ignore[attr-defined]
+    for server in servers:
+        server.start()
+    first, second = servers
+    training = subprocess.Popen(
+        [sys.executable, "-m", "elastic.launcher.cli", "-np", "3", "--rendezvous",
+         etcd_server.url, "--job", job,  # type: ignore[attr-defined]
+         "--coordinator", f"{first.url},{second.url}", "--log-level", "INFO",
+         sys.executable, str(CREDIT_WORKER)],
+        env=repo_env(OUT=str(out), STEPS="80", STEP_DELAY="0.05"), cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while sum(own_samples(out).values()) < 3 * 5 * 20:
+            assert time.monotonic() < deadline and training.poll() is None, "no training"
+            time.sleep(0.2)
+        first.kill()
+        _, err = training.communicate(timeout=150)
+        assert training.returncode == 0, err
+        assert f"workers report credit to {first.url} (then {second.url}" in err
+        assert f"coordinator: now using {second.url}" in err
+        expected = own_samples(out)
+        assert len(expected) == 3 and all(expected.values())
+        deadline = time.monotonic() + 20
+        while pg_ledger(postgres_url) != expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pg_ledger(postgres_url) == expected
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait(10)
+        for server in servers:
+            server.stop()
+
+
+def pg_ledger(url: str) -> dict[str, int]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT node_id, SUM(credit) FROM credits GROUP BY node_id")).all()
+    finally:
+        engine.dispose()
+    return {node: int(total) for node, total in rows}
