@@ -159,6 +159,11 @@ class CreditReporter:
         body = {"node_id": self.node_id, "display_name": self.node_id,
                 "hardware": self._hardware, "token": self._own_token}
         response = self._client.post("/api/v1/nodes", json=body, headers=headers, timeout=10)
+        if response.status_code == 422 and "token" in response.text:
+            # A coordinator older than own tokens: let it issue one.
+            del body["token"]
+            response = self._client.post("/api/v1/nodes", json=body, headers=headers,
+                                         timeout=10)
         if response.status_code == 201:
             self._token = response.json().get("token") or self._own_token
             logger.info("registered %s with the coordinator at %s", self.node_id, self.url)

@@ -10,6 +10,8 @@ computed independently from the stored reports: nothing lost, nothing counted tw
 
 from __future__ import annotations
 
+import http.server
+import json
 import random
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from sqlalchemy import create_engine, select, text
 from coordinator.server import EmbeddedCoordinator
 from coordinator.storage.models import nodes, reports
 from elastic.coordinator_client import CoordinatorClient
+from elastic.reporting import CreditReporter
 from rendezvous.embedded import free_port
 from tests.coordinator.helpers import JOB, auth, make_config, report
 from tests.coordinator.serverproc import ServerProcess
@@ -297,3 +300,37 @@ def pg_ledger(url: str) -> dict[str, int]:
     finally:
         engine.dispose()
     return {node: int(total) for node, total in rows}
+
+
+class _OlderCoordinator(http.server.BaseHTTPRequestHandler):
+    """Registration as a coordinator from before own tokens answers it: 422 for a body
+    with a `token`, 201 with an issued token otherwise."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        if "token" in body:
+            code, answer = 422, {"error": "unknown field 'token'", "field": "token"}
+        else:
+            code, answer = 201, {"node_id": body["node_id"], "token": "hrd_issued"}
+        data = json.dumps(answer).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base signature
+        pass
+
+
+def test_reporter_registers_with_an_older_coordinator_without_its_own_token() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OlderCoordinator)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    reporter = CreditReporter(f"http://127.0.0.1:{server.server_address[1]}", "n1", JOB)
+    try:
+        assert reporter._register() is True  # noqa: SLF001 - the registration step alone
+        assert reporter._token == "hrd_issued"  # noqa: SLF001
+    finally:
+        reporter.close(timeout=1)
+        server.shutdown()
+        server.server_close()
