@@ -29,6 +29,20 @@ the benchmark runs, in this order, waiting for steady training after each:
 Prints min / median / max per scenario against the 3 s goal, and where the time went
 (medians of the phases, from the workers' records and the generations' creation times).
 Every wait is bounded; all processes and etcd are stopped on exit or Ctrl-C.
+
+    python benchmarks/recovery.py --etcd-cluster [--repeats 3]
+
+runs the etcd failures instead, on a real three-member etcd cluster (loopback ports) that
+every launcher and worker reaches as `etcd://m0,m1,m2` (m0 preferred):
+
+6. kill etcd member: SIGKILL m0, the member every agent talks to; restarted once the
+   job is steady again;
+7. quorum loss: stop m1 and m2 for 10 s (m0 alone has no quorum), then start them.
+
+For each: the resets it caused (generations published), the training pause (the longest
+gap between two steps of a worker around the event, against the median step gap), and
+when the rendezvous answered again: the first write through a client that lists all
+members, from the kill (6) or from the return of quorum (7).
 """
 
 from __future__ import annotations
@@ -349,6 +363,108 @@ def run_repeat(url: str, backend: Any, out: Path, env: dict[str, str], timeout: 
     return results
 
 
+# -- etcd failures (--etcd-cluster) -----------------------------------------------------
+
+QUORUM_LOSS_S = 10.0
+CLUSTER_SCENARIOS = ("kill etcd member", "quorum loss")
+
+
+def _rendezvous_back(url: str, since: float, timeout: float) -> float:
+    """Seconds from `since` (wall time) to the first write the cluster accepts."""
+    from rendezvous import RendezvousConnectionError, backend_from_url
+
+    probe = backend_from_url(url, timeout=1.0)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                probe.put("/bench/probe", b"1")
+                return time.time() - since
+            except RendezvousConnectionError:
+                if time.monotonic() > deadline:
+                    raise Timeout(f"etcd did not answer within {timeout:g} s") from None
+                time.sleep(0.02)
+    finally:
+        probe.close()
+
+
+def _pause(job: Job, start: float, end: float) -> tuple[float, float]:
+    """The longest gap between two consecutive steps of one worker that overlaps
+    [start, end], and the median gap of the whole run (the normal step)."""
+    by_node: dict[str, list[float]] = defaultdict(list)
+    for r in job.records.steps():
+        by_node[r["node"]].append(r["time"])
+    worst, gaps = 0.0, []
+    for times in by_node.values():
+        times.sort()
+        for a, b in zip(times, times[1:]):
+            gaps.append(b - a)
+            if b >= start and a <= end:
+                worst = max(worst, b - a)
+    return worst, median(gaps) if gaps else float("nan")
+
+
+def run_cluster_repeat(cluster: Any, out: Path, env: dict[str, str], timeout: float,
+                       log: Any) -> list[dict[str, Any]]:
+    name = f"recovery-{uuid.uuid4().hex[:8]}"
+    job = Job(cluster.url, name, out, env)
+    results: list[dict[str, Any]] = []
+    try:
+        job.start()
+        gen = job.steady(3, timeout + 30)
+        for scenario in CLUSTER_SCENARIOS:
+            before = gen["id"]
+            event = time.time()
+            if scenario == "kill etcd member":
+                cluster.kill(0)
+                back = _rendezvous_back(cluster.url, event, timeout)
+                end = event + back
+            else:
+                cluster.stop(1)
+                cluster.stop(2)
+                time.sleep(QUORUM_LOSS_S)
+                returned = time.time()
+                cluster.start(1, wait=False)
+                cluster.start(2, wait=False)
+                back = _rendezvous_back(cluster.url, returned, timeout)
+                end = returned + back
+            time.sleep(3.0)  # let the steps after the event land
+            job.records.refresh()
+            worst, normal = _pause(job, event, end)
+            latest = job.records.latest_generation()
+            resets = (latest["id"] - before) if latest else -1
+            results.append({"scenario": scenario, "seconds": back, "pause_seconds": worst,
+                            "step_gap_seconds": normal, "resets": resets})
+            log(f"  {scenario}: rendezvous back after {back:.2f} s, longest step gap "
+                f"{worst:.2f} s (normal {normal:.3f} s), {resets} reset(s)")
+            if scenario == "kill etcd member":
+                cluster.start(0)
+            cluster.wait_healthy([0, 1, 2], timeout)
+            gen = job.steady(gen["size"], timeout)
+    except (Timeout, RuntimeError) as exc:
+        log(f"  {exc}\n{job.output()}")
+        results.append({"scenario": "error", "error": str(exc)})
+    finally:
+        job.stop()
+    return results
+
+
+def report_cluster(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for scenario in CLUSTER_SCENARIOS:
+        runs = [r for r in results if r.get("scenario") == scenario]
+        if not runs:
+            continue
+        for label, key in (("rendezvous answers again after", "seconds"),
+                           ("longest step gap around it", "pause_seconds"),
+                           ("normal step gap", "step_gap_seconds"),
+                           ("resets (generations published)", "resets")):
+            values = [r[key] for r in runs]
+            rows.append([f"{scenario}: {label}", len(runs), f"{min(values):.2f}",
+                         f"{median(values):.2f}", f"{max(values):.2f}"])
+    return table(["scenario", "n", "min", "median", "max"], rows)
+
+
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for scenario in ("kill worker", "kill leader", "kill host", "join"):
@@ -421,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
                         "Horovod scripts do (default: before, so start-up is all before init)")
     parser.add_argument("--timeout", type=float, default=90.0,
                         help="seconds any one wait may take (default 90)")
+    parser.add_argument("--etcd-cluster", action="store_true",
+                        help="run the etcd failures (member SIGKILL, 10 s quorum loss) on a "
+                        "real three-member cluster instead of the worker scenarios")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the records and launcher logs (path printed)")
     args = parser.parse_args(argv)
@@ -445,7 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
-        etcd = EmbeddedEtcd()
+        if args.etcd_cluster:
+            from rendezvous.local_cluster import LocalEtcdCluster
+
+            etcd = LocalEtcdCluster(3)
+        else:
+            etcd = EmbeddedEtcd()
         backend = backend_from_url(etcd.url)
         for rep in range(args.repeats):
             out = tmp / f"repeat{rep}"
@@ -457,7 +581,9 @@ def main(argv: list[str] | None = None) -> int:
                         "HORDE_BENCH_OPTIMIZER_AFTER_INIT": "1" if args.optimizer_after_init
                         else ""})
             log(f"repeat {rep + 1}/{args.repeats} (records in {out})")
-            for r in run_repeat(etcd.url, backend, out, env, args.timeout, log):
+            runs = (run_cluster_repeat(etcd, out, env, args.timeout, log) if args.etcd_cluster
+                    else run_repeat(etcd.url, backend, out, env, args.timeout, log))
+            for r in runs:
                 r["repeat"] = rep
                 results.append(r)
     except KeyboardInterrupt:
@@ -468,11 +594,23 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 backend.close()
         if etcd is not None:
-            etcd.stop()
+            etcd.close() if args.etcd_cluster else etcd.stop()
         if not args.keep_logs:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
     timeouts = sum(1 for r in results if r.get("scenario") == "error")
+    if args.etcd_cluster:
+        print(f"Horde recovery from etcd failures: -np 3 --min-np 2 --max-np 4 on a real "
+              f"3-member etcd cluster, {args.step_time * 1e3:.0f} ms steps, quorum lost for "
+              f"{QUORUM_LOSS_S:g} s; {os.cpu_count()} CPUs; {args.repeats} repeat(s); "
+              f"{elapsed:.0f} s")
+        print(report_cluster(results))
+        if timeouts:
+            print(f"\n{timeouts} repeat(s) failed or ran out of time (see the log above)")
+        if args.json:
+            write_json(args.json, {"benchmark": "recovery-etcd-cluster", "runs": results,
+                                   "cpus": os.cpu_count(), "elapsed_s": elapsed})
+        return 1 if timeouts else 0
     summary = summarise(results)
     print(f"Horde recovery with default settings: -np 3 --min-np 2 --max-np 4, "
           f"{args.step_time * 1e3:.0f} ms steps, commit every step, optimizer built "

@@ -1,10 +1,13 @@
-"""Rendezvous at scale: N simulated nodes, each a `NodeAgent` on its own thread, on one etcd.
+"""Rendezvous at scale: N simulated nodes, each a `NodeAgent` on its own thread, on etcd.
 
     python benchmarks/rendezvous_scale.py [--nodes 500] [--candidates 3] [--procs 10]
+    python benchmarks/rendezvous_scale.py --cluster 3 --nodes 2000 --lease-ttl 30 --poll 2
 
-Starts an `EmbeddedEtcd`, spreads the nodes over a few worker processes (one Python
-process cannot run hundreds of agents in time: every agent's keepalive, control read
-and watch are Python work under one GIL), and measures
+Starts an `EmbeddedEtcd` (or, with `--cluster N`, a real N-member etcd cluster on
+loopback ports, each simulation process listing the members in a rotated order so
+their load spreads over the members, as a deployment would), spreads the nodes over
+a few worker processes (one Python process cannot run hundreds of agents in time: every
+agent's keepalive, control read and watch are Python work under one GIL), and measures
 
 - formation: time from "start" until a generation with all N nodes is published, and
   the etcd requests that cost;
@@ -39,9 +42,11 @@ from typing import Any
 
 from rendezvous.agent import ControlState, NodeAgent, read_control
 from rendezvous.embedded import EmbeddedEtcd
-from rendezvous.etcd import EtcdBackend
+from rendezvous.errors import RendezvousConnectionError
+from rendezvous.etcd import EtcdBackend, parse_endpoints
 from rendezvous.generation import NodeInfo
 from rendezvous.keys import JobKeys
+from rendezvous.local_cluster import LocalEtcdCluster
 from rendezvous.settings import RendezvousSettings
 
 JOB = "scale"
@@ -69,11 +74,11 @@ def _process_cpu() -> float:
     return times.user + times.system
 
 
-def _worker(conn: Connection, host: str, port: int, settings: RendezvousSettings,
+def _worker(conn: Connection, url: str, settings: RendezvousSettings,
             specs: Sequence[NodeSpec], log_level: int) -> None:
     """Run the agents of `specs` in this process and answer the driver's commands."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(message)s")
-    backend = EtcdBackend(host, port, timeout=30.0)
+    backend = EtcdBackend.from_url(url, timeout=30.0)
     agents = {
         s.node_id: NodeAgent(
             backend, settings,
@@ -92,7 +97,8 @@ def _worker(conn: Connection, host: str, port: int, settings: RendezvousSettings
             conn.send(("started", time.monotonic() - started, failures[:3]))
         elif command == "stats":
             conn.send(("stats", dict(backend.ops), _process_cpu(), threading.active_count(),
-                       sum(1 for a in agents.values() if a.error is not None)))
+                       sum(1 for a in agents.values() if a.error is not None),
+                       backend.failovers))
         elif command == "kill":
             for node_id in arg:
                 agents[node_id]._stop.set()  # no more keepalives; no deregistration
@@ -120,11 +126,11 @@ def _start(agent: NodeAgent) -> str | None:
 class Worker:
     """The driver's handle on one worker process."""
 
-    def __init__(self, ctx: Any, host: str, port: int, settings: RendezvousSettings,
+    def __init__(self, ctx: Any, url: str, settings: RendezvousSettings,
                  specs: Sequence[NodeSpec], log_level: int) -> None:
         self.specs = list(specs)
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker, args=(child, host, port, settings,
+        self.process = ctx.Process(target=_worker, args=(child, url, settings,
                                                          self.specs, log_level), daemon=True)
         self.process.start()
         child.close()
@@ -164,6 +170,7 @@ class Stats:
     threads: int = 0
     failed_agents: int = 0
     at: float = 0.0
+    failovers: int = 0
 
     def __sub__(self, other: Stats) -> Stats:
         keys = set(self.ops) | set(other.ops)
@@ -187,18 +194,33 @@ def _etcd_cpu(pid: int | None) -> float:
         return 0.0
 
 
-def collect(workers: Sequence[Worker], etcd: EmbeddedEtcd) -> Stats:
+def collect(workers: Sequence[Worker], etcd: Any) -> Stats:
     for worker in workers:
         worker.send("stats")
-    total = Stats(at=time.monotonic(), etcd_cpu=_etcd_cpu(etcd.pid))
+    total = Stats(at=time.monotonic(), etcd_cpu=sum(_etcd_cpu(pid) for pid in _etcd_pids(etcd)))
     for worker in workers:
-        _, ops, cpu, threads, failed = worker.reply()
+        _, ops, cpu, threads, failed, failovers = worker.reply()
+        total.failovers += failovers
         for op, count in ops.items():
             total.ops[op] = total.ops.get(op, 0) + count
         total.cpu += cpu
         total.threads += threads
         total.failed_agents += failed
     return total
+
+
+def _etcd_pids(etcd: Any) -> list[int]:
+    """The etcd processes to charge CPU to: the embedded one's guard, or every member."""
+    if isinstance(etcd, LocalEtcdCluster):
+        return [pid for i in range(len(etcd.members)) if (pid := etcd.etcd_pid(i))]
+    return [etcd.pid] if etcd.pid else []
+
+
+def _rotated(url: str, shift: int) -> str:
+    """The same members, listed from the `shift`-th on: that process prefers another."""
+    endpoints = [e.label for e in parse_endpoints(url)]
+    shift %= len(endpoints)
+    return "etcd://" + ",".join(endpoints[shift:] + endpoints[:shift])
 
 
 # -- watching the generations ------------------------------------------------------------
@@ -219,13 +241,20 @@ class Observer:
     def _run(self) -> None:
         last: ControlState | None = None
         while not self._stop.is_set():
-            control, revision = read_control(self.backend, self.keys)
+            try:
+                control, revision = read_control(self.backend, self.keys)
+            except RendezvousConnectionError:  # a loaded cluster: look again
+                self._stop.wait(0.2)
+                continue
             if control != last:
                 last = control
                 with self._cond:
                     self.history.append((time.monotonic(), control))
                     self._cond.notify_all()
-            self.backend.wait_for_change(self.keys.control, revision, 0.5)
+            try:
+                self.backend.wait_for_change(self.keys.control, revision, 0.5)
+            except RendezvousConnectionError:
+                self._stop.wait(0.2)
 
     def wait(self, predicate: Any, since: float, timeout: float) -> tuple[float, ControlState]:
         """The first recorded state after `since` for which `predicate` holds."""
@@ -264,6 +293,10 @@ def _describe(control: ControlState | None) -> str:
 # -- the run ----------------------------------------------------------------------------
 
 
+class _Skip(Exception):
+    """The failure phase is not wanted."""
+
+
 def _specs(nodes: int, candidates: int) -> list[NodeSpec]:
     return [NodeSpec(f"node-{i:04d}", i, i < candidates) for i in range(nodes)]
 
@@ -291,27 +324,32 @@ def run(args: argparse.Namespace) -> int:
     )
     keys = JobKeys(PREFIX, JOB)
     specs = _specs(nodes, candidates)
-    kill_count = max(1, round(nodes * args.kill_fraction))
+    kill_count = max(1, round(nodes * max(args.kill_fraction, 0.0)))
     followers = {s.node_id for s in specs if not s.candidate}
     rows: list[list[str]] = []
     notes: list[str] = []
+    where = (f"a {args.cluster}-member etcd cluster" if args.cluster > 1
+             else "one embedded etcd")
     print(f"rendezvous scale: {nodes} nodes ({candidates} leader candidates) on "
-          f"{procs} worker process(es), {os.cpu_count()} CPU(s); lease TTL "
+          f"{procs} worker process(es), {where}, {os.cpu_count()} CPU(s); lease TTL "
           f"{settings.lease_ttl} s, settle window {settings.settle_window:g} s, "
           f"poll interval {settings.poll_interval:g} s", flush=True)
 
     started_all = time.monotonic()
     ctx = mp.get_context("spawn")
-    etcd = EmbeddedEtcd()
+    # Raft timing as etcd's defaults (100 ms heartbeat, 1 s election): a loaded simulation
+    # host must not make the members elect a new leader over and over.
+    etcd: Any = (LocalEtcdCluster(args.cluster, heartbeat_ms=100, election_ms=1000)
+                 if args.cluster > 1 else EmbeddedEtcd())
     workers: list[Worker] = []
     observer: Observer | None = None
     try:
         log_level = logging.INFO if args.verbose else logging.ERROR
-        workers = [Worker(ctx, etcd.host, etcd.port, settings, specs[i::procs], log_level)
+        workers = [Worker(ctx, _rotated(etcd.url, i), settings, specs[i::procs], log_level)
                    for i in range(procs)]
         for worker in workers:
             worker.reply()
-        observer = Observer(EtcdBackend(etcd.host, etcd.port), keys)
+        observer = Observer(EtcdBackend.from_url(etcd.url, timeout=30.0), keys)
         rows.append(["setup", "etcd + worker processes ready",
                      f"{time.monotonic() - started_all:.1f} s"])
 
@@ -322,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
             worker.send("start")
         registration = 0.0
         for worker in workers:
-            _, seconds, failures = worker.reply(REPLY_TIMEOUT * 2)
+            _, seconds, failures = worker.reply(max(REPLY_TIMEOUT * 2, args.phase_timeout))
             registration = max(registration, seconds)
             if failures:
                 notes.append(f"registration failures: {failures}")
@@ -367,8 +405,10 @@ def run(args: argparse.Namespace) -> int:
             ["steady", "  watches (wait_for_change)",
              _rate(steady.ops.get("wait_for_change", 0), seconds)],
             ["steady", "leases lost (re-registrations)", str(lost)],
-            ["steady", "CPU: workers / etcd", f"{100 * steady.cpu / seconds:.0f}% / "
+            ["steady", "CPU: workers / etcd" + (" (all members)" if args.cluster > 1 else ""),
+             f"{100 * steady.cpu / seconds:.0f}% / "
              f"{100 * steady.etcd_cpu / seconds:.0f}% of one core"],
+            ["steady", "failovers between members", str(steady.failovers)],
             ["steady", "threads in worker processes", str(s1.threads)],
         ]
         cores = os.cpu_count() or 1
@@ -383,6 +423,8 @@ def run(args: argparse.Namespace) -> int:
                 "cores: for clean figures use fewer --nodes, a longer --lease-ttl, or a "
                 "machine with more cores")
 
+        if args.kill_fraction <= 0:
+            raise _Skip
         # 3. kill 10% of the current members (followers, spread over the ranks; the
         # leader survives), then wait for the generations that drop them.
         _, current = observer.history[-1]
@@ -423,6 +465,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         if s1.failed_agents or k1.failed_agents:
             notes.append(f"{k1.failed_agents} agent(s) failed (see --verbose)")
+    except _Skip:
+        notes.append("failure phase skipped (--kill-fraction 0)")
     except (TimeoutError, RuntimeError) as exc:
         notes.append(f"aborted: {exc}")
     finally:
@@ -432,7 +476,10 @@ def run(args: argparse.Namespace) -> int:
             worker.request_stop()
         for worker in workers:
             worker.close()
-        etcd.stop()
+        if isinstance(etcd, LocalEtcdCluster):
+            etcd.close()
+        else:
+            etcd.stop()
         rows.append(["total", "wall time (with cleanup)",
                      f"{time.monotonic() - started_all:.1f} s"])
 
@@ -455,9 +502,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steady", type=float, default=8.0,
                         help="seconds of steady state to measure (default 8)")
     parser.add_argument("--kill-fraction", type=float, default=0.1,
-                        help="share of the nodes to kill (default 0.1)")
+                        help="share of the nodes to kill (default 0.1; 0: skip that phase)")
     parser.add_argument("--phase-timeout", type=float, default=45.0,
                         help="give up on a phase after this many seconds (default 45)")
+    parser.add_argument("--cluster", type=int, default=1,
+                        help="etcd members: 1 (default) an embedded etcd; N > 1 a real "
+                        "N-member cluster on loopback ports")
     parser.add_argument("--verbose", action="store_true", help="log the agents' INFO messages")
     args = parser.parse_args(argv)
     if args.nodes < 2:

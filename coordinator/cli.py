@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
     serve.add_argument("--threads", type=int, default=4, help="waitress worker threads")
     serve.add_argument("--rendezvous", dest="rendezvous_url",
-                       help="etcd://HOST:PORT of the job's rendezvous (optional)")
+                       help="etcd://HOST:PORT of the job's rendezvous, or the members of an "
+                       "etcd cluster as etcd://H1:P1,H2:P2,H3:P3 (optional)")
     serve.add_argument("--job", help="the job to show and evict from (default: 'default')")
     serve.add_argument("--prefix", dest="rendezvous_prefix",
                        help="rendezvous key prefix (default horde)")
@@ -90,6 +91,30 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig.from_env(**overrides)
 
 
+def _say_where(app: object) -> None:
+    """Log the ledger and the rendezvous this coordinator uses (and which etcd member)."""
+    from coordinator.state import EXTENSION
+
+    st = app.extensions[EXTENSION]  # type: ignore[attr-defined]
+    logger.info("ledger: %r (coordinators sharing this database serve the same ledger)",
+                st.storage)
+    if st.view is None:
+        logger.info("rendezvous: none (no membership shown, no evictions)")
+        return
+    backend = st.view.backend
+    try:
+        backend.get(st.view.keys.generation)
+    except Exception as exc:  # noqa: BLE001 - said, then the watcher keeps trying
+        logger.warning("rendezvous %s not reachable now: %s", st.config.rendezvous_url, exc)
+        return
+    endpoints = getattr(backend, "endpoints", ())
+    if len(endpoints) > 1:
+        logger.info("rendezvous: etcd cluster %s; using member %s (failing over in order)",
+                    st.config.rendezvous_url, backend.endpoint.label)
+    else:
+        logger.info("rendezvous: %s", st.config.rendezvous_url)
+
+
 def _serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
     from coordinator.app import create_app
     from coordinator.server import make_server, server_url, shutdown_server
@@ -107,6 +132,7 @@ def _serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, _stop)
+    _say_where(app)
     logger.info("horde-coordinator serving at %s (status page %s/)", url, url)
     if config.admin_token is None:
         logger.info("no admin token: evictions through the API are disabled")

@@ -141,6 +141,13 @@ REGISTRATION_SCHEMA: dict[str, Any] = {
         "display_name": {**TEXT_64, "description": "Shown on the leaderboard."},
         "owner": {**TEXT_64, "description": "Who lends the machine."},
         "hardware": {"$ref": "#/components/schemas/Hardware"},
+        "token": {"type": "string", "minLength": 47, "maxLength": 128,
+                  "pattern": "^hrd_[A-Za-z0-9_-]+$",
+                  "description": "The node's own token (hrd_ and at least 43 random URL-safe "
+                                 "characters). Optional: the coordinator issues one when it "
+                                 "is left out. With it, registering again with the same "
+                                 "token answers 201 again, so a registration whose answer "
+                                 "was lost can be retried on another coordinator."},
     },
 }
 

@@ -58,7 +58,9 @@ def __getattr__(name: str) -> Any:
 def backend_from_url(url: str, timeout: float = 5.0) -> RendezvousBackend:
     """Open the backend a URL names: `etcd://host:port`, `http://host:port` or `memory://`.
 
-    `memory://` gives a fresh private in-process store (for tests and single-process runs).
+    Several members of one etcd cluster are given as `etcd://h1:2379,h2:2379,h3:2379`;
+    the backend fails over between them. `memory://` gives a fresh private in-process
+    store (for tests and single-process runs).
     """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
@@ -71,5 +73,6 @@ def backend_from_url(url: str, timeout: float = 5.0) -> RendezvousBackend:
         return EtcdBackend.from_url(url, timeout=timeout)
     raise ValueError(
         f"rendezvous URL {url!r} is not supported; expected etcd://HOST:PORT, "
+        "etcd://HOST1:PORT1,HOST2:PORT2,... (members of one etcd cluster), "
         "http://HOST:PORT or memory://"
     )

@@ -224,18 +224,41 @@ class NodeAgent:
                 except Exception:  # noqa: BLE001 - a listener must not kill the agent
                     logger.exception("membership listener failed")
 
+    def outage_limit(self) -> float:
+        """Seconds this agent keeps retrying an unreachable etcd before it gives up: the
+        job's elastic timeout (at least four lease TTLs), as for any membership wait."""
+        return max(4.0 * self.settings.lease_ttl, self.settings.elastic_timeout)
+
     def _run(self) -> None:
-        failures = 0
+        down_since: float | None = None
+        next_note = 0.0
         while not self._stop.is_set():
             try:
                 self._step()
-                failures = 0
+                if down_since is not None:
+                    logger.warning("job %s: node %s: etcd answers again after %.1f s; going on",
+                                   self.settings.job, self.node_id, self._clock() - down_since)
+                    down_since = None
             except RendezvousConnectionError as exc:
-                failures += 1
-                logger.warning("job %s: node %s: %s (retrying)", self.settings.job,
-                               self.node_id, exc)
-                if failures * self.settings.poll_interval > 4 * self.settings.lease_ttl:
-                    self.error = exc
+                now = self._clock()
+                if down_since is None:
+                    down_since = now
+                    next_note = now + 5.0
+                    logger.warning(
+                        "job %s: node %s: %s. Waiting up to %g s (the elastic timeout) for "
+                        "etcd to answer again; training goes on meanwhile, membership "
+                        "changes wait", self.settings.job, self.node_id, exc,
+                        self.outage_limit())
+                elif now >= next_note:
+                    logger.warning("job %s: node %s: etcd unreachable for %.0f s (giving up "
+                                   "after %g s): %s", self.settings.job, self.node_id,
+                                   now - down_since, self.outage_limit(), exc)
+                    next_note = now + 5.0
+                if now - down_since > self.outage_limit():
+                    self.error = RendezvousConnectionError(
+                        f"job {self.settings.job}: node {self.node_id} could not reach etcd "
+                        f"for {now - down_since:.0f} s, longer than the elastic timeout "
+                        f"({self.outage_limit():g} s): {exc}")
                     with self._cond:
                         self._cond.notify_all()
                 self._stop.wait(min(self.settings.poll_interval, 1.0))
@@ -277,6 +300,11 @@ class NodeAgent:
         self._set_control(control)
         if control.leader != self.node_id:
             self._is_leader = False
+        elif not self._is_leader and self._candidate and self._holds_leader_key():
+            # Our election write was applied but its answer was lost (the etcd member
+            # failed): the key is ours, bound to our lease, so lead.
+            self._become_leader()
+            return
         if self._is_leader:
             wake_at = self._lead(kvs, control)
         elif self._candidate and control.leader is None:
@@ -305,10 +333,18 @@ class NodeAgent:
             self._lease_refreshed = float("-inf")
             return
         if won:
-            self._is_leader = True
-            self._leader_memory = {"first_seen": {}, "ready_since": None,
-                                   "starving_since": None, "generation": None}
-            logger.info("job %s: node %s is now the leader", self.settings.job, self.node_id)
+            self._become_leader()
+
+    def _holds_leader_key(self) -> bool:
+        kv = self.backend.get(self.keys.leader)
+        return (kv is not None and kv.value == self.node_id.encode() and bool(self._lease)
+                and kv.lease == self._lease)
+
+    def _become_leader(self) -> None:
+        self._is_leader = True
+        self._leader_memory = {"first_seen": {}, "ready_since": None,
+                               "starving_since": None, "generation": None}
+        logger.info("job %s: node %s is now the leader", self.settings.job, self.node_id)
 
     # -- leading ----------------------------------------------------------------------
 

@@ -5,6 +5,13 @@ protobuf. Requests are built here, with keys encoded as UTF-8, because the clien
 own helpers encode keys as latin-1 and hide the response header (whose revision
 the membership logic needs). Every transport failure becomes a
 `RendezvousConnectionError` that names the address.
+
+Several endpoints (the members of one etcd cluster, `etcd://h1:2379,h2:2379,h3:2379`)
+are tried in order of preference: the member that answered last first, members that
+failed recently last. A request that fails to connect, times out or gets a 5xx from one
+member goes to the next. Leases and revisions belong to the cluster, not to a member,
+so a lease stays alive and a watch resumes at `revision + 1` on whichever member
+answers; a compare-and-swap whose answer was lost is settled by reading the key back.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -78,74 +87,143 @@ def _is_lease_not_found(exc: Etcd3Exception) -> bool:
     return "lease not found" in (exc.detail_text or "")
 
 
-class EtcdBackend(RendezvousBackend):
-    """A `RendezvousBackend` on an etcd 3.x server reached over its HTTP gateway.
+#: Seconds a member that failed is tried after the others (unless all have failed).
+FAILED_COOLDOWN = 5.0
 
-    Safe to share between threads: each thread gets its own HTTP session.
-    `ops` counts the etcd requests made, per operation name.
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One etcd member's client address."""
+
+    host: str
+    port: int
+
+    @property
+    def label(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class _Failover(Exception):
+    """This member failed in a way another member may not (connection, timeout, 5xx)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def parse_endpoints(url: str) -> list[Endpoint]:
+    """`etcd://h1:2379,h2:2379` (or `http://...`) -> its endpoints; ValueError if invalid."""
+    bad = ValueError(
+        f"etcd URL {url!r} is not valid; expected etcd://HOST:PORT (or http://HOST:PORT), "
+        "or several members of one cluster as etcd://HOST1:PORT1,HOST2:PORT2,HOST3:PORT3, "
+        "for example etcd://127.0.0.1:2379")
+    if not isinstance(url, str) or "://" not in url:
+        raise bad
+    scheme, rest = url.split("://", 1)
+    if scheme not in URL_SCHEMES or not rest:
+        raise bad
+    endpoints: list[Endpoint] = []
+    items = rest.split(",")
+    for index, item in enumerate(items):
+        # A trailing slash is allowed after the last member only.
+        if index == len(items) - 1 and item.endswith("/"):
+            item = item[:-1]
+        try:
+            parts = urlsplit(f"{scheme}://{item}")
+            port = parts.port
+        except ValueError:
+            raise bad from None
+        if (not item or not parts.hostname or port is None or parts.path or parts.query
+                or parts.fragment or parts.username or parts.password or "/" in item):
+            raise bad
+        endpoint = Endpoint(parts.hostname, port)
+        if endpoint in endpoints:
+            raise ValueError(f"etcd URL {url!r} lists {endpoint.label} twice")
+        endpoints.append(endpoint)
+    return endpoints
+
+
+class EtcdBackend(RendezvousBackend):
+    """A `RendezvousBackend` on an etcd 3.x server (or cluster) reached over its HTTP gateway.
+
+    Safe to share between threads: each thread gets its own HTTP session per member.
+    `ops` counts the etcd requests made, per operation name; `failovers` counts the
+    times a request moved to another member. `endpoint` is the member in use.
     """
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
-        if not host:
-            raise ValueError(f"etcd host {host!r} must be a non-empty host name or address")
-        if not 0 < int(port) < 65536:
-            raise ValueError(f"etcd port {port!r} must be between 1 and 65535")
+    def __init__(self, host: str, port: int, timeout: float = 5.0,
+                 endpoints: Sequence[tuple[str, int]] | None = None) -> None:
+        pairs = list(endpoints) if endpoints else [(host, port)]
+        checked: list[Endpoint] = []
+        for h, p in pairs:
+            if not h:
+                raise ValueError(f"etcd host {h!r} must be a non-empty host name or address")
+            if not 0 < int(p) < 65536:
+                raise ValueError(f"etcd port {p!r} must be between 1 and 65535")
+            checked.append(Endpoint(h, int(p)))
         if timeout <= 0:
             raise ValueError(f"etcd timeout {timeout!r} must be a positive number of seconds")
-        self.host = host
-        self.port = int(port)
+        self.endpoints: tuple[Endpoint, ...] = tuple(checked)
         self.timeout = float(timeout)
         self._local = threading.local()
-        # Weak: a thread's client (and its sockets) goes away with the thread.
+        # Weak: a thread's clients (and their sockets) go away with the thread.
         self._clients: weakref.WeakSet[Etcd3Client] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._api_path: str | None = None  # "/v3/" on etcd >= 3.4; discovered once
+        self._preferred = 0
+        self._failed_at: dict[int, float] = {}
         self.ops: dict[str, int] = collections.defaultdict(int)
+        self.failovers = 0
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 5.0) -> EtcdBackend:
-        """Build a backend from `etcd://host:port` (or `http://host:port`)."""
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError:
-            parts, port = None, None
-        if (
-            parts is None
-            or parts.scheme not in URL_SCHEMES
-            or not parts.hostname
-            or port is None
-            or parts.path not in ("", "/")
-            or parts.query
-            or parts.fragment
-        ):
-            raise ValueError(
-                f"etcd URL {url!r} is not valid; expected etcd://HOST:PORT "
-                "(or http://HOST:PORT), for example etcd://127.0.0.1:2379"
-            )
-        return cls(parts.hostname, port, timeout=timeout)
+        """Build a backend from `etcd://host:port` (or `http://host:port`), or from several
+        members of one cluster: `etcd://h1:2379,h2:2379,h3:2379` (tried in that order)."""
+        endpoints = parse_endpoints(url)
+        first = endpoints[0]
+        return cls(first.host, first.port, timeout=timeout,
+                   endpoints=[(e.host, e.port) for e in endpoints])
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The member requests go to first (the one that answered last)."""
+        return self.endpoints[self._preferred]
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.host
+
+    @property
+    def port(self) -> int:
+        return self.endpoint.port
 
     @property
     def url(self) -> str:
-        """The address as `etcd://host:port`."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"etcd://{host}:{self.port}"
+        """Every member as `etcd://h1:p1,h2:p2` (one member: `etcd://host:port`)."""
+        return "etcd://" + ",".join(e.label for e in self.endpoints)
 
     def __repr__(self) -> str:
         return f"EtcdBackend({self.url!r})"
 
     # -- transport --------------------------------------------------------------------
 
-    def _client(self) -> Etcd3Client:
-        """This thread's client; the first one asks the server which API path it serves."""
-        client = getattr(self._local, "client", None)
+    def _client(self, index: int | None = None) -> Etcd3Client:
+        """This thread's client of member `index` (default: the preferred one); the first
+        client asks which API path the server serves."""
+        if index is None:
+            index = self._preferred
+        clients = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        client = clients.get(index)
         if client is None:
-            client = Etcd3Client(
-                host=self.host, port=self.port, timeout=self.timeout, api_path=self._api_path
-            )
+            endpoint = self.endpoints[index]
+            client = Etcd3Client(host=endpoint.host, port=endpoint.port, timeout=self.timeout,
+                                 api_path=self._api_path)
             if self._api_path is None:
                 self._api_path = client.api_path  # one GET /version
-            self._local.client = client
+            clients[index] = client
             with self._lock:
                 self._clients.add(client)
         return client
@@ -154,25 +232,101 @@ class EtcdBackend(RendezvousBackend):
         with self._lock:
             self.ops[op] += 1
 
-    def _unreachable(self, exc: BaseException) -> RendezvousConnectionError:
-        detail = getattr(exc, "detail_text", None) or str(exc) or type(exc).__name__
-        return RendezvousConnectionError(f"cannot reach etcd at {self.host}:{self.port}: {detail}")
+    def _order(self) -> list[int]:
+        """Members to try, best first: the preferred one, then those that have not failed
+        lately (in the order given), then the failed ones (the longest ago first)."""
+        now = time.monotonic()
+        with self._lock:
+            preferred, failed = self._preferred, dict(self._failed_at)
+        indices = list(range(len(self.endpoints)))
+        fresh = [i for i in indices if now - failed.get(i, -1e18) >= FAILED_COOLDOWN]
+        stale = sorted((i for i in indices if i not in fresh), key=lambda i: failed[i])
+        order = fresh + stale
+        if preferred in fresh:
+            order.remove(preferred)
+            order.insert(0, preferred)
+        return order
 
-    def _post(self, op: str, path: str, payload: dict[str, Any], lease: int = 0) -> dict[str, Any]:
-        """POST one gateway request; wraps every failure in a rendezvous error."""
-        self._count(op)
+    def _succeeded(self, index: int) -> None:
+        with self._lock:
+            self._failed_at.pop(index, None)
+            if index == self._preferred:
+                return
+            previous = self.endpoints[self._preferred]
+            self._preferred = index
+            self.failovers += 1
+        logger.warning("etcd: now using member %s (was %s)", self.endpoints[index].label,
+                       previous.label)
+
+    def _failed(self, index: int, detail: str) -> None:
+        with self._lock:
+            self._failed_at[index] = time.monotonic()
+        if len(self.endpoints) > 1:
+            logger.info("etcd member %s failed: %s", self.endpoints[index].label, detail)
+
+    def _unreachable(self, errors: list[tuple[int, str]]) -> RendezvousConnectionError:
+        if len(self.endpoints) == 1:
+            endpoint = self.endpoints[0]
+            return RendezvousConnectionError(
+                f"cannot reach etcd at {endpoint.host}:{endpoint.port}: {errors[-1][1]}")
+        majority = len(self.endpoints) // 2 + 1
+        tried = "; ".join(f"{self.endpoints[i].label}: {detail}" for i, detail in errors)
+        return RendezvousConnectionError(
+            f"cannot reach etcd at any of its {len(self.endpoints)} members "
+            f"({', '.join(e.label for e in self.endpoints)}): {tried}. The cluster answers "
+            f"only while a majority ({majority} of {len(self.endpoints)}) of its members are "
+            "up and reach each other: if some answered with a timeout or 'no leader', it has "
+            "lost its quorum")
+
+    def _detail(self, exc: BaseException) -> str:
+        """What went wrong, in a few words (urllib3's messages run to hundreds of characters)."""
+        text = " ".join(str(getattr(exc, "detail_text", None) or exc or
+                            type(exc).__name__).split())
+        if "Connection refused" in text:
+            return "connection refused"
+        if "Read timed out" in text or "timed out" in text.lower() and "etcdserver" not in text:
+            return f"no answer within {self.timeout:g} s"
+        return text[:300]
+
+    def _post_once(self, index: int, path: str, payload: dict[str, Any], lease: int
+                   ) -> dict[str, Any]:
+        """One request to one member: `_Failover` when another member may do better."""
+        endpoint = self.endpoints[index]
         try:
-            client = self._client()
+            client = self._client(index)
             return client.post(client.get_url(path), data=json.dumps(payload))
         except Etcd3Exception as exc:
             if _is_lease_not_found(exc):
                 raise RendezvousError(
-                    f"requested lease not found (etcd at {self.host}:{self.port}): "
+                    f"requested lease not found (etcd at {endpoint.label}): "
                     f"lease {lease} expired or was revoked"
                 ) from exc
-            raise self._unreachable(exc) from exc
+            raise _Failover(self._detail(exc)) from exc
         except (requests.RequestException, OSError, ValueError) as exc:
-            raise self._unreachable(exc) from exc
+            raise _Failover(self._detail(exc)) from exc
+
+    def _request(self, op: str, path: str, payload: dict[str, Any], lease: int = 0
+                 ) -> tuple[dict[str, Any], bool]:
+        """POST one gateway request to the best member that answers; returns the answer
+        and whether an earlier member failed first (its request may have been applied)."""
+        self._count(op)
+        errors: list[tuple[int, str]] = []
+        last: BaseException | None = None
+        for index in self._order():
+            try:
+                result = self._post_once(index, path, payload, lease)
+            except _Failover as exc:
+                errors.append((index, exc.detail))
+                last = exc.__cause__ or exc
+                self._failed(index, exc.detail)
+                continue
+            self._succeeded(index)
+            return result, bool(errors)
+        raise self._unreachable(errors) from last
+
+    def _post(self, op: str, path: str, payload: dict[str, Any], lease: int = 0) -> dict[str, Any]:
+        """POST one gateway request; wraps every failure in a rendezvous error."""
+        return self._request(op, path, payload, lease)[0]
 
     # -- RendezvousBackend ---------------------------------------------------------------
 
@@ -198,7 +352,12 @@ class EtcdBackend(RendezvousBackend):
     def compare_and_swap(
         self, key: str, expected_mod_revision: int, value: bytes, lease: int = 0
     ) -> bool:
-        """Write only if the key's mod_revision equals `expected_mod_revision` (0: absent)."""
+        """Write only if the key's mod_revision equals `expected_mod_revision` (0: absent).
+
+        When a member failed first, the write may have been applied there and the retry
+        then fails its compare: the key holding exactly this value and lease, written
+        after `expected_mod_revision`, means the first attempt won.
+        """
         if expected_mod_revision == 0:
             compare = {"target": "CREATE", "create_revision": "0"}
         else:
@@ -211,8 +370,17 @@ class EtcdBackend(RendezvousBackend):
             "success": [{"request_put": request_put}],
             "failure": [],
         }
-        result = self._post("compare_and_swap", "/kv/txn", txn, lease=lease)
-        return bool(result.get("succeeded", False))
+        result, retried = self._request("compare_and_swap", "/kv/txn", txn, lease=lease)
+        succeeded = bool(result.get("succeeded", False))
+        if succeeded or not retried:
+            return succeeded
+        current = self.get(key)
+        won = (current is not None and current.value == value and current.lease == lease
+               and current.mod_revision > expected_mod_revision)
+        if won:
+            logger.info("etcd: compare-and-swap of %s was applied before its member failed",
+                        key)
+        return won
 
     def delete(self, key: str) -> bool:
         """Delete the key; returns whether it existed."""
@@ -230,8 +398,13 @@ class EtcdBackend(RendezvousBackend):
             raise ValueError(f"lease ttl {ttl!r} must be a whole number of seconds >= 1")
         result = self._post("grant_lease", "/lease/grant", {"TTL": str(int(ttl)), "ID": "0"})
         if result.get("error"):
-            raise RendezvousError(f"etcd at {self.host}:{self.port} refused a lease: {result}")
-        return int(result["ID"])
+            raise RendezvousError(f"etcd at {self.endpoint.label} refused a lease: {result}")
+        try:
+            return int(result["ID"])
+        except (KeyError, TypeError, ValueError):
+            raise RendezvousError(
+                f"etcd at {self.endpoint.label} answered a lease grant without a lease id: "
+                f"{str(result)[:200]}") from None
 
     def refresh_lease(self, lease: int) -> bool:
         """Keep the lease alive; returns False when it has already expired."""
@@ -253,25 +426,41 @@ class EtcdBackend(RendezvousBackend):
         """Block until a key under `prefix` changes after `after_revision`, or `timeout` s.
 
         Opens an etcd watch from `after_revision + 1` on this thread and closes it on
-        return, so no watcher thread or server-side watch outlives the call.
+        return, so no watcher thread or server-side watch outlives the call. When the
+        member fails, the watch goes on from the same revision on the next member.
         """
         self._count("wait_for_change")
         deadline = time.monotonic() + max(0.0, timeout)
+        errors: list[tuple[int, str]] = []
+        last: BaseException | None = None
+        for index in self._order():
+            remaining = max(_MIN_WAIT, deadline - time.monotonic())
+            try:
+                changed = self._watch_once(index, prefix, after_revision, remaining, deadline)
+            except _Failover as exc:
+                errors.append((index, exc.detail))
+                last = exc.__cause__ or exc
+                self._failed(index, exc.detail)
+                continue
+            self._succeeded(index)
+            return changed
+        raise self._unreachable(errors) from last
+
+    def _watch_once(self, index: int, prefix: str, after_revision: int, wait: float,
+                    deadline: float) -> bool:
         request = {"create_request": {**_range(prefix), "start_revision": str(after_revision + 1)}}
         response: requests.Response | None = None
         try:
-            client = self._client()
+            client = self._client(index)
             response = client.session.post(
                 client.get_url("/watch"),
                 data=json.dumps(request),
                 stream=True,
-                timeout=(self.timeout, max(_MIN_WAIT, timeout)),
+                timeout=(self.timeout, wait),
             )
             if response.status_code != 200:
-                raise RendezvousConnectionError(
-                    f"cannot reach etcd at {self.host}:{self.port}: watch answered "
-                    f"HTTP {response.status_code}: {response.text[:200]}"
-                )
+                raise _Failover(f"watch answered HTTP {response.status_code}: "
+                                f"{response.text[:200]}")
             return self._read_watch(response, deadline)
         except requests.exceptions.ReadTimeout:
             return False
@@ -279,9 +468,9 @@ class EtcdBackend(RendezvousBackend):
             # requests reports a read timeout inside a streamed body as ConnectionError.
             if exc.args and isinstance(exc.args[0], urllib3.exceptions.ReadTimeoutError):
                 return False
-            raise self._unreachable(exc) from exc
+            raise _Failover(self._detail(exc)) from exc
         except (requests.RequestException, Etcd3Exception, OSError, ValueError) as exc:
-            raise self._unreachable(exc) from exc
+            raise _Failover(self._detail(exc)) from exc
         finally:
             if response is not None:
                 response.close()
@@ -296,22 +485,20 @@ class EtcdBackend(RendezvousBackend):
                 if not line.strip():
                     continue
                 message = json.loads(line)
+                if not isinstance(message, dict):
+                    raise _Failover(f"watch sent {str(message)[:100]!r}, not a JSON object")
                 if "error" in message:
-                    raise RendezvousConnectionError(
-                        f"cannot reach etcd at {self.host}:{self.port}: watch failed: "
-                        f"{message['error']}"
-                    )
+                    raise _Failover(f"watch failed: {message['error']}")
                 result = message.get("result", {})
                 if result.get("events"):
                     return True
                 if int(result.get("compact_revision", 0)):
-                    # The history after `after_revision` was compacted: things changed.
+                    # The history after `after_revision` was compacted: things changed,
+                    # and the caller reads the keys again.
                     return True
                 if result.get("canceled"):
-                    raise RendezvousConnectionError(
-                        f"cannot reach etcd at {self.host}:{self.port}: watch canceled: "
-                        f"{result.get('cancel_reason', 'no reason given')}"
-                    )
+                    raise _Failover(
+                        f"watch canceled: {result.get('cancel_reason', 'no reason given')}")
             if time.monotonic() >= deadline:
                 return False
         return False

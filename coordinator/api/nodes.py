@@ -46,12 +46,17 @@ def register() -> tuple[Response, int]:
         require_secret(request, st.config.registration_token, "the registration token", "")
     body = validate_registration(json_body(), "")
     node_id = body["node_id"]
-    token = new_token()
+    chosen = body.get("token")
+    token = chosen or new_token()
     now = st.clock()
 
     def work(conn: Any) -> bool:
-        if conn.execute(select(nodes.c.node_id).where(nodes.c.node_id == node_id)).first():
-            return False
+        stored = conn.execute(select(nodes.c.token_hash).where(
+            nodes.c.node_id == node_id)).scalar()
+        if stored is not None:
+            # The same node retrying with its own token (its first answer was lost): the
+            # registration stands as it is, and the answer is the same.
+            return chosen is not None and token_matches(chosen, stored)
         conn.execute(nodes.insert().values(
             node_id=node_id, display_name=body.get("display_name", ""),
             owner=body.get("owner", ""),
@@ -63,8 +68,8 @@ def register() -> tuple[Response, int]:
 
     try:
         created = st.storage.run_write(work)
-    except IntegrityError:
-        created = False
+    except IntegrityError:  # registered at this moment through another coordinator
+        created = chosen is not None and st.storage.run_write(work)
     if not created:
         raise Conflict(f"node {node_id} is already registered; keep using its token, or ask "
                        f"the operator to issue a new one (POST {API}/nodes/{node_id}/token)")

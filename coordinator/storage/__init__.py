@@ -44,6 +44,7 @@ CHECKPOINT_INTERVAL = 1.0  # seconds between background WAL checkpoints (SQLite)
 WAL_RESET_BYTES = 32 * 2**20  # a WAL past this size is truncated by the writer thread
 WAL_RESET_CHECK = 5.0  # seconds between checks of the WAL's size
 _RETRY_PGCODES = {"40001", "40P01"}  # serialization failure, deadlock detected
+MIGRATION_LOCK = 0x686F726465  # PostgreSQL advisory lock key held while migrating ("horde")
 
 
 class StorageError(CoordinatorError):
@@ -172,6 +173,10 @@ class Storage:
                     with self._write_lock:
                         command.upgrade(config, revision)
                 else:
+                    if self.dialect == "postgresql":
+                        # Coordinators started together on one empty database migrate one
+                        # after the other: the later ones then find it at the newest schema.
+                        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                     command.upgrade(config, revision)
                 conn.commit()
         except DBAPIError as exc:

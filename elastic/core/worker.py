@@ -85,7 +85,8 @@ class WorkerContext:
         from rendezvous import backend_from_url
 
         self._store_server = serve_store(self.settings.advertise_addr, self.rdzv.start_timeout)
-        backend = backend_from_url(self.settings.rendezvous)
+        backend = backend_from_url(self.settings.rendezvous,
+                                   timeout=self.rdzv.request_timeout(self.settings.rendezvous))
         info = NodeInfo(node_id=self.node_id, host=self.settings.hostname,
                         addr=self.settings.advertise_addr,
                         store_port=self._store_server.port, pid=os.getpid(),

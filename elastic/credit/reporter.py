@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import secrets
 import threading
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from typing import Any
 
 import requests
 
+from elastic.coordinator_client import CoordinatorClient
 from elastic.credit.reports import StepWindow
 from elastic.settings import DEFAULT_REPORT_SPAN
 
@@ -36,14 +38,16 @@ BACKOFF_MAX = 60.0
 class CreditReporter:
     """Registers this node with the coordinator and posts round reports in the background."""
 
-    def __init__(self, url: str, node_id: str, job: str,
+    def __init__(self, url: str | list[str], node_id: str, job: str,
                  registration_token: str | None = None, token: str | None = None,
                  hardware: dict[str, Any] | None = None, span: int = DEFAULT_REPORT_SPAN) -> None:
-        self.url = url.rstrip("/")
+        # One coordinator URL, or several sharing one ledger (failed over in order).
+        self._client = CoordinatorClient(url)
         self.node_id = node_id
         self.job = job
         self._registration_token = registration_token
         self._token = token
+        self._own_token = ""
         self._hardware = hardware or {}
         self._queue: deque[dict[str, Any]] = deque(maxlen=MAX_QUEUED)
         self._wake = threading.Condition()
@@ -54,9 +58,13 @@ class CreditReporter:
         self.sent = 0
         self.loss: float | None = None
         self._steps = StepWindow(span)
-        self._session = requests.Session()
         self._thread = threading.Thread(target=self._run, name="horde-reporter", daemon=True)
         self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """The coordinator in use."""
+        return self._client.url
 
     # -- the training side ------------------------------------------------------------
 
@@ -99,12 +107,19 @@ class CreditReporter:
             return True
         headers = ({"Authorization": f"Bearer {self._registration_token}"}
                    if self._registration_token else {})
+        # Our own token: a registration retried on another coordinator after a lost
+        # answer then succeeds again instead of finding the id taken.
+        self._own_token = self._own_token or "hrd_" + secrets.token_urlsafe(32)
         body = {"node_id": self.node_id, "display_name": self.node_id,
-                "hardware": self._hardware}
-        response = self._session.post(f"{self.url}/api/v1/nodes", json=body, headers=headers,
-                                      timeout=10)
+                "hardware": self._hardware, "token": self._own_token}
+        response = self._client.post("/api/v1/nodes", json=body, headers=headers, timeout=10)
+        if response.status_code == 422 and "token" in response.text:
+            # A coordinator older than own tokens: let it issue one.
+            del body["token"]
+            response = self._client.post("/api/v1/nodes", json=body, headers=headers,
+                                         timeout=10)
         if response.status_code == 201:
-            self._token = response.json()["token"]
+            self._token = response.json().get("token") or self._own_token
             logger.info("registered %s with the coordinator at %s", self.node_id, self.url)
             return True
         if response.status_code >= 500 or response.status_code == 429:
@@ -123,8 +138,8 @@ class CreditReporter:
     def _post(self, batch: list[dict[str, Any]]) -> bool:
         """True when the batch is handled (sent, or refused for good)."""
         body = json.dumps({"node_id": self.node_id, "reports": batch}, allow_nan=False)
-        response = self._session.post(
-            f"{self.url}/api/v1/reports", data=body, timeout=10,
+        response = self._client.post(
+            "/api/v1/reports", data=body, timeout=10,
             headers={"Authorization": f"Bearer {self._token}",
                      "Content-Type": "application/json"})
         if response.status_code in (401, 403):

@@ -85,8 +85,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-build", "-cb", action="store_true",
                         help="print the available frameworks and collectives, then exit")
     horde = parser.add_argument_group("Horde")
-    horde.add_argument("--rendezvous", help="etcd://HOST:PORT (default: an embedded etcd on a "
-                       "free loopback port)")
+    horde.add_argument("--rendezvous", help="etcd://HOST:PORT, or the members of an etcd "
+                       "cluster as etcd://H1:P1,H2:P2,H3:P3 (failed over in that order); "
+                       "default: an embedded etcd on a free loopback port")
     horde.add_argument("--job", help="job name (default: a fresh random name)")
     horde.add_argument("--join", action="store_true",
                        help="add -np workers to the running job --job on --rendezvous")
@@ -111,7 +112,8 @@ def make_parser() -> argparse.ArgumentParser:
     horde.add_argument("--coordinator", default=None, metavar="URL|embedded|none",
                        help="where workers report rounds for credit: 'embedded' (default: a "
                        "coordinator on loopback with a SQLite ledger and a status page), the "
-                       "URL of a horde-coordinator, or 'none'")
+                       "URL of a horde-coordinator (several, comma-separated, are failed over "
+                       "in order), or 'none'")
     horde.add_argument("--coordinator-db", metavar="URL",
                        help="ledger of the embedded coordinator (default: SQLite in a "
                        "temporary folder); e.g. sqlite:///ledger.db to keep it")
@@ -138,7 +140,9 @@ def _advertise_addr(interfaces: str | None, rendezvous: str | None) -> str:
         raise UsageError(f"--network-interfaces {interfaces!r}: no IPv4 address found on "
                          f"{interfaces}; available: {', '.join(sorted(addrs))}")
     if rendezvous:
-        host = rendezvous.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        from rendezvous.etcd import parse_endpoints
+
+        host = parse_endpoints(rendezvous)[0].host
         if host not in hostlib.LOCAL_NAMES:
             try:
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -198,6 +202,12 @@ def rendezvous_url(args: argparse.Namespace) -> str | None:
     if scheme not in RENDEZVOUS_SCHEMES:
         raise UsageError(f"{source} {url!r} has the unknown scheme {scheme!r}; Horde's "
                          "rendezvous is etcd: give etcd://HOST:PORT")
+    from rendezvous.etcd import parse_endpoints
+
+    try:
+        parse_endpoints(url)
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
     return url
 
 
@@ -327,9 +337,14 @@ def _seconds(flag: float | None, variables: tuple[str, ...], name: str,
 
 def _coordinator_choice(args: argparse.Namespace) -> str:
     choice = args.coordinator or _env("HORDE_COORDINATOR") or "embedded"
-    if choice not in ("embedded", "none") and not choice.startswith(("http://", "https://")):
-        raise UsageError(f"--coordinator {choice!r} must be 'embedded', 'none' or an "
-                         "http(s):// URL")
+    if choice in ("embedded", "none"):
+        return choice
+    from elastic.coordinator_client import parse_urls
+
+    try:
+        parse_urls(choice)
+    except ValueError as exc:
+        raise UsageError(f"--coordinator: {exc}; or give 'embedded' or 'none'") from None
     return choice
 
 

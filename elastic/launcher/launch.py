@@ -120,9 +120,17 @@ class Launcher:
             url = self._etcd.url
         else:
             url = self.plan.rendezvous_url
-        self._backend = backend_from_url(url)
+        self._backend = backend_from_url(url, timeout=self.plan.rdzv.request_timeout(url))
         self._backend.get(self.keys.generation)  # fails fast, with the address, if unreachable
         return url
+
+    def _where(self) -> str:
+        """Which etcd member answers, when the rendezvous is a cluster of several."""
+        endpoints = getattr(self._backend, "endpoints", ())
+        if len(endpoints) < 2:
+            return ""
+        return (f" (etcd cluster of {len(endpoints)} members; using "
+                f"{self._backend.endpoint.label}, failing over in the order listed)")  # type: ignore[union-attr]
 
     def _publish_config(self) -> None:
         assert self._backend is not None
@@ -327,9 +335,15 @@ class Launcher:
         job = self.plan.rdzv.job
         sys.stderr.write(
             f"horderun: job {job} on rendezvous {url}"
-            + (" (embedded etcd)" if self._etcd is not None else "") + "\n"
+            + (" (embedded etcd)" if self._etcd is not None else self._where()) + "\n"
             f"horderun: add workers with: horderun --join --rendezvous {url} --job {job} "
             f"-np 1 {' '.join(self.plan.command)}\n")
+        if self._coordinator_url and self._coordinator_thread is None:
+            urls = self._coordinator_url.split(",")
+            sys.stderr.write(
+                f"horderun: workers report credit to {urls[0]}"
+                + (f" (then {', '.join(urls[1:])} if it fails)" if len(urls) > 1 else "")
+                + "\n")
         sys.stderr.flush()
 
     def _supervise(self, url: str, job_env: dict[str, str]) -> int:

@@ -26,6 +26,7 @@ STEP_DELAY = float(os.environ.get("TEST_STEP_DELAY", "0.05"))
 COMMIT_EVERY = int(os.environ.get("TEST_COMMIT_EVERY", "2"))
 STALENESS = int(os.environ.get("TEST_STALENESS", "0"))
 TOPK = float(os.environ.get("TEST_TOPK", "0"))  # a density; 0: dense
+STOP_FILE = os.environ.get("TEST_STOP_FILE", "")  # end at the next epoch once it exists
 BATCH = 8
 
 
@@ -76,6 +77,9 @@ def main() -> None:
             state.batch = 0
             sampler.set_epoch(state.epoch + 1)
             commit(state, epoch=state.epoch + 1, batch=0)
+            # The test says when to end (every rank decides alike: rank 0's answer).
+            if STOP_FILE and hvd.broadcast_object(os.path.exists(STOP_FILE), root_rank=0):
+                break
 
     def commit(state: hvd.elastic.TorchState, **fields: object) -> None:
         """`state.commit()` (save, then check for new members), recorded between the two:
