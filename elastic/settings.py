@@ -62,6 +62,10 @@ class WorkerSettings:
     fusion_threshold: int | None = None
     """Bytes per DistributedOptimizer bucket (HOROVOD_FUSION_THRESHOLD; None: the
     optimizer's default; 0: one bucket per tensor, i.e. no fusion)."""
+    trusted_peers: bool = False
+    """True (HORDE_TRUSTED_PEERS=1, `horderun --trusted-peers`): objects from peers are
+    fully unpickled. Off by default: peers' objects are read as data only
+    (elastic/serialization.py), since volunteers are untrusted."""
 
     @property
     def stall_check_seconds(self) -> float:
@@ -122,6 +126,7 @@ class WorkerSettings:
             stall_shutdown_time=_number(env, ("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",), 0.0),
             stall_check=not _flag(env, "HOROVOD_STALL_CHECK_DISABLE"),
             fusion_threshold=_integer(env, "HOROVOD_FUSION_THRESHOLD", None),
+            trusted_peers=_flag(env, "HORDE_TRUSTED_PEERS"),
         )
 
 
