@@ -25,6 +25,11 @@ from coordinator.errors import ValidationError
 from coordinator.schema import compile_schema
 
 MAX_SAFE_INT = 2**53 - 1  # integers a JavaScript client (the status page) reads exactly
+MAX_GENERATION = 2**31 - 1  # a job publishes one generation per membership change
+MAX_ROUND = 2**40  # rounds (and parameter versions) of one generation
+MAX_HARDWARE_NUMBER = 10**15  # hardware facts are counts and sizes, not 4000-digit integers
+MAX_TIMESTAMP = 10**11  # Unix seconds (the year 5138)
+MAX_LOSS = 1e30
 MAX_MEMBERS = 1024
 MAX_REPORTS_PER_BATCH = 1000
 MAX_SAMPLES = 10**9
@@ -58,7 +63,6 @@ STRIKE_REASONS = frozenset({Reason.NONFINITE.value, Reason.OUTLIER.value})
 NODE_ID = {"type": "string", "pattern": NODE_ID_PATTERN,
            "description": "A node id as registered in the rendezvous (1-128 characters)."}
 JOB_NAME = {"type": "string", "pattern": JOB_PATTERN, "description": "A job name."}
-SAFE_INT = {"type": "integer", "minimum": 0, "maximum": MAX_SAFE_INT}
 TEXT_64 = {"type": "string", "maxLength": 64, "pattern": TEXT_PATTERN}
 
 CONTRIBUTION_SCHEMA: dict[str, Any] = {
@@ -72,7 +76,8 @@ CONTRIBUTION_SCHEMA: dict[str, Any] = {
                     "description": "Samples the gradient was computed on."},
         "staleness": {"type": "integer", "minimum": 0, "maximum": MAX_STALENESS,
                       "description": "Round minus the parameter version it was computed on."},
-        "param_version": {**SAFE_INT, "description": "Parameter version of the gradient."},
+        "param_version": {"type": "integer", "minimum": 0, "maximum": MAX_ROUND,
+                          "description": "Parameter version of the gradient."},
         "accepted": {"type": "boolean",
                      "description": "Whether it entered the round's aggregate."},
         "reason": {"type": "string", "enum": [r.value for r in Reason],
@@ -88,8 +93,10 @@ REPORT_SCHEMA: dict[str, Any] = {
     "required": ["job", "generation", "round", "members", "contributions"],
     "properties": {
         "job": JOB_NAME,
-        "generation": {**SAFE_INT, "description": "Rendezvous generation id."},
-        "round": {**SAFE_INT, "description": "Round number (the aggregate's version)."},
+        "generation": {"type": "integer", "minimum": 0, "maximum": MAX_GENERATION,
+                       "description": "Rendezvous generation id."},
+        "round": {"type": "integer", "minimum": 0, "maximum": MAX_ROUND,
+                  "description": "Round number (the aggregate's version)."},
         "span": {"type": "integer", "minimum": 1, "maximum": MAX_SPAN,
                  "description": "Optional, default 1: the report covers rounds `round` to "
                                 "`round + span - 1` with the same members (consecutive "
@@ -102,9 +109,9 @@ REPORT_SCHEMA: dict[str, Any] = {
         "contributions": {"type": "array", "minItems": 1, "maxItems": MAX_MEMBERS,
                           "items": {"$ref": "#/components/schemas/Contribution"},
                           "description": "Exactly one header per member."},
-        "loss": {"type": "number",
+        "loss": {"type": "number", "minimum": -MAX_LOSS, "maximum": MAX_LOSS,
                  "description": "Optional: the reporter's training loss in this round."},
-        "timestamp": {"type": "number", "minimum": 0,
+        "timestamp": {"type": "number", "minimum": 0, "maximum": MAX_TIMESTAMP,
                       "description": "Optional: wall-clock time (Unix seconds) the round "
                                      "closed at the reporter; gives the report lag."},
     },
@@ -127,7 +134,7 @@ HARDWARE_SCHEMA: dict[str, Any] = {
     "description": "Free-form facts about the node (gpu, gpu_memory_gb, cpu, ...).",
     "additionalProperties": {"anyOf": [
         {"type": "string", "maxLength": 200, "pattern": TEXT_PATTERN},
-        {"type": "number"},
+        {"type": "number", "minimum": -MAX_HARDWARE_NUMBER, "maximum": MAX_HARDWARE_NUMBER},
         {"type": "boolean"},
     ]},
 }
@@ -291,8 +298,8 @@ def _plainly_valid(body: Any) -> bool:
         job, members, contributions = report["job"], report["members"], report["contributions"]
         if type(job) is not str or not _JOB_RE.fullmatch(job):
             return False
-        if not _int_in(report["generation"], MAX_SAFE_INT) or \
-                not _int_in(report["round"], MAX_SAFE_INT):
+        if not _int_in(report["generation"], MAX_GENERATION) or \
+                not _int_in(report["round"], MAX_ROUND):
             return False
         if type(members) is not list or not 1 <= len(members) <= MAX_MEMBERS:
             return False
@@ -311,17 +318,18 @@ def _plainly_valid(body: Any) -> bool:
             if type(node) is not str or not _NODE_RE.fullmatch(node):
                 return False
             if not (_int_in(c["samples"], MAX_SAMPLES) and _int_in(c["staleness"], MAX_STALENESS)
-                    and _int_in(c["param_version"], MAX_SAFE_INT)
+                    and _int_in(c["param_version"], MAX_ROUND)
                     and type(c["accepted"]) is bool):
                 return False
             if "reason" in c and (type(c["reason"]) is not str or c["reason"] not in _REASONS):
                 return False
         if "span" in report and not (_int_in(report["span"], MAX_SPAN) and report["span"] >= 1):
             return False
-        if "loss" in report and not _number(report["loss"]):
+        if "loss" in report and not (_number(report["loss"])
+                                     and -MAX_LOSS <= report["loss"] <= MAX_LOSS):
             return False
         if "timestamp" in report and not (_number(report["timestamp"])
-                                          and report["timestamp"] >= 0):
+                                          and 0 <= report["timestamp"] <= MAX_TIMESTAMP):
             return False
     return True
 

@@ -26,12 +26,14 @@ def post_reports() -> Response:
     and valid (422), the node is registered (404), the token is the node's (403).
     Each report then gets a status: stored, duplicate (already stored: harmless),
     conflict (already stored with different content: the first one stays) or rejected
-    (with a reason). None of them should be sent again.
+    (with a reason). None of them should be sent again, except a rejection marked
+    `retry` (the generation is not known from the rendezvous yet).
     """
     st = state()
     bearer_token(request, "the reporting node's token")
     node_id, batch = parse_batch(json_body())
     authenticate_node(node_id)
+    st.learn_generations(batch)
     outcome = st.ledger.ingest(node_id, batch)
     st.metrics.observe_ingest(outcome)
     counts = {s: outcome.count(s) for s in (STORED, DUPLICATE, CONFLICT, REJECTED)}
