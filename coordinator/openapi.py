@@ -99,8 +99,12 @@ _SCHEMAS: dict[str, Any] = {
             "index": _INT,
             "status": {"type": "string",
                        "enum": ["stored", "duplicate", "conflict", "rejected"]},
-            "reason": {"type": "string", "enum": ["not_a_member", "membership_mismatch"]},
-            "message": _STR}},
+            "reason": {"type": "string", "enum": ["not_a_member", "membership_mismatch",
+                                                  "over_limit", "generation_unknown"]},
+            "message": _STR,
+            "retry": {"type": "boolean",
+                      "description": "True: a rejection that can change (the generation "
+                                     "is not known yet); send the report again later."}}},
     "IngestResult": {
         "type": "object",
         "required": ["stored", "duplicate", "conflict", "rejected", "settled", "credited",
