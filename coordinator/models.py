@@ -1,4 +1,4 @@
-"""Request bodies of the coordinator's API as pydantic models: enforced and published.
+"""Request bodies of the coordinator's API as pydantic dataclasses: enforced and published.
 
 The server validates every request body with these models (`coordinator.validation`),
 and the OpenAPI description publishes the JSON Schema pydantic derives from the very
@@ -14,7 +14,8 @@ import enum
 import hashlib
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, Strict, field_validator
+from pydantic.dataclasses import dataclass
 
 MAX_SAFE_INT = 2**53 - 1  # integers a JavaScript client (the status page) reads exactly
 MAX_GENERATION = 2**31 - 1  # a job publishes one generation per membership change
@@ -58,8 +59,8 @@ def _int(low: int, high: int, description: str) -> Any:
 
 
 def _number(low: float, high: float, description: str) -> Any:
-    return Annotated[float, Field(ge=low, le=high, allow_inf_nan=False,
-                                  description=description)]
+    return Annotated[float, Strict(), Field(ge=low, le=high, allow_inf_nan=False,
+                                            description=description)]
 
 
 NodeId = Annotated[str, Strict(), Field(
@@ -69,14 +70,18 @@ JobName = Annotated[str, Strict(), Field(pattern=JOB_PATTERN, description="A job
 Text64 = Annotated[str, Strict(), Field(max_length=64, pattern=TEXT_PATTERN)]
 
 
-class _Body(BaseModel):
-    """Strict, closed objects: unknown fields are refused, nothing is coerced."""
+#: closed objects (unknown fields are refused) of strict fields (nothing is coerced: each
+#: scalar is `Strict`; the objects themselves are not, so a parsed dict validates too)
+#: (patterns run on pydantic's Rust engine: its `$` is the end of the text, as in the
+#: published JSON Schema, where Python's `re` would also match before a final newline)
+_STRICT = ConfigDict(extra="forbid", use_enum_values=True, hide_input_in_errors=True,
+                     regex_engine="rust-regex")
+#: plain slotted dataclasses once validated: the ledger reads their fields in its hot loop
+body = dataclass(frozen=True, slots=True, kw_only=True, config=_STRICT)
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_enum_values=True,
-                              hide_input_in_errors=True, regex_engine="python-re")
 
-
-class Contribution(_Body):
+@body
+class Contribution:
     """One member's contribution header as the reporter saw it in the round."""
 
     node_id: NodeId
@@ -99,10 +104,16 @@ class Contribution(_Body):
         return self.samples if self.accepted else 0
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        out: dict[str, Any] = {
+            "node_id": self.node_id, "samples": self.samples, "staleness": self.staleness,
+            "param_version": self.param_version, "accepted": self.accepted}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        return out
 
 
-class RoundReport(_Body):
+@body
+class RoundReport:
     """What one reporter saw in one round (job, generation, round)."""
 
     job: JobName
@@ -140,15 +151,21 @@ class RoundReport(_Body):
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
     def to_dict(self) -> dict[str, Any]:
-        out = self.model_dump(exclude_none=True)
-        out["members"] = list(self.members)
-        out["contributions"] = [c.to_dict() for c in self.contributions]
-        if self.span == 1:
-            del out["span"]
+        out: dict[str, Any] = {
+            "job": self.job, "generation": self.generation, "round": self.round,
+            "members": list(self.members),
+            "contributions": [c.to_dict() for c in self.contributions]}
+        if self.span != 1:
+            out["span"] = self.span
+        if self.loss is not None:
+            out["loss"] = self.loss
+        if self.timestamp is not None:
+            out["timestamp"] = self.timestamp
         return out
 
 
-class ReportBatch(_Body):
+@body
+class ReportBatch:
     """The body of `POST /api/v1/reports`."""
 
     node_id: NodeId = Field(description="The reporter; the bearer token must be its.")
@@ -159,13 +176,15 @@ HardwareValue = (Annotated[str, Strict(), Field(max_length=200, pattern=TEXT_PAT
                  | Annotated[bool, Strict()]
                  | Annotated[int, Strict(), Field(ge=-MAX_HARDWARE_NUMBER,
                                                   le=MAX_HARDWARE_NUMBER)]
-                 | Annotated[float, Field(ge=-MAX_HARDWARE_NUMBER, le=MAX_HARDWARE_NUMBER,
-                                          allow_inf_nan=False)])
+                 | Annotated[float, Strict(), Field(ge=-MAX_HARDWARE_NUMBER,
+                                                    le=MAX_HARDWARE_NUMBER,
+                                                    allow_inf_nan=False)])
 Hardware = Annotated[dict[str, HardwareValue], Field(
     max_length=32, description="Free-form facts about the node (gpu, gpu_memory_gb, cpu, ...).")]
 
 
-class Registration(_Body):
+@body
+class Registration:
     """The body of `POST /api/v1/nodes`."""
 
     node_id: NodeId
@@ -184,7 +203,8 @@ class Registration(_Body):
         return value
 
 
-class Eviction(_Body):
+@body
+class Eviction:
     """The body of `POST /api/v1/evictions`."""
 
     node_id: NodeId
@@ -197,7 +217,7 @@ class Eviction(_Body):
 
 
 #: the request bodies, by the name the OpenAPI description gives their schema
-REQUEST_MODELS: dict[str, type[BaseModel]] = {
+REQUEST_MODELS: dict[str, type] = {
     "ReportBatch": ReportBatch,
     "Registration": Registration,
     "Eviction": Eviction,

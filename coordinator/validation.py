@@ -10,18 +10,19 @@ with 422 naming the first bad field as `reports[0].contributions[1].samples`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, TypeVar
 
 from flask import request
-from pydantic import BaseModel
+from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticError
 from pydantic.json_schema import models_json_schema
 
 from coordinator.errors import MalformedJson, UnsupportedMediaType, ValidationError
 
-Model = TypeVar("Model", bound=BaseModel)
+Model = TypeVar("Model")
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 # pydantic names the member of a union that refused a value in the error location
@@ -62,14 +63,22 @@ def validate_body(model: type[Model]) -> Model:
     return validate_bytes(model, request_bytes())
 
 
+@functools.cache
+def adapter(model: type[Model]) -> TypeAdapter[Model]:
+    """pydantic's validator (and schema generator) for `model`, built once."""
+    return TypeAdapter(model)
+
+
 def validate_bytes(model: type[Model], data: bytes) -> Model:
+    """`data` as a `model` instance, or MalformedJson (400) / ValidationError (422)."""
+    validator = adapter(model)
     try:
-        return model.model_validate_json(data)
+        return validator.validate_json(data)
     except PydanticError:
         pass
     value = parse_json(data)  # 400 for what the standard library does not read as JSON
     try:
-        return model.model_validate(value)
+        return validator.validate_python(value)
     except PydanticError as exc:
         raise as_api_error(exc) from None
 
@@ -100,7 +109,7 @@ def as_api_error(exc: PydanticError) -> ValidationError:
     return ValidationError(f"{where}: {message}", field=field)
 
 
-def openapi_schemas(models: dict[str, type[BaseModel]]) -> dict[str, Any]:
+def openapi_schemas(models: dict[str, type]) -> dict[str, Any]:
     """The JSON Schemas of `models` and of everything they refer to, keyed as the OpenAPI
     `components.schemas` wants them (OpenAPI 3.0: no `null` types are used)."""
     _, top = models_json_schema([(m, "validation") for m in models.values()],
