@@ -212,3 +212,24 @@ def test_worker_resends_a_report_once_its_generation_is_known(cluster: Cluster) 
         for reporter in reporters:
             reporter.close(timeout=2)
     assert all(r.given_up == 0 for r in reporters)
+
+
+def test_a_coordinator_without_rendezvous_credits_nothing_by_default(tmp_path: Path) -> None:
+    server = ServerProcess(f"sqlite:///{tmp_path / 'ledger.sqlite'}", tmp_path,
+                           trust_reported_membership=False)
+    url = server.start()
+    try:
+        tokens = {}
+        for node in ("a", "b"):
+            tokens[node] = requests.post(f"{url}/api/v1/nodes", json={"node_id": node},
+                                         timeout=10).json()["token"]
+        for node in ("a", "b"):
+            response = requests.post(
+                f"{url}/api/v1/reports", headers=auth(tokens[node]), timeout=10,
+                json={"node_id": node, "reports": [report(0, ["a", "b"], {"a": 5, "b": 5})]})
+            body = rejected(response, "generation_unknown")
+            assert body["results"][0]["retry"] is False  # nothing to wait for: no rendezvous
+            assert "configure its rendezvous" in body["results"][0]["message"]
+        assert "cannot verify generations" in server.log_path.read_text()
+    finally:
+        server.stop()
