@@ -19,6 +19,7 @@ COORDINATOR = [
     "alembic>=1.13",
     "waitress>=3.0",
     "prometheus_client>=0.20",
+    "pydantic>=2.7,<3",
 ]
 POSTGRES = ["psycopg[binary]>=3.1"]
 # What Horovod's own PyTorch examples import besides Horovod (tools/horovod_examples.py);
@@ -61,6 +62,7 @@ setup(
             *POSTGRES,
             "hypothesis>=6.100",
             "schemathesis>=4.0",
+            "jsonschema-rs>=0.20",
             "playwright>=1.45",
             "requests>=2.31",
         ],

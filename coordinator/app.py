@@ -50,12 +50,18 @@ def create_app(config: CoordinatorConfig | None = None, *,
 
     storage = Storage(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
     storage.upgrade()
-    ledger = Ledger(storage, quorum=config.quorum, half_life_seconds=config.half_life_seconds,
-                    clock=clock)
     if backend is None and config.rendezvous_url:
         from rendezvous import backend_from_url
 
         backend = backend_from_url(config.rendezvous_url, timeout=RENDEZVOUS_TIMEOUT)
+    ledger = Ledger(storage, quorum=config.quorum, half_life_seconds=config.half_life_seconds,
+                    clock=clock, trust_reported_membership=config.trust_reported_membership,
+                    max_samples_per_round=config.max_samples_per_round,
+                    max_span=config.max_span, can_learn_generations=backend is not None)
+    if backend is None and not config.trust_reported_membership:
+        logger.warning("the coordinator reads no rendezvous, so it cannot verify generations "
+                       "and credits nothing; configure --rendezvous (or, for a closed cluster "
+                       "of trusted nodes only, trust reported membership)")
     view = None
     if backend is not None:
         view = RendezvousView(backend, config.prefix, config.job or "default")

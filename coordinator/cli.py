@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sqlite-synchronous", choices=["NORMAL", "FULL", "EXTRA"],
                        help="SQLite durability (default FULL)")
     serve.add_argument("--port-file", help="write the bound port here once listening")
+    serve.add_argument("--max-samples-per-round", type=int,
+                       help="most samples one member may claim per round (default 2^20)")
+    serve.add_argument("--max-span", type=int,
+                       help="most rounds one report may cover (default 1024)")
+    serve.add_argument("--trust-reported-membership", action="store_true", default=None,
+                       help="let a quorum of reports establish a generation the rendezvous "
+                       "never showed (a closed cluster of trusted nodes only; default: credit "
+                       "only generations read from --rendezvous)")
 
     migrate = sub.add_parser("migrate", help="upgrade the ledger's schema to the newest")
     migrate.add_argument("--db", dest="db_url", help="SQLAlchemy URL of the ledger")
@@ -87,6 +95,8 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
             "half_life_days": args.half_life_days, "quorum": args.quorum,
             "max_body_bytes": args.max_body_bytes,
             "sqlite_synchronous": args.sqlite_synchronous,
+            "max_samples_per_round": args.max_samples_per_round, "max_span": args.max_span,
+            "trust_reported_membership": args.trust_reported_membership,
         })
     return CoordinatorConfig.from_env(**overrides)
 

@@ -17,6 +17,8 @@ DEFAULT_DB_URL = "sqlite:///horde-coordinator.db"
 DEFAULT_HALF_LIFE_DAYS = 7.0
 DEFAULT_QUORUM = 2
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_SAMPLES_PER_ROUND = 1 << 20
+DEFAULT_MAX_SPAN = 1024
 ENV_PREFIX = "HORDE_COORDINATOR_"
 _JOB = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -37,6 +39,12 @@ class CoordinatorConfig:
     rate_window: seconds over which samples/s and throughput are averaged.
     sqlite_synchronous: SQLite's `synchronous` pragma (FULL: a commit survives power
         loss too; NORMAL: survives a crash of the process, not of the machine).
+    trust_reported_membership: False (default): credit only rounds of generations read
+        from the rendezvous. True: a quorum of reports may establish a generation the
+        coordinator never saw; only for a closed cluster whose nodes are all trusted.
+    max_samples_per_round: the most samples one member may claim per round (a report of
+        a span of rounds: that many per round of the span); larger claims are rejected.
+    max_span: the most rounds one report may cover (workers send HORDE_REPORT_SPAN, 16).
     """
 
     db_url: str = DEFAULT_DB_URL
@@ -53,6 +61,9 @@ class CoordinatorConfig:
     rate_window: float = 60.0
     page_refresh_seconds: float = 2.0
     sqlite_synchronous: str = "FULL"
+    trust_reported_membership: bool = False
+    max_samples_per_round: int = DEFAULT_MAX_SAMPLES_PER_ROUND
+    max_span: int = DEFAULT_MAX_SPAN
 
     def __post_init__(self) -> None:
         if not self.db_url or "://" not in self.db_url:
@@ -79,6 +90,11 @@ class CoordinatorConfig:
             raise ValueError(f"rendezvous_prefix={self.rendezvous_prefix!r} must not be empty")
         if self.watch_interval <= 0 or self.rate_window <= 0 or self.page_refresh_seconds <= 0:
             raise ValueError("watch_interval, rate_window and page_refresh_seconds must be > 0")
+        if not 1 <= self.max_samples_per_round <= 10**9:
+            raise ValueError(f"max_samples_per_round={self.max_samples_per_round} must lie "
+                             "between 1 and 10^9")
+        if not 1 <= self.max_span <= 10**6:
+            raise ValueError(f"max_span={self.max_span} must lie between 1 and 10^6 rounds")
         if self.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(
                 f"sqlite_synchronous={self.sqlite_synchronous!r} must be one of "

@@ -1,8 +1,8 @@
 """The OpenAPI 3.0 description of the coordinator, served at /api/v1/openapi.json.
 
-Request bodies use the very schemas the server validates with (`coordinator.contract`);
-a test checks that every route is described and schemathesis checks that the answers
-match what is described.
+Request bodies are described by the JSON Schemas pydantic derives from the models the
+server validates with (`coordinator.models`); a test checks that every route is
+described and schemathesis checks that the answers match what is described.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from coordinator.contract import JOB_PATTERN, NODE_ID_PATTERN, REQUEST_SCHEMAS
+from coordinator.contract import JOB_PATTERN, NODE_ID_PATTERN, REQUEST_MODELS
+from coordinator.validation import openapi_schemas
 
 VERSION = "1.0.0"
 
@@ -99,8 +100,12 @@ _SCHEMAS: dict[str, Any] = {
             "index": _INT,
             "status": {"type": "string",
                        "enum": ["stored", "duplicate", "conflict", "rejected"]},
-            "reason": {"type": "string", "enum": ["not_a_member", "membership_mismatch"]},
-            "message": _STR}},
+            "reason": {"type": "string", "enum": ["not_a_member", "membership_mismatch",
+                                                  "over_limit", "generation_unknown"]},
+            "message": _STR,
+            "retry": {"type": "boolean",
+                      "description": "True: a rejection that can change (the generation "
+                                     "is not known yet); send the report again later."}}},
     "IngestResult": {
         "type": "object",
         "required": ["stored", "duplicate", "conflict", "rejected", "settled", "credited",
@@ -378,7 +383,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": _PATHS,
         "components": {
-            "schemas": {**REQUEST_SCHEMAS, **_SCHEMAS},
+            "schemas": {**openapi_schemas(REQUEST_MODELS), **_SCHEMAS},
             "securitySchemes": {
                 "nodeToken": {"type": "http", "scheme": "bearer",
                               "description": "The token a node got at registration."},

@@ -63,3 +63,13 @@ class GenerationUnreachableError(HorovodInternalError):
     node reports the failure and waits for the next generation; it is raised (with the
     wait's own error as its cause) only if no later generation admits the node.
     """
+
+
+class ObjectNotAllowedError(HordeError, TypeError):
+    """An object sent to or received from peers is not plain data (a custom class, a
+    lambda, a pickle with a `__reduce__`), and this worker does not trust its peers.
+
+    The message names the type or global and the opt-in (`horderun --trusted-peers`).
+    Not a `HorovodInternalError`: retrying would send the same object again, so
+    `hvd.elastic.run` does not retry it. Nothing in a refused object ran.
+    """

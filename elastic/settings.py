@@ -69,6 +69,10 @@ class WorkerSettings:
     """Bearer token for registering this node (HORDE_COORDINATOR_REGISTRATION_TOKEN)."""
     coordinator_token: str | None = field(default=None, repr=False)
     """This node's own token, if it registered before (HORDE_COORDINATOR_TOKEN)."""
+    trusted_peers: bool = False
+    """True (HORDE_TRUSTED_PEERS=1, `horderun --trusted-peers`): objects from peers are
+    fully unpickled. Off by default: peers' objects are read as data only
+    (elastic/serialization.py), since volunteers are untrusted."""
 
     @property
     def stall_check_seconds(self) -> float:
@@ -133,6 +137,7 @@ class WorkerSettings:
             coordinator_registration_token=env.get("HORDE_COORDINATOR_REGISTRATION_TOKEN")
             or None,
             coordinator_token=env.get("HORDE_COORDINATOR_TOKEN") or None,
+            trusted_peers=_flag(env, "HORDE_TRUSTED_PEERS"),
         )
 
 

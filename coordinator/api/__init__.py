@@ -2,42 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any
 
 from flask import Flask, request
 
 from coordinator.contract import NODE_ID_PATTERN
-from coordinator.errors import MalformedJson, UnsupportedMediaType, ValidationError
+from coordinator.errors import ValidationError
 
 API = "/api/v1"
 _NODE_ID = re.compile(NODE_ID_PATTERN[1:-1])
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def json_body() -> Any:
-    """The request's JSON body: 415 unless JSON, 413 when too large, 400 when malformed."""
-    mimetype = request.mimetype
-    if mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"the body must be JSON sent as 'Content-Type: application/json', "
-            f"not {request.content_type or 'no content type'!r}")
-    data = request.get_data(cache=False)  # Werkzeug answers 413 past MAX_CONTENT_LENGTH
-    try:
-        text = data.decode("utf-8")
-        return json.loads(text, parse_constant=_no_constant)
-    except UnicodeDecodeError as exc:
-        raise MalformedJson(f"the body is not UTF-8 text: {exc.reason} at byte "
-                            f"{exc.start}") from None
-    except json.JSONDecodeError as exc:
-        raise MalformedJson(f"malformed JSON: {exc.msg} at line {exc.lineno} column "
-                            f"{exc.colno}") from None
-    except (ValueError, RecursionError) as exc:
-        raise MalformedJson(f"malformed JSON: {exc}") from None
 
 
 def query_int(name: str, default: int, low: int, high: int) -> int:

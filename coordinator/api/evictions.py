@@ -10,12 +10,13 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from coordinator.api import API, json_body, valid_node_id
+from coordinator.api import API, valid_node_id
 from coordinator.auth import require_secret
-from coordinator.contract import JOB_PATTERN, validate_eviction
+from coordinator.contract import JOB_PATTERN, Eviction
 from coordinator.errors import Conflict, NotFound, Unavailable, ValidationError
 from coordinator.state import CoordinatorState, state
 from coordinator.storage.ledger import add_event
+from coordinator.validation import validate_body
 from rendezvous.errors import RendezvousError
 from rendezvous.generation import BlacklistEntry
 
@@ -58,13 +59,13 @@ def _job_arg(st: CoordinatorState) -> str:
 def evict() -> tuple[Response, int]:
     st = state()
     _require_admin(st)
-    body = validate_eviction(json_body(), "")
+    body = validate_body(Eviction)
     view = _require_view(st)
-    job = body.get("job", view.job)
-    reason = body.get("reason") or "evicted by the operator"
-    node_id = body["node_id"]
+    job = body.job if body.job is not None else view.job
+    reason = body.reason or "evicted by the operator"
+    node_id = body.node_id
     try:
-        entry = view.evict(node_id, reason, body.get("cooldown_seconds"), job)
+        entry = view.evict(node_id, reason, body.cooldown_seconds, job)
     except RendezvousError as exc:
         raise Unavailable(f"cannot write the blacklist entry: {exc}") from exc
     now = st.clock()

@@ -10,15 +10,16 @@ from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from coordinator.api import API, json_body, query_float, query_int, valid_node_id
+from coordinator.api import API, query_float, query_int, valid_node_id
 from coordinator.auth import bearer_token, hash_token, new_token, require_secret, token_matches
-from coordinator.contract import validate_registration
+from coordinator.contract import Registration
 from coordinator.errors import Conflict, Forbidden, NotFound
 from coordinator.membership import UNKNOWN
 from coordinator.state import state
 from coordinator.storage import queries
 from coordinator.storage.ledger import add_event
 from coordinator.storage.models import nodes
+from coordinator.validation import validate_body
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ def register() -> tuple[Response, int]:
     st = state()
     if st.config.registration_token is not None:
         require_secret(request, st.config.registration_token, "the registration token", "")
-    body = validate_registration(json_body(), "")
-    node_id = body["node_id"]
-    chosen = body.get("token")
+    body = validate_body(Registration)
+    node_id = body.node_id
+    chosen = body.token
     token = chosen or new_token()
     now = st.clock()
 
@@ -58,12 +59,11 @@ def register() -> tuple[Response, int]:
             # registration stands as it is, and the answer is the same.
             return chosen is not None and token_matches(chosen, stored)
         conn.execute(nodes.insert().values(
-            node_id=node_id, display_name=body.get("display_name", ""),
-            owner=body.get("owner", ""),
-            hardware=json.dumps(body.get("hardware", {}), separators=(",", ":")),
+            node_id=node_id, display_name=body.display_name, owner=body.owner,
+            hardware=json.dumps(body.hardware, separators=(",", ":")),
             token_hash=hash_token(token), registered_at=now, rac_time=now))
         add_event(conn, now, "registered", node_id=node_id,
-                  detail=body.get("display_name", ""))
+                  detail=body.display_name)
         return True
 
     try:

@@ -6,12 +6,13 @@ import logging
 
 from flask import Blueprint, Response, jsonify, request
 
-from coordinator.api import API, json_body
+from coordinator.api import API
 from coordinator.api.nodes import authenticate_node
 from coordinator.auth import bearer_token
-from coordinator.contract import parse_batch
+from coordinator.contract import ReportBatch, parse_batch
 from coordinator.state import state
 from coordinator.storage.ledger import CONFLICT, DUPLICATE, REJECTED, STORED
+from coordinator.validation import validate_body
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,14 @@ def post_reports() -> Response:
     and valid (422), the node is registered (404), the token is the node's (403).
     Each report then gets a status: stored, duplicate (already stored: harmless),
     conflict (already stored with different content: the first one stays) or rejected
-    (with a reason). None of them should be sent again.
+    (with a reason). None of them should be sent again, except a rejection marked
+    `retry` (the generation is not known from the rendezvous yet).
     """
     st = state()
     bearer_token(request, "the reporting node's token")
-    node_id, batch = parse_batch(json_body())
+    node_id, batch = parse_batch(validate_body(ReportBatch))
     authenticate_node(node_id)
+    st.learn_generations(batch)
     outcome = st.ledger.ingest(node_id, batch)
     st.metrics.observe_ingest(outcome)
     counts = {s: outcome.count(s) for s in (STORED, DUPLICATE, CONFLICT, REJECTED)}

@@ -4,9 +4,13 @@ Rules (docs/coordinator.md explains why they resist cheating):
 
 - A report is keyed by (job, generation, round, reporter); a second copy of the same key
   is a `duplicate` (or a `conflict` when its content differs: the first one stays).
-- A reporter must be one of the round's members; when the generation's members are
-  known (from the rendezvous, or agreed earlier by a quorum), the report's member list
-  must equal them.
+- A report is accepted only for a generation the coordinator learned from the rendezvous
+  (`generation_unknown` otherwise, which the worker resends later): reports never create
+  or change a generation. The reporter must be one of its members, and the report's
+  member list must equal the generation's. (A coordinator configured to trust reported
+  membership, for a closed cluster or tests, lets a quorum establish a generation.)
+- A report may cover at most `max_span` rounds, and no header may claim more than
+  `max_samples_per_round` samples per round of its span (`over_limit` otherwise).
 - The header of node X in a round is settled when `needed = min(quorum, members - 1)`
   reports by *other* members, with the same member list and span (the consecutive
   rounds a report covers), agree on it exactly (and no other header has as many votes).
@@ -49,6 +53,10 @@ RATE_KEEP = 3600.0  # seconds of buckets kept
 STORED, DUPLICATE, CONFLICT, REJECTED = "stored", "duplicate", "conflict", "rejected"
 NOT_A_MEMBER = "not_a_member"
 MEMBERSHIP_MISMATCH = "membership_mismatch"
+GENERATION_UNKNOWN = "generation_unknown"
+OVER_LIMIT = "over_limit"
+#: rejections that can change later (the rendezvous has not been read yet): resend
+RETRYABLE = frozenset({GENERATION_UNKNOWN})
 
 RoundKey = tuple[str, int, int]
 
@@ -154,7 +162,7 @@ _SELECT_CREDITS = select(credits.c.job, credits.c.generation, credits.c.round,
                          credits.c.node_id, credits.c.samples, credits.c.staleness,
                          credits.c.param_version, credits.c.accepted,
                          credits.c.reason, credits.c.span).where(_in_rounds(credits))
-_SELECT_GENERATION = select(generations.c.members).where(
+_SELECT_GENERATION = select(generations.c.members, generations.c.source).where(
     generations.c.job == bindparam("job"), generations.c.generation == bindparam("gen"))
 _SELECT_NODES = (select(nodes).where(nodes.c.node_id.in_(bindparam("ids", expanding=True)))
                  .order_by(nodes.c.node_id).with_for_update())
@@ -224,9 +232,15 @@ class Ledger:
     """Report ingestion and credit granting over a `Storage`."""
 
     def __init__(self, storage: Storage, *, quorum: int, half_life_seconds: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], trust_reported_membership: bool = False,
+                 max_samples_per_round: int = 1 << 20, max_span: int = 1024,
+                 can_learn_generations: bool = True) -> None:
         self.storage = storage
         self.quorum = quorum
+        self.trust_reported_membership = trust_reported_membership
+        self.max_samples_per_round = max_samples_per_round
+        self.max_span = max_span
+        self.can_learn_generations = can_learn_generations
         self.half_life = half_life_seconds
         self.clock = clock
         self._pruned_bucket = -1
@@ -261,10 +275,31 @@ class Ledger:
                 same = digests[earlier] == digests[i]
                 results[i] = {"index": i, "status": DUPLICATE if same else CONFLICT}
                 continue
+            over = self._over_limit(report)
+            if over:
+                results[i] = {"index": i, "status": REJECTED, "reason": OVER_LIMIT,
+                              "message": over}
+                continue
             first_in_batch[report.key] = i
             candidates.append(i)
         if not candidates:
             return outcome
+
+        # Only generations the rendezvous published (unless reported membership is trusted).
+        gen_keys = sorted({(batch[i].job, batch[i].generation) for i in candidates})
+        known = self._select_generations(conn, gen_keys, self.trust_reported_membership)
+        if not self.trust_reported_membership:
+            kept = []
+            for i in candidates:
+                report = batch[i]
+                if (report.job, report.generation) in known:
+                    kept.append(i)
+                    continue
+                results[i] = self._unknown_generation(i, report)
+                del first_in_batch[report.key]
+            candidates = kept
+            if not candidates:
+                return outcome
 
         # Lock (PostgreSQL) or create every touched round, then read its whole state.
         keys = sorted({batch[i].key for i in candidates})
@@ -274,8 +309,6 @@ class Ledger:
         round_rows = self._select_rounds(conn, keys)
         stored = self._select_reports(conn, keys)
         settled = self._select_credits(conn, keys)
-        gen_keys = sorted({(k[0], k[1]) for k in keys})
-        known = self._select_generations(conn, gen_keys)
 
         new_reports: list[int] = []
         for i in candidates:
@@ -306,7 +339,8 @@ class Ledger:
             members = known.get(gen_key)
             round_settled = settled.setdefault(key, {})
             grants, agreed = self._evaluate(key, stored[key], round_settled, members)
-            if grants and members is None and agreed is not None:
+            if grants and members is None and agreed is not None \
+                    and self.trust_reported_membership:
                 known[gen_key] = agreed
                 established[gen_key] = agreed
                 members = agreed
@@ -334,6 +368,29 @@ class Ledger:
         for gen_key, members in established.items():
             note_generation(conn, gen_key[0], gen_key[1], members, "quorum", now)
         return outcome
+
+    def _over_limit(self, report: RoundReport) -> str:
+        """Why `report` claims more than any generation allows ("" when it does not)."""
+        if report.span > self.max_span:
+            return (f"span {report.span} exceeds this coordinator's limit of {self.max_span} "
+                    "rounds per report")
+        cap = self.max_samples_per_round * report.span
+        for c in report.contributions:
+            if c.samples > cap:
+                return (f"{c.node_id} claims {c.samples} samples in {report.span} round(s); "
+                        f"the limit is {self.max_samples_per_round} per round")
+        return ""
+
+    def _unknown_generation(self, index: int, report: RoundReport) -> dict[str, Any]:
+        """A rejection of a report whose generation the rendezvous has not shown us."""
+        if self.can_learn_generations:
+            message = (f"generation {report.generation} of job {report.job} is not known from "
+                       "the rendezvous (yet); resend the report later")
+        else:
+            message = ("this coordinator reads no rendezvous, so it cannot verify generation "
+                       f"{report.generation} of job {report.job}; configure its rendezvous")
+        return {"index": index, "status": REJECTED, "reason": GENERATION_UNKNOWN,
+                "message": message, "retry": self.can_learn_generations}
 
     def _evaluate(self, key: RoundKey, stored: dict[str, _Stored], settled: Settled,
                   members: tuple[str, ...] | None
@@ -418,13 +475,15 @@ class Ledger:
         return out
 
     @staticmethod
-    def _select_generations(conn: Connection, gen_keys: Sequence[tuple[str, int]]
-                            ) -> dict[tuple[str, int], tuple[str, ...]]:
+    def _select_generations(conn: Connection, gen_keys: Sequence[tuple[str, int]],
+                            any_source: bool) -> dict[tuple[str, int], tuple[str, ...]]:
+        """Members of the known generations among `gen_keys`: those the rendezvous
+        published (and, when `any_source`, those a quorum of reports established)."""
         out = {}
         for job, gen in gen_keys:
-            members = conn.execute(_SELECT_GENERATION, {"job": job, "gen": gen}).scalar()
-            if members is not None:
-                out[(job, gen)] = tuple(json.loads(members))
+            row = conn.execute(_SELECT_GENERATION, {"job": job, "gen": gen}).first()
+            if row is not None and (any_source or row.source == "rendezvous"):
+                out[(job, gen)] = tuple(json.loads(row.members))
         return out
 
     @staticmethod

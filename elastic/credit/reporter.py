@@ -33,6 +33,9 @@ FLUSH_EVERY = 1.0
 MAX_QUEUED = 100_000
 BACKOFF_START = 0.5
 BACKOFF_MAX = 60.0
+#: seconds before each resend of a report the coordinator could not settle yet (it had
+#: not read the report's generation from the rendezvous); after the last, it is dropped
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 
 
 class CreditReporter:
@@ -58,6 +61,9 @@ class CreditReporter:
         self.sent = 0
         self.loss: float | None = None
         self._steps = StepWindow(span)
+        self._retry: list[tuple[float, dict[str, Any]]] = []  # (due, report), under _wake
+        self._attempts: dict[int, tuple[int, dict[str, Any]]] = {}  # id(report) -> resends
+        self.given_up = 0
         self._thread = threading.Thread(target=self._run, name="horde-reporter", daemon=True)
         self._thread.start()
 
@@ -133,7 +139,41 @@ class CreditReporter:
         with self._wake:
             if not self._queue and not self._stop:
                 self._wake.wait(FLUSH_EVERY)
+            if self._retry:
+                now = time.monotonic()
+                self._queue.extend(report for due, report in self._retry if due <= now)
+                self._retry = [(due, report) for due, report in self._retry if due > now]
             return [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+
+    def _resend_later(self, batch: list[dict[str, Any]], answer: Any) -> None:
+        """Queue again, after a delay, the reports rejected for a reason that can change
+        (`retry`: the coordinator has not read their generation from the rendezvous yet)."""
+        results = answer.get("results", []) if isinstance(answer, dict) else []
+        now = time.monotonic()
+        again: set[int] = set()
+        for item in results if isinstance(results, list) else []:
+            if not isinstance(item, dict):
+                continue
+            index = item.get("index")
+            if not (item.get("status") == "rejected" and item.get("retry") is True
+                    and type(index) is int and 0 <= index < len(batch)):
+                continue
+            report = batch[index]
+            attempts = self._attempts.get(id(report), (0, report))[0] + 1
+            if attempts > len(RETRY_DELAYS):
+                self.given_up += 1
+                logger.warning("the coordinator could not settle the report of round %s of "
+                               "generation %s after %d tries (%s); dropping it",
+                               report.get("round"), report.get("generation"), attempts,
+                               str(item.get("message", ""))[:200])
+                continue
+            self._attempts[id(report)] = (attempts, report)
+            with self._wake:
+                self._retry.append((now + RETRY_DELAYS[attempts - 1], report))
+            again.add(id(report))
+        for report in batch:
+            if id(report) not in again:
+                self._attempts.pop(id(report), None)
 
     def _post(self, batch: list[dict[str, Any]]) -> bool:
         """True when the batch is handled (sent, or refused for good)."""
@@ -152,6 +192,12 @@ class CreditReporter:
         if response.status_code >= 400:
             logger.warning("the coordinator rejected a batch of %d reports (%d: %s)",
                            len(batch), response.status_code, response.text[:300])
+            return True
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        self._resend_later(batch, answer)
         return True
 
     def _run(self) -> None:
@@ -160,6 +206,9 @@ class CreditReporter:
             batch = self._take()
             if not batch:
                 if self._stop:
+                    if self._retry and time.monotonic() < self._flush_deadline:
+                        time.sleep(0.2)  # resends still due before the exit deadline
+                        continue
                     return
                 continue
             try:

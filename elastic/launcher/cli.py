@@ -119,6 +119,12 @@ def make_parser() -> argparse.ArgumentParser:
                        "temporary folder); e.g. sqlite:///ledger.db to keep it")
     horde.add_argument("--coordinator-port", type=int, default=0,
                        help="port of the embedded coordinator (default: a free one)")
+    horde.add_argument("--trusted-peers", action="store_true",
+                       help="every member of this job is trusted: objects from peers "
+                       "(broadcast_object, allgather_object, elastic state) are fully unpickled, "
+                       "so lambdas and custom classes travel; never with volunteers, since a "
+                       "peer's pickle can run any code here (env HORDE_TRUSTED_PEERS=1; "
+                       "default: peers' objects are read as data only)")
     horde.add_argument("--evict", metavar="NODE_ID", help="blacklist NODE_ID in --job (needs "
                        "--rendezvous) and exit")
     horde.add_argument("--reason", default="evicted by an operator", help="reason for --evict")
@@ -214,6 +220,10 @@ def rendezvous_url(args: argparse.Namespace) -> str | None:
 def _env(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else None
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def build_plan(args: argparse.Namespace) -> LaunchPlan:
@@ -314,6 +324,7 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         coordinator=_coordinator_choice(args), coordinator_db=args.coordinator_db,
         coordinator_port=args.coordinator_port, discovery_interval=discovery_interval,
         exit_wait=exit_wait, exit_report_interval=report_interval,
+        trusted_peers=args.trusted_peers or _truthy(_env("HORDE_TRUSTED_PEERS")),
     )
 
 

@@ -68,6 +68,8 @@ class LaunchPlan:
     """Seconds the other workers may run on after the first one finished (None: forever)."""
     exit_report_interval: float = 30.0
     """After the first worker finished: say every so many seconds who still runs (0: never)."""
+    trusted_peers: bool = False
+    """Workers fully unpickle their peers' objects (`--trusted-peers`); off: data only."""
 
 
 @dataclass
@@ -187,6 +189,7 @@ class Launcher:
         })
         if plan.rdzv.elastic:
             env["HOROVOD_ELASTIC"] = "1"
+        env["HORDE_TRUSTED_PEERS"] = "1" if plan.trusted_peers else "0"
         env.update(plan.extra_env)
         return env
 

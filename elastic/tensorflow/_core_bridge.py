@@ -11,13 +11,13 @@ back as arrays. Nothing here imports the PyTorch frontend.
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from elastic import serialization
 from elastic import state as _state
 from elastic.codecs.compression import TopKCompression
 from elastic.codecs.exchange import SyncSparseExchange
@@ -30,13 +30,9 @@ from elastic.errors import (
     HorovodInternalError,
     HostsUpdatedInterrupt,
     NotInitializedError,
+    ObjectNotAllowedError,
 )
 from elastic.staleness.exchange import StaleExchange
-
-try:  # as elastic.torch: lambdas and local classes travel too
-    import cloudpickle as _pickler
-except ImportError:  # pragma: no cover
-    _pickler = pickle  # type: ignore[assignment]
 
 __all__ = [
     "CollectiveMismatchError", "CollectiveStallError", "HorovodInternalError",
@@ -252,27 +248,57 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
     me = _member(process_set, "broadcast_object")
     root = check_root(root_rank, process_set)
     name = name or "broadcast_object"
-    payload = np.frombuffer(_pickler.dumps(obj), np.uint8) if me == root else None
-    length = np.array([0 if payload is None else payload.size], np.int64)
+    blob, refusal = _encode(obj) if me == root else (None, None)
+    length = np.array([_REFUSED if blob is None else len(blob)], np.int64)
     (length,) = broadcast_many([(None, length)], root, process_set, name=f"{name}.sz")
-    data = payload if payload is not None else np.zeros(int(length[0]), np.uint8)
+    if int(length[0]) < 0:
+        raise refusal or ObjectNotAllowedError(
+            f"broadcast_object: rank {root} could not send its object (it is not plain data; "
+            f"rank {root}'s error names the type); {serialization.OPT_IN}")
+    data = (np.frombuffer(blob, np.uint8) if blob is not None
+            else np.zeros(int(length[0]), np.uint8))
     (data,) = broadcast_many([(None, data)], root, process_set, name=f"{name}.t")
-    return obj if me == root else _pickler.loads(data.tobytes())
+    return obj if me == root else _decode(data.tobytes(), f"rank {root}")
 
 
 def allgather_object(obj: Any, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> list[Any]:
-    """Every rank's `obj`, in rank order of the process set."""
+    """Every rank's `obj`, in rank order of the process set (plain data unless the job
+    trusts its peers, as for elastic.torch)."""
     _member(process_set, "allgather_object")
     name = name or "allgather_object"
-    payload = np.frombuffer(_pickler.dumps(obj), np.uint8)
-    (sizes,) = allgather([np.array([payload.size], np.int64)], f"{name}.sz", process_set)
-    (data,) = allgather([payload], f"{name}.t", process_set)
+    blob, refusal = _encode(obj)
+    size = _REFUSED if blob is None else len(blob)
+    (sizes,) = allgather([np.array([size], np.int64)], f"{name}.sz", process_set)
+    refused = [rank for rank, n in enumerate(sizes.tolist()) if n < 0]
+    if refused:
+        raise refusal or ObjectNotAllowedError(
+            f"allgather_object: rank(s) {refused} could not send their objects (not plain "
+            f"data; their errors name the types); {serialization.OPT_IN}")
+    assert blob is not None
+    (data,) = allgather([np.frombuffer(blob, np.uint8)], f"{name}.t", process_set)
     out, offset = [], 0
-    for n in sizes.tolist():
-        out.append(_pickler.loads(data[offset:offset + n].tobytes()))
+    for rank, n in enumerate(sizes.tolist()):
+        out.append(_decode(data[offset:offset + n].tobytes(), f"rank {rank}"))
         offset += n
     return out
+
+
+# Peer bytes are data, never code (elastic/serialization.py, shared with elastic.torch): a
+# rank whose object is not plain data announces size -1, so every rank raises together.
+_REFUSED = -1
+
+
+def _trusted() -> bool:
+    return session.context().settings.trusted_peers
+
+
+def _encode(obj: Any) -> tuple[bytes | None, ObjectNotAllowedError | None]:
+    return serialization.describe(lambda: serialization.encode(obj, _trusted()))
+
+
+def _decode(data: bytes, source: str) -> Any:
+    return serialization.decode(data, _trusted(), source)
 
 
 # -- elastic --------------------------------------------------------------------------

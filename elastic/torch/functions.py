@@ -8,37 +8,45 @@ fresh optimizer on a newcomer, say) still meet the root in each collective.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from elastic import serialization
 from elastic.core.engine import Kind, Request
+from elastic.errors import ObjectNotAllowedError
 from elastic.torch import collectives
 from elastic.torch.collectives import Max, allgather, allreduce, broadcast_
-from elastic.torch.runtime import ProcessSet, global_process_set
-
-try:  # cloudpickle also serializes lambdas and locally defined classes, as Horovod's does
-    import cloudpickle as _pickler
-except ImportError:  # pragma: no cover - plain pickle covers the common objects
-    _pickler = pickle  # type: ignore[assignment]
+from elastic.torch.runtime import ProcessSet, context, global_process_set
 
 logger = logging.getLogger(__name__)
 
 
 # -- objects --------------------------------------------------------------------------
+# Peer bytes are data, never code (elastic/serialization.py): a rank whose object is not
+# plain data announces a size of -1 instead, so every rank skips the payload and raises
+# at the same collective, and no rank waits for bytes that never come.
 
-def _dumps(obj: Any) -> torch.Tensor:
-    buffer = io.BytesIO()
-    _pickler.dump(obj, buffer)
-    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+_REFUSED = -1
 
 
-def _loads(data: torch.Tensor) -> Any:
-    return _pickler.loads(data.numpy().tobytes())
+def _trusted() -> bool:
+    return context().settings.trusted_peers
+
+
+def _encode(obj: Any, safe: Sequence[Any]) -> tuple[torch.Tensor | None,
+                                                    ObjectNotAllowedError | None]:
+    blob, refusal = serialization.describe(
+        lambda: serialization.encode(obj, _trusted(), safe))
+    if blob is None:
+        return None, refusal
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8), None
+
+
+def _decode(data: torch.Tensor, source: str, safe: Sequence[Any]) -> Any:
+    return serialization.decode(data.numpy().tobytes(), _trusted(), source, safe)
 
 
 def _member_rank(process_set: ProcessSet, what: str) -> int:
@@ -52,39 +60,69 @@ def _member_rank(process_set: ProcessSet, what: str) -> int:
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> Any:
-    """Return rank `root_rank`'s `obj` on every rank (pickled; other ranks' `obj` is ignored).
+    """Return rank `root_rank`'s `obj` on every rank (other ranks' `obj` is ignored).
 
-    The default name does not depend on `obj`, so non-root ranks may pass None.
+    `obj` must be plain data (tensors, numbers, strings, containers, numpy arrays, state
+    dicts) unless the job trusts its peers (`horderun --trusted-peers`); otherwise every
+    rank raises ObjectNotAllowedError. The default name does not depend on `obj`, so
+    non-root ranks may pass None.
     """
+    return _broadcast_object(obj, root_rank, name, process_set, ())
+
+
+def _broadcast_object(obj: Any, root_rank: int, name: str | None, process_set: ProcessSet,
+                      safe: Sequence[Any]) -> Any:
+    """`broadcast_object` that also accepts the types in `safe` (Horde's own placeholders)."""
     me = _member_rank(process_set, "broadcast_object")
     collectives._check_root(root_rank, process_set)
     name = name or "broadcast_object"
+    refusal = None
     if me == root_rank:
-        payload = _dumps(obj)
-        length = torch.tensor([payload.numel()], dtype=torch.int64)
+        payload, refusal = _encode(obj, safe)
+        size = _REFUSED if payload is None else payload.numel()
+        length = torch.tensor([size], dtype=torch.int64)
     else:
         payload = None
         length = torch.zeros(1, dtype=torch.int64)
     broadcast_(length, root_rank, name=f"{name}.sz", process_set=process_set)
+    size = int(length.item())
+    if size < 0:
+        if refusal is not None:
+            raise refusal
+        raise ObjectNotAllowedError(
+            f"broadcast_object: rank {root_rank} could not send its object (it is not plain "
+            f"data; rank {root_rank}'s error names the type); {serialization.OPT_IN}")
     if payload is None:
-        payload = torch.empty(int(length.item()), dtype=torch.uint8)
+        payload = torch.empty(size, dtype=torch.uint8)
     broadcast_(payload, root_rank, name=f"{name}.t", process_set=process_set)
-    return obj if me == root_rank else _loads(payload)
+    return obj if me == root_rank else _decode(payload, f"rank {root_rank}", safe)
 
 
 def allgather_object(obj: Any, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> list[Any]:
-    """Every rank's `obj`, as a list in rank order of the process set."""
+    """Every rank's `obj`, as a list in rank order of the process set.
+
+    Each `obj` must be plain data unless the job trusts its peers (see broadcast_object).
+    """
     _member_rank(process_set, "allgather_object")
     name = name or "allgather_object"
-    payload = _dumps(obj)
-    sizes = allgather(torch.tensor([payload.numel()], dtype=torch.int64), name=f"{name}.sz",
+    payload, refusal = _encode(obj, ())
+    size = _REFUSED if payload is None else payload.numel()
+    sizes = allgather(torch.tensor([size], dtype=torch.int64), name=f"{name}.sz",
                       process_set=process_set).tolist()
+    refused = [rank for rank, n in enumerate(sizes) if n < 0]
+    if refused:
+        if refusal is not None:
+            raise refusal
+        raise ObjectNotAllowedError(
+            f"allgather_object: rank(s) {refused} could not send their objects (not plain "
+            f"data; their errors name the types); {serialization.OPT_IN}")
+    assert payload is not None
     gathered = allgather(payload, name=f"{name}.t", process_set=process_set)
     out: list[Any] = []
     offset = 0
-    for n in sizes:
-        out.append(_loads(gathered[offset:offset + n]))
+    for rank, n in enumerate(sizes):
+        out.append(_decode(gathered[offset:offset + n], f"rank {rank}", ()))
         offset += n
     return out
 
@@ -218,8 +256,8 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
     collectives._check_root(root_rank, process_set)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     described = _describe_optimizer(optimizer, params) if me == root_rank else None
-    described = broadcast_object(described, root_rank, name="broadcast_optimizer_state",
-                                 process_set=process_set)
+    described = _broadcast_object(described, root_rank, "broadcast_optimizer_state",
+                                  process_set, (_TensorSlot,))
     problem = _structure_problem(optimizer, described)
     # Agree before touching anything, so a misfit rank fails everywhere at once.
     flag = allreduce(torch.tensor([1 if problem else 0], dtype=torch.int32), op=Max,

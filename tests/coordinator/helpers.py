@@ -14,8 +14,11 @@ JOB = "job1"
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> CoordinatorConfig:
+    # These tests exercise the quorum rules without a rendezvous, so they let a quorum of
+    # reports establish a generation; tests/security checks the default (rendezvous only).
     params: dict[str, Any] = {"db_url": f"sqlite:///{tmp_path / 'ledger.db'}",
-                              "admin_token": ADMIN_TOKEN, "watch_rendezvous": False}
+                              "admin_token": ADMIN_TOKEN, "watch_rendezvous": False,
+                              "trust_reported_membership": True}
     params.update(overrides)
     return CoordinatorConfig(**params)
 

@@ -19,8 +19,10 @@ START_TIMEOUT = 30.0
 class ServerProcess:
     """A coordinator child process on a free loopback port; `kill()` is SIGKILL."""
 
-    def __init__(self, db_url: str, workdir: Path, *extra: str) -> None:
+    def __init__(self, db_url: str, workdir: Path, *extra: str,
+                 trust_reported_membership: bool = True) -> None:
         self.db_url = db_url
+        self.trust = trust_reported_membership
         self.workdir = workdir
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -31,7 +33,9 @@ class ServerProcess:
     def start(self) -> str:
         self.starts += 1
         port_file = self.workdir / f"port-{self.starts}"
-        env = {**os.environ, "HORDE_COORDINATOR_ADMIN_TOKEN": ADMIN_TOKEN}
+        # the crash tests run without a rendezvous: a quorum of reports sets membership
+        env = {**os.environ, "HORDE_COORDINATOR_ADMIN_TOKEN": ADMIN_TOKEN,
+               "HORDE_COORDINATOR_TRUST_REPORTED_MEMBERSHIP": "1" if self.trust else "0"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "coordinator.cli", "--log-level", "WARNING", "serve",

@@ -98,7 +98,7 @@ def pg_app(postgres_url: str):
         conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     config = CoordinatorConfig(db_url=postgres_url, admin_token=ADMIN_TOKEN,
-                               watch_rendezvous=False)
+                               watch_rendezvous=False, trust_reported_membership=True)
     app = create_app(config)
     yield app
     app.extensions[EXTENSION].close()
@@ -146,7 +146,7 @@ def test_concurrent_batches_on_postgres(postgres_url, pg_app):
     """Many writers at once on a real server: row locks keep the ledger exact."""
     pg_app.extensions[EXTENSION].close()
     config = CoordinatorConfig(db_url=postgres_url, admin_token=ADMIN_TOKEN,
-                               watch_rendezvous=False)
+                               watch_rendezvous=False, trust_reported_membership=True)
     members = [f"p{i}" for i in range(4)]
     rounds = 120
     with EmbeddedCoordinator(config, threads=8) as coord:

@@ -22,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 import torch.nn.functional as F
 
 import elastic.torch as hvd
-from elastic.errors import CollectiveMismatchError
+from elastic.errors import CollectiveMismatchError, ObjectNotAllowedError
 
 OUT = Path(os.environ["HORDE_TEST_OUT"])
 SUITE = os.environ.get("HORDE_TEST_SUITE", "two")
@@ -540,16 +541,26 @@ def broadcast_optimizer_state() -> dict[str, Any]:
 
 @check
 def objects() -> dict[str, Any]:
-    obj = {"rank": R, "list": [R] * (R + 1), "fn": (lambda v: v * 2) if R == N - 1 else None}
+    obj = {"rank": R, "list": [R] * (R + 1), "array": numpy.arange(R + 2.0),
+           "state": torch.nn.Linear(2, 1).state_dict()}
     got = hvd.broadcast_object(obj, root_rank=N - 1)
-    assert got["rank"] == N - 1 and got["list"] == [N - 1] * N and got["fn"](3) == 6, got
+    assert got["rank"] == N - 1 and got["list"] == [N - 1] * N, got
+    assert got["array"].tolist() == list(range(N + 1)), got
+    # peers are untrusted by default: code (a lambda) is refused on every rank, at once
+    fn = {"fn": (lambda v: v * 2) if R == N - 1 else None}
+    refused = raises(ObjectNotAllowedError, lambda: hvd.broadcast_object(fn, root_rank=N - 1),
+                     "lambda broadcast")
+    assert "--trusted-peers" in refused, refused
     got0 = hvd.broadcast_object(obj if R == 0 else None)
     assert got0["rank"] == 0
     gathered = hvd.allgather_object({"r": R, "pad": "x" * (R * 100)})
     assert [g["r"] for g in gathered] == list(range(N)), gathered
     assert [len(g["pad"]) for g in gathered] == [r * 100 for r in range(N)]
     raises(ValueError, lambda: hvd.broadcast_object(1, root_rank=N), "root out of range")
-    return {"gathered": [g["r"] for g in gathered]}
+    refused = raises(ObjectNotAllowedError,
+                     lambda: hvd.allgather_object((lambda: 1) if R == 0 else R), "lambda gather")
+    assert "--trusted-peers" in refused, refused
+    return {"gathered": [g["r"] for g in gathered], "refused": refused}
 
 
 # -- DistributedOptimizer --------------------------------------------------------------
