@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, help="request body limit")
     serve.add_argument("--sqlite-synchronous", choices=["NORMAL", "FULL", "EXTRA"],
                        help="SQLite durability (default FULL)")
+    serve.add_argument("--manifest-dir", help="serve this folder's signed job manifest and "
+                       "files to volunteers (horde-volunteer manifest sign)")
     serve.add_argument("--port-file", help="write the bound port here once listening")
 
     migrate = sub.add_parser("migrate", help="upgrade the ledger's schema to the newest")
@@ -86,6 +88,7 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
             "half_life_days": args.half_life_days, "quorum": args.quorum,
             "max_body_bytes": args.max_body_bytes,
             "sqlite_synchronous": args.sqlite_synchronous,
+            "manifest_dir": args.manifest_dir,
         })
     return CoordinatorConfig.from_env(**overrides)
 

@@ -35,6 +35,8 @@ class CoordinatorConfig:
     rendezvous_url / rendezvous_prefix / job: where to read membership (optional).
     watch_interval: seconds between rendezvous polls of the background watcher.
     rate_window: seconds over which samples/s and throughput are averaged.
+    manifest_dir: folder with a volunteer job's signed manifest and files, served to
+        `horde-volunteer join` (None: no volunteer job).
     sqlite_synchronous: SQLite's `synchronous` pragma (FULL: a commit survives power
         loss too; NORMAL: survives a crash of the process, not of the machine).
     """
@@ -53,6 +55,7 @@ class CoordinatorConfig:
     rate_window: float = 60.0
     page_refresh_seconds: float = 2.0
     sqlite_synchronous: str = "FULL"
+    manifest_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.db_url or "://" not in self.db_url:
