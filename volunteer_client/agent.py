@@ -225,6 +225,7 @@ class Agent:
         self.facts = Facts()
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._confirm_now = confirm
         self.user_paused = False
         self.state = "starting"
@@ -314,6 +315,7 @@ class Agent:
         record[self.settings.coordinator] = hashlib.sha256(self.manifest.to_bytes()).hexdigest()
         _write_private(path, record)
         logger.info("job %s confirmed", self.job)
+        self._wake.set()
 
     # -- nodes and credentials ------------------------------------------------------------
 
@@ -568,24 +570,29 @@ class Agent:
 
     # -- control API ----------------------------------------------------------------------
 
+    # Actions only set flags and wake the main loop: workers must be started by the main
+    # thread (the launcher dies with the thread that started it: PR_SET_PDEATHSIG).
+
     def pause(self) -> None:
         self.user_paused = True
-        self.step()
+        self._wake.set()
 
     def resume(self) -> None:
         self.user_paused = False
-        self.step()
+        self._wake.set()
 
     def update_settings(self, changes: dict[str, Any]) -> None:
         """Change settings while running (the GUI); they apply at the next poll."""
         with self._lock:
             self.settings = with_changes(self.settings, **changes)
             self.policy.settings = self.settings
+        self._wake.set()
 
     def leave(self) -> None:
         """Leave the job gracefully and stop the agent."""
         self.state, self.reason = "left", "left the job"
         self._stop.set()
+        self._wake.set()
 
     def _serve_control(self) -> None:
         agent = self
@@ -669,7 +676,8 @@ class Agent:
             self._serve_control()
             while not self._stop.is_set():
                 self.step()
-                self._stop.wait(self.settings.poll_seconds)
+                self._wake.wait(self.settings.poll_seconds)
+                self._wake.clear()
             return self.exit_code
         except ManifestError as exc:
             self.state, self.reason = "refused", str(exc)

@@ -8,6 +8,7 @@ with what each node contributed and the final parameters of every member.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -19,8 +20,12 @@ import torch.nn.functional as F
 import elastic.torch as hvd
 from elastic.torch import runtime
 
-STEPS = int(os.environ.get("JOB_STEPS", "400"))
-STEP_DELAY = float(os.environ.get("JOB_STEP_DELAY", "0.05"))
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int, default=300)
+parser.add_argument("--step-delay", type=float, default=0.05)
+parser.add_argument("--burn", type=int, default=0, help="extra matmuls per step (CPU load)")
+ARGS = parser.parse_args()
+STEPS, STEP_DELAY = ARGS.steps, ARGS.step_delay
 BATCH = 8
 
 
@@ -58,6 +63,9 @@ def main() -> None:
             loss.backward()
             optimizer.step(samples=BATCH)
             hvd.record_loss(loss.item())
+            load = torch.ones(128, 128)
+            for _ in range(ARGS.burn):
+                load = torch.tanh(load @ load / 128)
             record("step", step=state.step, samples=BATCH)
             state.step += 1
             time.sleep(STEP_DELAY)
