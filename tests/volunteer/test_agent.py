@@ -51,8 +51,9 @@ def test_join_pause_resume_leave(volunteer_job):
                   lambda: "alice training again: " + vj.log("alice"))
     node = next(iter(st["ranks"]))
     assert node.endswith("-cpu-0")
-    generations = {r["generation"] for r in records(data)[node] if r["event"] == "step"}
-    assert len(generations) >= 2  # it left and was admitted again, same node id
+    wait_for(lambda: len({r["generation"] for r in records(data)[node]
+                          if r["event"] == "step"}) >= 2, 90,
+             "steps in a second generation under the same node id")
 
     done = cli("status", "--data-dir", str(data))
     assert "state:      training" in done.stdout and "credit:" in done.stdout
