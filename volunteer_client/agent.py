@@ -237,6 +237,8 @@ class Agent:
         self._remote: dict[str, Any] = {}
         self._remote_at = 0.0
         self._finished = False
+        self._backend: Any = None
+        self._evict_checked = 0.0
         self.exit_code = 0
 
     # -- preparing the job ---------------------------------------------------------------
@@ -331,9 +333,16 @@ class Agent:
         if isinstance(creds.get(key), str):
             return creds[key]
         hardware = {"cpu": psutil.cpu_count() or 0}
+        secret = None
+        if self.settings.registration_token_file:
+            try:
+                secret = Path(self.settings.registration_token_file).read_text().strip()
+            except OSError as exc:
+                raise AgentError(f"cannot read the registration token file "
+                                 f"{self.settings.registration_token_file}: {exc}") from None
         status, raw = _http(f"{self.base_url}/api/v1/nodes", {
             "node_id": node_id, "display_name": self.settings.display_name or node_id,
-            "owner": self.client_id, "hardware": hardware})
+            "owner": self.client_id, "hardware": hardware}, token=secret)
         if status != 201:
             raise AgentError(f"the coordinator refused to register node {node_id} (HTTP "
                              f"{status}: {raw[:300].decode(errors='replace')})")
@@ -452,6 +461,7 @@ class Agent:
         """One poll: sensors -> policy -> start/stop workers."""
         with self._lock:
             self._reap()
+            self._check_eviction()
             if self._stop.is_set():
                 return self.decision or Decision("paused")
             self.facts = self.sensors.read(self.own_pids())
@@ -482,21 +492,54 @@ class Agent:
 
     # -- status ---------------------------------------------------------------------------
 
+    def _rendezvous(self) -> Any:
+        """A read-only handle on the job's etcd (opened once)."""
+        if self._backend is None and self.manifest is not None:
+            from rendezvous import backend_from_url
+
+            self._backend = backend_from_url(self.manifest.rendezvous, timeout=2.0)
+        return self._backend
+
+    def _check_eviction(self) -> None:
+        """Stop for good when the job blacklisted one of this machine's nodes.
+
+        A blacklisted worker is dropped from the next generation but may live on; the
+        agent reads the blacklist itself, stops the worker and says why."""
+        if not self.slots or time.monotonic() - self._evict_checked < 2.0:
+            return
+        self._evict_checked = time.monotonic()
+        from rendezvous.errors import RendezvousError
+        from rendezvous.generation import BlacklistEntry
+        from rendezvous.keys import JobKeys
+        from rendezvous.settings import DEFAULT_PREFIX
+
+        keys = JobKeys(DEFAULT_PREFIX, self.job)
+        for slot in list(self.slots.values()):
+            try:
+                kv = self._rendezvous().get(keys.blacklisted(slot.node_id))
+                entry = BlacklistEntry.from_json(kv.value) if kv is not None else None
+            except (RendezvousError, ValueError, TypeError, KeyError) as exc:
+                logger.debug("cannot read the blacklist: %s", exc)
+                continue
+            if entry is not None and entry.active(time.time()):
+                until = ("for good" if entry.until == float("inf")
+                         else f"until {time.ctime(entry.until)}")
+                self._fail("evicted", f"the job evicted this node ({slot.node_id}) {until}: "
+                           f"{str(entry.reason)[:300]}")
+                for other in list(self.slots.values()):
+                    self._stop_slot(other, "evicted")
+                return
+
     def _membership(self) -> dict[str, Any]:
         """Generation and rank of this machine's nodes, from the rendezvous."""
         if self.manifest is None or not self.slots:
             return {}
         try:
-            from rendezvous import backend_from_url
             from rendezvous.generation import Generation
             from rendezvous.keys import JobKeys
             from rendezvous.settings import DEFAULT_PREFIX
 
-            backend = backend_from_url(self.manifest.rendezvous, timeout=2.0)
-            try:
-                kv = backend.get(JobKeys(DEFAULT_PREFIX, self.job).generation)
-            finally:
-                backend.close()
+            kv = self._rendezvous().get(JobKeys(DEFAULT_PREFIX, self.job).generation)
             if kv is None:
                 return {}
             gen = Generation.from_json(kv.value)
@@ -702,6 +745,9 @@ class Agent:
             with self._lock:
                 self._reap()
             time.sleep(0.1)
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -38,6 +38,7 @@ SETTING_FLAGS = {
     "cpu_threads": ("--cpu-threads", {"type": int}),
     "data_dir": ("--data-dir", {}),
     "display_name": ("--name", {"dest": "display_name"}),
+    "registration_token_file": ("--registration-token-file", {}),
     "control_port": ("--control-port", {"type": int}),
     "poll_seconds": ("--poll-seconds", {"type": float}),
     "resume_after_seconds": ("--resume-after", {"type": float}),

@@ -89,6 +89,8 @@ class VolunteerSettings:
     resume_after_seconds: conditions must hold this long before work resumes.
     use_cpu: lend the CPU when there is no usable NVIDIA GPU.
     cpu_threads: torch threads of a CPU worker.
+    registration_token_file: a file holding the coordinator's registration token, when the
+        project asks for one (a file, not a setting: settings are shown, tokens not).
     max_restarts / restart_window_seconds: that many crashes within the window stop the client.
     """
 
@@ -108,6 +110,7 @@ class VolunteerSettings:
     cpu_threads: int = 1
     data_dir: str = ""
     display_name: str = ""
+    registration_token_file: str = ""
     control_port: int = 0
     poll_seconds: float = 2.0
     max_restarts: int = 5

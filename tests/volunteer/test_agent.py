@@ -3,11 +3,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.volunteer.conftest import cli, records, status, tree_cpu_seconds, wait_for
+from tests.volunteer.conftest import (
+    base_env,
+    cli,
+    records,
+    status,
+    tree_cpu_seconds,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +128,23 @@ def test_repeated_crashes_stop_the_client_with_a_reason(volunteer_job):
     assert code == 3, text
     assert "crashed 3 times" in text and "not restarting" in text
     assert text.count("restarting in") == 2  # backoff 2 s, then 4 s
+
+
+def test_an_evicted_node_is_not_restarted(volunteer_job):
+    vj = volunteer_job
+    vj.sign("train.py", "--steps", "100000")
+    vj.owner("train.py", "--steps", "100000")
+    agent, data = vj.volunteer("fred", "--yes")
+    st = wait_for(lambda: (s := status(data))["state"] == "training" and s, 180,
+                  lambda: "fred training: " + vj.log("fred"))
+    node = next(iter(st["ranks"]))
+    done = subprocess.run([sys.executable, "-m", "elastic.launcher.cli", "--evict", node,
+                           "--reason", "sent NaN gradients", "--rendezvous", vj.etcd_url,
+                           "--job", vj.job], capture_output=True, text=True, timeout=60,
+                          env=base_env())
+    assert done.returncode == 0, done.stderr
+    code = agent.wait(120)
+    text = vj.log("fred")
+    assert code == 3, text
+    assert "the job evicted this node" in text and "sent NaN gradients" in text
+    assert "restarting in" not in text

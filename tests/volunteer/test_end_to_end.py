@@ -8,6 +8,7 @@ samples it contributed.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import pytest
 from tests.volunteer.conftest import cli, records, status, tree_cpu_seconds, wait_for
 
 pytestmark = pytest.mark.slow
-STEPS = "260"
+STEPS = "200"
 
 
 def test_volunteers_train_a_job_to_the_end(volunteer_job):
@@ -72,18 +73,53 @@ def test_volunteers_train_a_job_to_the_end(volunteer_job):
                 done[node] = finals[-1]
     assert len(done) >= 3 and len(set(done.values())) == 1, done
 
-    # the ledger credits each node exactly what it contributed
-    with urllib.request.urlopen(f"{vj.coordinator.url}/api/v1/nodes?limit=100") as answer:
-        nodes = {n["node_id"]: n for n in json.loads(answer.read())["nodes"]}
-    contributed = {}
-    for folder in (vj.root / "owner", ann, ben, clients["cat"][1], dan):
+    # the ledger credits each node what it contributed, per generation
+    ledger = sqlite3.connect(vj.root / "ledger.sqlite")
+    credited = collections.Counter()
+    for node, generation, samples in ledger.execute(
+            "select node_id, generation, sum(samples) from credits where job = ? "
+            "group by node_id, generation", (vj.job,)):
+        credited[(node, generation)] = samples
+    world = dict(ledger.execute("select generation, max(world_size) from rounds where job = ? "
+                                "group by generation", (vj.job,)))
+    contributed = collections.Counter()
+    node_of = {}
+    for name, folder in (("owner", vj.root / "owner"), ("ann", ann), ("ben", ben),
+                         ("cat", clients["cat"][1]), ("dan", dan)):
         for node, lines in records(folder).items():
-            steps = {(r["generation"], r["step"]): r["samples"] for r in lines
-                     if r["event"] == "step"}
-            contributed[node] = sum(steps.values())
-    print(f"end to end in {elapsed:.0f} s; contributed {contributed}; credit "
-          f"{ {k: v['credit'] for k, v in nodes.items()} }")
-    for node, samples in contributed.items():
-        assert nodes[node]["credit"] == samples, (node, samples, nodes[node])
-    assert sqlite3.connect(vj.root / "ledger.sqlite").execute(
-        "select count(*) from nodes").fetchone()[0] == len(nodes)
+            node_of[name] = node
+            for r in lines:
+                if r["event"] == "step":
+                    contributed[(node, r["generation"])] += r["samples"]
+    ben_generations = {g for (n, g) in contributed if n == node_of["ben"]}
+    killed_in = max(ben_generations)
+    print(f"end to end in {elapsed:.0f} s; contributed {dict(contributed)}; "
+          f"credited {dict(credited)}")
+    for key, samples in contributed.items():
+        node, generation = key
+        assert credited[key] <= samples, (key, credited[key], samples)  # never more
+        if node in (node_of["ann"], node_of["ben"], node_of["dan"]):
+            # paused (graceful leave), SIGKILLed (its peers attest its last rounds), joined
+            assert credited[key] == samples, (key, credited[key], samples)
+        elif credited[key] != samples:
+            # what the ledger cannot attest: a world of one (no other member), and the
+            # survivors' last partial report span (16 steps) of the generation in which a
+            # member was killed before it could report that span
+            assert world.get(generation, 1) == 1 or (
+                generation == killed_in and samples - credited[key] < 16 * 8), (
+                key, credited[key], samples, world.get(generation))
+    assert sum(credited.values()) > 0.9 * sum(contributed.values())
+    # volunteers are registered by their client before their worker runs, so every credit
+    # they earned counts in their total (the owner's worker registers itself, in the
+    # background: rounds credited before that are kept in the ledger, not in its total)
+    for name, node in node_of.items():
+        unregistered = ledger.execute("select count(*) from credits where node_id = ? and "
+                                      "registered = 0", (node,)).fetchone()[0]
+        if name != "owner":
+            assert unregistered == 0, node
+        with urllib.request.urlopen(f"{vj.coordinator.url}/api/v1/nodes/{node}") as answer:
+            total = json.loads(answer.read())["credit"]
+        assert total == ledger.execute("select coalesce(sum(credit), 0) from credits where "
+                                       "node_id = ? and registered = 1", (node,)).fetchone()[0]
+        if name != "owner":
+            assert total == sum(v for (n, _), v in credited.items() if n == node)
