@@ -49,6 +49,7 @@ def xwd_to_png(xwd: bytes) -> bytes:
 @pytest.fixture
 def display():
     """A private Xvfb display; skipped (with the reason) where Xvfb is not installed."""
+    pytest.importorskip("tkinter", reason="Tk is not installed (apt-get install python3-tk)")
     if shutil.which("Xvfb") is None:
         pytest.skip("Xvfb is not installed (apt-get install xvfb x11-apps)")
     number = 90 + os.getpid() % 500
