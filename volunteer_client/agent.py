@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import secrets
 import signal
 import socket
@@ -332,7 +333,7 @@ class Agent:
         key = f"{self.base_url}|{node_id}"
         if isinstance(creds.get(key), str):
             return creds[key]
-        hardware = {"cpu": psutil.cpu_count() or 0}
+        hardware = self._hardware(node_id)
         secret = None
         if self.settings.registration_token_file:
             try:
@@ -350,6 +351,16 @@ class Agent:
         creds[key] = token
         _write_private(path, creds)
         return token
+
+    def _hardware(self, node_id: str) -> dict[str, Any]:
+        """What the project learns about the device (docs/volunteer.md says the same)."""
+        info: dict[str, Any] = {"cpu": (platform.processor() or platform.machine())[:100],
+                                "cpus": psutil.cpu_count() or 0}
+        device = node_id[len(self.client_id) + 1:-2]
+        for gpu in self.facts.gpus:
+            if device == f"gpu{gpu.index}":
+                info.update(gpu=gpu.name[:100], gpu_memory_gb=round(gpu.memory_total / 2**30, 1))
+        return info
 
     # -- workers ---------------------------------------------------------------------------
 

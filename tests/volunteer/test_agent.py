@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -63,6 +65,11 @@ def test_join_pause_resume_leave(volunteer_job):
     wait_for(lambda: len({r["generation"] for r in records(data)[node]
                           if r["event"] == "step"}) >= 2, 90,
              "steps in a second generation under the same node id")
+
+    with urllib.request.urlopen(f"{vj.coordinator.url}/api/v1/nodes/{node}") as answer:
+        registered = json.loads(answer.read())
+    assert registered["owner"] == st["client_id"]  # registered by the client, not the worker
+    assert set(registered["hardware"]) == {"cpu", "cpus"}  # what docs/volunteer.md lists
 
     done = cli("status", "--data-dir", str(data))
     assert "state:      training" in done.stdout and "credit:" in done.stdout
