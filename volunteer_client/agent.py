@@ -26,7 +26,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -166,6 +165,7 @@ class Slot:
     procs: dict[int, psutil.Process] = field(default_factory=dict)
 
     def tree(self) -> list[psutil.Process]:
+        """The launcher and its descendants (cached, so cpu_percent has a baseline)."""
         try:
             root = psutil.Process(self.proc.pid)
             found = [root, *root.children(recursive=True)]
@@ -180,6 +180,7 @@ class Slot:
         return list(self.procs.values())
 
     def cpu_percent(self) -> float:
+        """CPU use of the whole process tree since the last call (100 = one core)."""
         total = 0.0
         for p in self.tree():
             try:
@@ -466,6 +467,7 @@ class Agent:
         self._stop.set()
 
     def own_pids(self) -> list[int]:
+        """Pids of every launcher and worker process this agent started."""
         return [p.pid for s in self.slots.values() for p in s.tree()]
 
     def step(self) -> Decision:
@@ -628,10 +630,12 @@ class Agent:
     # thread (the launcher dies with the thread that started it: PR_SET_PDEATHSIG).
 
     def pause(self) -> None:
+        """The volunteer paused: workers leave at the next poll (woken at once)."""
         self.user_paused = True
         self._wake.set()
 
     def resume(self) -> None:
+        """The volunteer resumed: workers join again at the next poll (woken at once)."""
         self.user_paused = False
         self._wake.set()
 
@@ -781,8 +785,3 @@ def _tail(path: Path, size: int = 4096) -> str:
     except OSError:
         return ""
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -56,6 +56,7 @@ def _settings_args(parser: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The `horde-volunteer` command line: join, control commands, owner's manifest tools."""
     parser = argparse.ArgumentParser(
         prog="horde-volunteer", description="Lend this machine's GPUs (or CPU) to a Horde "
         "training job; see what it does and earns; pause it.")
@@ -161,6 +162,7 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `horde-volunteer` command; exit 2 on bad input, 3 agent stopped, 4 refused."""
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="horde-volunteer %(levelname)s %(name)s: %(message)s")

@@ -46,6 +46,7 @@ class ManifestError(ValueError):
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -179,6 +180,7 @@ def generate_key(path: str | os.PathLike[str]) -> str:
 
 
 def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """The owner's Ed25519 private key from its PEM file (ManifestError otherwise)."""
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:

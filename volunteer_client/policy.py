@@ -75,9 +75,11 @@ class Decision:
 
     @property
     def run(self) -> bool:
+        """Whether to run work now (running on at least one device)."""
         return self.state == RUNNING and (bool(self.gpus) or self.cpu)
 
     def describe(self) -> str:
+        """One line for logs and the CLI: `running on GPU 0` or `paused: why`."""
         if self.state == RUNNING:
             where = (", ".join(f"GPU {i}" for i in self.gpus) if self.gpus else "CPU")
             return f"running on {where}"

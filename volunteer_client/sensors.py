@@ -52,6 +52,7 @@ class IdleProbe:
             self.note = "cannot open the X display"
 
     def idle_seconds(self) -> float | None:
+        """Seconds since the last keyboard/mouse input (None: cannot tell)."""
         if not self._display or self._xss is None or self._x11 is None:
             return None
         info = self._xss.XScreenSaverAllocInfo()
@@ -81,6 +82,7 @@ class GpuProbe:
         self._nvml = pynvml
 
     def read(self, own_pids: Iterable[int] = ()) -> tuple[GpuFacts, ...]:
+        """Facts of every GPU; processes in `own_pids` (our workers) do not count as others."""
         nv = self._nvml
         if nv is None:
             return ()
@@ -125,6 +127,7 @@ class Sensors:
         self.gpu = GpuProbe()
 
     def read(self, own_pids: Iterable[int] = ()) -> Facts:
+        """One reading of every sensor (our own worker processes excluded)."""
         battery = None
         try:
             battery = psutil.sensors_battery()

@@ -33,6 +33,7 @@ def default_data_dir() -> Path:
 
 
 def default_config_file() -> Path:
+    """~/.config/horde-volunteer/config.toml (XDG config dir)."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
     return Path(base) / "horde-volunteer" / "config.toml"
 
@@ -46,6 +47,7 @@ class Window:
     end: int
 
     def contains(self, weekday: int, minute: int) -> bool:
+        """Whether the window covers `weekday` (0 = Monday) at `minute` after midnight."""
         if self.start <= self.end:
             return weekday in self.days and self.start <= minute < self.end
         # past midnight: "fri 22:00-02:00" covers Friday night and Saturday early morning

@@ -34,6 +34,7 @@ def apply_limits() -> None:
 
 
 def main() -> None:
+    """Apply the limits, then run SCRIPT as `__main__` with ARGS as its argv."""
     if len(sys.argv) < 2:
         sys.exit("usage: python -m volunteer_client.worker_shim SCRIPT [ARGS...]")
     apply_limits()
