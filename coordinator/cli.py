@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, help="request body limit")
     serve.add_argument("--sqlite-synchronous", choices=["NORMAL", "FULL", "EXTRA"],
                        help="SQLite durability (default FULL)")
+    serve.add_argument("--manifest-dir", help="serve this folder's signed job manifest and "
+                       "files to volunteers (horde-volunteer manifest sign)")
     serve.add_argument("--port-file", help="write the bound port here once listening")
     serve.add_argument("--max-samples-per-round", type=int,
                        help="most samples one member may claim per round (default 2^20)")
@@ -97,6 +99,7 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
             "sqlite_synchronous": args.sqlite_synchronous,
             "max_samples_per_round": args.max_samples_per_round, "max_span": args.max_span,
             "trust_reported_membership": args.trust_reported_membership,
+            "manifest_dir": args.manifest_dir,
         })
     return CoordinatorConfig.from_env(**overrides)
 

@@ -37,6 +37,8 @@ class CoordinatorConfig:
     rendezvous_url / rendezvous_prefix / job: where to read membership (optional).
     watch_interval: seconds between rendezvous polls of the background watcher.
     rate_window: seconds over which samples/s and throughput are averaged.
+    manifest_dir: folder with a volunteer job's signed manifest and files, served to
+        `horde-volunteer join` (None: no volunteer job).
     sqlite_synchronous: SQLite's `synchronous` pragma (FULL: a commit survives power
         loss too; NORMAL: survives a crash of the process, not of the machine).
     trust_reported_membership: False (default): credit only rounds of generations read
@@ -64,6 +66,7 @@ class CoordinatorConfig:
     trust_reported_membership: bool = False
     max_samples_per_round: int = DEFAULT_MAX_SAMPLES_PER_ROUND
     max_span: int = DEFAULT_MAX_SPAN
+    manifest_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.db_url or "://" not in self.db_url:

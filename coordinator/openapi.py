@@ -307,6 +307,25 @@ _PATHS: dict[str, Any] = {
             "parameters": [_JOB_PARAM, _LIMIT],
             "responses": {"200": _json(_ref("Timeline"), "Events."), **_errors(404, 422)}},
     },
+    "/api/v1/jobs/{job}/manifest": {
+        "get": {
+            "operationId": "jobManifest", "tags": ["jobs"],
+            "summary": "The volunteer job's owner-signed manifest (horde-volunteer join)",
+            "parameters": [_JOB_PARAM],
+            "responses": {"200": _json({"type": "object", "properties": {
+                "manifest": _STR, "signature": _STR, "public_key": _STR}},
+                "The signed envelope, base64 fields."), **_errors(404)}},
+    },
+    "/api/v1/jobs/{job}/files/{name}": {
+        "get": {
+            "operationId": "jobFile", "tags": ["jobs"],
+            "summary": "A file the job's manifest pins by SHA-256",
+            "parameters": [_JOB_PARAM, _path("name", _STR)],
+            "responses": {"200": {"description": "The file's bytes.", "content": {
+                "application/octet-stream": {"schema": {"type": "string",
+                                                        "format": "binary"}}}},
+                **_errors(404)}},
+    },
     "/api/v1/status": {
         "get": {
             "operationId": "status", "tags": ["jobs"],

@@ -56,7 +56,7 @@ def valid_node_id(node_id: str) -> bool:
 
 
 def register_blueprints(app: Flask) -> None:
-    from coordinator.api import credits, evictions, jobs, meta, nodes, reports
+    from coordinator.api import credits, evictions, jobs, manifests, meta, nodes, reports
 
-    for module in (nodes, reports, credits, jobs, evictions, meta):
+    for module in (nodes, reports, credits, jobs, evictions, meta, manifests):
         app.register_blueprint(module.bp)

@@ -258,10 +258,12 @@ class Launcher:
         (migrations, fsync) never delays the job.
         """
         choice = self.plan.coordinator
-        if choice in ("", "none") or self.plan.join:
+        if choice in ("", "none"):
             return
-        if choice != "embedded":
+        if choice != "embedded":  # also for --join: the coordinator this node reports to
             self._coordinator_url = choice
+            return
+        if self.plan.join:
             return
         from rendezvous.embedded import free_port
 
