@@ -22,7 +22,7 @@ from tests.harness import run_workers_json
 
 SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "stale_topk.py")
 CONFIGS = "0:0.9,1:0.9,2:0.9,0:0,1:0,2:0"
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(960)]
 
 
 @pytest.fixture
@@ -40,12 +40,15 @@ def cpu_hogs() -> Iterator[None]:
 GAP = 1.0  # points of test accuracy below synchronous top-k allowed (issue 9)
 
 
-@pytest.mark.parametrize(("task", "steps"), [("teacher", "400"), ("digits", "600"),
-                                             ("cnn", "600")])
+# The digits tasks are scored on 360 test images, where one run's accuracy moves by about
+# half a point from run to run under load: they compare the mean of two data orders.
+@pytest.mark.parametrize(("task", "steps", "seeds"), [("teacher", "400", "1"),
+                                                      ("digits", "600", "2"),
+                                                      ("cnn", "600", "2")])
 def test_stale_topk_ends_near_synchronous_topk(
-        tmp_path: Path, cpu_hogs: None, task: str, steps: str) -> None:
-    ranks = run_workers_json(tmp_path, 2, SCRIPT, timeout=560, TASK=task, CONFIGS=CONFIGS,
-                             STEPS=steps)
+        tmp_path: Path, cpu_hogs: None, task: str, steps: str, seeds: str) -> None:
+    ranks = run_workers_json(tmp_path, 2, SCRIPT, timeout=900, TASK=task, CONFIGS=CONFIGS,
+                             STEPS=steps, SEEDS=seeds)
     for mine, other in zip(*ranks):
         assert mine["params"] == other["params"], f"members differ: {mine['staleness']}"
     results = {(r["staleness"], r["momentum"]): r for r in ranks[0]}

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 import requests
-from elastic.reporting import CreditReporter, report_synchronous
 
+from elastic.credit.reporter import CreditReporter
+from elastic.credit.reports import report_synchronous
 from rendezvous import backend_from_url
 from rendezvous.generation import Generation, Member
 from rendezvous.keys import JobKeys
