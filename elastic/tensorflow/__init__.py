@@ -19,21 +19,29 @@ from elastic.tensorflow._core_bridge import (
     HostsUpdatedInterrupt,
     ProcessSet,
     add_process_set,
+    ccl_built,
     cross_rank,
     cross_size,
+    ddl_built,
     global_process_set,
     gloo_built,
+    gloo_enabled,
     init,
     is_homogeneous,
     is_initialized,
     local_rank,
     local_size,
+    mpi_built,
+    mpi_enabled,
+    mpi_threads_supported,
     rank,
     remove_process_set,
+    rocm_built,
     shutdown,
     size,
     start_timeline,
     stop_timeline,
+    sycl_built,
 )
 from elastic.tensorflow.compression import Compression, Compressor
 from elastic.tensorflow.functions import (
@@ -68,43 +76,11 @@ from elastic.tensorflow.mpi_ops import (
 )
 
 
-def gloo_enabled() -> bool:
-    return True
-
-
-def mpi_enabled() -> bool:
-    return False
-
-
-def mpi_built() -> bool:
-    return False
-
-
-def mpi_threads_supported() -> bool:
-    return False
-
-
 def nccl_built() -> int:
     return 0
 
 
-def ddl_built() -> bool:
-    return False
-
-
-def ccl_built() -> bool:
-    return False
-
-
 def cuda_built() -> bool:
-    return False
-
-
-def rocm_built() -> bool:
-    return False
-
-
-def sycl_built() -> bool:
     return False
 
 

@@ -19,9 +19,22 @@ import torch
 
 from elastic import serialization
 from elastic import state as _state
-from elastic.codecs.compression import TopKCompression
+from elastic.codecs.compression import Compressor, NoneCompressor, TopKCompression
 from elastic.codecs.exchange import SyncSparseExchange
 from elastic.core import session
+from elastic.core.capabilities import (  # noqa: F401 - the frontend's build queries
+    ccl_built,
+    ddl_built,
+    gloo_built,
+    gloo_enabled,
+    mpi_built,
+    mpi_enabled,
+    mpi_threads_supported,
+    rocm_built,
+    start_timeline,
+    stop_timeline,
+    sycl_built,
+)
 from elastic.core.engine import Kind, ReduceOp, Request
 from elastic.core.session import ProcessSet, global_process_set
 from elastic.errors import (
@@ -37,7 +50,7 @@ from elastic.staleness.exchange import StaleExchange
 __all__ = [
     "CollectiveMismatchError", "CollectiveStallError", "HorovodInternalError",
     "HostsUpdatedInterrupt", "NotInitializedError", "ProcessSet", "ReduceOp",
-    "TopKCompression", "global_process_set",
+    "TopKCompression", "global_process_set", "Compressor", "NoneCompressor",
 ]
 
 # -- lifecycle and topology -------------------------------------------------------------
@@ -76,18 +89,6 @@ def cross_size() -> int:
 def is_homogeneous() -> bool:
     hosts = [m.host for m in session.runtime().generation.members]
     return len({hosts.count(h) for h in hosts}) <= 1
-
-
-def gloo_built() -> bool:
-    return torch.distributed.is_gloo_available()
-
-
-def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
-    """Accepted for compatibility; Horde has no timeline."""
-
-
-def stop_timeline() -> None:
-    """Accepted for compatibility."""
 
 
 def _set_size(process_set: ProcessSet) -> int:

@@ -1,5 +1,7 @@
 """Horovod's gradient compressors for TensorFlow tensors, plus the shared top-k settings.
 
+The interface and the no-op compressor are the framework-neutral ones of elastic.codecs.
+
 Dense compressors change the wire dtype around a collective (`compress(tensor) ->
 (tensor, ctx)`, `decompress(tensor, ctx) -> tensor`); `Compression.topk(0.01)` returns
 the framework-neutral top-k settings that `DistributedGradientTape` and the Keras
@@ -12,31 +14,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from elastic.tensorflow._core_bridge import TopKCompression
-
-
-class Compressor:
-    """Interface for compressing and decompressing a tensor around a collective."""
-
-    @staticmethod
-    def compress(tensor: tf.Tensor) -> tuple[tf.Tensor, Any]:
-        raise NotImplementedError
-
-    @staticmethod
-    def decompress(tensor: tf.Tensor, ctx: Any) -> tf.Tensor:
-        raise NotImplementedError
-
-
-class NoneCompressor(Compressor):
-    """Sends the tensor as it is."""
-
-    @staticmethod
-    def compress(tensor: tf.Tensor) -> tuple[tf.Tensor, Any]:
-        return tensor, None
-
-    @staticmethod
-    def decompress(tensor: tf.Tensor, ctx: Any) -> tf.Tensor:
-        return tensor
+from elastic.tensorflow._core_bridge import Compressor, NoneCompressor, TopKCompression
 
 
 class FP16Compressor(Compressor):

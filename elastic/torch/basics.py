@@ -5,6 +5,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from elastic.core.capabilities import (  # noqa: F401 - Horovod's names, re-exported
+    ccl_built,
+    ddl_built,
+    gloo_built,
+    gloo_enabled,
+    mpi_built,
+    mpi_enabled,
+    mpi_threads_supported,
+    rocm_built,
+    start_timeline,
+    stop_timeline,
+    sycl_built,
+)
 from elastic.torch.runtime import runtime
 
 
@@ -45,14 +58,6 @@ def is_homogeneous() -> bool:
     return len(set(counts.values())) <= 1
 
 
-def gloo_enabled() -> bool:
-    return True
-
-
-def gloo_built() -> bool:
-    return dist.is_gloo_available()
-
-
 def nccl_built() -> int:
     """Like Horovod: a truthy value (the NCCL version) when NCCL collectives are available."""
     if not (dist.is_nccl_available() and torch.cuda.is_available()):
@@ -61,41 +66,5 @@ def nccl_built() -> int:
     return version[0] * 1000 + version[1] * 100 + version[2] if isinstance(version, tuple) else 1
 
 
-def mpi_enabled() -> bool:
-    return False
-
-
-def mpi_built() -> bool:
-    return False
-
-
-def mpi_threads_supported() -> bool:
-    return False
-
-
-def ddl_built() -> bool:
-    return False
-
-
-def ccl_built() -> bool:
-    return False
-
-
 def cuda_built() -> bool:
     return torch.cuda.is_available() and dist.is_nccl_available()
-
-
-def rocm_built() -> bool:
-    return False
-
-
-def sycl_built() -> bool:
-    return False
-
-
-def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
-    """Accepted for compatibility; Horde has no timeline (use the PyTorch profiler)."""
-
-
-def stop_timeline() -> None:
-    """Accepted for compatibility; see `start_timeline`."""
