@@ -49,6 +49,7 @@ setup(
         "numpy>=1.24",
         "psutil>=5.9",
         "cloudpickle>=2.0",
+        "platformdirs>=3.0",
         *COORDINATOR,
     ],
     extras_require={

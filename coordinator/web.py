@@ -39,5 +39,6 @@ def status_page() -> str:
     if job is not None and not _JOB.fullmatch(job):
         raise ValidationError(f"query parameter job={job[:70]!r} is not a job name",
                               field="query.job")
-    status = build_status(state(), job)
-    return render_template("status.html", status=status)
+    app_state = state()
+    status = build_status(app_state, job)
+    return render_template("status.html", status=status, quorum=app_state.config.quorum)

@@ -75,6 +75,7 @@ def main() -> None:
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
+            hvd.record_loss(loss.item())  # Horde: the status page's loss chart
             optimizer.step(samples=len(y)) if args.staleness else optimizer.step()
             total_loss += loss.item()
         model.eval()

@@ -63,7 +63,9 @@ def main() -> None:
             total = len(sampler)
             for x, y in loader:
                 optimizer.zero_grad()
-                F.cross_entropy(model(x), y).backward()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                hvd.record_loss(loss.item())  # Horde: the status page's loss chart
                 optimizer.step()
                 sampler.record_batch(state.batch, args.batch_size)
                 state.batch += 1

@@ -23,17 +23,23 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _private_tmpdir() -> Iterator[str]:
     """One temporary folder for the session, inherited by every process a test starts and
-    removed at the end: `horderun` keeps its embedded ledger folder for the user, and
-    a test run must not leave one per job in the machine's temporary directory."""
+    removed at the end; HORDE_DATA_DIR points into it, so `horderun`'s embedded ledger
+    (kept across runs in the user's data folder) never lands in the real one."""
     folder = tempfile.mkdtemp(prefix="horde-tests-")
     os.chmod(folder, 0o755)  # other users pass through it (the PostgreSQL test's server)
     saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    saved_data = os.environ.get("HORDE_DATA_DIR")
     os.environ["TMPDIR"] = folder
+    os.environ["HORDE_DATA_DIR"] = os.path.join(folder, "horde-data")
     tempfile.tempdir = folder
     try:
         yield folder
     finally:
         tempfile.tempdir = saved_tempdir
+        if saved_data is None:
+            os.environ.pop("HORDE_DATA_DIR", None)
+        else:
+            os.environ["HORDE_DATA_DIR"] = saved_data
         if saved_env is None:
             os.environ.pop("TMPDIR", None)
         else:

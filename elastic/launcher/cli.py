@@ -115,8 +115,12 @@ def make_parser() -> argparse.ArgumentParser:
                        "URL of a horde-coordinator (several, comma-separated, are failed over "
                        "in order), or 'none'")
     horde.add_argument("--coordinator-db", metavar="URL",
-                       help="ledger of the embedded coordinator (default: SQLite in a "
-                       "temporary folder); e.g. sqlite:///ledger.db to keep it")
+                       help="ledger of the embedded coordinator (default: ledger.sqlite in "
+                       "the data folder, kept across runs)")
+    horde.add_argument("--data-dir", metavar="DIR",
+                       help="folder of the embedded coordinator's ledger and admin token (env "
+                       "HORDE_DATA_DIR; default: the user's data folder, e.g. "
+                       "~/.local/share/horde)")
     horde.add_argument("--coordinator-port", type=int, default=0,
                        help="port of the embedded coordinator (default: a free one)")
     horde.add_argument("--trusted-peers", action="store_true",
@@ -321,7 +325,9 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         hostname=hostname, node_prefix=args.node_id_prefix or "",
         output_filename=args.output_filename, log_level="DEBUG" if level == "TRACE" else level,
         discovery_script=args.host_discovery_script, slots_per_host=slots_default,
-        coordinator=_coordinator_choice(args), coordinator_db=args.coordinator_db,
+        coordinator=_coordinator_choice(args),
+        coordinator_db=args.coordinator_db,
+        data_dir=data_dir(args.data_dir),
         coordinator_port=args.coordinator_port, discovery_interval=discovery_interval,
         exit_wait=exit_wait, exit_report_interval=report_interval,
         trusted_peers=args.trusted_peers or _truthy(_env("HORDE_TRUSTED_PEERS")),
@@ -344,6 +350,17 @@ def _seconds(flag: float | None, variables: tuple[str, ...], name: str,
             raise UsageError(f"{variable}={text!r} ({name}) must be a number of "
                              "seconds") from None
     return default
+
+
+def data_dir(flag: str | None = None) -> str:
+    """Where the embedded coordinator keeps its ledger: `--data-dir`, else HORDE_DATA_DIR,
+    else the user's data folder (platformdirs), so credits outlive the run."""
+    chosen = flag or _env("HORDE_DATA_DIR")
+    if chosen is None:
+        import platformdirs
+
+        chosen = platformdirs.user_data_dir("horde", appauthor=False)
+    return os.path.abspath(os.path.expanduser(chosen))
 
 
 def _coordinator_choice(args: argparse.Namespace) -> str:

@@ -60,6 +60,8 @@ class LaunchPlan:
     coordinator: str = "embedded"
     coordinator_db: str | None = None
     coordinator_port: int = 0
+    data_dir: str = ""
+    """Folder of the embedded coordinator's ledger and admin token (kept across runs)."""
     extra_env: dict[str, str] = field(default_factory=dict)
     #: Print the rendezvous and the `--join` command (not for `elastic.run`: its workers
     #: run a function only this process has).
@@ -108,6 +110,7 @@ class Launcher:
         self._coordinator: object = None
         self._coordinator_url = ""
         self._coordinator_thread: threading.Thread | None = None
+        self._ledger_lock: int | None = None
         self._job_over = False
         self._first_finish: tuple[float, Worker] | None = None
         self._next_report = 0.0
@@ -275,28 +278,36 @@ class Launcher:
         self._coordinator_thread.start()
 
     def _start_coordinator(self, rendezvous_url: str, port: int) -> None:
-        import secrets
-        import tempfile
-
         try:
             from coordinator.config import CoordinatorConfig
             from coordinator.server import EmbeddedCoordinator
 
-            folder = tempfile.mkdtemp(prefix="horde-ledger-")
-            db = self.plan.coordinator_db or f"sqlite:///{folder}/ledger.sqlite"
+            folder = self.plan.data_dir
             token_file = os.path.join(folder, "admin-token")
-            token = secrets.token_urlsafe(24)
-            with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
-                handle.write(token + "\n")
+            token = _admin_token(folder, token_file)
+            db = self.plan.coordinator_db or f"sqlite:///{self._own_ledger(folder)}"
             config = CoordinatorConfig(db_url=db, admin_token=token,
                                        rendezvous_url=rendezvous_url, job=self.plan.rdzv.job)
             self._coordinator = EmbeddedCoordinator(config, port=port)
             sys.stderr.write(f"horderun: status page {self._coordinator_url}/ (ledger {db}; "
-                             f"admin token in {token_file})\n")
+                             f"admin token in {token_file}; past runs: horde-coordinator "
+                             f"serve --db {db} --admin-token-file {token_file})\n")
             sys.stderr.flush()
         except Exception as exc:  # noqa: BLE001 - training goes on without credit
             sys.stderr.write(f"horderun: the embedded coordinator did not start: {exc}; "
-                             "training goes on without the status page\n")
+                             "training goes on without the status page (set HORDE_DATA_DIR or "
+                             "--data-dir to a writable folder, or --coordinator none)\n")
+
+    def _own_ledger(self, folder: str) -> str:
+        """The data folder's ledger.sqlite, locked for this run (one coordinator per SQLite
+        file); while another `horderun` holds it, a ledger of this run's own beside it."""
+        self._ledger_lock = _try_lock(os.path.join(folder, "ledger.lock"))
+        if self._ledger_lock is not None:
+            return os.path.join(folder, "ledger.sqlite")
+        path = os.path.join(folder, f"ledger-{os.getpid()}.sqlite")
+        sys.stderr.write(f"horderun: another horderun is using the ledger in {folder}; this "
+                         f"run's credits go to {path} (give each job its own --data-dir)\n")
+        return path
 
     def run(self) -> int:
         previous: dict[int, object] = {}
@@ -328,6 +339,8 @@ class Launcher:
                 self._coordinator_thread.join(30)
             if self._coordinator is not None:
                 self._coordinator.stop()  # type: ignore[attr-defined]
+            if self._ledger_lock is not None:
+                os.close(self._ledger_lock)  # releases the lock
             if self._backend is not None:
                 self._backend.close()
             if self._etcd is not None:
@@ -543,3 +556,37 @@ def _exit_code(code: int | None) -> int:
     if code is None:
         return 1
     return 128 - code if code < 0 else code
+
+
+def _admin_token(folder: str, token_file: str) -> str:
+    """The embedded coordinator's admin token: the one kept in `token_file` from an earlier
+    run, else a new one written there (mode 0600) in `folder` (created, mode 0700)."""
+    import secrets
+
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    try:
+        with open(token_file, encoding="utf-8") as handle:
+            kept = handle.read().strip()
+        if kept:
+            return kept
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(24)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    return token
+
+
+def _try_lock(path: str) -> int | None:
+    """An exclusive lock on `path` (created, mode 0600) held until the descriptor is
+    closed, or None while another process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -92,6 +92,10 @@ def test_status_page_updates_without_reload(page_env):
     assert page.locator("#nodes tbody tr").count() == 3
     assert _cell(page, "leaderboard", "alpha", "credit") == "30"
     assert page.inner_text("#job-generation") == "1"
+    # The page says what a credit unit is (docs/coordinator.md's definition).
+    unit = " ".join(page.inner_text("#credit-unit").split())
+    assert "One credit is one training sample whose gradient entered an aggregate" in unit
+    assert "attested by other members of its round (a quorum of 2" in unit
     # Display names are text, never markup.
     assert page.locator("#nodes b").count() == 0
     page.wait_for_function("window.hordeStatus && window.hordeStatus.updates >= 1",

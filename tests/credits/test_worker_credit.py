@@ -52,6 +52,71 @@ def test_default_horderun_credits_its_workers(tmp_path: Path, pass_samples: str,
     assert ledger(db) == own_samples(out)
 
 
+def test_plain_horderun_keeps_one_ledger_across_runs(tmp_path: Path) -> None:
+    # Credits last: two runs without --coordinator-db land in one ledger in the data
+    # folder, with one admin token, and leave nothing in the temporary directory.
+    data, tmp = tmp_path / "data", tmp_path / "tmp"
+    tmp.mkdir()
+    expected: dict[str, int] = {}
+    for run in range(2):
+        out = tmp_path / f"logs{run}"
+        out.mkdir()
+        result = horderun("-np", "2", "--node-id-prefix", f"run{run}-", sys.executable, SCRIPT,
+                          env=repo_env(OUT=str(out), STEPS="10", STEP_DELAY="0.02",
+                                       PASS_SAMPLES="1", REINIT_EVERY="0",
+                                       HORDE_DATA_DIR=str(data), TMPDIR=str(tmp)),
+                          timeout=180)
+        assert result.returncode == 0, result.stderr
+        assert f"ledger sqlite:///{data / 'ledger.sqlite'}" in result.stderr
+        expected.update(own_samples(out))
+        if run == 0:
+            token = (data / "admin-token").read_text()
+    assert len(expected) == 4, expected  # two nodes per run, none shared
+    assert ledger(data / "ledger.sqlite") == expected
+    assert (data / "admin-token").read_text() == token
+    assert oct((data / "admin-token").stat().st_mode & 0o777) == "0o600"
+    # (torch's own compile cache may appear there; Horde's folders must not)
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("horde")] == []
+
+
+def test_a_second_concurrent_horderun_keeps_its_own_ledger(tmp_path: Path) -> None:
+    # one coordinator per SQLite file: while another run holds the data folder's ledger
+    # (the lock is held here), this run's credits go to a ledger of its own beside it
+    import fcntl
+
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "logs"
+    out.mkdir()
+    with open(data / "ledger.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = horderun("-np", "2", sys.executable, SCRIPT,
+                          env=repo_env(OUT=str(out), STEPS="5", STEP_DELAY="0.01",
+                                       PASS_SAMPLES="1", REINIT_EVERY="0",
+                                       HORDE_DATA_DIR=str(data)),
+                          timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "another horderun is using the ledger" in result.stderr
+    assert not (data / "ledger.sqlite").exists()
+    [own] = data.glob("ledger-*.sqlite")
+    assert ledger(own) == own_samples(out)
+
+
+def test_unwritable_data_dir_trains_without_the_status_page(tmp_path: Path) -> None:
+    # the data folder is a file: the coordinator cannot start; training still finishes
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    out = tmp_path / "logs"
+    out.mkdir()
+    result = horderun("-np", "1", sys.executable, SCRIPT,
+                      env=repo_env(OUT=str(out), STEPS="3", STEP_DELAY="0.01", PASS_SAMPLES="1",
+                                   REINIT_EVERY="0", HORDE_DATA_DIR=str(blocker)),
+                      timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "the embedded coordinator did not start" in result.stderr
+    assert "HORDE_DATA_DIR" in result.stderr
+
+
 def test_ledger_survives_kill_9_of_the_coordinator(etcd_server: object, tmp_path: Path) -> None:
     out = tmp_path / "logs"
     out.mkdir()

@@ -141,3 +141,19 @@ def test_unknown_network_interface_is_rejected() -> None:
     result = horderun("-np", "1", "--network-interfaces", "nosuchif0", sys.executable, SCRIPT)
     assert result.returncode == 2
     assert "nosuchif0" in result.stderr
+
+
+def test_data_folder_comes_from_the_flag_then_horde_data_dir_then_the_user_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import platformdirs
+
+    from elastic.launcher.cli import build_plan, make_parser
+
+    def plan(*flags: str) -> object:
+        return build_plan(make_parser().parse_args([*flags, "-np", "1", "true"]))
+
+    monkeypatch.setenv("HORDE_DATA_DIR", str(tmp_path / "env"))
+    assert plan("--data-dir", str(tmp_path / "flag")).data_dir == str(tmp_path / "flag")
+    assert plan().data_dir == str(tmp_path / "env")
+    monkeypatch.delenv("HORDE_DATA_DIR")
+    assert plan().data_dir == platformdirs.user_data_dir("horde", appauthor=False)
