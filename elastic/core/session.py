@@ -346,7 +346,8 @@ def add_process_set(process_set: ProcessSet | list[int]) -> ProcessSet:
 
 
 def _attach(current: GenerationRuntime, set_id: int, ranks: list[int]) -> None:
-    current.engine.subsets[set_id] = current.transport.subset(ranks, set_id)
+    current.engine.subsets[set_id] = current.transport.subset(ranks, set_id,
+                                                                 current.interrupted)
 
 
 def reattach_process_sets() -> None:

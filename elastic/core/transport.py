@@ -9,12 +9,13 @@ new one is built, which is how a membership change happens without restarting.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from elastic.core.stall import StallInspector
 from elastic.errors import HorovodInternalError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def connect_store(host: str, port: int, timeout: float) -> dist.Store:
@@ -41,6 +43,34 @@ def serve_store(host: str, timeout: float) -> dist.TCPStore:
     )
 
 
+ARRIVAL_POLL = 0.05  # seconds between checks of the store for the peers' arrival
+#: the most seconds Gloo's pairing may take once every peer has arrived; a peer that dies
+#: in between then costs this long, not the whole collective timeout
+GLOO_CONNECT_TIMEOUT = 20.0
+
+
+def await_arrivals(store: dist.Store, prefix: str, rank: int, size: int,
+                   interrupted: threading.Event | None, timeout: float) -> None:
+    """Mark this rank as arrived under `prefix` and wait until all `size` ranks have.
+
+    Gloo's own connect blocks in native code until every peer is there, and a thread
+    left blocked there when the generation is superseded can outlive the interpreter
+    (the process then aborts at exit). Waiting here first, in Python and interruptibly,
+    means Gloo is only entered once every peer has arrived. Raises InterruptedError when
+    `interrupted` is set and TimeoutError after `timeout` seconds.
+    """
+    store.set(f"{prefix}{rank}", b"1")
+    keys = [f"{prefix}{r}" for r in range(size)]
+    deadline = time.monotonic() + timeout
+    while not store.check(keys):
+        if interrupted is not None and interrupted.is_set():
+            raise InterruptedError("generation superseded while its peers were arriving")
+        if time.monotonic() > deadline:
+            missing = [r for r in range(size) if not store.check([keys[r]])]
+            raise TimeoutError(f"ranks {missing} did not arrive within {timeout:g} s")
+        time.sleep(ARRIVAL_POLL)
+
+
 class Transport:
     """The process groups of one generation: gloo always (and a second gloo group that
     carries only DistributedOptimizer buckets in steady state, `gradients`), NCCL lazily
@@ -54,6 +84,7 @@ class Transport:
         size: int,
         timeout: float,
         bind_host: str | None = None,
+        arrived: bool = False,
     ) -> None:
         self.namespace = namespace
         self.rank = rank
@@ -65,19 +96,26 @@ class Transport:
         self._lock = threading.Lock()
         self.members: tuple[int, ...] | None = None
         """Global ranks of a process set's transport (None: the whole world)."""
-        self.gloo = self._make_gloo(namespace, rank, size)
+        self.gloo = self._make_gloo(namespace, rank, size, arrived)
         self.gradients: dist.ProcessGroupGloo | None = (
-            self._make_gloo(namespace + "grad/", rank, size) if size > 1 else None)
+            self._make_gloo(namespace + "grad/", rank, size, arrived) if size > 1 else None)
 
-    def _make_gloo(self, namespace: str, rank: int, size: int) -> dist.ProcessGroupGloo:
+    def _make_gloo(self, namespace: str, rank: int, size: int, arrived: bool = False
+                   ) -> dist.ProcessGroupGloo:
+        """A Gloo group; `arrived` (every peer is known to be there) bounds the pairing
+        by GLOO_CONNECT_TIMEOUT, and collectives then get the full timeout."""
+        connect = min(self.timeout, GLOO_CONNECT_TIMEOUT) if arrived else self.timeout
         opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = datetime.timedelta(seconds=self.timeout)
+        opts._timeout = datetime.timedelta(seconds=connect)
         if self._bind_host:
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self._bind_host)]
         else:
             opts._devices = [dist.ProcessGroupGloo.create_default_device()]
         store = dist.PrefixStore(namespace + "gloo/", self._store)
-        return dist.ProcessGroupGloo(store, rank, size, opts)
+        group = dist.ProcessGroupGloo(store, rank, size, opts)
+        if connect != self.timeout:
+            group._set_default_timeout(datetime.timedelta(seconds=self.timeout))
+        return group
 
     def group_for(self, tensor: torch.Tensor) -> dist.ProcessGroup:
         """The group that moves `tensor`: NCCL for CUDA tensors, gloo otherwise."""
@@ -99,8 +137,14 @@ class Transport:
                 self._nccl = dist.ProcessGroupNCCL(store, self.rank, self.size, opts)
             return self._nccl
 
-    def subset(self, ranks: Sequence[int], set_id: int) -> Transport | None:
-        """A transport over `ranks` (a process set); None on ranks outside it."""
+    def subset(self, ranks: Sequence[int], set_id: int,
+               interrupted: threading.Event | None = None) -> Transport | None:
+        """A transport over `ranks` (a process set); None on ranks outside it.
+
+        Connecting waits for every rank of the set; with `interrupted`, a membership
+        change ends that wait with HorovodInternalError (a member that died before it
+        connected would otherwise hold the others for the whole timeout).
+        """
         if self.rank not in ranks:
             return None
         sub = object.__new__(Transport)
@@ -113,7 +157,20 @@ class Transport:
         sub._nccl = None
         sub._lock = threading.Lock()
         sub.members = tuple(ranks)
-        sub.gloo = sub._make_gloo(sub.namespace, sub.rank, sub.size)
+        def connect() -> dist.ProcessGroupGloo:
+            await_arrivals(self._store, sub.namespace + "arrived/", sub.rank, sub.size,
+                           interrupted, self.timeout)
+            return sub._make_gloo(sub.namespace, sub.rank, sub.size, arrived=True)
+
+        if interrupted is None:
+            sub.gloo = connect()
+        else:
+            try:
+                sub.gloo = build_interruptibly(connect, interrupted)
+            except InterruptedError:
+                raise HorovodInternalError(
+                    f"connecting process set {set_id} was interrupted: the membership "
+                    "changed (a peer died, hung or left)") from None
         sub.gradients = None
         return sub
 
@@ -177,8 +234,8 @@ def wait_interruptibly(
 
 
 def build_interruptibly(
-    build: Callable[[], Transport], interrupted: threading.Event, poll: float = 0.05
-) -> Transport:
+    build: Callable[[], T], interrupted: threading.Event, poll: float = 0.05
+) -> T:
     """Run a blocking group construction in a thread; give up when `interrupted` is set.
 
     Connecting a group blocks until every member arrives; if the generation is
@@ -190,7 +247,7 @@ def build_interruptibly(
 
     def target() -> None:
         try:
-            result["transport"] = build()
+            result["built"] = build()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             result["error"] = exc
         finally:
@@ -200,7 +257,29 @@ def build_interruptibly(
     thread.start()
     while not done.wait(poll):
         if interrupted.is_set():
+            _abandoned.append(thread)
             raise InterruptedError("generation superseded while connecting its process group")
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
-    return result["transport"]  # type: ignore[return-value]
+    return result["built"]  # type: ignore[return-value]
+
+
+_abandoned: list[threading.Thread] = []
+
+
+@atexit.register
+def _await_abandoned_connects() -> None:
+    """Let connects given up on end before the interpreter does.
+
+    A thread still inside Gloo's connect when the interpreter finalizes aborts the process
+    when the call returns (SIGABRT at exit, after a member died while a group paired).
+    Such a connect ends within GLOO_CONNECT_TIMEOUT once every peer had arrived.
+    """
+    alive = [t for t in _abandoned if t.is_alive()]
+    if not alive:
+        return
+    logger.info("waiting up to %g s for %d abandoned process-group connect(s) to end",
+                GLOO_CONNECT_TIMEOUT, len(alive))
+    deadline = time.monotonic() + GLOO_CONNECT_TIMEOUT + 5.0
+    for thread in alive:
+        thread.join(max(0.0, deadline - time.monotonic()))

@@ -22,7 +22,13 @@ import torch.distributed as dist
 from elastic.core.engine import CollectiveEngine
 from elastic.core.runtime import GenerationRuntime, Topology
 from elastic.core.stall import StallInspector, read_activity
-from elastic.core.transport import Transport, build_interruptibly, connect_store, serve_store
+from elastic.core.transport import (
+    Transport,
+    await_arrivals,
+    build_interruptibly,
+    connect_store,
+    serve_store,
+)
 from elastic.errors import GenerationUnreachableError, HorovodInternalError
 from elastic.settings import WorkerSettings, horovod_notes
 from rendezvous.agent import ControlState, NodeAgent
@@ -257,8 +263,9 @@ class WorkerContext:
             self._connects = {gen.id: attempt + 1}
             namespace = f"{self.rdzv.job}/g{gen.id}/" + (f"c{attempt}/" if attempt else "")
 
-            def build(gen: Generation = gen, rank: int = rank, ns: str = namespace) -> Transport:
-                return self._connect(gen, rank, ns)
+            def build(gen: Generation = gen, rank: int = rank, ns: str = namespace,
+                      interrupted: threading.Event = interrupted) -> Transport:
+                return self._connect(gen, rank, ns, interrupted)
 
             try:
                 transport = build_interruptibly(build, interrupted)
@@ -280,15 +287,16 @@ class WorkerContext:
             self._install(gen, transport, interrupted)
             return
 
-    def _connect(self, gen: Generation, rank: int, namespace: str) -> Transport:
+    def _connect(self, gen: Generation, rank: int, namespace: str,
+                 interrupted: threading.Event | None = None) -> Transport:
         """Connect this generation's process group; GenerationUnreachableError names
-        the store or the peers that could not be reached, from where."""
+        the store or the peers that could not be reached, from where. Gloo is entered
+        only once every peer has arrived (`await_arrivals`); `interrupted` ends the wait."""
         me = f"node {self.node_id} (rank {rank}, address {self.settings.advertise_addr})"
         where = f"generation {gen.id} of job {self.rdzv.job}"
         arrived = namespace + "arrived/"
         try:
             store = connect_store(gen.store_host, gen.store_port, self.rdzv.start_timeout)
-            store.set(f"{arrived}{rank}", self.settings.advertise_addr)
         except Exception as exc:  # noqa: BLE001 - named and chained below
             raise GenerationUnreachableError(
                 f"{me} could not reach the store of {where} at "
@@ -296,8 +304,12 @@ class WorkerContext:
                 f"{gen.members[0].node_id}) within {self.rdzv.start_timeout:g} s: "
                 f"{_first_line(exc)}") from exc
         try:
+            await_arrivals(store, arrived, rank, gen.size, interrupted,
+                           self.settings.collective_timeout)
             return Transport(store, namespace, rank, gen.size, self.settings.collective_timeout,
-                             bind_host=self.settings.advertise_addr)
+                             bind_host=self.settings.advertise_addr, arrived=True)
+        except InterruptedError:
+            raise
         except Exception as exc:  # noqa: BLE001 - named and chained below
             peers = [(r, m) for r, m in enumerate(gen.members) if r != rank]
             try:

@@ -75,6 +75,7 @@ class StaleExchange:
         if self.rounds is not None:
             self.rounds.close()
             self.totals = self.totals.plus(self.rounds.stats)
+            self.rounds = None  # counted once, even if the next rounds fail to connect
         codec = PayloadCodec(self.layout, self.compressor, runtime.size,
                              fp16_dense=self.fp16_dense)
         on_round = self.on_round or _round_reporter(runtime)

@@ -140,7 +140,8 @@ class StalenessRounds:
         self.size = runtime.size
         self._interrupted = runtime.interrupted
         stream = runtime.rounds_stream(stream)
-        transport = runtime.transport.subset(list(range(self.size)), ROUNDS_SET_ID + stream)
+        transport = runtime.transport.subset(list(range(self.size)), ROUNDS_SET_ID + stream,
+                                              self._interrupted)
         assert transport is not None  # every rank is in the set
         self._engine = CollectiveEngine(transport, self._interrupted)
         self._outbox: deque[_Pending] = deque()
