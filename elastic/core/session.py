@@ -61,6 +61,16 @@ class ProcessSet:
             return me
         return self.ranks.index(me) if me in self.ranks else -1
 
+    def member_rank(self, what: str) -> int:
+        """This process's rank in the set; ValueError naming `what` (the call) when the
+        set is not registered or this process is not in it."""
+        rank = self.rank()
+        if rank is None:
+            raise ValueError(f"{self} is not registered; call hvd.add_process_set() first")
+        if rank < 0:
+            raise ValueError(f"{what} was called on a rank that is not a member of {self}")
+        return rank
+
     def included(self) -> bool | None:
         if self._invalid():
             return None

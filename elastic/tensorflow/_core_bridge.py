@@ -234,19 +234,10 @@ def join() -> int:
 
 # -- Python objects -------------------------------------------------------------------
 
-def _member(process_set: ProcessSet, what: str) -> int:
-    me = process_set.rank()
-    if me is None:
-        raise ValueError(f"{process_set} is not registered; call hvd.add_process_set() first")
-    if me < 0:
-        raise ValueError(f"{what} was called on a rank that is not a member of {process_set}")
-    return me
-
-
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> Any:
     """Rank `root_rank`'s `obj` on every rank (serialized; others' `obj` is ignored)."""
-    me = _member(process_set, "broadcast_object")
+    me = process_set.member_rank("broadcast_object")
     root = check_root(root_rank, process_set)
     name = name or "broadcast_object"
     blob, refusal = _encode(obj) if me == root else (None, None)
@@ -266,7 +257,7 @@ def allgather_object(obj: Any, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> list[Any]:
     """Every rank's `obj`, in rank order of the process set (plain data unless the job
     trusts its peers, as for elastic.torch)."""
-    _member(process_set, "allgather_object")
+    process_set.member_rank("allgather_object")
     name = name or "allgather_object"
     blob, refusal = _encode(obj)
     size = _REFUSED if blob is None else len(blob)

@@ -49,15 +49,6 @@ def _decode(data: torch.Tensor, source: str, safe: Sequence[Any]) -> Any:
     return serialization.decode(data.numpy().tobytes(), _trusted(), source, safe)
 
 
-def _member_rank(process_set: ProcessSet, what: str) -> int:
-    rank = process_set.rank()
-    if rank is None:
-        raise ValueError(f"{process_set} is not registered; call hvd.add_process_set() first")
-    if rank < 0:
-        raise ValueError(f"{what} was called on a rank that is not a member of {process_set}")
-    return rank
-
-
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> Any:
     """Return rank `root_rank`'s `obj` on every rank (other ranks' `obj` is ignored).
@@ -73,7 +64,7 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
 def _broadcast_object(obj: Any, root_rank: int, name: str | None, process_set: ProcessSet,
                       safe: Sequence[Any]) -> Any:
     """`broadcast_object` that also accepts the types in `safe` (Horde's own placeholders)."""
-    me = _member_rank(process_set, "broadcast_object")
+    me = process_set.member_rank("broadcast_object")
     collectives._check_root(root_rank, process_set)
     name = name or "broadcast_object"
     refusal = None
@@ -104,7 +95,7 @@ def allgather_object(obj: Any, name: str | None = None,
 
     Each `obj` must be plain data unless the job trusts its peers (see broadcast_object).
     """
-    _member_rank(process_set, "allgather_object")
+    process_set.member_rank("allgather_object")
     name = name or "allgather_object"
     payload, refusal = _encode(obj, ())
     size = _REFUSED if payload is None else payload.numel()
@@ -161,7 +152,7 @@ def broadcast_parameters(params: Mapping[Any, Any] | list[Any], root_rank: int,
     list of tensors or `(name, tensor)` pairs such as `list(model.named_parameters())`.
     Non-tensor values of a mapping are replaced by the root's values.
     """
-    _member_rank(process_set, "broadcast_parameters")
+    process_set.member_rank("broadcast_parameters")
     if isinstance(params, Mapping):
         items = sorted(params.items(), key=_sort_key)
     elif isinstance(params, list):
@@ -252,7 +243,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
     Ranks whose state is missing or partial (a fresh optimizer) get the root's layout;
     when the root's state is empty, every rank ends with an empty state.
     """
-    me = _member_rank(process_set, "broadcast_optimizer_state")
+    me = process_set.member_rank("broadcast_optimizer_state")
     collectives._check_root(root_rank, process_set)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     described = _describe_optimizer(optimizer, params) if me == root_rank else None
