@@ -59,6 +59,9 @@ def main() -> None:
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     callbacks = [
+        # Horde: each batch's loss goes to the status page's loss chart.
+        keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: hvd.record_loss(float(logs["loss"]))),
         # Start every worker from rank 0's weights.
         hvd.callbacks.BroadcastGlobalVariablesCallback(0),
         # Average the metrics over the workers at the end of every epoch.

@@ -51,6 +51,9 @@ def main() -> None:
     state.register_reset_callbacks([on_state_reset])
     on_state_reset()
     callbacks = [
+        # Horde: each batch's loss goes to the status page's loss chart.
+        keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: hvd.record_loss(float(logs["loss"]))),
         hvd.callbacks.MetricAverageCallback(),
         hvd.elastic.UpdateBatchStateCallback(state),
         hvd.elastic.UpdateEpochStateCallback(state),

@@ -35,6 +35,7 @@ from elastic.tensorflow._core_bridge import (
     mpi_enabled,
     mpi_threads_supported,
     rank,
+    record_loss,
     remove_process_set,
     rocm_built,
     shutdown,
@@ -95,5 +96,5 @@ __all__ = [
     "grouped_allgather", "grouped_allreduce", "grouped_reducescatter", "join",
     "local_rank_op", "local_size_op", "rank_op", "reducescatter", "size_op", "elastic",
     "gloo_enabled", "mpi_enabled", "mpi_built", "mpi_threads_supported", "nccl_built",
-    "ddl_built", "ccl_built", "cuda_built", "rocm_built", "sycl_built",
+    "ddl_built", "ccl_built", "cuda_built", "rocm_built", "sycl_built", "record_loss",
 ]

@@ -37,6 +37,7 @@ from elastic.core.capabilities import (  # noqa: F401 - the frontend's build que
 )
 from elastic.core.engine import Kind, ReduceOp, Request
 from elastic.core.session import ProcessSet, global_process_set
+from elastic.credit.steps import report_synchronous_step as report_step
 from elastic.errors import (
     CollectiveMismatchError,
     CollectiveStallError,
@@ -57,9 +58,16 @@ __all__ = [
 
 init = session.init
 shutdown = session.shutdown
+record_loss = session.record_loss  # Horde: the coordinator's loss chart (not in Horovod)
 is_initialized = session.is_initialized
 add_process_set = session.add_process_set
 remove_process_set = session.remove_process_set
+
+
+def report_synchronous_step() -> None:
+    """Credit one synchronous gradient step of the global set (one sample per member,
+    as the PyTorch optimizer does when the script passes no sample count)."""
+    report_step(session.runtime(), None)
 
 
 def rank() -> int:

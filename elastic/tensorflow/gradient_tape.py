@@ -80,7 +80,23 @@ class GradientReducer:
         out = list(grads)
         for i, g in zip(present, reduced):
             out[i] = g
+        if self.process_set.process_set_id == 0:
+            self._credit(out[present[0]])
         return out
+
+    @staticmethod
+    def _credit(after: Any) -> None:
+        """Credit the step once its reduction is done (`after`: one reduced gradient);
+        inside `tf.function` a stateful py_function, which TensorFlow runs every step."""
+        def report(*_: Any) -> list[Any]:
+            core.report_synchronous_step()
+            return []
+
+        if tf.executing_eagerly():
+            report()
+        else:
+            anchor = after.values if isinstance(after, tf.IndexedSlices) else after
+            tf.py_function(func=report, inp=[anchor], Tout=[])
 
     def _chunks(self, present: list[int], variables: Sequence[Any] | None) -> list[list[int]]:
         if self.groups is not None and variables is not None:
