@@ -18,7 +18,7 @@ from elastic.codecs.payload import PayloadCodec
 from elastic.codecs.stats import RoundStats
 from elastic.codecs.topk import TopKCompressor
 from elastic.credit.reports import report_from_round
-from elastic.staleness.decide import NormCheck, inverse_staleness
+from elastic.staleness.decide import NormCheck, Refusal, inverse_staleness
 from elastic.staleness.rounds import RoundResult, StalenessRounds
 
 if TYPE_CHECKING:
@@ -149,8 +149,8 @@ class StaleExchange:
             if c.accepted:
                 applied = c.weight if damped else 1.0
                 rounds.codec.intake = c.weight  # w(s) of an accepted one
-            elif c.staleness > self.staleness:
-                applied = 0.0  # dropped unapplied: all of it goes back
+            elif c.staleness > self.staleness or c.refusal is Refusal.UNSETTLED:
+                applied = 0.0  # dropped or skipped unapplied: all of it goes back
             else:
                 applied = 1.0  # rejected: never fed back
             rounds.codec.settle(applied)
@@ -178,7 +178,8 @@ def _round_reporter(runtime: GenerationRuntime) -> Callable[[RoundResult], None]
 
 
 def _evictor(runtime: GenerationRuntime) -> Callable[[str, str], None] | None:
-    """Rank 0 blacklists a node whose contributions were rejected too often."""
+    """Blacklist a node whose contributions were rejected too often (the worker acts on
+    rank 0, or rank 1 for rank 0's own node: a node never evicts itself)."""
     blacklist = runtime.blacklist
     if blacklist is None:
         return None
