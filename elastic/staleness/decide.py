@@ -43,7 +43,8 @@ class Refusal(str, enum.Enum):
     """Too few norms to tell an outlier by majority (two members, or one, with no
     history), and this one's norm disagrees with the others' by more than the factor (or
     has nothing to compare with) and no past of its own vouches for it: skipped, no
-    strike (nobody can tell whose fault it is), fed back into a top-k residual."""
+    strike (nobody can tell whose fault it is), not fed back into a top-k residual (it
+    would come again in every round)."""
 
     @property
     def strikes(self) -> bool:

@@ -18,7 +18,7 @@ from elastic.codecs.payload import PayloadCodec
 from elastic.codecs.stats import RoundStats
 from elastic.codecs.topk import TopKCompressor
 from elastic.credit.reports import report_from_round
-from elastic.staleness.decide import NormCheck, Refusal, inverse_staleness
+from elastic.staleness.decide import NormCheck, inverse_staleness
 from elastic.staleness.rounds import RoundResult, StalenessRounds
 
 if TYPE_CHECKING:
@@ -149,10 +149,16 @@ class StaleExchange:
             if c.accepted:
                 applied = c.weight if damped else 1.0
                 rounds.codec.intake = c.weight  # w(s) of an accepted one
-            elif c.staleness > self.staleness or c.refusal is Refusal.UNSETTLED:
-                applied = 0.0  # dropped or skipped unapplied: all of it goes back
+            elif c.staleness > self.staleness:
+                applied = 0.0  # dropped unapplied: all of it goes back
             else:
-                applied = 1.0  # rejected: never fed back
+                # Rejected or skipped (`Refusal.UNSETTLED`): never fed back, and the residual
+                # is forgotten: what top-k left of the same gradient would come again in
+                # the next rounds, and if it was this member's own bad gradient, a round of
+                # two members would not settle until it had trickled out.
+                rounds.codec.settle(1.0)
+                rounds.codec.compressor.reset()
+                continue
             rounds.codec.settle(applied)
 
     def finish(self, optimizer: Stepper) -> None:
