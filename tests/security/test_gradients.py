@@ -57,6 +57,7 @@ def test_a_scaled_first_gradient_of_two_members_does_not_wreck_the_model(
         assert honest["node"] not in rank["runs"]["attack"]["stats"]["strikes"], rank
     assert f"rejected a contribution of {honest['node']}" not in output
     assert "too many rejected contributions" not in output
+    assert f"blacklisted {honest['node']}" not in output
 
 
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
