@@ -23,7 +23,7 @@ class RoundStats:
     unsettled: int = 0
     """Contributions skipped without a strike: no majority to judge their norm by."""
     nonfinite_rounds: int = 0
-    """Rounds whose aggregate would have been non-finite: skipped on every member."""
+    """Rounds in which every payload sent was non-finite (nothing applied)."""
     staleness: Counter = field(default_factory=Counter)
     strikes: Counter = field(default_factory=Counter)
     last_density: float = 1.0

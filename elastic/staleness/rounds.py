@@ -430,27 +430,20 @@ class StalenessRounds:
                                t, self._members[rank], decision.reasons[rank])
         total = decision.total
         aggregate = None
-        nonfinite = decision.nonfinite
         if total > 0:
+            # Every accepted payload has a finite norm, so finite values (each below
+            # ~1.8e19: a larger one squares to Inf), and the aggregate is their convex
+            # combination: finite too, with no pass over it to check.
             aggregate = self._buffer()
             for add in decision.adds:  # normalised as added: no pass over the sum afterwards
                 payload, parts = payloads[add.rank]
                 data = payload if add.part is None or parts is None else parts[add.part]
                 assert data is not None  # decide_round adds only parts that came with bytes
                 self.codec.decode_add(data, aggregate, add.mass / total)
-            # Finite parts can still add up to Inf; every member holds the same sum, so
-            # every member skips the same round (one pass: a sum is NaN/Inf if any is).
-            if self._max_nonfinite and not math.isfinite(float(aggregate.sum())):
-                logger.warning("round %d: the aggregate is non-finite (NaN/Inf); skipped on "
-                               "every member", t)
-                self.stats.nonfinite_rounds += 1
-                self.recycle(aggregate)
-                aggregate, nonfinite = None, True
-            else:
-                self._version += 1
-        if aggregate is None:
+            self._version += 1
+        else:
             self.stats.empty_rounds += 1
-        self._count_nonfinite(t, nonfinite, aggregate is not None)
+        self._count_nonfinite(t, decision.nonfinite, aggregate is not None)
         return RoundResult(self.generation, t, self._version, aggregate,
                            decision.contributions, decision.freshness, decision.lrs,
                            decision.steps)
@@ -462,6 +455,7 @@ class StalenessRounds:
             self._nonfinite_run = 0
         elif nonfinite:
             self._nonfinite_run += 1
+            self.stats.nonfinite_rounds += 1
         if self._max_nonfinite and self._nonfinite_run >= self._max_nonfinite:
             raise NonFiniteGradientError(
                 f"round {t} of generation {self.generation}: every gradient of the last "
