@@ -95,4 +95,7 @@ def test_a_model_gone_nonfinite_under_staleness_stops_the_job_without_strikes(
     assert result.returncode != 0, output
     assert "NonFiniteGradientError: round" in output, output
     assert "every gradient of the last 5 rounds that had any was non-finite" in output
-    assert "rejected a contribution of" not in output, "a member was struck for the shared fault"
+    # Rounds of nothing but NaN strike nobody (a round mixing one member's last finite
+    # gradient with the other's first NaN one may strike the NaN sender: once or twice).
+    assert output.count("without a strike (non-finite values)") >= 2 * 2 * 5, output
+    assert "strike 3 of 3" not in output and "blacklisted" not in output, output
