@@ -73,3 +73,13 @@ class ObjectNotAllowedError(HordeError, TypeError):
     Not a `HorovodInternalError`: retrying would send the same object again, so
     `hvd.elastic.run` does not retry it. Nothing in a refused object ran.
     """
+
+
+class NonFiniteGradientError(HordeError, RuntimeError):
+    """The aggregated gradient was non-finite (NaN/Inf) in too many consecutive steps or
+    rounds (`HORDE_MAX_NONFINITE_STEPS`): the model or the data went bad on every member.
+
+    Raised on every member at the same step (they all see the same aggregate). Not a
+    `HorovodInternalError`: a reset would restore the same state and fail again, so
+    `hvd.elastic.run` does not retry it and the job ends with a non-zero exit.
+    """

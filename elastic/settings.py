@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 DEFAULT_REPORT_SPAN = 16
+DEFAULT_MAX_NONFINITE_STEPS = 100
 DEFAULT_STALL_CHECK_TIME = 60.0
 """Horovod's default; lowered to half the collective timeout, so the warning comes first."""
 
@@ -73,6 +74,11 @@ class WorkerSettings:
     """True (HORDE_TRUSTED_PEERS=1, `horderun --trusted-peers`): objects from peers are
     fully unpickled. Off by default: peers' objects are read as data only
     (elastic/serialization.py), since volunteers are untrusted."""
+    max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS
+    """Consecutive steps (synchronous) or rounds (staleness) whose aggregated gradient is
+    non-finite, each skipped on every member, before the job stops with
+    `NonFiniteGradientError` (HORDE_MAX_NONFINITE_STEPS; 0: never skip nor stop, as
+    Horovod)."""
 
     @property
     def stall_check_seconds(self) -> float:
@@ -107,6 +113,9 @@ class WorkerSettings:
         if self.stall_shutdown_time < 0:
             raise ValueError(f"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS={self.stall_shutdown_time:g} "
                              "must be >= 0 seconds (0: never)")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"HORDE_MAX_NONFINITE_STEPS={self.max_nonfinite_steps} must be >= 0 "
+                             "(0: never skip a non-finite step)")
         if self.fusion_threshold is not None and self.fusion_threshold < 0:
             raise ValueError(f"HOROVOD_FUSION_THRESHOLD={self.fusion_threshold} must be >= 0 "
                              "bytes (0: no fusion)")
@@ -138,6 +147,8 @@ class WorkerSettings:
             or None,
             coordinator_token=env.get("HORDE_COORDINATOR_TOKEN") or None,
             trusted_peers=_flag(env, "HORDE_TRUSTED_PEERS"),
+            max_nonfinite_steps=_integer(env, "HORDE_MAX_NONFINITE_STEPS",
+                                         DEFAULT_MAX_NONFINITE_STEPS),
         )
 
 

@@ -20,6 +20,10 @@ class RoundStats:
     accepted: int = 0
     dropped_stale: int = 0
     rejected: int = 0
+    unsettled: int = 0
+    """Contributions skipped without a strike: no majority to judge their norm by."""
+    nonfinite_rounds: int = 0
+    """Rounds in which every payload sent was non-finite (nothing applied)."""
     staleness: Counter = field(default_factory=Counter)
     strikes: Counter = field(default_factory=Counter)
     last_density: float = 1.0
@@ -38,7 +42,9 @@ class RoundStats:
             dense_bytes=self.dense_bytes + later.dense_bytes,
             accepted=self.accepted + later.accepted,
             dropped_stale=self.dropped_stale + later.dropped_stale,
-            rejected=self.rejected + later.rejected, staleness=self.staleness + later.staleness,
+            rejected=self.rejected + later.rejected, unsettled=self.unsettled + later.unsettled,
+            nonfinite_rounds=self.nonfinite_rounds + later.nonfinite_rounds,
+            staleness=self.staleness + later.staleness,
             strikes=later.strikes, last_density=later.last_density,
             residual_norm=later.residual_norm, residual=later.residual)
 
@@ -48,7 +54,9 @@ class RoundStats:
             "bytes_sent": self.bytes_sent, "dense_bytes": self.dense_bytes,
             "compression_ratio": (self.dense_bytes / self.bytes_sent) if self.bytes_sent else 1.0,
             "accepted": self.accepted, "dropped_stale": self.dropped_stale,
-            "rejected": self.rejected, "staleness_histogram": dict(sorted(self.staleness.items())),
+            "rejected": self.rejected, "unsettled": self.unsettled,
+            "nonfinite_rounds": self.nonfinite_rounds,
+            "staleness_histogram": dict(sorted(self.staleness.items())),
             "strikes": dict(self.strikes), "density": self.last_density,
             "residual_norm": self.residual() if self.residual else self.residual_norm,
         }

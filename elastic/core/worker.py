@@ -327,9 +327,13 @@ class WorkerContext:
                 f"{_first_line(exc)}") from exc
 
     def _blacklist(self, node: str, reason: str) -> None:
-        """Evict `node` from the job for the job's blacklist cooldown (rank 0 only)."""
+        """Evict `node` from the job for the job's blacklist cooldown: rank 0 does it, or
+        rank 1 when the node is rank 0's own (a node never evicts itself)."""
         runtime, agent = self.runtime, self.agent
-        if agent is None or runtime is None or runtime.rank != 0:
+        if agent is None or runtime is None or node == runtime.node_id:
+            return
+        acting = 1 if runtime.members and runtime.members[0] == node else 0
+        if runtime.rank != acting:
             return
         from rendezvous.agent import blacklist_node
 

@@ -12,7 +12,7 @@ import enum
 import math
 import statistics
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -39,6 +39,12 @@ class Refusal(str, enum.Enum):
     """Its member's message could not be read (a strike)."""
     NO_PAYLOAD = "no_payload"
     """Announced in the header, but no bytes came with it."""
+    UNSETTLED = "unsettled"
+    """Too few norms to tell an outlier by majority (two members, or one, with no
+    history), and this one's norm disagrees with the others' by more than the factor (or
+    has nothing to compare with) and no past of its own vouches for it: skipped, no
+    strike (nobody can tell whose fault it is), not fed back into a top-k residual (it
+    would come again in every round)."""
 
     @property
     def strikes(self) -> bool:
@@ -69,9 +75,13 @@ class Contribution:
 
 @dataclass(frozen=True)
 class NormCheck:
-    """Rejects non-finite contributions and those whose norm exceeds `factor` x the median
-    of this round's norms and the recently accepted ones (`history` of them are kept, so
-    a round with few contributors is still checked)."""
+    """Rejects non-finite contributions, those whose norm exceeds `factor` x the median of
+    this round's norms and the recently accepted ones (`history` of them are kept, so a
+    round with few contributors is still checked), and those above `factor` x the median
+    of their own node's accepted norms. With fewer than `min_contributions` norms to take
+    a median of (two members and no history yet), norms that differ by more than `factor`
+    are skipped (`Refusal.UNSETTLED`) unless their node's own past vouches for them: a
+    first round cannot let a 10^6x gradient in."""
 
     factor: float = 10.0
     min_contributions: int = 3
@@ -87,17 +97,40 @@ class NormCheck:
                 f"{self.min_contributions}, max_strikes={self.max_strikes}, "
                 f"history={self.history}")
 
-    def judge(self, norms: dict[int, float], recent: Sequence[float] = ()
+    def judge(self, norms: dict[int, float], recent: Sequence[float] = (),
+              own: Mapping[int, Sequence[float]] | None = None, members: int = 0
               ) -> dict[int, Refusal]:
         """Refusals keyed by rank (deterministic on every member, which all pass the same
-        `recent` norms): NONFINITE for a non-finite norm, OUTLIER above the limit."""
+        `recent` norms and `own` norms per rank: its node's accepted norms):
+        NONFINITE for a non-finite norm, OUTLIER above a limit, UNSETTLED when there is
+        no majority to judge by. `members`: the generation's size (a lone contribution
+        with nothing to compare with is skipped when there are other members)."""
+        own = own or {}
         bad = {r: Refusal.NONFINITE for r, n in norms.items() if not math.isfinite(n)}
-        reference = [n for r, n in norms.items() if r not in bad] + list(recent)
-        if len(reference) >= self.min_contributions:
+        finite = {r: n for r, n in norms.items() if r not in bad}
+        for r, n in finite.items():  # each node against its own past
+            past = own.get(r, ())
+            if len(past) >= self.min_contributions:
+                median = statistics.median(past)
+                if median > 0 and n > self.factor * median:
+                    bad[r] = Refusal.OUTLIER
+        reference = list(finite.values()) + list(recent)
+        if len(reference) >= self.min_contributions:  # a majority: the median
             median = statistics.median(reference)
-            for r, n in norms.items():
+            for r, n in finite.items():
                 if r not in bad and median > 0 and n > self.factor * median:
                     bad[r] = Refusal.OUTLIER
+            return bad
+        left = {r: n for r, n in finite.items() if r not in bad}
+        reference = list(left.values()) + list(recent)
+        alone = len(reference) == 1 and members > 1
+        low, high = (min(reference), max(reference)) if reference else (0.0, 0.0)
+        if not alone and high <= self.factor * low:
+            return bad  # they agree (or nothing to judge)
+        for r, n in left.items():  # no majority: only a node's own past can vouch
+            past = own.get(r, ())
+            if not (past and n <= self.factor * statistics.median(past)):
+                bad[r] = Refusal.UNSETTLED
         return bad
 
 
@@ -141,7 +174,16 @@ class RoundDecision:
     plain: int = 0
     """Accepted samples, unweighted."""
     rejected: dict[int, Refusal] = field(default_factory=dict)
-    """Members whose whole message was refused (each costs its node a strike)."""
+    """Members whose whole message was refused."""
+    strikes: list[int] = field(default_factory=list)
+    """The rejected members that earn their node a strike: a striking refusal
+    (`Refusal.strikes`), unless every member that sent a payload sent non-finite values
+    (then the shared parameters are at fault, not one sender)."""
+    nonfinite: bool = False
+    """Payloads were sent and every one of them was non-finite (the rounds count these to
+    stop a job whose model became non-finite)."""
+    node_norms: dict[str, float] = field(default_factory=dict)
+    """The norms of the members not rejected, by node (each node's own history)."""
     reasons: dict[int, str] = field(default_factory=dict)
     """The refusals of `rejected`, explained."""
     accepted_norms: list[float] = field(default_factory=list)
@@ -182,12 +224,14 @@ class RoundDecision:
 
 def decide_round(entries: Sequence[Entry], members: Sequence[str], version: int,
                  staleness: int, norm_check: NormCheck, recent: Sequence[float] = (),
-                 weight: Callable[[int], float] = inverse_staleness) -> RoundDecision:
+                 weight: Callable[[int], float] = inverse_staleness,
+                 own: Mapping[str, Sequence[float]] | None = None) -> RoundDecision:
     """Decide a round from every member's message (`entries`, by rank).
 
     `members`: node ids by rank (a member is who the generation places at its rank,
     whatever its header claims); `version`: aggregates applied before this round;
-    `staleness`: the bound S; `recent`: the norms the norm check remembers.
+    `staleness`: the bound S; `recent`: the norms the norm check remembers; `own`: the
+    accepted norms it remembers per node.
     A contribution `version - v` aggregates old is dropped above S, weighed `weight(s)`
     otherwise; a member whose message is malformed, undecodable or an outlier is
     rejected whole.
@@ -203,8 +247,11 @@ def decide_round(entries: Sequence[Entry], members: Sequence[str], version: int,
                 norms[rank] = max(parts) if all(map(math.isfinite, parts)) else math.nan
         elif entry.norm is not None:
             norms[rank] = entry.norm
+    own = own or {}
     judged = norm_check.judge({r: n for r, n in norms.items()
-                               if entries[r].malformed is None}, recent)
+                               if entries[r].malformed is None}, recent,
+                              {r: own.get(node, ()) for r, node in enumerate(members)},
+                              len(members))
     rejected = {**judged, **{r: Refusal.MALFORMED for r, e in enumerate(entries)
                              if e.malformed is not None}}
     sent_lrs = [entry.lrs for entry in entries if entry.lrs is not None]
@@ -214,7 +261,11 @@ def decide_round(entries: Sequence[Entry], members: Sequence[str], version: int,
              zip(*(x for x in sent_lrs if len(x) == len(sent_lrs[0])))] if sent_lrs else None,
         reasons={r: _explain(code, entries[r], norms[r], norm_check)
                  for r, code in rejected.items()},
-        accepted_norms=[n for r, n in sorted(norms.items()) if r not in rejected])
+        accepted_norms=[n for r, n in sorted(norms.items()) if r not in rejected],
+        node_norms={members[r]: n for r, n in sorted(norms.items()) if r not in rejected},
+        nonfinite=bool(norms) and not any(map(math.isfinite, norms.values())))
+    shared = decision.nonfinite and len(norms) > 1
+    decision.strikes = [r for r, code in sorted(rejected.items()) if code.strikes and not shared]
     for rank, entry in enumerate(entries):
         node = members[rank]
         mass = 0.0
@@ -259,4 +310,7 @@ def _explain(refusal: Refusal, entry: Entry, norm: float, check: NormCheck) -> s
         return f"malformed message ({entry.malformed})"
     if refusal is Refusal.OUTLIER:
         return f"norm {norm:.3g} exceeds {check.factor:g}x the recent median"
+    if refusal is Refusal.UNSETTLED:
+        return (f"norm {norm:.3g} disagrees with the round's others by more than "
+                f"{check.factor:g}x and there is no history to tell which is right: skipped")
     return "non-finite values"

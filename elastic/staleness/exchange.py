@@ -152,7 +152,13 @@ class StaleExchange:
             elif c.staleness > self.staleness:
                 applied = 0.0  # dropped unapplied: all of it goes back
             else:
-                applied = 1.0  # rejected: never fed back
+                # Rejected or skipped (`Refusal.UNSETTLED`): never fed back, and the residual
+                # is forgotten: what top-k left of the same gradient would come again in
+                # the next rounds, and if it was this member's own bad gradient, a round of
+                # two members would not settle until it had trickled out.
+                rounds.codec.settle(1.0)
+                rounds.codec.compressor.reset()
+                continue
             rounds.codec.settle(applied)
 
     def finish(self, optimizer: Stepper) -> None:
@@ -178,7 +184,8 @@ def _round_reporter(runtime: GenerationRuntime) -> Callable[[RoundResult], None]
 
 
 def _evictor(runtime: GenerationRuntime) -> Callable[[str, str], None] | None:
-    """Rank 0 blacklists a node whose contributions were rejected too often."""
+    """Blacklist a node whose contributions were rejected too often (the worker acts on
+    rank 0, or rank 1 for rank 0's own node: a node never evicts itself)."""
     blacklist = runtime.blacklist
     if blacklist is None:
         return None

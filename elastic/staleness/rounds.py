@@ -30,11 +30,12 @@ import torch
 from elastic.codecs.base import Codec, DenseCodec
 from elastic.codecs.stats import RoundStats
 from elastic.core.engine import CollectiveEngine, Kind, Request
-from elastic.errors import HorovodInternalError
+from elastic.errors import HorovodInternalError, NonFiniteGradientError
 from elastic.staleness.decide import (
     Contribution,
     Entry,
     NormCheck,
+    Refusal,
     decide_round,
     inverse_staleness,
 )
@@ -158,7 +159,14 @@ class StalenessRounds:
         self._round_started: float | None = None  # when this member entered its last round
         self._own_times: deque[float] = deque(maxlen=16)  # this member's compute times
         self._lrs: list[float] | None = None  # this member's learning rates, last submitted
+        # The norm check's memory, per stream: every member of the generation starts it
+        # together, so every member judges with the same history (a newcomer would not
+        # have an earlier generation's).
         self._recent_norms: deque[float] = deque(maxlen=self.norm_check.history)
+        self._own_norms: dict[str, deque[float]] = {}
+        self._max_nonfinite = runtime.settings.max_nonfinite_steps
+        self._nonfinite_run = 0  # consecutive rounds whose aggregate was non-finite
+        self._evicting: set[str] = set()  # nodes already handed to `on_strikes`
         self._closed = False
         self._finishing = False
         self._all_finished = False
@@ -309,7 +317,8 @@ class StalenessRounds:
                 self._results.put(self._run_round(pending))
                 self._delivered = time.monotonic()
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread
-            self._results.put(exc if isinstance(exc, HorovodInternalError)
+            self._results.put(exc if isinstance(exc, (HorovodInternalError,
+                                                      NonFiniteGradientError))
                               else HorovodInternalError(f"round failed: {exc}"))
 
     def _combine(self, pending: list[_Pending]) -> torch.Tensor | None:
@@ -402,17 +411,29 @@ class StalenessRounds:
                 self._step_times.append(entry.step_time)
         self._peers_finishing = finishing
         decision = decide_round(entries, self._members, self._version, self.staleness,
-                                self.norm_check, self._recent_norms, self.weight)
+                                self.norm_check, self._recent_norms, self.weight,
+                                self._own_norms)
         self._recent_norms.extend(decision.accepted_norms)
+        for node, norm in decision.node_norms.items():
+            self._own_norms.setdefault(node, deque(maxlen=self.norm_check.history)).append(norm)
         self.stats.accepted += decision.accepted
         self.stats.dropped_stale += decision.dropped_stale
         self.stats.staleness.update(decision.staleness)
-        for rank in sorted(decision.rejected):
-            self.stats.rejected += 1
+        self.stats.rejected += len(decision.rejected)
+        self.stats.unsettled += sum(1 for code in decision.rejected.values()
+                                    if code is Refusal.UNSETTLED)
+        for rank in decision.strikes:
             self._strike(self._members[rank], decision.reasons[rank])
+        for rank, code in sorted(decision.rejected.items()):
+            if code is Refusal.UNSETTLED or rank not in decision.strikes:
+                logger.warning("round %d: skipped the contribution of %s without a strike (%s)",
+                               t, self._members[rank], decision.reasons[rank])
         total = decision.total
         aggregate = None
         if total > 0:
+            # Every accepted payload has a finite norm, so finite values (each below
+            # ~1.8e19: a larger one squares to Inf), and the aggregate is their convex
+            # combination: finite too, with no pass over it to check.
             aggregate = self._buffer()
             for add in decision.adds:  # normalised as added: no pass over the sum afterwards
                 payload, parts = payloads[add.rank]
@@ -422,9 +443,27 @@ class StalenessRounds:
             self._version += 1
         else:
             self.stats.empty_rounds += 1
+        self._count_nonfinite(t, decision.nonfinite, aggregate is not None)
         return RoundResult(self.generation, t, self._version, aggregate,
                            decision.contributions, decision.freshness, decision.lrs,
                            decision.steps)
+
+    def _count_nonfinite(self, t: int, nonfinite: bool, applied: bool) -> None:
+        """Stop every member together after `HORDE_MAX_NONFINITE_STEPS` consecutive rounds
+        whose gradients were all non-finite (the shared model went bad, or the data did)."""
+        if applied:
+            self._nonfinite_run = 0
+        elif nonfinite:
+            self._nonfinite_run += 1
+            self.stats.nonfinite_rounds += 1
+        if self._max_nonfinite and self._nonfinite_run >= self._max_nonfinite:
+            raise NonFiniteGradientError(
+                f"round {t} of generation {self.generation}: every gradient of the last "
+                f"{self._nonfinite_run} rounds that had any was non-finite (NaN/Inf), so "
+                "none was applied; the model or the data went bad on every member. Check "
+                "the learning rate and the inputs, or resume from a checkpoint "
+                f"(HORDE_MAX_NONFINITE_STEPS={self._max_nonfinite} sets how many such "
+                "rounds are skipped before the job stops)")
 
     def _read(self, t: int, rank: int, message: torch.Tensor
               ) -> tuple[Entry, torch.Tensor, list[torch.Tensor | None] | None, bool]:
@@ -487,8 +526,14 @@ class StalenessRounds:
         return self.codec
 
     def _strike(self, node: str, reason: str) -> None:
+        """Count a strike against `node` (the same record on every member); at the limit,
+        hand it to `on_strikes` once. A node never has itself evicted: when its own
+        contribution is refused it says so and leaves eviction to its peers."""
         self.stats.strikes[node] += 1
         logger.warning("rejected a contribution of %s (%s); strike %d of %d", node, reason,
                        self.stats.strikes[node], self.norm_check.max_strikes)
-        if self.stats.strikes[node] >= self.norm_check.max_strikes and self.on_strikes:
-            self.on_strikes(node, reason)
+        if self.stats.strikes[node] < self.norm_check.max_strikes or node in self._evicting \
+                or node == self.node_id or self.on_strikes is None:
+            return
+        self._evicting.add(node)
+        self.on_strikes(node, reason)

@@ -31,6 +31,7 @@ from elastic.codecs.compression import (
 from elastic.codecs.exchange import SyncSparseExchange
 from elastic.core.engine import GradientStep, ReduceOp
 from elastic.core.gradients import DTYPES
+from elastic.errors import NonFiniteGradientError
 from elastic.staleness.decide import NormCheck
 from elastic.staleness.exchange import StaleExchange
 from elastic.torch import runtime
@@ -145,6 +146,8 @@ class _DistributedOptimizer:
         self._flats: dict[int, tuple[torch.Tensor, list[torch.Tensor], Any, torch.Tensor]] = {}
         self._steps = {"negotiated": 0, "direct": 0}
         self._serial = next(_serials)  # never reused (an id() can be, after collection)
+        self._nonfinite_run = 0  # consecutive synchronous steps skipped as non-finite
+        self._nonfinite_skipped = 0
         self._reset_progress()
         self._included()  # raises ValueError before hvd.init(), as Horovod does
 
@@ -512,10 +515,42 @@ class _DistributedOptimizer:
                     "want to consider using optimizer.skip_synchronize() context if you use "
                     "optimizer.synchronize() in your code.", stacklevel=2)
             self.synchronize()
+            if self._skip_nonfinite():
+                self._synchronized = False
+                return None
             if self._included() and (self.process_set.size() or 1) > 1:
                 report_synchronous_step(samples, self.process_set)
+        elif self._skip_nonfinite():
+            return None
         self._synchronized = False
         return super().step(closure)  # type: ignore[misc]
+
+    def _skip_nonfinite(self) -> bool:
+        """Whether to skip this step: its averaged gradient holds NaN/Inf. Every rank of the
+        set holds the same average, so every rank skips the same steps (as mixed-precision
+        grad scalers do); after HORDE_MAX_NONFINITE_STEPS in a row the job stops."""
+        limit = runtime.settings().max_nonfinite_steps
+        if not limit or not self._included():
+            return False
+        bad = _nonfinite_gradient(self._all_params())
+        if bad is None:
+            self._nonfinite_run = 0
+            return False
+        self._nonfinite_run += 1
+        self._nonfinite_skipped += 1
+        name = self._names.get(id(bad), "a parameter")
+        if self._nonfinite_run >= limit:
+            raise NonFiniteGradientError(
+                f"the averaged gradient was non-finite (NaN/Inf) in {self._nonfinite_run} "
+                f"steps in a row (last: of {name!r}); every rank skipped them and the job "
+                "stops: a rank's loss or data went bad, or the learning rate is too high. "
+                "Check the inputs and the learning rate, or resume from a checkpoint "
+                f"(HORDE_MAX_NONFINITE_STEPS={limit} sets how many such steps are skipped "
+                "first; 0 never skips)")
+        logger.warning("skipped an optimizer step on every rank: the averaged gradient of %r "
+                       "is non-finite (NaN/Inf), from some rank's loss or data (%d in a row; "
+                       "the job stops at %d)", name, self._nonfinite_run, limit)
+        return True
 
     def _inner_step(self) -> None:
         super().step()  # type: ignore[misc]
@@ -542,9 +577,12 @@ class _DistributedOptimizer:
         histogram, dropped and rejected contributions (top-k and staleness modes)."""
         if self._exchange is None:
             return {"mode": "dense allreduce", "negotiated_steps": self._steps["negotiated"],
-                    "direct_steps": self._steps["direct"]}
-        mode = "staleness" if isinstance(self._exchange, StaleExchange) else "top-k"
-        return {"mode": mode, **self._exchange.stats.as_dict()}
+                    "direct_steps": self._steps["direct"],
+                    "nonfinite_skipped": self._nonfinite_skipped}
+        if isinstance(self._exchange, StaleExchange):
+            return {"mode": "staleness", **self._exchange.stats.as_dict()}
+        return {"mode": "top-k", **self._exchange.stats.as_dict(),
+                "nonfinite_skipped": self._nonfinite_skipped}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients; refused while gradients are being reduced (a race)."""
@@ -564,6 +602,25 @@ class _DistributedOptimizer:
 
 
 _serials = itertools.count()
+
+
+def _nonfinite_gradient(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The first parameter whose gradient holds NaN/Inf, or None. One reduction per
+    gradient and one host sync per device: a sum is NaN/Inf when any entry is (or when
+    finite entries overflow it, which a step could not survive either)."""
+    grads: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        values = g._values() if g.is_sparse else g
+        dtype = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else None
+        grads.setdefault(values.device, []).append((p, values.sum(dtype=dtype)))
+    for sums in grads.values():
+        finite = torch.isfinite(torch.stack([total for _, total in sums]))
+        if not bool(finite.all()):
+            return sums[int((~finite).nonzero()[0])][0]
+    return None
 
 
 def _drain(entry: _Launched) -> None:

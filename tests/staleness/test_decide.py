@@ -49,13 +49,64 @@ def test_an_outlier_is_rejected_whole_with_its_norm_in_the_reason() -> None:
 
 def test_history_rejects_an_outlier_in_a_round_of_one() -> None:
     entries = [Entry(((8, 5),), norm=100.0), Entry(), Entry()]
-    assert decide(entries).rejected == {}
+    assert decide(entries, recent=[90.0, 110.0]).rejected == {}
     assert decide(entries, recent=[1.0, 1.2, 0.9]).rejected == {0: Refusal.OUTLIER}
+
+
+def test_a_lone_first_contribution_with_nothing_to_compare_is_skipped_without_a_strike(
+        ) -> None:
+    d = decide([Entry(((8, 5),), norm=1e6), Entry(), Entry()])
+    assert d.rejected == {0: Refusal.UNSETTLED} and d.strikes == [] and d.adds == []
+    assert not Refusal.UNSETTLED.strikes
+    alone = decide_round([Entry(((8, 5),), norm=1e6)], ["a"], 5, 2, NormCheck())
+    assert alone.rejected == {}, "a generation of one member has nobody to compare with"
+
+
+def two(entries: list[Entry], **kwargs: object):
+    return decide_round(entries, ["honest", "hostile"], 0, 1, NormCheck(), **kwargs)
+
+
+def test_two_members_that_disagree_wildly_in_a_first_round_are_both_skipped() -> None:
+    d = two([Entry(((32, 0),), norm=2.0), Entry(((32, 0),), norm=2e6)])
+    assert d.rejected == {0: Refusal.UNSETTLED, 1: Refusal.UNSETTLED}
+    assert d.adds == [] and d.strikes == [] and d.accepted == 0
+    assert "no history" in d.reasons[1]
+    agree = two([Entry(((32, 0),), norm=2.0), Entry(((32, 0),), norm=3.0)])
+    assert agree.rejected == {} and [a.rank for a in agree.adds] == [0, 1]
+
+
+def test_with_a_history_two_members_are_judged_by_the_median() -> None:
+    d = two([Entry(((32, 0),), norm=2.0), Entry(((32, 0),), norm=2e6)], recent=[1.5])
+    assert d.rejected == {1: Refusal.OUTLIER} and d.strikes == [1]
+    assert [a.rank for a in d.adds] == [0]
+
+
+def test_a_nodes_own_past_vouches_for_it_when_there_is_no_majority() -> None:
+    own = {"honest": [2.0], "hostile": []}
+    d = two([Entry(((32, 0),), norm=2.5), Entry(((32, 0),), norm=2e6)], own=own)
+    assert d.rejected == {1: Refusal.UNSETTLED}, "the honest one's past vouches for it"
+    assert [a.rank for a in d.adds] == [0]
+
+
+def test_a_node_is_judged_against_its_own_past_norms() -> None:
+    own = {"a": [1.0, 1.0, 1.0], "b": [50.0, 60.0, 55.0], "c": [1.0, 1.0, 1.0]}
+    d = decide([Entry(((8, 5),), norm=1.0), Entry(((8, 5),), norm=55.0),
+                Entry(((8, 5),), norm=30.0)], own=own)
+    assert d.rejected == {2: Refusal.OUTLIER}, "30 is 30x c's own median; b's 55 is its usual"
+    assert d.node_norms == {"a": 1.0, "b": 55.0}
+
+
+def test_when_every_payload_is_nonfinite_nobody_is_struck() -> None:
+    d = two([Entry(((32, 0),), norm=math.nan), Entry(((32, 0),), norm=math.inf)])
+    assert d.nonfinite and d.strikes == [] and d.rejected == {0: Refusal.NONFINITE,
+                                                               1: Refusal.NONFINITE}
+    one = two([Entry(((32, 0),), norm=2.0), Entry(((32, 0),), norm=math.nan)])
+    assert not one.nonfinite and one.strikes == [1]
 
 
 def test_malformed_and_undecodable_messages_are_rejected_with_their_own_codes() -> None:
     d = decide([Entry(malformed="the header is list, not an object"),
-                Entry(((8, 5),), norm=math.nan), Entry(((8, 5),), norm=1.0)])
+                Entry(((8, 5),), norm=math.nan), Entry(((8, 5),), norm=1.0)], recent=[1.0])
     assert d.rejected == {0: Refusal.MALFORMED, 1: Refusal.NONFINITE}
     assert d.reasons[0] == "malformed message (the header is list, not an object)"
     assert d.reasons[1] == "non-finite values"
@@ -64,7 +115,8 @@ def test_malformed_and_undecodable_messages_are_rejected_with_their_own_codes() 
 
 
 def test_an_announced_contribution_without_bytes_has_no_payload() -> None:
-    d = decide([Entry(((8, 5),)), Entry(((8, 5), (4, 4)), part_norms=(1.0, None)), Entry()])
+    d = decide([Entry(((8, 5),)), Entry(((8, 5), (4, 4)), part_norms=(1.0, None)), Entry()],
+               recent=[1.0])
     refusals = [(c.rank, c.refusal) for c in d.contributions]
     assert refusals == [(0, Refusal.NO_PAYLOAD), (1, None), (1, Refusal.NO_PAYLOAD)]
     assert not Refusal.NO_PAYLOAD.strikes and not d.rejected
@@ -72,7 +124,8 @@ def test_an_announced_contribution_without_bytes_has_no_payload() -> None:
 
 
 def test_parts_are_weighed_each_by_its_own_staleness() -> None:
-    d = decide([Entry(((8, 5), (8, 4), (8, 1)), part_norms=(1.0, 2.0, 3.0))])
+    d = decide([Entry(((8, 5), (8, 4), (8, 1)), part_norms=(1.0, 2.0, 3.0))],
+               recent=[1.0, 2.0])
     assert [(a.part, a.mass) for a in d.adds] == [(0, 8.0), (1, 4.0)]
     assert [c.norm for c in d.contributions] == [1.0, 2.0, 3.0]
     assert d.contributions[2].refusal is Refusal.STALE
@@ -118,7 +171,8 @@ def test_every_member_takes_the_least_learning_rate_sent_per_group() -> None:
 
 
 def test_the_weight_function_is_the_callers() -> None:
-    d = decide([Entry(((8, 4),), norm=1.0), Entry(), Entry()], weight=lambda s: 0.25 ** s)
+    d = decide([Entry(((8, 4),), norm=1.0), Entry(), Entry()], weight=lambda s: 0.25 ** s,
+               recent=[1.0])
     assert d.contributions[0].weight == 0.25 and d.adds[0].mass == 2.0
 
 
@@ -130,4 +184,4 @@ def test_reports_carry_the_refusal_codes_not_prose() -> None:
     reasons = {c["node_id"]: c.get("reason") for c in report["contributions"]}
     assert reasons == {"a": "absent", "b": "stale", "c": None}
     assert [reported_reason(code) for code in Refusal] == [
-        "stale", "nonfinite", "outlier", "other", "other"]
+        "stale", "nonfinite", "outlier", "other", "other", "other"]

@@ -20,7 +20,9 @@ def test_non_finite_norms_are_rejected_even_alone() -> None:
 
 def test_outlier_needs_enough_norms_in_the_round_without_history() -> None:
     check = NormCheck()
-    assert check.judge({0: 1.0, 1: 1e4}) == {}
+    # Two norms without history: no majority, so a wild disagreement skips both.
+    assert check.judge({0: 1.0, 1: 1e4}) == {0: Refusal.UNSETTLED, 1: Refusal.UNSETTLED}
+    assert check.judge({0: 1.0, 1: 5.0}) == {}
     assert check.judge({0: 1.0, 1: 1.1, 2: 1e4}) == {2: Refusal.OUTLIER}
 
 

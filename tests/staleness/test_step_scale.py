@@ -33,7 +33,10 @@ def rounds_of(members: int, version: int) -> StalenessRounds:
     rounds.weight, rounds.norm_check, rounds.dtype = inverse_staleness, NormCheck(), torch.float32
     rounds.stats, rounds.generation = RoundStats(), 0
     rounds._members = [f"n{r}" for r in range(members)]
-    rounds._version, rounds._recent_norms = version, deque(maxlen=32)
+    # A history of norms like these payloads' (2.0), so a lone contributor is judged.
+    rounds._version, rounds._recent_norms = version, deque([2.0, 2.0], maxlen=32)
+    rounds._own_norms, rounds._evicting, rounds.node_id = {}, set(), "n0"
+    rounds._max_nonfinite, rounds._nonfinite_run = 100, 0
     rounds._step_times, rounds._spares = deque(maxlen=16), []
     rounds._outbox_ready, rounds.on_strikes = threading.Condition(), None
     rounds.stats.strikes = Counter()
@@ -146,3 +149,40 @@ def test_rates_for_another_number_of_param_groups_are_not_applied() -> None:
     exchange._apply([aggregate], stepper)
     assert torch.allclose(a.detach(), torch.full((3,), -0.1))
     assert torch.allclose(b.detach(), torch.full((3,), -0.2))
+
+
+def nan_message(rank: int) -> torch.Tensor:
+    header = {"node": f"n{rank}", "rank": rank, "round": 0, "codec": "dense-fp32",
+              "finishing": False, "contribs": [[8, 9]], "step_time": 0.01}
+    return pack(header, torch.full((4,), float("nan")).view(torch.uint8))
+
+
+def test_rounds_of_nothing_but_nan_stop_every_member_together_and_strike_nobody() -> None:
+    from elastic.errors import NonFiniteGradientError
+
+    rounds = rounds_of(2, version=10)
+    rounds._max_nonfinite = 3
+    evicted: list[str] = []
+    rounds.on_strikes = lambda node, reason: evicted.append(node)
+    rounds._aggregate(0, [nan_message(0), nan_message(1)])
+    rounds._aggregate(1, [message(0, [9]), message(1, [9])])  # a good round: count anew
+    rounds._aggregate(2, [nan_message(0), nan_message(1)])
+    rounds._aggregate(3, [message(0, []), message(1, [])])  # an empty round: no change
+    rounds._aggregate(4, [nan_message(0), nan_message(1)])
+    with pytest.raises(NonFiniteGradientError, match="last 3 rounds .* non-finite .*"
+                       r"\(HORDE_MAX_NONFINITE_STEPS=3"):
+        rounds._aggregate(5, [nan_message(0), nan_message(1)])
+    assert rounds.stats.strikes == Counter() and evicted == []
+    assert rounds.stats.nonfinite_rounds == 4
+
+
+def test_a_member_never_evicts_itself_and_evicts_a_peer_once() -> None:
+    rounds = rounds_of(2, version=10)  # this member is n0
+    evicted: list[str] = []
+    rounds.on_strikes = lambda node, reason: evicted.append(node)
+    for t in range(5):  # n1 sends NaN, then n0 does: strikes for each, past the limit
+        rounds._aggregate(t, [message(0, [9]), nan_message(1)])
+    for t in range(5, 10):
+        rounds._aggregate(t, [nan_message(0), message(1, [9])])
+    assert rounds.stats.strikes == Counter({"n0": 5, "n1": 5}), "the record is the same"
+    assert evicted == ["n1"], "n1 handed over once; n0, this member's own node, never"
