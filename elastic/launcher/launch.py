@@ -25,6 +25,7 @@ from elastic.core.stall import Activity, read_activity, waited
 from elastic.launcher import hosts as hostlib
 from elastic.launcher.output import output_paths, pump
 from rendezvous import backend_from_url, records
+from rendezvous.agent import registration
 from rendezvous.backend import RendezvousBackend
 from rendezvous.errors import RendezvousError
 from rendezvous.generation import Generation, JobStatus, NodeInfo
@@ -504,6 +505,9 @@ class Launcher:
         announced = False
         while not self._stop.is_set():
             kvs, _ = self._backend.get_prefix(self.keys.nodes)
+            # Only live registrations count: a key bound to no lease (or not a registration)
+            # would never go away and keep etcd up for good.
+            kvs = [kv for kv in kvs if registration(kv, self.keys) is not None]
             if not kvs:
                 return
             if not announced:

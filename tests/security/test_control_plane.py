@@ -11,6 +11,7 @@ a node nobody keeps alive.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -36,7 +37,7 @@ RUN_LIMIT = 120.0  # seconds a job may take before the test calls it hung
 class Job:
     """`horderun -np NP` on the shared etcd, its output in a file, always reaped."""
 
-    def __init__(self, etcd_url: str, out: Path, *extra: str) -> None:
+    def __init__(self, etcd_url: str | None, out: Path, *extra: str) -> None:
         self.job = unique_job("ctl")
         self.out = out
         self.log_path = out / "horderun.log"
@@ -45,8 +46,9 @@ class Job:
                        TEST_STEP_DELAY="0.1", TEST_COMMIT_EVERY="4")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "elastic.launcher.cli", "-np", str(NP), "--rendezvous",
-             etcd_url, "--job", self.job, "--coordinator", "none", "--lease-ttl", "2",
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", str(NP),
+             *(["--rendezvous", etcd_url] if etcd_url else []),
+             "--job", self.job, "--coordinator", "none", "--lease-ttl", "2",
              "--log-level", "WARNING", *extra, sys.executable, str(SCRIPT)],
             env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
@@ -204,6 +206,35 @@ def test_registrations_without_a_live_lease_are_never_admitted(
         assert (f"ignoring etcd key /{DEFAULT_PREFIX}/{job.job}/nodes/{name} " in output
                 and "not bound to a lease" in output), (name, output)
     assert final_params(job) == clean_params, output
+
+
+def test_leaseless_keys_do_not_keep_the_embedded_etcd_up(tmp_path: Path) -> None:
+    """An elastic job on horderun's own etcd waits for joined workers' registrations to go
+    before it stops etcd; a key under `nodes/` that no lease will ever delete must not
+    count as one, nor may garbage there stop the job from finishing."""
+    job = Job(None, tmp_path, "--min-np", "1", "--max-np", str(NP))
+    backend = None
+    try:
+        deadline = time.monotonic() + 60
+        url = None
+        while url is None and time.monotonic() < deadline and job.proc.poll() is None:
+            found = re.search(r"on rendezvous (etcd://\S+)", job.output)
+            url = found.group(1) if found else None
+            time.sleep(0.1)
+        assert url, f"horderun did not say where its etcd is:\n{job.output}"
+        backend = EtcdBackend.from_url(url)
+        keys = JobKeys(DEFAULT_PREFIX, job.job)
+        wait_for_training(backend, keys, job)
+        ghost = NodeInfo(node_id="ghost", host="127.0.0.1", addr="127.0.0.1", store_port=1)
+        backend.put(keys.node("ghost"), ghost.to_json())
+        backend.put(keys.node("garbage"), b"not json")
+        code = job.wait()
+    finally:
+        job.wait(0)
+        if backend is not None:
+            backend.close()
+    assert code == 0, f"horderun exited {code} (None: hung past {RUN_LIMIT} s):\n{job.output}"
+    assert "Traceback" not in job.output, job.output
 
 
 def test_join_with_an_unreadable_job_config_says_why(etcd_server: Any) -> None:
