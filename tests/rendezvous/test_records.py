@@ -297,3 +297,26 @@ def test_a_leader_that_never_saw_a_generation_does_not_publish_over_an_unreadabl
     finally:
         for agent in agents:
             agent.stop()
+
+
+def test_a_key_that_is_not_utf8_is_skipped_by_a_real_etcd_read(
+        etcd_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import base64
+
+    from rendezvous.etcd import EtcdBackend
+
+    caplog.set_level(logging.WARNING, logger="rendezvous.records")
+    keys = JobKeys("horde", f"utf8-{time.time_ns()}")
+    backend = EtcdBackend(etcd_server.host, etcd_server.port)
+    try:
+        backend.put(keys.node("fine"), b"x")
+        raw = keys.nodes.encode() + b"bad-\xff"
+        backend._post("put", "/kv/put", {"key": base64.b64encode(raw).decode(),
+                                         "value": base64.b64encode(b"x").decode()})
+        kvs, _ = backend.get_prefix(keys.root)
+        assert [kv.key for kv in kvs] == [keys.node("fine")]
+        assert any(keys.nodes + "bad-\\xff" in r.getMessage() and "not UTF-8" in r.getMessage()
+                   for r in caplog.records), caplog.text
+    finally:
+        backend.delete_prefix(keys.root)
+        backend.close()

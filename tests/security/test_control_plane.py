@@ -10,6 +10,7 @@ a node nobody keeps alive.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
@@ -148,6 +149,10 @@ def test_malformed_values_are_logged_and_ignored_while_training(
         }
         for key, value in hostile.items():
             backend.put(key, value)
+        # A key that is not UTF-8 (etcd keys are bytes), written through the gateway.
+        raw_key = keys.nodes.encode() + b"evil-\xff"
+        backend._post("put", "/kv/put", {"key": base64.b64encode(raw_key).decode(),
+                                         "value": base64.b64encode(good).decode()})
         # The generation key last: members keep following the generation they had.
         backend.put(keys.generation, b"not json")
         code = job.wait()
@@ -159,7 +164,8 @@ def test_malformed_values_are_logged_and_ignored_while_training(
     assert "Traceback" not in output, output
     for name in ("nodes/evil-notjson", "nodes/evil-list", "nodes/evil-types",
                  "nodes/evil-port", "nodes/evil-addr", "nodes/evil-huge", "nodes/evil-utf8",
-                 "blacklist/evil-bl", "control/reset", "control/status"):
+                 "blacklist/evil-bl", "control/reset", "control/status",
+                 "nodes/evil-\\xff"):
         assert f"ignoring etcd key /{DEFAULT_PREFIX}/{job.job}/{name} " in output, (name, output)
     params = final_params(job)
     assert params == clean_params, f"parameters differ from the untouched run\n{output}"
