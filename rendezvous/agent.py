@@ -41,6 +41,10 @@ class ControlState:
     reset_of: int = -1
     status: JobStatus | None = None
     leader: str | None = None
+    #: the lease the leader key is bound to (0: none, so no agent keeps it alive) and
+    #: its mod revision, so a candidate can replace a key nobody keeps alive
+    leader_lease: int = 0
+    leader_revision: int = 0
 
 
 #: What `ControlState.leader` holds when the leader key exists but is not a node id.
@@ -61,6 +65,7 @@ def parse_control(kvs: list[KeyValue], keys: JobKeys,
     reset_of = -1
     status = None
     leader = None
+    leader_lease = leader_revision = 0
     for kv in kvs:
         if kv.key == keys.generation:
             generation = records.read_record(kv, records.parse_generation)
@@ -75,7 +80,8 @@ def parse_control(kvs: list[KeyValue], keys: JobKeys,
             name = records.read_record(kv, lambda data: records.parse_text(data, "leader key"))
             # The key exists, so nobody else can take it: say so rather than "no leader".
             leader = UNREADABLE_LEADER if name is None else name
-    return ControlState(generation, reset_of, status, leader)
+            leader_lease, leader_revision = kv.lease, kv.mod_revision
+    return ControlState(generation, reset_of, status, leader, leader_lease, leader_revision)
 
 
 def blacklist_node(backend: RendezvousBackend, keys: JobKeys, node_id: str, reason: str,
@@ -351,6 +357,15 @@ class NodeAgent:
             self._try_lead()
             if self._is_leader:
                 return  # lead at once, from a full read
+        elif self._candidate and not control.leader_lease and control.leader_revision:
+            # A leader key bound to no lease never expires and no agent wrote it: replace
+            # it (compare-and-swap on its revision, so one candidate wins).
+            records.report_invalid(self.keys.leader, control.leader_revision,
+                                   f"leader key {control.leader!r} is bound to no lease, so "
+                                   "no agent keeps it alive; a candidate takes over")
+            self._try_lead(control.leader_revision)
+            if self._is_leader:
+                return
         watch = self.keys.root if self._is_leader else self.keys.control
         timeout = max(0.0, self._keepalive_due() - self._clock())
         timeout = min(timeout, self.settings.poll_interval * 4)
@@ -359,10 +374,10 @@ class NodeAgent:
         if timeout > 0:
             self.backend.wait_for_change(watch, revision, timeout)
 
-    def _try_lead(self) -> None:
+    def _try_lead(self, expected_revision: int = 0) -> None:
         try:
-            won = self.backend.compare_and_swap(self.keys.leader, 0, self.node_id.encode(),
-                                                lease=self._lease)
+            won = self.backend.compare_and_swap(self.keys.leader, expected_revision,
+                                                self.node_id.encode(), lease=self._lease)
         except RendezvousConnectionError:
             raise
         except RendezvousError as exc:

@@ -172,7 +172,8 @@ def test_parse_control_ignores_bad_values_and_keeps_the_last_generation() -> Non
     kvs = [kv(KEYS.generation, b"not json"), kv(KEYS.reset, b"[]"),
            kv(KEYS.status, b'{"state": 1}'), kv(KEYS.leader, b"\xff\x00")]
     control = parse_control(kvs, KEYS, previous)
-    assert control == ControlState(GEN, -1, None, UNREADABLE_LEADER)
+    assert control == ControlState(GEN, -1, None, UNREADABLE_LEADER, leader_lease=0,
+                                   leader_revision=1)
     assert parse_control(kvs, KEYS).generation is None
 
 
@@ -320,3 +321,31 @@ def test_a_key_that_is_not_utf8_is_skipped_by_a_real_etcd_read(
     finally:
         backend.delete_prefix(keys.root)
         backend.close()
+
+
+@pytest.mark.parametrize("value", [b"ghost", b"\xff\xfe"])
+def test_a_leader_key_bound_to_no_lease_is_taken_over(backend: Any, value: bytes) -> None:
+    job = f"job-{time.time_ns()}"
+    keys = JobKeys("horde", job)
+    backend.put(keys.leader, value)  # no lease: it would never expire
+    agents = []
+    try:
+        for i in range(2):
+            info = NodeInfo(node_id=f"n{i}", host="127.0.0.1", addr="127.0.0.1",
+                            store_port=29500 + i, order=i)
+            agent = NodeAgent(backend, _settings(job=job), info)
+            agent.start()
+            agents.append(agent)
+        assert _wait(lambda: all(a.control.generation is not None for a in agents))
+        assert sum(a.is_leader for a in agents) == 1
+        leader = backend.get(keys.leader)
+        assert leader.value in (b"n0", b"n1") and leader.lease
+        # The same when the key is overwritten under a running leader.
+        backend.put(keys.leader, value)
+        assert _wait(lambda: (lambda kv: kv is not None and kv.lease != 0)(
+            backend.get(keys.leader)))
+        assert _wait(lambda: sum(a.is_leader for a in agents) == 1)
+        assert all(a.error is None for a in agents)
+    finally:
+        for agent in agents:
+            agent.stop()

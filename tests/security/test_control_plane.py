@@ -153,6 +153,8 @@ def test_malformed_values_are_logged_and_ignored_while_training(
         raw_key = keys.nodes.encode() + b"evil-\xff"
         backend._post("put", "/kv/put", {"key": base64.b64encode(raw_key).decode(),
                                          "value": base64.b64encode(good).decode()})
+        # A leader key bound to no lease (it would never expire): a candidate replaces it.
+        backend.put(keys.leader, b"\xff\xfe not a node")
         # The generation key last: members keep following the generation they had.
         backend.put(keys.generation, b"not json")
         code = job.wait()
@@ -165,7 +167,7 @@ def test_malformed_values_are_logged_and_ignored_while_training(
     for name in ("nodes/evil-notjson", "nodes/evil-list", "nodes/evil-types",
                  "nodes/evil-port", "nodes/evil-addr", "nodes/evil-huge", "nodes/evil-utf8",
                  "blacklist/evil-bl", "control/reset", "control/status",
-                 "nodes/evil-\\xff"):
+                 "nodes/evil-\\xff", "control/leader"):
         assert f"ignoring etcd key /{DEFAULT_PREFIX}/{job.job}/{name} " in output, (name, output)
     params = final_params(job)
     assert params == clean_params, f"parameters differ from the untouched run\n{output}"
