@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rendezvous import records
 from rendezvous.agent import blacklist_node, parse_control
 from rendezvous.backend import RendezvousBackend
 from rendezvous.errors import RendezvousError
@@ -110,17 +111,21 @@ class RendezvousView:
         blacklist: dict[str, BlacklistEntry] = {}
         leaving: set[str] = set()
         for kv in kvs:
-            try:
-                if kv.key.startswith(keys.nodes):
-                    info = NodeInfo.from_json(kv.value)
+            # Invalid values are logged once (rendezvous.records) and skipped.
+            if kv.key.startswith(keys.nodes):
+                # Shown as registered even without a lease: only the leader admits, and
+                # it never admits one (rendezvous.agent.registration).
+                info = records.read_record(kv, records.parse_node_info)
+                if info is not None and kv.key == keys.node(info.node_id):
                     registered[info.node_id] = info
-                elif kv.key.startswith(keys.blacklist):
-                    entry = BlacklistEntry.from_json(kv.value)
+            elif kv.key.startswith(keys.blacklist):
+                entry = records.read_record(kv, records.parse_blacklist_entry)
+                if entry is not None:
                     blacklist[entry.node_id] = entry
-                elif kv.key.startswith(keys.leaving):
-                    leaving.add(kv.key[len(keys.leaving):])
-            except (ValueError, TypeError, KeyError) as exc:
-                logger.debug("job %s: skipping unreadable key %s: %s", self.job, kv.key, exc)
+            elif kv.key.startswith(keys.leaving):
+                node_id = records.node_id_of(kv.key, keys.leaving)
+                if node_id is not None:
+                    leaving.add(node_id)
         return MembershipSnapshot(self.job, now, control.generation, registered, blacklist,
                                   frozenset(leaving), control.leader, control.status)
 
@@ -150,8 +155,8 @@ class RendezvousView:
             return sorted(snap.blacklist.values(), key=lambda e: e.node_id)
         keys = self.keys_for(job)
         kvs, _ = self.backend.get_prefix(keys.blacklist)
-        return sorted((BlacklistEntry.from_json(kv.value) for kv in kvs),
-                      key=lambda e: e.node_id)
+        entries = (records.read_record(kv, records.parse_blacklist_entry) for kv in kvs)
+        return sorted((e for e in entries if e is not None), key=lambda e: e.node_id)
 
 
 class RendezvousWatcher:

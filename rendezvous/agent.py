@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rendezvous import policy
+from rendezvous import policy, records
 from rendezvous.backend import KeyValue, RendezvousBackend
 from rendezvous.errors import (
     BlacklistedError,
@@ -41,40 +41,87 @@ class ControlState:
     reset_of: int = -1
     status: JobStatus | None = None
     leader: str | None = None
+    #: the lease the leader key is bound to (0: none, so no agent keeps it alive) and
+    #: its mod revision, so a candidate can replace a key nobody keeps alive
+    leader_lease: int = 0
+    leader_revision: int = 0
 
 
-def read_control(backend: RendezvousBackend, keys: JobKeys) -> tuple[ControlState, int]:
+#: What `ControlState.leader` holds when the leader key exists but is not a node id.
+UNREADABLE_LEADER = "<unreadable leader key>"
+
+
+def read_control(backend: RendezvousBackend, keys: JobKeys,
+                 previous: ControlState | None = None) -> tuple[ControlState, int]:
     kvs, revision = backend.get_prefix(keys.control)
-    return parse_control(kvs, keys), revision
+    return parse_control(kvs, keys, previous), revision
 
 
-def parse_control(kvs: list[KeyValue], keys: JobKeys) -> ControlState:
+def parse_control(kvs: list[KeyValue], keys: JobKeys,
+                  previous: ControlState | None = None) -> ControlState:
+    """The control keys as records; an invalid value is logged once and ignored (an
+    unreadable generation leaves `previous.generation` in force), never raised."""
     generation = None
     reset_of = -1
     status = None
     leader = None
+    leader_lease = leader_revision = 0
     for kv in kvs:
         if kv.key == keys.generation:
-            generation = Generation.from_json(kv.value)
+            generation = records.read_record(kv, records.parse_generation)
+            if generation is None and previous is not None:
+                generation = previous.generation
         elif kv.key == keys.reset:
-            reset_of = int(json.loads(kv.value)["generation"])
+            requested = records.read_record(kv, records.parse_reset)
+            reset_of = -1 if requested is None else requested
         elif kv.key == keys.status:
-            status = JobStatus.from_json(kv.value)
+            status = records.read_record(kv, records.parse_status)
         elif kv.key == keys.leader:
-            leader = kv.value.decode()
-    return ControlState(generation, reset_of, status, leader)
+            name = records.read_record(kv, lambda data: records.parse_text(data, "leader key"))
+            # The key exists, so nobody else can take it: say so rather than "no leader".
+            leader = UNREADABLE_LEADER if name is None else name
+            leader_lease, leader_revision = kv.lease, kv.mod_revision
+    return ControlState(generation, reset_of, status, leader, leader_lease, leader_revision)
 
 
 def blacklist_node(backend: RendezvousBackend, keys: JobKeys, node_id: str, reason: str,
                    cooldown: tuple[float, float] | None) -> BlacklistEntry:
     """Add (or extend) a blacklist entry; the leader drops the node at the next generation."""
     existing = backend.get(keys.blacklisted(node_id))
-    count = BlacklistEntry.from_json(existing.value).count + 1 if existing else 1
+    record = records.read_record(existing, records.parse_blacklist_entry) if existing else None
+    count = record.count + 1 if record is not None else 1
     delay = policy.cooldown_for(count, cooldown, random.random())
     entry = BlacklistEntry(node_id=node_id, reason=reason, until=time.time() + delay, count=count)
     backend.put(keys.blacklisted(node_id), entry.to_json())
     logger.warning("job %s: blacklisted %s for %.0f s: %s", keys.job, node_id, delay, reason)
     return entry
+
+
+def registration(kv: KeyValue, keys: JobKeys) -> NodeInfo | None:
+    """The registration under `nodes/`, or None (logged once) when it is not one a leader
+    may admit: invalid, filed under another node's name, or not bound to a live lease.
+
+    etcd deletes a key when its lease expires and refuses a write under a dead lease, so
+    a key bound to a lease is one whose lease was alive when written and still is; a key
+    without one would stay forever and name a node nobody keeps alive.
+    """
+    info = records.read_record(kv, records.parse_node_info)
+    if info is None:
+        return None
+    if kv.key != keys.node(info.node_id):
+        records.report_invalid(kv.key, kv.mod_revision,
+                               f"registration names node {info.node_id!r}, not its key")
+        return None
+    if not kv.lease:
+        records.report_invalid(kv.key, kv.mod_revision,
+                               "registration is not bound to a lease; not admitted")
+        return None
+    if info.lease != kv.lease:
+        records.report_invalid(kv.key, kv.mod_revision,
+                               f"registration says lease {info.lease:x} but is bound to "
+                               f"lease {kv.lease:x}; not admitted")
+        return None
+    return info
 
 
 class NodeAgent:
@@ -119,12 +166,11 @@ class NodeAgent:
 
     def _register(self) -> None:
         entry = self.backend.get(self.keys.blacklisted(self.node_id))
-        if entry is not None:
-            record = BlacklistEntry.from_json(entry.value)
-            if record.active(time.time()):
-                raise BlacklistedError(
-                    f"node {self.node_id} is blacklisted in job {self.settings.job} until "
-                    f"{time.ctime(record.until)}: {record.reason}")
+        record = records.read_record(entry, records.parse_blacklist_entry) if entry else None
+        if record is not None and record.active(time.time()):
+            raise BlacklistedError(
+                f"node {self.node_id} is blacklisted in job {self.settings.job} until "
+                f"{time.ctime(record.until)}: {record.reason}")
         # A leave announced by an earlier run of this node would keep it out for good:
         # the leader treats a node under `leaving/` as gone even while it is registered.
         self.backend.delete(self.keys.leaving_node(self.node_id))
@@ -294,9 +340,9 @@ class NodeAgent:
         if self._is_leader:
             kvs, revision = self.backend.get_prefix(self.keys.root)
             control = parse_control([kv for kv in kvs if kv.key.startswith(self.keys.control)],
-                                    self.keys)
+                                    self.keys, self.control)
         else:
-            control, revision = read_control(self.backend, self.keys)
+            control, revision = read_control(self.backend, self.keys, self.control)
         self._set_control(control)
         if control.leader != self.node_id:
             self._is_leader = False
@@ -311,6 +357,15 @@ class NodeAgent:
             self._try_lead()
             if self._is_leader:
                 return  # lead at once, from a full read
+        elif self._candidate and not control.leader_lease and control.leader_revision:
+            # A leader key bound to no lease never expires and no agent wrote it: replace
+            # it (compare-and-swap on its revision, so one candidate wins).
+            records.report_invalid(self.keys.leader, control.leader_revision,
+                                   f"leader key {control.leader!r} is bound to no lease, so "
+                                   "no agent keeps it alive; a candidate takes over")
+            self._try_lead(control.leader_revision)
+            if self._is_leader:
+                return
         watch = self.keys.root if self._is_leader else self.keys.control
         timeout = max(0.0, self._keepalive_due() - self._clock())
         timeout = min(timeout, self.settings.poll_interval * 4)
@@ -319,10 +374,10 @@ class NodeAgent:
         if timeout > 0:
             self.backend.wait_for_change(watch, revision, timeout)
 
-    def _try_lead(self) -> None:
+    def _try_lead(self, expected_revision: int = 0) -> None:
         try:
-            won = self.backend.compare_and_swap(self.keys.leader, 0, self.node_id.encode(),
-                                                lease=self._lease)
+            won = self.backend.compare_and_swap(self.keys.leader, expected_revision,
+                                                self.node_id.encode(), lease=self._lease)
         except RendezvousConnectionError:
             raise
         except RendezvousError as exc:
@@ -362,20 +417,37 @@ class NodeAgent:
         gen = control.generation
         ready: set[str] = set()
         gen_mod_revision = 0
+        generation_unreadable = False
         for kv in kvs:
             if kv.key.startswith(keys.nodes):
-                info = NodeInfo.from_json(kv.value)
-                nodes[info.node_id] = info
-                first_seen.setdefault(info.node_id, now)
+                info = registration(kv, keys)
+                if info is not None:
+                    nodes[info.node_id] = info
+                    first_seen.setdefault(info.node_id, now)
             elif kv.key.startswith(keys.blacklist):
-                entry = BlacklistEntry.from_json(kv.value)
-                blacklist[entry.node_id] = entry
+                entry = records.read_record(kv, records.parse_blacklist_entry)
+                if entry is not None and kv.key == keys.blacklisted(entry.node_id):
+                    blacklist[entry.node_id] = entry
+                elif entry is not None:
+                    records.report_invalid(kv.key, kv.mod_revision,
+                                           f"blacklist entry names node {entry.node_id!r}")
             elif kv.key.startswith(keys.leaving):
-                leaving[kv.key[len(keys.leaving):]] = kv.value.decode()
+                node_id = records.node_id_of(kv.key, keys.leaving)
+                why = records.read_record(kv, lambda d: records.parse_text(d, "leaving reason"))
+                if node_id is not None and why is not None:
+                    leaving[node_id] = why
             elif gen is not None and kv.key.startswith(keys.ready_for(gen.id)):
-                ready.add(kv.key[len(keys.ready_for(gen.id)):])
+                node_id = records.node_id_of(kv.key, keys.ready_for(gen.id))
+                if node_id is not None:
+                    ready.add(node_id)
             elif kv.key == keys.generation:
                 gen_mod_revision = kv.mod_revision
+                generation_unreadable = gen is None
+        if generation_unreadable:
+            # The generation key holds no valid record and this agent never saw one:
+            # publishing generation 0 over it would send the members backwards. Wait
+            # (logged once by parse_control) until a valid generation is written.
+            return None
         for node_id in list(first_seen):
             if node_id not in nodes:
                 del first_seen[node_id]

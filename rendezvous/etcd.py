@@ -17,6 +17,7 @@ answers; a compare-and-swap whose answer was lost is settled by reading the key 
 from __future__ import annotations
 
 import base64
+import binascii
 import collections
 import json
 import logging
@@ -339,7 +340,21 @@ class EtcdBackend(RendezvousBackend):
     def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Return every key starting with `prefix`, sorted by key, and the store revision."""
         result = self._post("get_prefix", "/kv/range", _range(prefix))
-        kvs = sorted((_kv(item) for item in result.get("kvs", [])), key=lambda kv: kv.key)
+        kvs = []
+        for item in result.get("kvs", []):
+            try:
+                kvs.append(_kv(item))
+            except (UnicodeDecodeError, binascii.Error, KeyError, TypeError, ValueError):
+                # Anyone who reaches etcd can write a key that is not UTF-8: skip it.
+                from rendezvous.records import report_invalid
+
+                try:
+                    shown = _dec(item["key"]).decode("utf-8", "backslashreplace")
+                    revision = int(item.get("mod_revision", 0))
+                except (binascii.Error, KeyError, TypeError, ValueError, AttributeError):
+                    shown, revision = f"{prefix}(unreadable)", 0
+                report_invalid(shown, revision, "the key is not UTF-8 text")
+        kvs.sort(key=lambda kv: kv.key)
         return kvs, _revision(result)
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:

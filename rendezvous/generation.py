@@ -34,8 +34,10 @@ class NodeInfo:
 
     @classmethod
     def from_json(cls, data: bytes) -> NodeInfo:
-        raw = json.loads(data)
-        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+        """Parse and validate; `records.InvalidRecordError` says what was wrong."""
+        from rendezvous.records import parse_node_info
+
+        return parse_node_info(data)
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,10 @@ class Generation:
 
     @classmethod
     def from_json(cls, data: bytes) -> Generation:
-        raw = json.loads(data)
-        raw["members"] = tuple(Member(**m) for m in raw["members"])
-        return cls(**raw)
+        """Parse and validate; `records.InvalidRecordError` says what was wrong."""
+        from rendezvous.records import parse_generation
+
+        return parse_generation(data)
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,10 @@ class BlacklistEntry:
 
     @classmethod
     def from_json(cls, data: bytes) -> BlacklistEntry:
-        raw = json.loads(data)
-        raw["until"] = float(raw["until"])
-        return cls(**raw)
+        """Parse and validate; `records.InvalidRecordError` says what was wrong."""
+        from rendezvous.records import parse_blacklist_entry
+
+        return parse_blacklist_entry(data)
 
 
 @dataclass(frozen=True)
@@ -139,4 +143,7 @@ class JobStatus:
 
     @classmethod
     def from_json(cls, data: bytes) -> JobStatus:
-        return cls(**json.loads(data))
+        """Parse and validate; `records.InvalidRecordError` says what was wrong."""
+        from rendezvous.records import parse_status
+
+        return parse_status(data)

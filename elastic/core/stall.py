@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,9 +49,12 @@ class Activity:
         try:
             data = json.loads(raw)
             what = "".join(c if c.isprintable() else "?" for c in str(data["what"]))
+            since = float(data["since"])
+            if not math.isfinite(since):
+                return None
             return cls(str(data["node_id"])[:_MAX_TEXT], int(data["rank"]),
-                       int(data["generation"]), what[:_MAX_TEXT], float(data["since"]))
-        except (ValueError, KeyError, TypeError):
+                       int(data["generation"]), what[:_MAX_TEXT], since)
+        except (ValueError, KeyError, TypeError, OverflowError):  # int(Infinity): Overflow
             return None
 
 

@@ -429,12 +429,15 @@ def _admin(args: argparse.Namespace) -> int:
 
 
 def _job_cooldown(backend: object, keys: object) -> tuple[float, float] | None:
-    import json
+    from rendezvous import records
 
     kv = backend.get(keys.config)  # type: ignore[attr-defined]
-    raw = json.loads(kv.value)["rendezvous"].get("HORDE_BLACKLIST_COOLDOWN", "")
-    parts = raw.split()
-    return (float(parts[0]), float(parts[1])) if len(parts) == 2 else None
+    try:
+        raw = records.parse_job_config(kv.value)["rendezvous"].get("HORDE_BLACKLIST_COOLDOWN", "")
+        low, high = (float(part) for part in raw.split())
+    except (records.InvalidRecordError, ValueError):
+        return None  # no range (or none readable): the blacklist entry is for good
+    return (low, high) if 0 <= low <= high < float("inf") else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

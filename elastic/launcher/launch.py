@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from elastic.core.stall import Activity, read_activity, waited
 from elastic.launcher import hosts as hostlib
 from elastic.launcher.output import output_paths, pump
-from rendezvous import backend_from_url
+from rendezvous import backend_from_url, records
+from rendezvous.agent import registration
 from rendezvous.backend import RendezvousBackend
 from rendezvous.errors import RendezvousError
 from rendezvous.generation import Generation, JobStatus, NodeInfo
@@ -156,10 +157,16 @@ class Launcher:
             raise RendezvousError(
                 f"job {self.plan.rdzv.job!r} does not exist on this rendezvous; start it first "
                 f"with horderun --job {self.plan.rdzv.job} ... (without --join)")
-        config = json.loads(kv.value)
+        try:
+            config = records.parse_job_config(kv.value)
+        except records.InvalidRecordError as exc:
+            raise RendezvousError(
+                f"job {self.plan.rdzv.job!r}: its settings on this rendezvous ({self.keys.config}) "
+                f"cannot be used: {exc}. They are written by the horderun that started the job; "
+                "ask its owner, or start a new job") from None
         env = dict(config["rendezvous"])
         env["HORDE_COLLECTIVE_TIMEOUT"] = config["HORDE_COLLECTIVE_TIMEOUT"]
-        if config.get("HORDE_COORDINATOR") and self.plan.coordinator == "embedded":
+        if config["HORDE_COORDINATOR"] and self.plan.coordinator == "embedded":
             env["HORDE_COORDINATOR"] = config["HORDE_COORDINATOR"]
         env["HORDE_RESET_LIMIT"] = config["HORDE_RESET_LIMIT"]
         return env
@@ -490,7 +497,7 @@ class Launcher:
             kv = self._backend.get(self.keys.status)
         except RendezvousError:
             return None
-        return JobStatus.from_json(kv.value) if kv else None
+        return records.read_record(kv, records.parse_status) if kv else None
 
     def _wait_for_joined_workers(self) -> None:
         """Keep the embedded etcd up while workers of other launchers still train."""
@@ -498,6 +505,9 @@ class Launcher:
         announced = False
         while not self._stop.is_set():
             kvs, _ = self._backend.get_prefix(self.keys.nodes)
+            # Only live registrations count: a key bound to no lease (or not a registration)
+            # would never go away and keep etcd up for good.
+            kvs = [kv for kv in kvs if registration(kv, self.keys) is not None]
             if not kvs:
                 return
             if not announced:
@@ -526,7 +536,7 @@ class Launcher:
         if self._backend is None:
             return None
         kv = self._backend.get(self.keys.generation)
-        return Generation.from_json(kv.value) if kv else None
+        return records.read_record(kv, records.parse_generation) if kv else None
 
 
 def describe_stragglers(workers: list[tuple[int, str]], generation: Generation | None,
