@@ -241,6 +241,16 @@ def backend(request: pytest.FixtureRequest) -> Any:
     etcd.close()
 
 
+def _start_agents(backend: Any, job: str, agents: list, count: int = 2) -> None:
+    """Start `count` agents n0.. of `job`, appending each to `agents` (the caller stops them)."""
+    for i in range(count):
+        info = NodeInfo(node_id=f"n{i}", host="127.0.0.1", addr="127.0.0.1",
+                        store_port=29500 + i, order=i)
+        agent = NodeAgent(backend, _settings(job=job), info)
+        agent.start()
+        agents.append(agent)
+
+
 def test_leader_survives_garbage_and_never_admits_a_lease_less_node(
         backend: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="rendezvous.records")
@@ -248,12 +258,7 @@ def test_leader_survives_garbage_and_never_admits_a_lease_less_node(
     keys = JobKeys("horde", job)
     agents = []
     try:
-        for i in range(2):
-            info = NodeInfo(node_id=f"n{i}", host="127.0.0.1", addr="127.0.0.1",
-                            store_port=29500 + i, order=i)
-            agent = NodeAgent(backend, _settings(job=job), info)
-            agent.start()
-            agents.append(agent)
+        _start_agents(backend, job, agents)
         assert _wait(lambda: all(a.control.generation is not None for a in agents))
         first = agents[0].control.generation
         assert first.node_ids == ["n0", "n1"]
@@ -330,12 +335,7 @@ def test_a_leader_key_bound_to_no_lease_is_taken_over(backend: Any, value: bytes
     backend.put(keys.leader, value)  # no lease: it would never expire
     agents = []
     try:
-        for i in range(2):
-            info = NodeInfo(node_id=f"n{i}", host="127.0.0.1", addr="127.0.0.1",
-                            store_port=29500 + i, order=i)
-            agent = NodeAgent(backend, _settings(job=job), info)
-            agent.start()
-            agents.append(agent)
+        _start_agents(backend, job, agents)
         assert _wait(lambda: all(a.control.generation is not None for a in agents))
         assert sum(a.is_leader for a in agents) == 1
         leader = backend.get(keys.leader)
