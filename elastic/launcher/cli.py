@@ -204,7 +204,7 @@ def listen_addr(value: str, source: str = "--listen") -> str:
                          f"available: {_describe_interfaces(found)}")
     if ip.is_unspecified:
         raise UsageError(f"{source} {value}: the printed --join command needs the one address "
-                         "volunteers dial, not every interface; name it: "
+                         "volunteers dial, not every interface; name one of those available: "
                          f"{_describe_interfaces(found)}")
     if ip.is_loopback or any(value in addrs for addrs in found.values()):
         return str(ip)
