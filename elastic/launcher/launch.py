@@ -293,7 +293,8 @@ class Launcher:
         self._coordinator_url = f"http://{host}:{port}"
         if not _is_loopback(host):
             logger.warning("the embedded coordinator serves on %s: anyone who can reach it "
-                           "sees the status page and can send round reports (see "
+                           "sees the status page and can register nodes (credit is granted "
+                           "only for rounds of the job's generations in etcd; see "
                            "docs/security.md)", self._coordinator_url)
         self._coordinator_thread = threading.Thread(
             target=self._start_coordinator, args=(rendezvous_url, port),
