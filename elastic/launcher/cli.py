@@ -189,6 +189,8 @@ def listen_addr(value: str, source: str = "--listen") -> str:
     import ipaddress
 
     found = _ipv4_interfaces()
+    if value == "localhost":
+        return "127.0.0.1"
     if value in found:
         if not found[value]:
             raise UsageError(f"{source} {value!r}: the interface has no IPv4 address; "

@@ -5,7 +5,8 @@
         joiner = lab.popen(lab.ns_b, [...], env, log)  # dials it from lab.addr_b
 
 Nothing is created in the root namespace: the veth pair runs straight from A to B, so the
-lab's addresses clash with nothing, and two labs can run at once (names carry the pid).
+lab's addresses clash with nothing, and two labs can run at once (names carry the pid
+and a random tag).
 Cleanup (on `__exit__` and at interpreter exit) kills the process groups started with
 `popen`, then every process still inside either namespace, by pid, then deletes the
 namespaces (which deletes the veth pair with them). Only what this lab created is touched.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -55,9 +57,9 @@ class VethLab:
 
     def __init__(self, subnet: str = "10.77.0") -> None:
         require_netns()
-        tag = f"{os.getpid() % 100000}"
+        tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"  # unique even across pid reuse
         self.ns_a, self.ns_b = f"horde-lab-{tag}-a", f"horde-lab-{tag}-b"
-        self.iface_a, self.iface_b = f"hl{tag}a", f"hl{tag}b"  # under Linux's 15 characters
+        self.iface_a, self.iface_b = f"hl{tag}a", f"hl{tag}b"  # at most 12 of Linux's 15
         self.addr_a, self.addr_b = f"{subnet}.1", f"{subnet}.2"
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen] = []

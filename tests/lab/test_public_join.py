@@ -134,7 +134,7 @@ def test_serving_on_another_machines_address_is_refused(lab: VethLab) -> None:
     # An interface without an address: a veth pair inside B (needs no `dummy` module).
     dummy = lab.iface_b[:-1] + "d"
     subprocess.run(["ip", "-n", lab.ns_b, "link", "add", dummy, "type", "veth", "peer",
-                    "name", dummy + "p"], check=True, timeout=30)
+                    "name", dummy + "p"], check=True, timeout=30)  # deleted with B
     cases = [(["--listen", lab.addr_a], f"--listen {lab.addr_a}: not an address of this machine"),
              (["--listen", dummy], f"--listen {dummy!r}: the interface has no IPv4 address"),
              (["--network-interfaces", dummy], f"no IPv4 address found on {dummy}")]

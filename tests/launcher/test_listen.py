@@ -27,6 +27,7 @@ def test_default_serves_on_loopback_only() -> None:
 def test_an_interface_name_serves_on_its_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HORDE_LISTEN", raising=False)
     assert plan("--listen", "lo").listen_addr == "127.0.0.1"
+    assert plan("--listen", "localhost").listen_addr == "127.0.0.1"
     assert plan("--network-interfaces", "lo").listen_addr == "127.0.0.1"
     monkeypatch.setenv("HORDE_LISTEN", "127.0.0.1")
     assert plan().listen_addr == "127.0.0.1"
