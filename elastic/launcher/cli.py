@@ -90,13 +90,14 @@ def make_parser() -> argparse.ArgumentParser:
     horde = parser.add_argument_group("Horde")
     horde.add_argument("--rendezvous", help="etcd://HOST:PORT, or the members of an etcd "
                        "cluster as etcd://H1:P1,H2:P2,H3:P3 (failed over in that order); "
-                       "default: an embedded etcd on a free loopback port")
+                       "default: an embedded etcd on a free port of loopback, or of --listen")
     horde.add_argument("--listen", metavar="ADDR|IFACE",
                        help="address of this machine (or an interface's) that the embedded "
-                       "etcd, the embedded coordinator and rank 0's store serve on, and that "
-                       "the printed --join command names (env HORDE_LISTEN; default: the "
-                       "address of --network-interfaces, else loopback). etcd has no "
-                       "authentication yet: whoever reaches this address controls the job")
+                       "etcd and the embedded coordinator serve on, that the printed --join "
+                       "command names, and (without --network-interfaces) that this machine's "
+                       "workers advertise (env HORDE_LISTEN; default: the address of "
+                       "--network-interfaces, else loopback). etcd has no authentication yet: "
+                       "whoever reaches this address controls the job (docs/nat.md)")
     horde.add_argument("--job", help="job name (default: a fresh random name)")
     horde.add_argument("--join", action="store_true",
                        help="add -np workers to the running job --job on --rendezvous")
@@ -120,9 +121,9 @@ def make_parser() -> argparse.ArgumentParser:
                        "0: never)")
     horde.add_argument("--coordinator", default=None, metavar="URL|embedded|none",
                        help="where workers report rounds for credit: 'embedded' (default: a "
-                       "coordinator on loopback with a SQLite ledger and a status page), the "
-                       "URL of a horde-coordinator (several, comma-separated, are failed over "
-                       "in order), or 'none'")
+                       "coordinator on loopback, or on --listen, with a SQLite ledger and a "
+                       "status page), the URL of a horde-coordinator (several, "
+                       "comma-separated, are failed over in order), or 'none'")
     horde.add_argument("--coordinator-db", metavar="URL",
                        help="ledger of the embedded coordinator (default: ledger.sqlite in "
                        "the data folder, kept across runs)")
