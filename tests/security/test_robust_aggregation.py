@@ -41,8 +41,9 @@ def run_job(out: Path, robust: int, **env: str) -> list[dict]:
 
 
 def check(tmp_path: Path, attack: str, seeds_without: tuple[str, ...], **env: str) -> None:
-    """Per data order: a job without the option (a clean run, and the attack where
-    `seeds_without` says) and one with it (the attack); compare the means."""
+    """Per data order: a job without the option (a clean run, and the attack for the
+    orders in `seeds_without`: one is enough to show the attack matters) and one with it
+    (the attack); compare the means."""
     clean, unprotected, protected = [], [], []
     for seed in SEEDS:
         runs = "clean,attack" if seed in seeds_without else "clean"
@@ -67,7 +68,7 @@ def check(tmp_path: Path, attack: str, seeds_without: tuple[str, ...], **env: st
 
 
 def test_a_sign_flipping_member_is_outvoted_in_synchronous_topk(tmp_path: Path) -> None:
-    check(tmp_path, "scale:-1@0-", SEEDS, STALENESS="0", TOPK="0.05", STEPS="300")
+    check(tmp_path, "scale:-1@0-", SEEDS[:1], STALENESS="0", TOPK="0.05", STEPS="300")
 
 
 def test_a_scaling_member_is_outvoted_in_staleness_rounds(tmp_path: Path) -> None:
