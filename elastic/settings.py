@@ -79,6 +79,11 @@ class WorkerSettings:
     non-finite, each skipped on every member, before the job stops with
     `NonFiniteGradientError` (HORDE_MAX_NONFINITE_STEPS; 0: never skip nor stop, as
     Horovod)."""
+    robust_aggregation: int = 0
+    """F > 0 (HORDE_ROBUST_AGGREGATION, `horderun --robust-aggregation F`): where each
+    member's gradient is seen (synchronous top-k, staleness rounds), the F furthest from
+    the others are left out of every aggregate (multi-Krum, `elastic.codecs.robust`);
+    0: plain average. Every member of a job must use the same value."""
 
     @property
     def stall_check_seconds(self) -> float:
@@ -116,6 +121,9 @@ class WorkerSettings:
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"HORDE_MAX_NONFINITE_STEPS={self.max_nonfinite_steps} must be >= 0 "
                              "(0: never skip a non-finite step)")
+        if self.robust_aggregation < 0:
+            raise ValueError(f"HORDE_ROBUST_AGGREGATION={self.robust_aggregation} must be >= 0 "
+                             "(the number of hostile members to outvote; 0: off)")
         if self.fusion_threshold is not None and self.fusion_threshold < 0:
             raise ValueError(f"HOROVOD_FUSION_THRESHOLD={self.fusion_threshold} must be >= 0 "
                              "bytes (0: no fusion)")
@@ -149,6 +157,7 @@ class WorkerSettings:
             trusted_peers=_flag(env, "HORDE_TRUSTED_PEERS"),
             max_nonfinite_steps=_integer(env, "HORDE_MAX_NONFINITE_STEPS",
                                          DEFAULT_MAX_NONFINITE_STEPS),
+            robust_aggregation=_integer(env, "HORDE_ROBUST_AGGREGATION", 0),
         )
 
 

@@ -17,9 +17,11 @@ import torch
 from elastic.codecs.aggregate import allreduce_bytes
 from elastic.codecs.payload import PayloadCodec
 from elastic.codecs.registry import add_into
+from elastic.codecs.robust import MultiKrum
 from elastic.codecs.stats import RoundStats
 from elastic.codecs.topk import TopKCompressor
 from elastic.codecs.wire import SparsePayload, SparsePayloadError, pack_payloads, unpack_payloads
+from elastic.core import session
 from elastic.core.engine import Kind, ReduceOp, Request
 
 if TYPE_CHECKING:
@@ -52,8 +54,13 @@ class SyncSparseExchange:
     """Synchronous top-k: per step one allgather of every member's payloads, or one dense
     allreduce on steps that send every buffer dense."""
 
-    def __init__(self, layout: GradientLayout, compressor: TopKCompressor) -> None:
+    def __init__(self, layout: GradientLayout, compressor: TopKCompressor,
+                 robust: int | None = None) -> None:
+        """`robust`: F > 0 leaves the F gradients furthest from the others out of every
+        average (`elastic.codecs.robust`); None: HORDE_ROBUST_AGGREGATION's value."""
         self.layout = layout
+        self.robust = robust
+        self._krum: tuple[int, MultiKrum] | None = None  # (generation, its suspicions)
         self.compressor = compressor
         self.step = 0
         self.stats = RoundStats(residual=self.compressor.residual_norm)
@@ -72,7 +79,8 @@ class SyncSparseExchange:
         # dense parts are copies), so the average can overwrite it.
         out, sent, rejected = average_payloads(
             engine, payloads, expected, flat, size, "horde.topk", process_set_id,
-            dense_wire=self.compressor.value_dtype if dense else None, out=flat)
+            dense_wire=self.compressor.value_dtype if dense else None, out=flat,
+            robust=self._robust(), stats=self.stats)
         self.layout.scatter(out)
         self.stats.rounds += 1
         self.stats.bytes_sent += sent
@@ -85,11 +93,23 @@ class SyncSparseExchange:
         if self.step % LOG_EVERY == 0:
             logger.info("top-k: %s", self.stats.as_dict())
 
+    def _robust(self) -> MultiKrum | None:
+        """The robust rule of this generation (suspicions start afresh with each one: a
+        newcomer has none of the past, and every member must judge alike), or None."""
+        f = self.robust if self.robust is not None else session.settings().robust_aggregation
+        if f <= 0:
+            return None
+        generation = session.runtime().generation.id
+        if self._krum is None or self._krum[0] != generation:
+            self._krum = (generation, MultiKrum(f))
+        return self._krum[1]
+
 
 def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
                      numels: list[int], like: torch.Tensor, size: int, name: str,
                      process_set_id: int = 0, dense_wire: torch.dtype | None = None,
-                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, int, list[int]]:
+                     out: torch.Tensor | None = None, robust: MultiKrum | None = None,
+                     stats: RoundStats | None = None) -> tuple[torch.Tensor, int, list[int]]:
     """The average over ranks of every rank's `payloads` (one per buffer, together
     `like.numel()` values), the bytes this rank sent for it, and the ranks whose
     payloads were rejected (indices out of range or not ascending, NaN/Inf values: left
@@ -100,8 +120,12 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
     values in that dtype carries it, as Horovod's would. Otherwise one allgather of the
     self-delimiting payloads, added in rank order into one buffer: `out` when given (a
     buffer like `like`, overwritten), else a new one.
+
+    `robust`: decode each rank's payloads on its own and average only those multi-Krum
+    keeps (`elastic.codecs.robust`; `stats.robust_dropped` counts the others);
+    dense steps then travel by allgather too (an allreduce never shows a rank's values).
     """
-    if dense_wire is not None:
+    if dense_wire is not None and robust is None:
         values = torch.cat([_dense_values(p, dense_wire) for p in payloads])
         (average,) = engine.submit(Request(
             Kind.ALLREDUCE, [values], name=f"{name}.dense", op=ReduceOp.Average,
@@ -118,6 +142,8 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
         parts.append(out[offset:offset + n])
         offset += n
     offset, accepted, rejected = 0, 0, []
+    separate: list[torch.Tensor] = []  # robust: each accepted rank's gradient on its own
+    separate_ranks: list[int] = []
     for rank in range(size):
         received, offset = unpack_payloads(gathered, offset, numels=numels, validate=False)
         try:
@@ -128,9 +154,27 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
             logger.warning("top-k: rejected the gradient of rank %d: %s", rank, exc)
             rejected.append(rank)
             continue
-        for payload, part in zip(received, parts):
-            add_into(payload, part, 1.0)
+        if robust is not None:
+            own = torch.zeros_like(out)
+            offset_own = 0
+            for payload, n in zip(received, numels):
+                add_into(payload, own[offset_own:offset_own + n], 1.0)
+                offset_own += n
+            separate.append(own)
+            separate_ranks.append(rank)
+        else:
+            for payload, part in zip(received, parts):
+                add_into(payload, part, 1.0)
         accepted += 1
+    if robust is not None:
+        kept = robust.keep(separate, separate_ranks)
+        for index in kept:  # rank order: the same sum on every member
+            out.add_(separate[index])
+        if stats is not None:
+            stats.robust_dropped += len(separate) - len(kept)
+            stats.robust_dropped_ranks.update(
+                r for i, r in enumerate(separate_ranks) if i not in kept)
+        accepted = len(kept)
     return out.div_(max(accepted, 1)), int(message.numel()) * (size - 1), rejected
 
 

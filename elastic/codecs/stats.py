@@ -24,6 +24,10 @@ class RoundStats:
     """Contributions skipped without a strike: no majority to judge their norm by."""
     nonfinite_rounds: int = 0
     """Rounds in which every payload sent was non-finite (nothing applied)."""
+    robust_dropped: int = 0
+    """Contributions robust aggregation left out (HORDE_ROBUST_AGGREGATION; F a round)."""
+    robust_dropped_ranks: Counter = field(default_factory=Counter)
+    """The same, per rank of the sender."""
     staleness: Counter = field(default_factory=Counter)
     strikes: Counter = field(default_factory=Counter)
     last_density: float = 1.0
@@ -44,6 +48,8 @@ class RoundStats:
             dropped_stale=self.dropped_stale + later.dropped_stale,
             rejected=self.rejected + later.rejected, unsettled=self.unsettled + later.unsettled,
             nonfinite_rounds=self.nonfinite_rounds + later.nonfinite_rounds,
+            robust_dropped=self.robust_dropped + later.robust_dropped,
+            robust_dropped_ranks=self.robust_dropped_ranks + later.robust_dropped_ranks,
             staleness=self.staleness + later.staleness,
             strikes=later.strikes, last_density=later.last_density,
             residual_norm=later.residual_norm, residual=later.residual)
@@ -56,6 +62,8 @@ class RoundStats:
             "accepted": self.accepted, "dropped_stale": self.dropped_stale,
             "rejected": self.rejected, "unsettled": self.unsettled,
             "nonfinite_rounds": self.nonfinite_rounds,
+            "robust_dropped": self.robust_dropped,
+            "robust_dropped_ranks": dict(sorted(self.robust_dropped_ranks.items())),
             "staleness_histogram": dict(sorted(self.staleness.items())),
             "strikes": dict(self.strikes), "density": self.last_density,
             "residual_norm": self.residual() if self.residual else self.residual_norm,

@@ -139,6 +139,12 @@ def make_parser() -> argparse.ArgumentParser:
                        "so lambdas and custom classes travel; never with volunteers, since a "
                        "peer's pickle can run any code here (env HORDE_TRUSTED_PEERS=1; "
                        "default: peers' objects are read as data only)")
+    horde.add_argument("--robust-aggregation", type=int, default=None, metavar="F",
+                       help="leave the F gradients furthest from the others out of every "
+                       "aggregate (multi-Krum; top-k and staleness rounds only, needs more "
+                       "than 2F contributors a round; costs F members' samples a round and, in "
+                       "top-k warm-up, dense allgathers). Joiners follow the job's value "
+                       "(env HORDE_ROBUST_AGGREGATION; default 0: plain average)")
     horde.add_argument("--evict", metavar="NODE_ID", help="blacklist NODE_ID in --job (needs "
                        "--rendezvous) and exit")
     horde.add_argument("--reason", default="evicted by an operator", help="reason for --evict")
@@ -398,7 +404,23 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         coordinator_port=args.coordinator_port, discovery_interval=discovery_interval,
         exit_wait=exit_wait, exit_report_interval=report_interval,
         trusted_peers=args.trusted_peers or _truthy(_env("HORDE_TRUSTED_PEERS")),
+        robust_aggregation=_robust(args.robust_aggregation),
     )
+
+
+def _robust(flag: int | None) -> int:
+    """--robust-aggregation F, else HORDE_ROBUST_AGGREGATION, else 0 (off)."""
+    if flag is None:
+        text = _env("HORDE_ROBUST_AGGREGATION") or "0"
+        try:
+            flag = int(text)
+        except ValueError:
+            raise UsageError(f"HORDE_ROBUST_AGGREGATION={text!r} must be an integer (the "
+                             "number of hostile members to outvote; 0: off)") from None
+    if flag < 0:
+        raise UsageError(f"--robust-aggregation {flag} must be >= 0 (the number of hostile "
+                         "members to outvote; 0: off)")
+    return flag
 
 
 def _seconds(flag: float | None, variables: tuple[str, ...], name: str,

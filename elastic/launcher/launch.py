@@ -77,6 +77,8 @@ class LaunchPlan:
     """After the first worker finished: say every so many seconds who still runs (0: never)."""
     trusted_peers: bool = False
     """Workers fully unpickle their peers' objects (`--trusted-peers`); off: data only."""
+    robust_aggregation: int = 0
+    """F of multi-Krum (`--robust-aggregation`); published with the job, so joiners use it."""
 
 
 @dataclass
@@ -151,7 +153,10 @@ class Launcher:
 
     def _publish_config(self) -> None:
         assert self._backend is not None
-        config = {"rendezvous": self.plan.rdzv.to_env(),
+        # The robust rule travels with the job's settings: members that aggregate
+        # differently would part their parameters.
+        config = {"rendezvous": {**self.plan.rdzv.to_env(), "HORDE_ROBUST_AGGREGATION":
+                                 str(self.plan.robust_aggregation)},
                   "HORDE_COORDINATOR": self._coordinator_url,
                   "HORDE_COLLECTIVE_TIMEOUT": str(self.plan.collective_timeout),
                   "HORDE_RESET_LIMIT": "" if self.plan.reset_limit is None
@@ -348,6 +353,7 @@ class Launcher:
                 job_env["HORDE_COLLECTIVE_TIMEOUT"] = str(self.plan.collective_timeout)
                 job_env["HORDE_RESET_LIMIT"] = ("" if self.plan.reset_limit is None
                                                 else str(self.plan.reset_limit))
+                job_env["HORDE_ROBUST_AGGREGATION"] = str(self.plan.robust_aggregation)
             if self.plan.announce:
                 self._announce(url)
             if threading.current_thread() is threading.main_thread():

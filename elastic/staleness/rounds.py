@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from elastic.codecs.base import Codec, DenseCodec
+from elastic.codecs.robust import MultiKrum, robust_applies
 from elastic.codecs.stats import RoundStats
 from elastic.core.engine import CollectiveEngine, Kind, Request
 from elastic.errors import HorovodInternalError, NonFiniteGradientError
 from elastic.staleness.decide import (
+    Add,
     Contribution,
     Entry,
     NormCheck,
@@ -165,6 +167,8 @@ class StalenessRounds:
         self._recent_norms: deque[float] = deque(maxlen=self.norm_check.history)
         self._own_norms: dict[str, deque[float]] = {}
         self._max_nonfinite = runtime.settings.max_nonfinite_steps
+        # Multi-Krum (HORDE_ROBUST_AGGREGATION=F): its suspicions per stream, like the norms.
+        self._robust = MultiKrum(runtime.settings.robust_aggregation)
         self._nonfinite_run = 0  # consecutive rounds whose aggregate was non-finite
         self._evicting: set[str] = set()  # nodes already handed to `on_strikes`
         self._closed = False
@@ -435,11 +439,12 @@ class StalenessRounds:
             # ~1.8e19: a larger one squares to Inf), and the aggregate is their convex
             # combination: finite too, with no pass over it to check.
             aggregate = self._buffer()
-            for add in decision.adds:  # normalised as added: no pass over the sum afterwards
-                payload, parts = payloads[add.rank]
-                data = payload if add.part is None or parts is None else parts[add.part]
-                assert data is not None  # decide_round adds only parts that came with bytes
-                self.codec.decode_add(data, aggregate, add.mass / total)
+            if robust_applies(len({add.rank for add in decision.adds}), self._robust.f):
+                self._robust_add(decision.adds, payloads, aggregate)
+            else:
+                for add in decision.adds:  # normalised as added: no pass over the sum after
+                    self.codec.decode_add(self._data(add, payloads), aggregate,
+                                          add.mass / total)
             self._version += 1
         else:
             self.stats.empty_rounds += 1
@@ -447,6 +452,38 @@ class StalenessRounds:
         return RoundResult(self.generation, t, self._version, aggregate,
                            decision.contributions, decision.freshness, decision.lrs,
                            decision.steps)
+
+    @staticmethod
+    def _data(add: Add, payloads: list[tuple[torch.Tensor, list[torch.Tensor | None] | None]]
+              ) -> torch.Tensor:
+        """The bytes of one accepted contribution (a part, for a codec that encodes each)."""
+        payload, parts = payloads[add.rank]
+        data = payload if add.part is None or parts is None else parts[add.part]
+        assert data is not None  # decide_round adds only parts that came with bytes
+        return data
+
+    def _robust_add(self, adds: list[Add],
+                    payloads: list[tuple[torch.Tensor, list[torch.Tensor | None] | None]],
+                    out: torch.Tensor) -> None:
+        """Multi-Krum over members (`elastic.codecs.robust`): each member's accepted parts
+        as one gradient (weighted as the round weighs them), the F furthest from the
+        others left out, the rest averaged by their weight into `out`. Per member, not per
+        part, so a member cannot outvote others by splitting its gradient."""
+        masses: dict[int, float] = {}
+        for add in adds:
+            masses[add.rank] = masses.get(add.rank, 0.0) + add.mass
+        ranks = sorted(masses)
+        own = {rank: torch.zeros(self.numel, dtype=self.dtype) for rank in ranks}
+        for add in adds:
+            self.codec.decode_add(self._data(add, payloads), own[add.rank],
+                                  add.mass / masses[add.rank])
+        kept = [ranks[i] for i in self._robust.keep([own[rank] for rank in ranks], ranks)]
+        total = sum(masses[rank] for rank in kept)
+        for rank in kept:  # rank order: the same sum on every member
+            out.add_(own[rank], alpha=masses[rank] / total)
+        dropped = [rank for rank in ranks if rank not in kept]
+        self.stats.robust_dropped += len(dropped)
+        self.stats.robust_dropped_ranks.update(dropped)
 
     def _count_nonfinite(self, t: int, nonfinite: bool, applied: bool) -> None:
         """Stop every member together after `HORDE_MAX_NONFINITE_STEPS` consecutive rounds

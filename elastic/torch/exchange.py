@@ -193,6 +193,8 @@ class TopKAllreduce:
 
     def __call__(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """The average over ranks of `tensor` as top-k with error feedback transmits it."""
+        from elastic.codecs.robust import MultiKrum
+        from elastic.core.session import settings
         from elastic.torch.runtime import process_set_id, runtime
 
         size = self.process_set.size() or 1
@@ -204,7 +206,9 @@ class TopKAllreduce:
         out, sent, rejected = average_payloads(
             runtime().engine, [payload], [flat.numel()], flat, size, f"horde.topk.{name}",
             process_set_id(self.process_set),
-            dense_wire=self.compressor.value_dtype if dense else None)
+            dense_wire=self.compressor.value_dtype if dense else None,
+            robust=MultiKrum(f) if (f := settings().robust_aggregation) else None,
+            stats=self.stats)
         self.stats.rejected += len(rejected)
         self.stats.rounds += 1
         self.stats.bytes_sent += sent

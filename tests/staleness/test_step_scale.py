@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from elastic.codecs import DenseCodec
+from elastic.codecs.robust import MultiKrum
 from elastic.codecs.stats import RoundStats
 from elastic.staleness import (
     Contribution,
@@ -37,6 +38,7 @@ def rounds_of(members: int, version: int) -> StalenessRounds:
     rounds._version, rounds._recent_norms = version, deque([2.0, 2.0], maxlen=32)
     rounds._own_norms, rounds._evicting, rounds.node_id = {}, set(), "n0"
     rounds._max_nonfinite, rounds._nonfinite_run = 100, 0
+    rounds._robust = MultiKrum(0)
     rounds._step_times, rounds._spares = deque(maxlen=16), []
     rounds._outbox_ready, rounds.on_strikes = threading.Condition(), None
     rounds.stats.strikes = Counter()

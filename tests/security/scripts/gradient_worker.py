@@ -3,10 +3,12 @@
 RUNS lists the runs of this job, one after another, each with a fresh optimizer (so
 fresh rounds: its first step is the first round of a stream, as at a new generation):
 `clean` or `attack`. ATTACK_RANK (-1: every rank) poisons its gradient in an `attack`
-run as ATTACK says: `scale:F@STEP` multiplies it by F at STEP, `nanloss@STEP` makes its
+run as ATTACK says: `scale:F@STEP` multiplies it by F at STEP (`@STEP-`: and every later
+step; F=-1 flips its sign), `nanloss@STEP` makes its
 loss NaN at STEP, `nanloss@STEP-` at STEP and every later step. STALENESS, TOPK (a
-density, 0: dense), STEPS. Writes $OUT/rank<r>.json: the node id and per run the test
-accuracy, a parameter hash, whether the parameters are finite and the optimizer's stats.
+density, 0: dense), STEPS, DATA_SEED (which minibatches each rank draws). Writes
+$OUT/rank<r>.json: the node id and per run the test accuracy, a parameter hash, whether
+the parameters are finite and the optimizer's stats.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ ATTACK_RANK = int(os.environ.get("ATTACK_RANK", "1"))
 KIND, _, WHEN = os.environ.get("ATTACK", "scale:1e6@0").partition("@")
 FROM = int(WHEN.rstrip("-"))
 ONWARD = WHEN.endswith("-")
+DATA_SEED = int(os.environ.get("DATA_SEED", "100"))
 BATCH = 32
 
 
@@ -49,7 +52,7 @@ def train(attack: bool, x_train: torch.Tensor, y_train: torch.Tensor,
     optimizer = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
         compression=compression, staleness=STALENESS)
-    gen = torch.Generator().manual_seed(100 + hvd.rank())
+    gen = torch.Generator().manual_seed(DATA_SEED + hvd.rank())
     for step in range(STEPS):
         i = torch.randint(0, len(y_train), (BATCH,), generator=gen)
         optimizer.zero_grad()
