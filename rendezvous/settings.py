@@ -67,7 +67,8 @@ class RendezvousSettings:
             )
         if self.lease_ttl < 2:
             raise ValueError(f"lease_ttl={self.lease_ttl} must be at least 2 s (etcd's minimum)")
-        for name in ("settle_window", "admission_window", "start_timeout", "elastic_timeout", "reset_timeout"):
+        for name in ("settle_window", "admission_window", "start_timeout", "elastic_timeout",
+                     "reset_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
         if self.blacklist_cooldown is not None:
