@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -611,3 +612,21 @@ def test_member_back_under_a_new_lease_is_dropped_and_readmitted_last() -> None:
     assert d.members == ("a", "c", "b")
     unchanged = decide(view(gen, infos), settings(max_np=4), T0)
     assert unchanged.action == Action.WAIT
+
+
+def test_the_admission_window_comes_from_the_flag_or_horde_admission_window(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from elastic.launcher.cli import UsageError, build_plan, make_parser
+
+    def plan(*flags: str) -> RendezvousSettings:
+        args = make_parser().parse_args([*flags, "-np", "2", sys.executable, __file__])
+        return build_plan(args).rdzv
+
+    monkeypatch.delenv("HORDE_ADMISSION_WINDOW", raising=False)
+    assert plan().admission_window == 2.0
+    monkeypatch.setenv("HORDE_ADMISSION_WINDOW", "3.5")
+    assert plan().admission_window == 3.5
+    assert plan("--admission-window", "1").admission_window == 1.0
+    assert plan().to_env()["HORDE_ADMISSION_WINDOW"] == "3.5"  # what workers and --join read
+    with pytest.raises(UsageError, match="admission_window=-1.0 must not be negative"):
+        plan("--admission-window", "-1")
