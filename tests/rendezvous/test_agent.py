@@ -532,6 +532,32 @@ def test_a_steady_stream_of_joins_is_admitted_while_it_lasts(
 
 
 @pytest.mark.timeout(60)
+def test_a_follower_reads_the_control_keys_again_only_after_they_change(
+        etcd_server: Any) -> None:
+    # Every follower wakes for its keepalive (TTL/3); re-reading the generation then, with
+    # hundreds of followers, was most of etcd's load. Its watch says whether to.
+    job = Job("etcd", etcd_server, target_np=2, max_np=4)
+    try:
+        job.agents_for(2)
+        first = job.wait_generation(0)
+        leader = job.leader()
+        follower = next(a for a in job.agents if a is not leader)
+        ops = follower.backend.ops  # type: ignore[attr-defined]
+        time.sleep(0.5)
+        reads, keepalives = ops["get_prefix"], ops["refresh_lease"]
+        time.sleep(3.0)  # several keepalives at a TTL of 2 s
+        assert ops["refresh_lease"] > keepalives, "the follower did not wake to keep its lease"
+        assert ops["get_prefix"] == reads, "the follower read control keys nobody changed"
+        job.agent("n2", order=2)
+        gen = follower.wait_for_generation(first.id, EVENT_TIMEOUT)
+        assert gen.node_ids == ["n0", "n1", "n2"]
+        assert ops["get_prefix"] > reads
+        assert follower.control.generation == gen
+    finally:
+        job.close()
+
+
+@pytest.mark.timeout(60)
 def test_joiners_beyond_max_np_wait(make_job: Callable[..., Job]) -> None:
     job = make_job(target_np=2, max_np=3)
     job.agents_for(2)
