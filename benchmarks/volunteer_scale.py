@@ -84,6 +84,9 @@ class Volunteer:
         self.token: str | None = None
         self.agent: NodeAgent | None = None
         self.admissions: list[float] = []  # seconds from join to admission
+        #: per admission, seconds spent: coordinator registration, etcd registration,
+        #: registered to the leader publishing the generation, published to seen here
+        self.phases: list[tuple[float, float, float, float]] = []
         self.never_admitted = 0
         self.joins = 0
         self.leaves = {"graceful": 0, "vanished": 0}
@@ -118,6 +121,7 @@ class Volunteer:
 
     def _session(self, deadline: float, stop: threading.Event) -> None:
         started = time.monotonic()
+        wall_started = time.time()
         node_id = self.spec.node_id
         if self.token is None:
             answer = self._call(f"{self.coordinator}/api/v1/nodes", {
@@ -130,7 +134,9 @@ class Volunteer:
                                    addr="127.0.0.1", store_port=20000 + self.spec.order,
                                    order=self.spec.order),
                           candidate=self.spec.candidate)
+        wall_agent = time.time()
         agent.start()
+        wall_registered = time.time()
         self.agent = agent
         self.joins += 1
         control = agent.control
@@ -138,8 +144,13 @@ class Volunteer:
         give_up = started + self.cfg["admission_timeout"]
         while True:  # in short waits, so that the end of the run is not held up
             try:
-                agent.wait_for_generation(after, min(1.0, max(give_up - time.monotonic(), 0)))
+                gen = agent.wait_for_generation(after, min(1.0, max(give_up - time.monotonic(),
+                                                                     0)))
                 self.admissions.append(time.monotonic() - started)
+                seen = time.time()
+                self.phases.append((wall_agent - wall_started, wall_registered - wall_agent,
+                                    max(0.0, gen.created_at - wall_registered),
+                                    max(0.0, seen - gen.created_at)))
                 break
             except RendezvousTimeoutError:
                 if time.monotonic() >= give_up:
@@ -191,6 +202,7 @@ def _worker(conn: Connection, url: str, coordinator: str, settings: RendezvousSe
             backend.close()
             conn.send(("stopped", {
                 "admissions": [a for v in volunteers for a in v.admissions],
+                "phases": [p for v in volunteers for p in v.phases],
                 "never_admitted": sum(v.never_admitted for v in volunteers),
                 "joins": sum(v.joins for v in volunteers),
                 "graceful": sum(v.leaves["graceful"] for v in volunteers),
@@ -316,7 +328,9 @@ def run(args: argparse.Namespace) -> int:
     settings = RendezvousSettings(
         job=JOB, prefix=PREFIX, min_np=1, target_np=candidates, max_np=volunteers,
         lease_ttl=args.lease_ttl, settle_window=args.settle, poll_interval=args.poll,
-        start_timeout=600.0, elastic_timeout=600.0)
+        start_timeout=600.0, elastic_timeout=600.0,
+        **({"admission_window": args.admission_window}
+           if args.admission_window is not None else {}))
     cfg = {"seed": args.seed, "ramp": args.ramp, "stay": (args.stay_min, args.stay_max),
            "away": (args.away_min, args.away_max), "vanish": args.vanish,
            "credit_poll": args.credit_poll, "admission_timeout": args.admission_timeout}
@@ -326,7 +340,9 @@ def run(args: argparse.Namespace) -> int:
           f"stay) on {procs} process(es), one embedded etcd, one coordinator, "
           f"{os.cpu_count()} CPU(s), {args.duration:g} s; stay {args.stay_min:g}-"
           f"{args.stay_max:g} s, away {args.away_min:g}-{args.away_max:g} s, "
-          f"{args.vanish:.0%} of leaves by lease expiry (TTL {args.lease_ttl} s)", flush=True)
+          f"{args.vanish:.0%} of leaves by lease expiry (TTL {args.lease_ttl} s); settle "
+          f"window {settings.settle_window:g} s, admission window "
+          f"{settings.admission_window:g} s", flush=True)
     rows: list[list[str]] = []
     notes: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="horde-volunteer-scale-"))
@@ -381,6 +397,11 @@ def run(args: argparse.Namespace) -> int:
              f"{percentile(admissions, 50):.2f} / {percentile(admissions, 99):.2f} / "
              f"{max(admissions, default=float('nan')):.2f} s ({len(admissions)} admissions)"
              if admissions else "no admissions"],
+            ["rendezvous", "admission phases p50 / p99 (s): coordinator registration",
+             _phase(results, 0)],
+            ["rendezvous", "  etcd registration (lease, node key)", _phase(results, 1)],
+            ["rendezvous", "  registered to generation published", _phase(results, 2)],
+            ["rendezvous", "  published to seen by the volunteer", _phase(results, 3)],
             ["rendezvous", f"joins not admitted within {args.admission_timeout:g} s",
              str(never)],
             ["rendezvous", "nodes admitted twice (must be 0)", str(checked["twice"])],
@@ -427,6 +448,14 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
+def _phase(results: list[dict[str, Any]], index: int) -> str:
+    """p50 / p99 of one phase of the admissions, over every worker process."""
+    values = [p[index] for r in results for p in r["phases"]]
+    if not values:
+        return "none"
+    return f"{percentile(values, 50):.2f} / {percentile(values, 99):.2f}"
+
+
 def _reply(conn: Connection, timeout: float) -> tuple[Any, ...]:
     if not conn.poll(timeout):
         raise RuntimeError(f"a worker process did not answer in {timeout:g} s")
@@ -443,6 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="leader candidates (they stay the whole run)")
     parser.add_argument("--lease-ttl", type=int, default=5, help="lease TTL in s")
     parser.add_argument("--settle", type=float, default=0.5, help="settle window in s")
+    parser.add_argument("--admission-window", type=float, default=None,
+                        help="longest a join waits for others to batch with it, in s "
+                        "(default: the rendezvous default)")
     parser.add_argument("--poll", type=float, default=0.5, help="agents' poll interval in s")
     parser.add_argument("--ramp", type=float, default=10.0,
                         help="first joins spread over this many seconds")

@@ -151,6 +151,9 @@ class NodeAgent:
         self._thread: threading.Thread | None = None
         self._is_leader = False
         self._leader_memory: dict[str, object] = {}
+        #: the revision up to which `_control` is known current (a follower whose watch
+        #: timed out from it reads nothing again: a keepalive is no reason to re-read)
+        self._control_revision: int | None = None
         self.error: BaseException | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -158,8 +161,9 @@ class NodeAgent:
     def start(self) -> None:
         """Register (fails fast with RendezvousConnectionError if etcd is unreachable)."""
         self._register()
-        control, _ = read_control(self.backend, self.keys)
+        control, revision = read_control(self.backend, self.keys)
         self._set_control(control)
+        self._control_revision = revision
         self._thread = threading.Thread(
             target=self._run, name=f"horde-agent-{self.node_id}", daemon=True)
         self._thread.start()
@@ -338,11 +342,17 @@ class NodeAgent:
         self._refresh()
         wake_at = None
         if self._is_leader:
+            self._control_revision = None
             kvs, revision = self.backend.get_prefix(self.keys.root)
             control = parse_control([kv for kv in kvs if kv.key.startswith(self.keys.control)],
                                     self.keys, self.control)
+        elif self._control_revision is not None:
+            # Nothing under control/ changed since this revision (the last watch timed
+            # out): the generation (a record per member) need not be read again.
+            control, revision = self.control, self._control_revision
         else:
             control, revision = read_control(self.backend, self.keys, self.control)
+        self._control_revision = None
         self._set_control(control)
         if control.leader != self.node_id:
             self._is_leader = False
@@ -372,7 +382,9 @@ class NodeAgent:
         if wake_at is not None:
             timeout = min(timeout, max(0.0, wake_at - self._clock()))
         if timeout > 0:
-            self.backend.wait_for_change(watch, revision, timeout)
+            changed = self.backend.wait_for_change(watch, revision, timeout)
+            if not changed and not self._is_leader:
+                self._control_revision = revision
 
     def _try_lead(self, expected_revision: int = 0) -> None:
         try:

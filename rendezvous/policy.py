@@ -12,7 +12,8 @@ Rules (DESIGN.md, Membership):
   wait until every live member is ready, or `reset_timeout`, then drop the
   unresponsive ones and blacklist them;
 - nodes waiting and the world under `max_np`: admit them in one batch once no new
-  node arrived for `settle_window`;
+  node arrived for `settle_window`, or at the latest `admission_window` (never less
+  than `settle_window`) after the first of them;
 - fewer than `min_np` candidates: wait; past `elastic_timeout`, fail the job;
 - a member's worker process ended after its work (its agent left as "finished", at
   process exit, never at `hvd.shutdown()`): the job is finished, no new generation.
@@ -25,9 +26,6 @@ from dataclasses import dataclass, field
 
 from rendezvous.generation import BlacklistEntry, Generation, Member, NodeInfo
 from rendezvous.settings import RendezvousSettings
-
-#: A batch of joins is admitted at the latest this many settle windows after the first.
-MAX_SETTLE_FACTOR = 10.0
 
 
 class Action(str, enum.Enum):
@@ -85,8 +83,8 @@ def eligible_nodes(view: ClusterView) -> list[NodeInfo]:
 
 def _settled(view: ClusterView, newcomers: list[NodeInfo], settings: RendezvousSettings,
              now: float) -> tuple[bool, float]:
-    """Whether the joins have settled: no newcomer for a settle window (at most
-    MAX_SETTLE_FACTOR windows after the first), and no launch batch still incomplete.
+    """Whether the joins have settled: no newcomer for a settle window (at most an
+    admission window after the first), and no launch batch still incomplete.
 
     A launch batch (the workers one `horderun` started together) whose members have not
     all registered holds the joins for up to `start_timeout` after its first member:
@@ -95,7 +93,7 @@ def _settled(view: ClusterView, newcomers: list[NodeInfo], settings: RendezvousS
     """
     seen = [view.first_seen.get(n.node_id, now) for n in newcomers]
     quiet_at = max(seen) + settings.settle_window
-    cap_at = min(seen) + settings.settle_window * MAX_SETTLE_FACTOR
+    cap_at = min(seen) + max(settings.admission_window, settings.settle_window)
     wake = min(quiet_at, cap_at)
     for batch, size in {(n.batch, n.batch_size) for n in newcomers if n.batch}:
         members = [n for n in view.nodes.values() if n.batch == batch]

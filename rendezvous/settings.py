@@ -43,6 +43,10 @@ class RendezvousSettings:
     target_np: int = 1
     lease_ttl: int = 5
     settle_window: float = 0.5
+    #: the longest a join waits for later joins to batch with it (under a steady stream
+    #: of joins the settle window is never quiet): lower admits sooner, at the cost of
+    #: more generations (each one a reset of every worker)
+    admission_window: float = 2.0
     start_timeout: float = 30.0
     elastic_timeout: float = 600.0
     reset_timeout: float = 15.0
@@ -63,7 +67,8 @@ class RendezvousSettings:
             )
         if self.lease_ttl < 2:
             raise ValueError(f"lease_ttl={self.lease_ttl} must be at least 2 s (etcd's minimum)")
-        for name in ("settle_window", "start_timeout", "elastic_timeout", "reset_timeout"):
+        for name in ("settle_window", "admission_window", "start_timeout", "elastic_timeout",
+                     "reset_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
         if self.blacklist_cooldown is not None:

@@ -107,6 +107,9 @@ def make_parser() -> argparse.ArgumentParser:
                        "worker counts as dead (default 5)")
     horde.add_argument("--settle-window", type=float, help="seconds joins are batched into one "
                        "reset (default 0.5)")
+    horde.add_argument("--admission-window", type=float,
+                       help="longest a join waits for later joins to share its reset, in "
+                       "seconds (default 2; never less than --settle-window)")
     horde.add_argument("--reset-timeout", type=float, help="seconds to wait for live members "
                        "to rejoin after a failed collective (default 15)")
     horde.add_argument("--collective-timeout", type=float,
@@ -344,6 +347,7 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
             job=job, min_np=min_np, max_np=max_np,
             target_np=min(max(np, min_np), max_np),
             lease_ttl=args.lease_ttl, settle_window=args.settle_window,
+            admission_window=args.admission_window,
             start_timeout=args.start_timeout, elastic_timeout=args.elastic_timeout,
             reset_timeout=args.reset_timeout,
             blacklist_cooldown=tuple(args.blacklist_cooldown_range)

@@ -493,6 +493,70 @@ def test_joiners_within_the_settle_window_cost_one_generation(
     assert set(seen) <= {0, 1}
 
 
+@pytest.mark.timeout(90)
+def test_a_steady_stream_of_joins_is_admitted_while_it_lasts(
+        make_job: Callable[..., Job]) -> None:
+    # Joins every 0.25 s never leave the settle window (1 s) quiet: the admission window
+    # (1.5 s) must admit the first joiners while the others still arrive, once each.
+    job = make_job(target_np=2, settle_window=1.0, admission_window=1.5, max_np=20)
+    job.agents_for(2)
+    first = job.wait_generation(0)
+    generations: list[Generation] = []
+    job.agents[0].add_listener(
+        lambda c: generations.append(c.generation) if c.generation is not None else None)
+    joiners = [f"n{i}" for i in range(2, 16)]
+    admitted_while_joining: Generation | None = None
+    for i, node_id in enumerate(joiners):
+        job.agent(node_id, order=i + 2)
+        gen = job.generation()
+        if admitted_while_joining is None and gen is not None and "n2" in gen.node_ids:
+            admitted_while_joining = gen
+        time.sleep(0.25)
+    assert admitted_while_joining is not None, (
+        "no generation admitted the first joiner while joins kept arriving")
+    assert joiners[-1] not in admitted_while_joining.node_ids
+    last = job.agents[-1].wait_for_generation(first.id, EVENT_TIMEOUT)
+    assert last.node_ids == ["n0", "n1"] + joiners
+    deadline = time.monotonic() + EVENT_TIMEOUT  # n0's listener sees it too
+    while not (generations and generations[-1].id >= last.id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    history = [first] + [g for i, g in enumerate(generations)
+                         if g.id > first.id and (i == 0 or generations[i - 1] != g)]
+    ids = [g.id for g in history]
+    assert ids == list(range(first.id, first.id + len(ids))), f"a generation lost: {ids}"
+    for node_id in joiners:  # admitted once, then a member of every later generation
+        with_it = [g.id for g in history if node_id in g.node_ids]
+        assert with_it == list(range(with_it[0], ids[-1] + 1)), (node_id, ids, with_it)
+    for g in history:
+        assert len(set(g.node_ids)) == len(g.node_ids), f"a node listed twice: {g}"
+
+
+@pytest.mark.timeout(60)
+def test_a_follower_reads_the_control_keys_again_only_after_they_change(
+        etcd_server: Any) -> None:
+    # Every follower wakes for its keepalive (TTL/3); re-reading the generation then, with
+    # hundreds of followers, was most of etcd's load. Its watch says whether to.
+    job = Job("etcd", etcd_server, target_np=2, max_np=4)
+    try:
+        job.agents_for(2)
+        first = job.wait_generation(0)
+        leader = job.leader()
+        follower = next(a for a in job.agents if a is not leader)
+        ops = follower.backend.ops  # type: ignore[attr-defined]
+        time.sleep(0.5)
+        reads, keepalives = ops["get_prefix"], ops["refresh_lease"]
+        time.sleep(3.0)  # several keepalives at a TTL of 2 s
+        assert ops["refresh_lease"] > keepalives, "the follower did not wake to keep its lease"
+        assert ops["get_prefix"] == reads, "the follower read control keys nobody changed"
+        job.agent("n2", order=2)
+        gen = follower.wait_for_generation(first.id, EVENT_TIMEOUT)
+        assert gen.node_ids == ["n0", "n1", "n2"]
+        assert ops["get_prefix"] > reads
+        assert follower.control.generation == gen
+    finally:
+        job.close()
+
+
 @pytest.mark.timeout(60)
 def test_joiners_beyond_max_np_wait(make_job: Callable[..., Job]) -> None:
     job = make_job(target_np=2, max_np=3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -15,7 +16,6 @@ import pytest
 
 from rendezvous.generation import BlacklistEntry, Generation, JobStatus, Member, NodeInfo
 from rendezvous.policy import (
-    MAX_SETTLE_FACTOR,
     Action,
     ClusterView,
     Decision,
@@ -245,7 +245,7 @@ def _simulate(s: RendezvousSettings, arrivals: dict[str, float], until: float,
 
 
 def test_joins_within_the_settle_window_cost_one_generation() -> None:
-    s = settings(max_np=8, settle_window=1.0)
+    s = settings(max_np=8, settle_window=1.0, admission_window=5.0)
     arrivals = {"c": T0 + 0.10, "d": T0 + 0.35, "e": T0 + 0.60, "f": T0 + 0.90, "g": T0 + 1.2}
     published = _simulate(s, arrivals, until=T0 + 10)
     assert len(published) == 1
@@ -277,15 +277,37 @@ def test_an_incomplete_launch_batch_is_admitted_after_the_start_timeout() -> Non
     assert published == [(pytest.approx(T0 + 0.1 + 5.0), ("a", "b", "c", "d"))]
 
 
-def test_steady_trickle_of_joins_is_capped_by_max_settle_factor() -> None:
-    s = settings(max_np=100, settle_window=1.0)
+def test_steady_trickle_of_joins_is_capped_by_the_admission_window() -> None:
+    s = settings(max_np=100, settle_window=1.0, admission_window=3.0)
     arrivals = {f"j{i:02d}": T0 + 0.5 * i for i in range(40)}  # one every half window
     published = _simulate(s, arrivals, until=T0 + 12, step=0.05)
     assert published, "a steady trickle must not starve admission"
     at, members = published[0]
-    assert at == pytest.approx(T0 + s.settle_window * MAX_SETTLE_FACTOR)
-    expected = ("a", "b") + tuple(f"j{i:02d}" for i in range(21))  # arrived by T0 + 10
+    assert at == pytest.approx(T0 + s.admission_window)
+    expected = ("a", "b") + tuple(f"j{i:02d}" for i in range(7))  # arrived by T0 + 3
     assert members == expected
+    # the next batch starts with the first join left out, and waits at most as long
+    at2, members2 = published[1]
+    assert at2 == pytest.approx(T0 + 3.5 + s.admission_window)
+    assert members2[:len(members)] == members and members2[len(members)] == "j07"
+
+
+def test_the_default_admission_window_bounds_a_join_to_2_s() -> None:
+    s = settings(max_np=100, settle_window=0.5)
+    arrivals = {f"j{i:02d}": T0 + 0.25 * i for i in range(40)}
+    published = _simulate(s, arrivals, until=T0 + 12, step=0.05)
+    waits = []
+    for node_id, arrived in arrivals.items():
+        at = next(t for t, members in published if node_id in members)
+        waits.append(at - arrived)
+    assert max(waits) <= s.admission_window + 0.05 + 1e-9
+    assert s.admission_window == 2.0
+
+
+def test_the_admission_window_is_never_shorter_than_the_settle_window() -> None:
+    s = settings(max_np=8, settle_window=1.5, admission_window=0.5)
+    published = _simulate(s, {"c": T0 + 0.1, "d": T0 + 1.0}, until=T0 + 6)
+    assert published == [(pytest.approx(T0 + 0.1 + 1.5), ("a", "b", "c", "d"))]
 
 
 def test_settle_wake_up_time_is_reported() -> None:
@@ -590,3 +612,21 @@ def test_member_back_under_a_new_lease_is_dropped_and_readmitted_last() -> None:
     assert d.members == ("a", "c", "b")
     unchanged = decide(view(gen, infos), settings(max_np=4), T0)
     assert unchanged.action == Action.WAIT
+
+
+def test_the_admission_window_comes_from_the_flag_or_horde_admission_window(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from elastic.launcher.cli import UsageError, build_plan, make_parser
+
+    def plan(*flags: str) -> RendezvousSettings:
+        args = make_parser().parse_args([*flags, "-np", "2", sys.executable, __file__])
+        return build_plan(args).rdzv
+
+    monkeypatch.delenv("HORDE_ADMISSION_WINDOW", raising=False)
+    assert plan().admission_window == 2.0
+    monkeypatch.setenv("HORDE_ADMISSION_WINDOW", "3.5")
+    assert plan().admission_window == 3.5
+    assert plan("--admission-window", "1").admission_window == 1.0
+    assert plan().to_env()["HORDE_ADMISSION_WINDOW"] == "3.5"  # what workers and --join read
+    with pytest.raises(UsageError, match="admission_window=-1.0 must not be negative"):
+        plan("--admission-window", "-1")
