@@ -323,3 +323,167 @@ def test_a_drifted_answer_fails_validation(servers: dict[str, str]) -> None:
     assert not validator.is_valid({**answer, "schema_revision": 5})
     assert validator.is_valid({**answer, "schema_revision": None})
 
+
+
+# -- out-of-range numbers ------------------------------------------------------------------
+
+#: every numeric field of the request bodies (the walk below must find at least these)
+NUMERIC_FIELDS = {
+    ("ReportBatch", "reports[0].generation"), ("ReportBatch", "reports[0].round"),
+    ("ReportBatch", "reports[0].span"), ("ReportBatch", "reports[0].loss"),
+    ("ReportBatch", "reports[0].timestamp"),
+    ("ReportBatch", "reports[0].contributions[0].samples"),
+    ("ReportBatch", "reports[0].contributions[0].staleness"),
+    ("ReportBatch", "reports[0].contributions[0].param_version"),
+    ("Registration", "hardware.x"), ("Eviction", "cooldown_seconds"),
+}
+
+
+def numeric_leaves(schema: dict[str, Any], schemas: dict[str, Any], path: tuple = ()
+                   ) -> Iterator[tuple[tuple, dict[str, Any]]]:
+    """(path, schema) of every integer or number a body may hold; `0` steps into an
+    array's first item, `"x"` into a free-form object's key `x`."""
+    while "$ref" in schema or "allOf" in schema:
+        schema = (schemas[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema
+                  else schema["allOf"][0])
+    for alternative in schema.get("anyOf", []):
+        yield from numeric_leaves(alternative, schemas, path)
+    kind = schema.get("type")
+    if kind in ("integer", "number"):
+        yield path, schema
+    elif kind == "array":
+        yield from numeric_leaves(schema["items"], schemas, (*path, 0))
+    elif kind == "object":
+        for name, sub in schema.get("properties", {}).items():
+            yield from numeric_leaves(sub, schemas, (*path, name))
+        if isinstance(schema.get("additionalProperties"), dict):
+            yield from numeric_leaves(schema["additionalProperties"], schemas, (*path, "x"))
+
+
+def dotted(path: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def with_value(body: Any, path: tuple, value: Any) -> Any:
+    body = json.loads(json.dumps(body))
+    node = body
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
+    return body
+
+
+def out_of_range(schema: dict[str, Any]) -> list[Any]:
+    """Values just outside the bounds, far outside, and JSON numbers Python reads as inf."""
+    low, high = schema["minimum"], schema["maximum"]
+    values = [low - 1 if low >= 0 else low * 2, high + 1 if high < 2**52 else high * 2]
+    values += [v for v in (2**64, -(2**64)) if not low <= v <= high]
+    if schema["type"] == "number":
+        values += [RawJson("1e400"), RawJson("-1e400")]
+    return values
+
+
+class RawJson(str):
+    """A number written into the body as it is (json.dumps cannot write 1e400)."""
+
+
+def encode(body: Any) -> bytes:
+    marks: dict[str, str] = {}
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, RawJson):
+            key = f"@@raw{len(marks)}@@"
+            marks[key] = str(value)
+            return key
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        return value
+
+    text = json.dumps(mark(body))
+    for key, raw in marks.items():
+        text = text.replace(f'"{key}"', raw)
+    return text.encode()
+
+
+def test_out_of_range_numbers_get_422_on_every_numeric_field(servers: dict[str, str]
+                                                             ) -> None:
+    url = servers["bare"]
+    api = Api(fetch_spec(url))
+    schemas = api.spec["components"]["schemas"]
+    token = api.call(url, "POST", "/api/v1/nodes", json_body={"node_id": "num-a"},
+                     expect=201)["token"]
+    members = ["num-a", "num-b"]
+    full = report(0, members, {"num-a": 1, "num-b": 1}, loss=0.5, span=1)
+    full["timestamp"] = 1_800_000_000.0
+    endpoints = {  # schema name: (path, token, a valid body holding every numeric field)
+        "ReportBatch": ("/api/v1/reports", token, {"node_id": "num-a", "reports": [full]}),
+        "Registration": ("/api/v1/nodes", None, {"node_id": "num-new", "hardware": {}}),
+        "Eviction": ("/api/v1/evictions", ADMIN_TOKEN, {"node_id": "num-a"}),
+    }
+    found = set()
+    registered = 0
+    for name, (path, bearer, body) in endpoints.items():
+        for leaf, schema in numeric_leaves(schemas[name], schemas):
+            field = dotted(leaf)
+            found.add((name, field))
+            assert "minimum" in schema and "maximum" in schema, f"{name}.{field} is unbounded"
+            for value in out_of_range(schema):
+                answer = api.call(url, "POST", path, body=encode(with_value(body, leaf, value)),
+                                  token=bearer, expect=422)
+                assert answer["error"]["field"] == field, (name, field, value, answer)
+            for value in (schema["minimum"], schema["maximum"]):  # the bounds themselves pass
+                if schema["type"] == "integer":
+                    value = int(value)
+                candidate = with_value(body, leaf, value)
+                if name == "Registration":
+                    registered += 1
+                    candidate["node_id"] = f"num-new-{registered}"
+                status = post_status(url, path, encode(candidate), bearer)
+                assert status != 422, (name, field, value)
+    assert found >= NUMERIC_FIELDS, NUMERIC_FIELDS - found
+
+
+def post_status(url: str, path: str, body: bytes, token: str | None) -> int:
+    host, port = url.split("//", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn.request("POST", path, body=body, headers=headers)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_out_of_range_query_numbers_get_422(servers: dict[str, str]) -> None:
+    """Every numeric query parameter the document bounds is enforced at its bounds."""
+    url = servers["bare"]
+    api = Api(fetch_spec(url))
+    api.call(url, "POST", "/api/v1/nodes", json_body={"node_id": "q-a"}, expect=201)
+    checked = 0
+    for template, operations in api.spec["paths"].items():
+        if "get" not in operations:
+            continue
+        path = template.replace("{node_id}", "q-a").replace("{job}", JOB)
+        for parameter in operations["get"].get("parameters", []):
+            schema = parameter["schema"]
+            if parameter["in"] != "query" or schema.get("type") not in ("integer", "number"):
+                continue
+            assert "minimum" in schema and "maximum" in schema, (template, parameter["name"])
+            for value in (schema["minimum"] - 1, schema["maximum"] + 1):
+                status = get_status(url, f"{path}?{parameter['name']}={value}")
+                assert status == 422, (template, parameter["name"], value, status)
+            checked += 1
+    assert checked >= 5  # limit (several routes), offset, before, loss_points
+
+
+def get_status(url: str, path: str) -> int:
+    host, port = url.split("//", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response.status
