@@ -10,6 +10,7 @@ match the schemas of every documented status (tests/coordinator/test_responses.p
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from coordinator.contract import JOB_PATTERN, NODE_ID_PATTERN, REQUEST_MODELS
@@ -231,6 +232,12 @@ _PATHS: dict[str, Any] = {
 }
 
 
+@functools.cache
+def _schemas() -> dict[str, Any]:
+    """`components.schemas`, derived once per process (pydantic takes tens of ms)."""
+    return openapi_schemas({**REQUEST_MODELS, **RESPONSE_MODELS})
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document (a fresh copy each call)."""
     return copy.deepcopy({
@@ -243,7 +250,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": _PATHS,
         "components": {
-            "schemas": openapi_schemas({**REQUEST_MODELS, **RESPONSE_MODELS}),
+            "schemas": _schemas(),
             "securitySchemes": {
                 "nodeToken": {"type": "http", "scheme": "bearer",
                               "description": "The token a node got at registration."},

@@ -487,3 +487,30 @@ def get_status(url: str, path: str) -> int:
     response.read()
     conn.close()
     return response.status
+
+
+def test_in_process_answer_check_catches_drift(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    """The check every fixture app runs (tests/coordinator/conftest.py) flags an answer
+    whose keys drifted from its response model, and passes the same answer undrifted."""
+    from coordinator import create_app
+    from coordinator.state import EXTENSION
+    from coordinator.storage import queries
+    from tests.coordinator.helpers import check_answers, make_config, post_reports, register
+
+    app = create_app(make_config(tmp_path))
+    problems = check_answers(app)
+    try:
+        client = app.test_client()
+        tokens = {n: register(client, n) for n in ("d-a", "d-b", "d-c")}
+        for node, token in tokens.items():
+            post_reports(client, node, token, [report(0, list(tokens), dict.fromkeys(tokens, 4))])
+        assert client.get("/api/v1/jobs").status_code == 200
+        assert problems == []
+        summary = queries.job_summary
+        monkeypatch.setattr(queries, "job_summary",
+                            lambda *a, **k: {**summary(*a, **k), "lag_seconds": 0.5})
+        assert client.get("/api/v1/jobs").status_code == 200
+        assert len(problems) == 1 and "lag_seconds" in problems[0], problems
+    finally:
+        app.extensions[EXTENSION].close()
