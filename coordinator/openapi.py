@@ -1,16 +1,20 @@
 """The OpenAPI 3.0 description of the coordinator, served at /api/v1/openapi.json.
 
-Request bodies are described by the JSON Schemas pydantic derives from the models the
-server validates with (`coordinator.models`); a test checks that every route is
-described and schemathesis checks that the answers match what is described.
+Every schema under `components.schemas` is derived by pydantic: request bodies from the
+models the server validates with (`coordinator.models`), answers and error bodies from
+`coordinator.responses`. Only paths, parameters and operation metadata are written here.
+Tests check that every route is described and that real answers of a running server
+match the schemas of every documented status (tests/coordinator/test_responses.py).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from coordinator.contract import JOB_PATTERN, NODE_ID_PATTERN, REQUEST_MODELS
+from coordinator.responses import RESPONSE_MODELS
 from coordinator.validation import openapi_schemas
 
 VERSION = "1.0.0"
@@ -50,172 +54,11 @@ def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
-_INT = {"type": "integer"}
-_NUM = {"type": "number"}
 _STR = {"type": "string"}
-_BOOL = {"type": "boolean"}
-_TIME = {"type": "number", "nullable": True}
 _NODE_ID_PARAM = _path("node_id", {"type": "string", "pattern": NODE_ID_PATTERN})
 _JOB_PARAM = _path("job", {"type": "string", "pattern": JOB_PATTERN})
 _LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                 "How many items (default 100; the leaderboard's is 20).")
-
-_NODE_PROPS: dict[str, Any] = {
-    "node_id": _STR, "display_name": _STR, "owner": _STR,
-    "hardware": {"type": "object", "additionalProperties": True},
-    "registered_at": _TIME, "last_report_at": _TIME,
-    "credit": {**_INT, "description": "Total credit: attested accepted samples."},
-    "rac": {**_NUM, "description": "Recent-average credit per day, decayed to now."},
-    "contributions_accepted": _INT, "contributions_refused": _INT,
-    "mean_staleness": {"type": "number", "nullable": True}, "strikes": _INT,
-    "disputes": {**_INT, "description": "Reports of this node that contradicted a quorum."},
-    "reports": _INT,
-    "throughput": {**_NUM, "description": "Credited samples/s over the rate window."},
-    "state": {"type": "string",
-              "enum": ["alive", "waiting", "evicted", "gone", "unknown"]},
-}
-
-_SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object", "required": ["error"],
-        "properties": {"error": {
-            "type": "object", "required": ["code", "message"],
-            "properties": {"code": _STR, "message": _STR,
-                           "field": {**_STR, "description": "JSON path of the bad field."}}}},
-    },
-    "Node": {"type": "object", "required": list(_NODE_PROPS), "properties": _NODE_PROPS},
-    "NodeList": {
-        "type": "object", "required": ["nodes", "total", "limit", "offset"],
-        "properties": {"nodes": {"type": "array", "items": _ref("Node")}, "total": _INT,
-                       "limit": _INT, "offset": _INT}},
-    "Registered": {
-        "type": "object", "required": ["node_id", "token", "registered_at"],
-        "properties": {"node_id": _STR,
-                       "token": {**_STR, "description": "The node's bearer token; shown "
-                                                         "only now."},
-                       "registered_at": _NUM}},
-    "ReportResult": {
-        "type": "object", "required": ["index", "status"],
-        "properties": {
-            "index": _INT,
-            "status": {"type": "string",
-                       "enum": ["stored", "duplicate", "conflict", "rejected"]},
-            "reason": {"type": "string", "enum": ["not_a_member", "membership_mismatch",
-                                                  "over_limit", "generation_unknown"]},
-            "message": _STR,
-            "retry": {"type": "boolean",
-                      "description": "True: a rejection that can change (the generation "
-                                     "is not known yet); send the report again later."}}},
-    "IngestResult": {
-        "type": "object",
-        "required": ["stored", "duplicate", "conflict", "rejected", "settled", "credited",
-                     "results"],
-        "properties": {
-            "stored": _INT, "duplicate": _INT, "conflict": _INT, "rejected": _INT,
-            "settled": {**_INT, "description": "Headers this batch brought to a quorum."},
-            "credited": {**_INT, "description": "Credit those headers granted."},
-            "results": {"type": "array", "items": _ref("ReportResult")}}},
-    "LeaderboardEntry": {
-        "type": "object",
-        "required": ["rank", "node_id", "display_name", "credit", "rac", "rounds"],
-        "properties": {"rank": _INT, "node_id": _STR, "display_name": _STR, "credit": _INT,
-                       "rac": _NUM, "rounds": _INT}},
-    "Leaderboard": {
-        "type": "object", "required": ["order", "half_life_days", "entries"],
-        "properties": {"order": {"type": "string", "enum": ["credit", "rac"]},
-                       "half_life_days": _NUM,
-                       "entries": {"type": "array", "items": _ref("LeaderboardEntry")}}},
-    "CreditRecord": {
-        "type": "object",
-        "required": ["job", "generation", "round", "credit", "samples", "staleness",
-                     "param_version", "accepted", "reason", "attesters", "granted_at",
-                     "span"],
-        "properties": {"job": _STR, "generation": _INT, "round": _INT, "credit": _INT,
-                       "samples": _INT, "staleness": _INT, "param_version": _INT,
-                       "accepted": _BOOL, "reason": {"type": "string", "nullable": True},
-                       "attesters": _INT, "granted_at": _NUM, "span": _INT}},
-    "CreditHistory": {
-        "type": "object", "required": ["node_id", "credits"],
-        "properties": {"node_id": _STR,
-                       "credits": {"type": "array", "items": _ref("CreditRecord")}}},
-    "LossPoint": {
-        "type": "object", "required": ["time", "generation", "round", "loss"],
-        "properties": {"time": _NUM, "generation": _INT, "round": _INT, "loss": _NUM}},
-    "Job": {
-        "type": "object",
-        "required": ["job", "generation", "members", "world_size", "rounds", "reports",
-                     "samples_credited", "samples_per_second", "first_seen",
-                     "last_report_at"],
-        "properties": {
-            "job": _STR, "generation": {"type": "integer", "nullable": True},
-            "members": {"type": "array", "items": _STR}, "world_size": _INT,
-            "rounds": _INT, "reports": _INT, "samples_credited": _INT,
-            "samples_per_second": _NUM, "first_seen": _TIME, "last_report_at": _TIME,
-            "loss": {"type": "array", "items": _ref("LossPoint")}}},
-    "JobList": {"type": "object", "required": ["jobs"],
-                "properties": {"jobs": {"type": "array", "items": _ref("Job")}}},
-    "Event": {
-        "type": "object",
-        "required": ["id", "time", "kind", "job", "node_id", "generation", "detail"],
-        "properties": {
-            "id": _INT, "time": _NUM,
-            "kind": {"type": "string", "description": "registered, token, generation, "
-                                                      "joined, left, evicted, pardoned"},
-            "job": {"type": "string", "nullable": True},
-            "node_id": {"type": "string", "nullable": True},
-            "generation": {"type": "integer", "nullable": True}, "detail": _STR}},
-    "Timeline": {"type": "object", "required": ["job", "events"],
-                 "properties": {"job": _STR,
-                                "events": {"type": "array", "items": _ref("Event")}}},
-    "StatusNode": {
-        "type": "object", "required": [*_NODE_PROPS, "registered"],
-        "properties": {**_NODE_PROPS, "registered": {
-            **_BOOL, "description": "False for a node only the rendezvous knows."}}},
-    "Status": {
-        "type": "object",
-        "required": ["now", "job", "jobs", "rendezvous", "nodes", "nodes_total",
-                     "leaderboard", "timeline", "loss", "half_life_days",
-                     "refresh_seconds"],
-        "properties": {
-            "now": _NUM,
-            "job": {"type": "object",
-                    "required": ["job", "generation", "members", "world_size", "rounds",
-                                 "samples_per_second", "state", "leader"],
-                    "properties": {
-                        "job": {"type": "string", "nullable": True},
-                        "generation": {"type": "integer", "nullable": True},
-                        "members": {"type": "array", "items": _STR}, "world_size": _INT,
-                        "rounds": _INT, "samples_per_second": _NUM,
-                        "state": _STR, "leader": {"type": "string", "nullable": True}}},
-            "jobs": {"type": "array", "items": _STR},
-            "rendezvous": {
-                "type": "object", "required": ["configured", "reachable", "error"],
-                "properties": {"configured": _BOOL,
-                               "reachable": {"type": "boolean", "nullable": True},
-                               "error": {"type": "string", "nullable": True}}},
-            "nodes": {"type": "array", "items": _ref("StatusNode")},
-            "nodes_total": _INT,
-            "leaderboard": {"type": "array", "items": _ref("LeaderboardEntry")},
-            "timeline": {"type": "array", "items": _ref("Event")},
-            "loss": {"type": "array", "items": _ref("LossPoint")},
-            "half_life_days": _NUM, "refresh_seconds": _NUM}},
-    "EvictionEntry": {
-        "type": "object", "required": ["node_id", "job", "reason", "until", "count", "active"],
-        "properties": {"node_id": _STR, "job": _STR, "reason": _STR,
-                       "until": {"type": "number", "nullable": True,
-                                 "description": "Unix time it ends; null: for good."},
-                       "count": _INT, "active": _BOOL}},
-    "EvictionList": {
-        "type": "object", "required": ["job", "configured", "evictions"],
-        "properties": {"job": _STR, "configured": _BOOL,
-                       "evictions": {"type": "array", "items": _ref("EvictionEntry")}}},
-    "Health": {
-        "type": "object", "required": ["status", "schema_revision", "rendezvous"],
-        "properties": {"status": {"type": "string", "enum": ["ok"]},
-                       "schema_revision": {"type": "string", "nullable": True},
-                       "rendezvous": {"type": "string",
-                                      "enum": ["not configured", "ok", "unreachable"]}}},
-}
 
 _NODE_AUTH = [{"nodeToken": []}]
 _ADMIN_AUTH = [{"adminToken": []}]
@@ -312,9 +155,8 @@ _PATHS: dict[str, Any] = {
             "operationId": "jobManifest", "tags": ["jobs"],
             "summary": "The volunteer job's owner-signed manifest (horde-volunteer join)",
             "parameters": [_JOB_PARAM],
-            "responses": {"200": _json({"type": "object", "properties": {
-                "manifest": _STR, "signature": _STR, "public_key": _STR}},
-                "The signed envelope, base64 fields."), **_errors(404)}},
+            "responses": {"200": _json(_ref("Manifest"), "The signed envelope, base64 "
+                                                         "fields."), **_errors(404)}},
     },
     "/api/v1/jobs/{job}/files/{name}": {
         "get": {
@@ -390,6 +232,12 @@ _PATHS: dict[str, Any] = {
 }
 
 
+@functools.cache
+def _schemas() -> dict[str, Any]:
+    """`components.schemas`, derived once per process (pydantic takes tens of ms)."""
+    return openapi_schemas({**REQUEST_MODELS, **RESPONSE_MODELS})
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document (a fresh copy each call)."""
     return copy.deepcopy({
@@ -402,7 +250,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": _PATHS,
         "components": {
-            "schemas": {**openapi_schemas(REQUEST_MODELS), **_SCHEMAS},
+            "schemas": _schemas(),
             "securitySchemes": {
                 "nodeToken": {"type": "http", "scheme": "bearer",
                               "description": "The token a node got at registration."},

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 from flask import request
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticError
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
 from coordinator.errors import MalformedJson, UnsupportedMediaType, ValidationError
 
@@ -109,11 +110,30 @@ def as_api_error(exc: PydanticError) -> ValidationError:
     return ValidationError(f"{where}: {message}", field=field)
 
 
+class OpenApi30Schema(GenerateJsonSchema):
+    """pydantic's JSON Schema in the dialect of OpenAPI 3.0: a value that may be null is
+    `nullable: true` (3.0 has no `null` type) and a single allowed value is a one-item
+    `enum` (3.0 has no `const`)."""
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        inner = self.generate_inner(schema["schema"])
+        if "$ref" in inner:  # 3.0 ignores keywords beside a $ref
+            return {"allOf": [inner], "nullable": True}
+        return {**inner, "nullable": True}
+
+    def literal_schema(self, schema: core_schema.LiteralSchema) -> JsonSchemaValue:
+        result = super().literal_schema(schema)
+        if "const" in result:
+            result["enum"] = [result.pop("const")]
+        return result
+
+
 def openapi_schemas(models: dict[str, type]) -> dict[str, Any]:
     """The JSON Schemas of `models` and of everything they refer to, keyed as the OpenAPI
     `components.schemas` wants them (OpenAPI 3.0: no `null` types are used)."""
-    _, top = models_json_schema([(m, "validation") for m in models.values()],
-                                ref_template=REF_TEMPLATE)
+    _, top = TypeAdapter.json_schemas(
+        [(name, "validation", adapter(model)) for name, model in models.items()],
+        ref_template=REF_TEMPLATE, schema_generator=OpenApi30Schema)
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     for name, model in models.items():
         schemas[name] = schemas.pop(model.__name__, schemas.get(name))

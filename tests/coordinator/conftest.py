@@ -1,4 +1,9 @@
-"""Coordinator fixtures: an app over a temporary SQLite ledger, its client, a fake clock."""
+"""Coordinator fixtures: an app over a temporary SQLite ledger, its client, a fake clock.
+
+Every app these fixtures build checks its own answers: each JSON answer is validated
+(pydantic, strict) against the response model the OpenAPI document names for its route
+and status, and a test whose answers drifted from their models fails at teardown.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from flask.testing import FlaskClient
 from coordinator import create_app
 from coordinator.state import EXTENSION, CoordinatorState
 from rendezvous.memory import MemoryBackend
-from tests.coordinator.helpers import make_config
+from tests.coordinator.helpers import check_answers, make_config
 
 
 class FakeClock:
@@ -45,12 +50,16 @@ def make_app(tmp_path: Path) -> Iterator[Callable[..., Flask]]:
         if clock is not None:
             kwargs["clock"] = clock
         app = create_app(make_config(tmp_path, **overrides), **kwargs)
+        problems.append(check_answers(app))
         apps.append(app)
         return app
 
+    problems: list[list[str]] = []
     yield build
     for app in apps:
         app.extensions[EXTENSION].close()
+    drifted = [p for found in problems for p in found]
+    assert not drifted, f"answers that differ from their response models: {drifted[:5]}"
 
 
 @pytest.fixture

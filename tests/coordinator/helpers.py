@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flask import Flask, Response, request
+from pydantic import ValidationError
+
 from coordinator import CoordinatorConfig
+from coordinator.openapi import openapi_document
+from coordinator.responses import RESPONSE_MODELS
+from coordinator.validation import adapter
 
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
 JOB = "job1"
@@ -85,3 +92,37 @@ def credit_of(client: Any, node_id: str) -> int:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+_RULE_PARAM = re.compile(r"<(?:[a-z]+:)?([a-z_]+)>")
+
+
+def check_answers(app: Flask) -> list[str]:
+    """Validate every JSON answer of `app` against its documented response model; returns
+    the list the problems are collected in (empty while answers match their models)."""
+    paths = openapi_document()["paths"]
+    problems: list[str] = []
+
+    @app.after_request
+    def _check(response: Response) -> Response:
+        rule = request.url_rule
+        if rule is None or response.mimetype != "application/json":
+            return response  # no route (Werkzeug's 404/405), or not a JSON answer
+        path = _RULE_PARAM.sub(r"{\1}", rule.rule)
+        where = f"{request.method} {path} {response.status_code}"
+        operation = paths.get(path, {}).get(request.method.lower())
+        described = (operation or {}).get("responses", {}).get(str(response.status_code))
+        if described is None:
+            problems.append(f"{where}: status not documented")
+            return response
+        ref = described["content"]["application/json"]["schema"].get("$ref")
+        if ref is None:
+            return response  # the OpenAPI document itself
+        model = RESPONSE_MODELS[ref.rsplit("/", 1)[1]]
+        try:
+            adapter(model).validate_json(response.get_data(), strict=True)
+        except ValidationError as exc:
+            problems.append(f"{where}: {exc}")
+        return response
+
+    return problems
