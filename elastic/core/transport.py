@@ -47,6 +47,9 @@ ARRIVAL_POLL = 0.05  # seconds between checks of the store for the peers' arriva
 #: the most seconds Gloo's pairing may take once every peer has arrived; a peer that dies
 #: in between then costs this long, not the whole collective timeout
 GLOO_CONNECT_TIMEOUT = 20.0
+#: the most seconds a relay may stay silent while a collective awaits it (it is pinged
+#: every second); a dead relay then fails the collective instead of hanging it
+RELAY_TIMEOUT = 10.0
 
 
 def await_arrivals(store: dist.Store, prefix: str, rank: int, size: int,
@@ -85,8 +88,11 @@ class Transport:
         timeout: float,
         bind_host: str | None = None,
         arrived: bool = False,
+        relay: str = "",
     ) -> None:
         self.namespace = namespace
+        self.relay = relay
+        """HOST:PORT of the relay hub the groups exchange through ("": direct Gloo)."""
         self.rank = rank
         self.size = size
         self.timeout = timeout
@@ -101,9 +107,15 @@ class Transport:
             self._make_gloo(namespace + "grad/", rank, size, arrived) if size > 1 else None)
 
     def _make_gloo(self, namespace: str, rank: int, size: int, arrived: bool = False
-                   ) -> dist.ProcessGroupGloo:
+                   ) -> dist.ProcessGroup:
         """A Gloo group; `arrived` (every peer is known to be there) bounds the pairing
-        by GLOO_CONNECT_TIMEOUT, and collectives then get the full timeout."""
+        by GLOO_CONNECT_TIMEOUT, and collectives then get the full timeout. In a relay
+        generation, a `RelayProcessGroup` instead (members only dial out to the hub)."""
+        if self.relay and size > 1:
+            from elastic.core.relay import RelayProcessGroup
+
+            return RelayProcessGroup(self.relay, namespace, rank, size, self.timeout,
+                                     relay_timeout=min(self.timeout, RELAY_TIMEOUT))
         connect = min(self.timeout, GLOO_CONNECT_TIMEOUT) if arrived else self.timeout
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = datetime.timedelta(seconds=connect)
@@ -118,8 +130,9 @@ class Transport:
         return group
 
     def group_for(self, tensor: torch.Tensor) -> dist.ProcessGroup:
-        """The group that moves `tensor`: NCCL for CUDA tensors, gloo otherwise."""
-        if tensor.is_cuda:
+        """The group that moves `tensor`: NCCL for CUDA tensors, gloo otherwise (the
+        relay group for both in a relay generation: CUDA tensors go through host memory)."""
+        if tensor.is_cuda and not self.relay:
             return self._nccl_group()
         return self.gloo
 
@@ -149,6 +162,7 @@ class Transport:
             return None
         sub = object.__new__(Transport)
         sub.namespace = f"{self.namespace}ps{set_id}/"
+        sub.relay = self.relay
         sub.rank = list(ranks).index(self.rank)
         sub.size = len(ranks)
         sub.timeout = self.timeout
