@@ -10,6 +10,8 @@ The hub is payload-agnostic: for collective number `seq` of a group, each of the
 ranks sends either one part for everyone or one part per destination rank; once all
 have sent, each rank receives the parts addressed to it, in rank order. Every member then
 reduces the same bytes in the same order, so results are bit-identical across members.
+A rank's own part is not sent back to it (it keeps a copy), which saves 1/size of the
+hub's outgoing traffic.
 Transport: ZeroMQ (pyzmq) DEALER sockets dialling one ROUTER: framing, reconnection and
 queuing come from a maintained library, and only the hub needs an open port.
 
@@ -194,6 +196,8 @@ class RelayHub:
         for dest in range(size):
             out: list[Any] = [self._owners[(group, dest)], _RESULT, group, head]
             for src in range(size):
+                if src == dest:
+                    continue  # a rank keeps its own part: the hub's link carries less
                 src_mode, src_parts = pending.parts[src]
                 out.append(src_parts[0] if src_mode == _ALL else src_parts[dest])
             self._sock.send_multipart(out, copy=False)
@@ -448,7 +452,7 @@ class RelayProcessGroup(dist.ProcessGroup):
         self._timeout = timeout
         self._seq = 0
         self._lock = threading.Lock()
-        self._waiting: dict[int, tuple[RelayWork, Callable[[list[bytes]], None]]] = {}
+        self._waiting: dict[int, tuple[RelayWork, Callable[[list[bytes]], None], Any]] = {}
         self._failed: BaseException | None = None
         self._channel = _Channel(endpoint, relay_timeout, self._on_result, self._on_failure,
                                  f"{next(self._ids)}")
@@ -461,13 +465,14 @@ class RelayProcessGroup(dist.ProcessGroup):
     def _start(self, parts: Sequence[Any] | None, per_rank: bool,
                apply: Callable[[list[bytes]], None], result: Any = None) -> RelayWork:
         work = RelayWork(result)
+        mine = (bytes(parts[self._rank]) if per_rank else bytes(parts[0])) if parts else b""
         with self._lock:
             if self._failed is not None:
                 work._finish(RelayError(str(self._failed)))
                 return work
             seq = self._seq
             self._seq += 1
-            self._waiting[seq] = (work, apply)
+            self._waiting[seq] = (work, apply, mine)
             self._channel.busy += 1
         frames: list[Any] = [_CONTRIB, self._group, _HEAD.pack(seq, self._rank, self._size),
                              _PER if per_rank else _ALL, *(parts if parts else [b""])]
@@ -481,11 +486,12 @@ class RelayProcessGroup(dist.ProcessGroup):
                 self._channel.busy -= 1
         if entry is None:
             return
-        work, apply = entry
-        if len(blobs) != self._size:
-            work._finish(RelayError(f"the relay answered with {len(blobs)} parts for a group "
-                                    f"of {self._size}"))
+        work, apply, mine = entry
+        if len(blobs) != self._size - 1:
+            work._finish(RelayError(f"the relay answered with {len(blobs)} parts for the "
+                                    f"{self._size - 1} other ranks of the group"))
             return
+        blobs.insert(self._rank, mine)
         try:
             apply(blobs)
         except Exception as exc:  # noqa: BLE001 - handed to the waiter
@@ -498,7 +504,7 @@ class RelayProcessGroup(dist.ProcessGroup):
             self._failed = error
             waiting, self._waiting = self._waiting, {}
             self._channel.busy = 0
-        for work, _apply in waiting.values():
+        for work, _apply, _mine in waiting.values():
             work._finish(error)
 
     def abort(self) -> None:
