@@ -102,6 +102,7 @@ class Transport:
         self._lock = threading.Lock()
         self.members: tuple[int, ...] | None = None
         """Global ranks of a process set's transport (None: the whole world)."""
+        self._children: list[Transport] = []
         self.gloo = self._make_gloo(namespace, rank, size, arrived)
         self.gradients: dist.ProcessGroupGloo | None = (
             self._make_gloo(namespace + "grad/", rank, size, arrived) if size > 1 else None)
@@ -171,6 +172,8 @@ class Transport:
         sub._nccl = None
         sub._lock = threading.Lock()
         sub.members = tuple(ranks)
+        sub._children = []
+        self._children.append(sub)
         def connect() -> dist.ProcessGroupGloo:
             await_arrivals(self._store, sub.namespace + "arrived/", sub.rank, sub.size,
                            interrupted, self.timeout)
@@ -189,8 +192,13 @@ class Transport:
         return sub
 
     def close(self) -> None:
-        """Abort the groups so that no thread stays blocked on a dead peer."""
-        for group in (self.gloo, self.gradients, self._nccl):
+        """Abort the groups (and those of its process sets) so that no thread stays
+        blocked on a dead peer; a relay group also ends its connection and thread."""
+        for child in self._children:
+            child.close()
+        self._children.clear()
+        for group in (getattr(self, "gloo", None), getattr(self, "gradients", None),
+                      self._nccl):
             if group is None:
                 continue
             try:

@@ -157,6 +157,8 @@ class WorkerContext:
         if runtime is not None:
             runtime.engine.close()
             runtime.engine.subsets.clear()
+            if runtime.transport.relay:  # its groups hold a thread and a socket each
+                runtime.transport.close()
         if park and self.agent is not None:
             self._on_control(self.agent.control)  # a reset may already be pending
 
@@ -388,7 +390,10 @@ class WorkerContext:
         runtime = self.runtime  # kept (closed) until the next generation replaces it
         if runtime is not None:
             runtime.engine.close()
-            self._graveyard = ([runtime.transport] + self._graveyard)[:4]
+            if runtime.transport.relay:
+                runtime.transport.close()  # fails what is in flight; frees thread and socket
+            else:
+                self._graveyard = ([runtime.transport] + self._graveyard)[:4]
         if failed:
             try:
                 self.agent.request_reset(gen.id)
