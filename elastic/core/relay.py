@@ -2,22 +2,22 @@
 
 Gloo connects a full mesh, so a member that accepts no inbound connection cannot be in a
 Gloo group with another such member. In a generation that has one (`Generation.relay`),
-every member instead dials out to a `RelayHub` that `horderun` runs next to its
-coordinator, and its process groups are `RelayProcessGroup`s: Python subclasses of
-`torch.distributed.ProcessGroup` whose collectives are one exchange through the hub.
+its process groups are `RelayProcessGroup`s: Python subclasses of
+`torch.distributed.ProcessGroup`. Each collective is one exchange of parts: every rank
+sends every other rank one part (the same for all, or one per destination), and once it
+has the others' parts it reduces them in rank order, so results are bit-identical across
+members. A part travels directly wherever one side of the pair listens (the member that
+cannot listen dials out to the one that can, as for any outbound connection), and through
+the `RelayHub` that `horderun` runs next to its coordinator only between two members that
+both cannot: the hub's link carries only those pairs' parts.
+Transport: ZeroMQ (pyzmq) DEALER sockets dialling ROUTER sockets: framing, reconnection
+and queuing come from a maintained library.
 
-The hub is payload-agnostic: for collective number `seq` of a group, each of the `size`
-ranks sends either one part for everyone or one part per destination rank; once all
-have sent, each rank receives the parts addressed to it, in rank order. Every member then
-reduces the same bytes in the same order, so results are bit-identical across members.
-A rank's own part is not sent back to it (it keeps a copy), which saves 1/size of the
-hub's outgoing traffic.
-Transport: ZeroMQ (pyzmq) DEALER sockets dialling one ROUTER: framing, reconnection and
-queuing come from a maintained library, and only the hub needs an open port.
-
-A silent hub (dead, or unreachable) fails every pending collective after
-`relay_timeout` seconds without a frame from it (the client pings while it waits), so a
-dead relay surfaces as an error of the collective (HorovodInternalError above), not a hang.
+A silent hub (dead, or unreachable) fails every pending collective of a group that uses
+it after `relay_timeout` seconds without a frame from it (the client pings while it
+waits), and a collective that outlasts the collective timeout fails naming the ranks
+that sent nothing: a dead relay or peer surfaces as an error (HorovodInternalError
+above), never a hang.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,15 +41,17 @@ from torch.futures import Future
 logger = logging.getLogger(__name__)
 
 #: frame kinds
-_CONTRIB, _RESULT, _PING, _PONG, _PROBE, _PROBED, _ERROR = (
-    b"C", b"R", b"P", b"Q", b"B", b"D", b"E")
-_ALL, _PER = b"A", b"P"
-_HEAD = struct.Struct("!QII")  # seq, rank, size
+_HELLO, _DATA, _FORWARD, _PING, _PONG, _PROBE, _PROBED, _ERROR = (
+    b"H", b"D", b"F", b"P", b"Q", b"B", b"R", b"E")
+_SEQ = struct.Struct("!Q")
+_RANK = struct.Struct("!I")
 MAX_GROUP_ID = 512
 MAX_SIZE = 4096
-#: the most bytes one rank may send in one collective (all its parts together)
-MAX_CONTRIBUTION = 2 * 1024**3
-#: seconds an unfinished collective (or an idle group) is kept by the hub
+#: parts the hub keeps for a rank that has not said hello yet
+MAX_EARLY = 64
+#: how many collectives a peer's part may be ahead of this rank's
+MAX_AHEAD = 1024
+#: seconds an idle group's hello table is kept by the hub
 HUB_EXPIRY = 600.0
 PING_INTERVAL = 1.0
 PROBE_TIMEOUT = 2.0
@@ -71,16 +72,10 @@ def parse_endpoint(text: str) -> tuple[str, int]:
 # -- the hub ----------------------------------------------------------------------------
 
 
-@dataclass
-class _Pending:
-    size: int
-    started: float
-    parts: dict[int, tuple[bytes, list[Any]]] = field(default_factory=dict)
-
-
 class RelayHub:
-    """The relay service: a ZeroMQ ROUTER that completes exchanges among a group's ranks
-    and answers reachability probes. Runs on a thread of its own until `stop()`."""
+    """The relay service: a ZeroMQ ROUTER that forwards parts between members that cannot
+    connect to each other and answers reachability probes. Runs on a thread of its own
+    until `stop()`."""
 
     def __init__(self, host: str, port: int = 0) -> None:
         import zmq
@@ -89,16 +84,17 @@ class RelayHub:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.host = host
         if port:
             self._sock.bind(f"tcp://{_bracket(host)}:{port}")
             self.port = port
         else:
             self.port = self._sock.bind_to_random_port(f"tcp://{_bracket(host)}")
-        self._pending: dict[tuple[bytes, int], _Pending] = {}
         self._owners: dict[tuple[bytes, int], bytes] = {}  # (group, rank) -> identity
+        self._ranks: dict[tuple[bytes, bytes], int] = {}  # (group, identity) -> rank
         self._seen: dict[bytes, float] = {}  # group -> last activity
+        #: parts for a rank that has not said hello yet (it does so first thing)
+        self._early: dict[tuple[bytes, int], list[list[Any]]] = {}
         self._stop = threading.Event()
         self._probes: queue.Queue[tuple[bytes, bytes]] = queue.Queue()
         self._answers: queue.Queue[list[bytes]] = queue.Queue()
@@ -152,64 +148,67 @@ class RelayHub:
             peer = frames[1].get("Peer-Address")
             self._probes.put((ident, f"{peer}|{frames[2].bytes.decode('ascii', 'replace')}"
                               .encode()))
-        elif kind == _CONTRIB and len(frames) >= 6:
-            self._contribution(ident, frames)
+        elif kind == _HELLO and len(frames) == 4:
+            self._hello(ident, frames[2].bytes, frames[3].bytes)
+        elif kind == _FORWARD and len(frames) >= 6:
+            self._forward(ident, frames)
         else:
-            self._sock.send_multipart([ident, _ERROR, b"", b"unknown or malformed request"])
+            self._sock.send_multipart([ident, _ERROR, b"unknown or malformed request"])
 
     def _refuse(self, ident: bytes, group: bytes, why: str) -> None:
-        logger.warning("relay: refused a contribution to group %r: %s", group[:80], why)
-        self._sock.send_multipart([ident, _ERROR, group, why.encode()])
+        logger.warning("relay: refused a request for group %r: %s", group[:80], why)
+        self._sock.send_multipart([ident, _ERROR, why.encode()])
 
-    def _contribution(self, ident: bytes, frames: list[Any]) -> None:
-        group = frames[2].bytes
-        if not 0 < len(group) <= MAX_GROUP_ID or len(frames[3].bytes) != _HEAD.size:
-            self._refuse(ident, group[:MAX_GROUP_ID], "bad group id or header")
+    def _hello(self, ident: bytes, group: bytes, head: bytes) -> None:
+        """A member says which rank of `group` this connection is; the first claim of a
+        rank holds it."""
+        if not 0 < len(group) <= MAX_GROUP_ID or len(head) != _RANK.size:
+            self._refuse(ident, group[:MAX_GROUP_ID], "bad group id or rank")
             return
-        seq, rank, size = _HEAD.unpack(frames[3].bytes)
-        mode, parts = frames[4].bytes, frames[5:]
-        if not 1 <= size <= MAX_SIZE or rank >= size:
-            self._refuse(ident, group, f"rank {rank} of size {size} is out of range")
-            return
-        if (mode == _ALL and len(parts) != 1) or (mode == _PER and len(parts) != size) or \
-                mode not in (_ALL, _PER):
-            self._refuse(ident, group, "wrong number of parts")
-            return
-        if sum(len(p) for p in parts) > MAX_CONTRIBUTION:
-            self._refuse(ident, group, "contribution too large")
+        (rank,) = _RANK.unpack(head)
+        if rank >= MAX_SIZE:
+            self._refuse(ident, group, f"rank {rank} is out of range")
             return
         owner = self._owners.setdefault((group, rank), ident)
         if owner != ident:
             self._refuse(ident, group, f"rank {rank} is already held by another connection")
             return
+        self._ranks[(group, ident)] = rank
         self._seen[group] = time.monotonic()
-        pending = self._pending.setdefault((group, seq), _Pending(size, time.monotonic()))
-        if pending.size != size or rank in pending.parts:
-            self._refuse(ident, group, f"collective {seq}: size disagrees or rank {rank} "
-                         "sent twice")
+        for message in self._early.pop((group, rank), []):
+            self._sock.send_multipart([ident, *message], copy=False)
+
+    def _forward(self, ident: bytes, frames: list[Any]) -> None:
+        """Hand a part to the rank it is for; its source is the rank the sender's
+        connection said hello as (a member cannot speak for another)."""
+        group, dest, seq = frames[2].bytes, frames[3].bytes, frames[4].bytes
+        src = self._ranks.get((group, ident))
+        if src is None:
+            self._refuse(ident, group[:MAX_GROUP_ID], "no hello for this group")
             return
-        pending.parts[rank] = (mode, parts)
-        if len(pending.parts) < size:
+        if len(dest) != _RANK.size or len(seq) != _SEQ.size:
+            self._refuse(ident, group, "bad header")
             return
-        del self._pending[(group, seq)]
-        head = struct.pack("!Q", seq)
-        for dest in range(size):
-            out: list[Any] = [self._owners[(group, dest)], _RESULT, group, head]
-            for src in range(size):
-                if src == dest:
-                    continue  # a rank keeps its own part: the hub's link carries less
-                src_mode, src_parts = pending.parts[src]
-                out.append(src_parts[0] if src_mode == _ALL else src_parts[dest])
-            self._sock.send_multipart(out, copy=False)
+        target = self._owners.get((group, _RANK.unpack(dest)[0]))
+        if target is None:  # not connected yet: it says hello before anything else, so
+            early = self._early.setdefault((group, _RANK.unpack(dest)[0]), [])
+            if len(early) < MAX_EARLY:  # keep it for that hello
+                early.append([_DATA, seq, _RANK.pack(src), *frames[5:]])
+            return
+        self._seen[group] = time.monotonic()
+        self._sock.send_multipart([target, _DATA, seq, _RANK.pack(src), *frames[5:]],
+                                  copy=False)
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        for key in [k for k, p in self._pending.items() if now - p.started > HUB_EXPIRY]:
-            del self._pending[key]
         for group in [g for g, t in self._seen.items() if now - t > HUB_EXPIRY]:
             del self._seen[group]
             for key in [k for k in self._owners if k[0] == group]:
                 del self._owners[key]
+            for key in [k for k in self._ranks if k[0] == group]:
+                del self._ranks[key]
+            for key in [k for k in self._early if k[0] == group]:
+                del self._early[key]
 
     def _run_probes(self) -> None:
         """Dial back the address a probe came from, at the port it names (never any
@@ -307,38 +306,68 @@ class RelayWork(dist._Work):
         return self._future
 
 
-class _Channel:
-    """One DEALER connection to the hub and the thread that owns it (ZeroMQ sockets are
-    not thread-safe: callers hand messages over a queue and wake the thread)."""
 
-    def __init__(self, endpoint: str, timeout: float, on_result: Callable[[int, list[bytes]],
-                 None], on_failure: Callable[[BaseException], None], label: str) -> None:
+class _Mesh:
+    """The connections of one group and the thread that owns them (ZeroMQ sockets are
+    not thread-safe: callers hand messages over a queue and wake the thread).
+
+    `peers[r]` is rank r's listening address, or "" when it accepts no inbound
+    connection. A part for rank d goes over a connection this rank dialled to d when d
+    listens; over the connection d dialled to this rank when only this rank listens; and
+    through the hub when neither does. Every connection starts with a hello naming the
+    sender's rank, so each side knows who is at the other end without trusting frames.
+    """
+
+    def __init__(self, hub: str, group: bytes, rank: int, size: int, peers: list[str],
+                 router: Any, ctx: Any, hub_timeout: float,
+                 on_part: Callable[[int, int, bytes], None],
+                 on_failure: Callable[[BaseException], None], label: str) -> None:
         import zmq
 
         self._zmq = zmq
-        host, port = parse_endpoint(endpoint)
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self._on_result, self._on_failure = on_result, on_failure
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(f"tcp://{_bracket(host)}:{port}")
-        self._wake_in = self._ctx.socket(zmq.PAIR)
-        self._wake_out = self._ctx.socket(zmq.PAIR)
+        self.hub_endpoint = hub
+        self.group, self.rank, self.size, self.peers = group, rank, size, peers
+        self.hub_timeout = hub_timeout
+        self._on_part, self._on_failure = on_part, on_failure
+        self._ctx = ctx
+        self._router = router  # bound when this rank listens, else None
+        hello = [_HELLO, group, _RANK.pack(rank)]
+        self._hub = self._dial(hub)
+        self._hub.send_multipart(hello)
+        self._dealers: dict[int, Any] = {}
+        for peer, addr in enumerate(peers):
+            if addr and peer != rank:
+                self._dealers[peer] = self._dial(addr)
+                self._dealers[peer].send_multipart(hello)
+        self._inbound: dict[int, bytes] = {}  # rank -> identity at our router
+        self._inbound_rank: dict[bytes, int] = {}
+        self._held: dict[int, list[list[Any]]] = {}  # parts for a rank not connected yet
+        self._wake_in = ctx.socket(zmq.PAIR)
+        self._wake_out = ctx.socket(zmq.PAIR)
         addr = f"inproc://relay-wake-{id(self)}"
         self._wake_out.bind(addr)
         self._wake_in.connect(addr)
         self._wake_lock = threading.Lock()
-        self._outbox: queue.Queue[list[Any]] = queue.Queue()
+        self._outbox: queue.Queue[tuple[int, list[Any]]] = queue.Queue()
         self._closed = threading.Event()
-        self.busy = 0  # collectives sent and not answered (owned by the group's lock)
+        self.busy = 0  # collectives started and not finished (owned by the group's lock)
+        #: called with the time on every turn of the loop (at least every 0.2 s)
+        self.on_tick: Callable[[float], None] | None = None
+        self.uses_hub = any(not peers[d] and not peers[rank] for d in range(size) if d != rank)
         self._thread = threading.Thread(target=self._run, name=f"horde-relay-{label}",
                                         daemon=True)
         self._thread.start()
 
-    def send(self, frames: list[Any]) -> None:
-        self._outbox.put(frames)
+    def _dial(self, endpoint: str) -> Any:
+        host, port = parse_endpoint(endpoint)
+        sock = self._ctx.socket(self._zmq.DEALER)
+        sock.setsockopt(self._zmq.LINGER, 0)
+        sock.connect(f"tcp://{_bracket(host)}:{port}")
+        return sock
+
+    def send(self, dest: int, frames: list[Any]) -> None:
+        """Queue `frames` ([seq, payload]) for rank `dest`."""
+        self._outbox.put((dest, frames))
         with self._wake_lock:
             if not self._closed.is_set():
                 self._wake_in.send(b"", self._zmq.NOBLOCK)
@@ -350,60 +379,117 @@ class _Channel:
                 self._wake_in.send(b"", self._zmq.NOBLOCK)
             except self._zmq.ZMQError:
                 pass
-        self._thread.join(5)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def _deliver(self, dest: int, frames: list[Any]) -> None:
+        seq, payload = frames
+        if dest in self._dealers:
+            self._dealers[dest].send_multipart([_DATA, seq, _RANK.pack(self.rank), payload],
+                                               copy=False)
+        elif self._router is not None:
+            ident = self._inbound.get(dest)
+            if ident is None:  # it has not dialled in yet: its hello comes first
+                self._held.setdefault(dest, []).append(frames)
+                return
+            self._router.send_multipart([ident, _DATA, seq, _RANK.pack(self.rank), payload],
+                                        copy=False)
+        else:
+            self._hub.send_multipart([_FORWARD, self.group, _RANK.pack(dest), seq, payload],
+                                     copy=False)
 
     def _run(self) -> None:
         zmq = self._zmq
         poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_out, zmq.POLLIN)
+        poller.register(self._hub, zmq.POLLIN)
+        for sock in self._dealers.values():
+            poller.register(sock, zmq.POLLIN)
+        if self._router is not None:
+            poller.register(self._router, zmq.POLLIN)
+        from_dealer = {sock: peer for peer, sock in self._dealers.items()}
         heard = time.monotonic()
         next_ping = heard + PING_INTERVAL
         try:
             while not self._closed.is_set():
                 ready = dict(poller.poll(200))
-                if self._wake_out in ready:
-                    while self._wake_out.poll(0):
-                        self._wake_out.recv()
-                    while True:
-                        try:
-                            frames = self._outbox.get_nowait()
-                        except queue.Empty:
-                            break
-                        self._sock.send_multipart(frames, copy=False)
-                if self._sock in ready:
-                    while self._sock.poll(0):
-                        frames = self._sock.recv_multipart()
-                        heard = time.monotonic()
-                        self._dispatch(frames)
+                for sock in ready:
+                    if sock is self._wake_out:
+                        while self._wake_out.poll(0):
+                            self._wake_out.recv()
+                        while True:
+                            try:
+                                dest, frames = self._outbox.get_nowait()
+                            except queue.Empty:
+                                break
+                            self._deliver(dest, frames)
+                    elif sock is self._hub:
+                        while self._hub.poll(0):
+                            heard = time.monotonic()
+                            self._from_hub(self._hub.recv_multipart())
+                    elif sock is self._router:
+                        while self._router.poll(0):
+                            self._from_router(self._router.recv_multipart())
+                    else:
+                        peer = from_dealer[sock]
+                        while sock.poll(0):
+                            self._part(peer, sock.recv_multipart())
                 now = time.monotonic()
-                if self.busy <= 0:
-                    heard = now  # nothing awaited: silence is no failure
-                elif now - heard > self.timeout:
+                if self.on_tick is not None:
+                    self.on_tick(now)
+                if self.busy <= 0 or not self.uses_hub:
+                    heard = now  # nothing awaited from the hub: silence is no failure
+                elif now - heard > self.hub_timeout:
                     self._on_failure(RelayError(
-                        f"the relay at {self.endpoint} did not answer for {self.timeout:g} s "
-                        "(it died, or the network to it failed)"))
+                        f"the relay at {self.hub_endpoint} did not answer for "
+                        f"{self.hub_timeout:g} s (it died, or the network to it failed)"))
                     heard = now
-                if now >= next_ping and self.busy > 0:
-                    self._sock.send_multipart([_PING])
+                if now >= next_ping and self.busy > 0 and self.uses_hub:
+                    self._hub.send_multipart([_PING])
                     next_ping = now + PING_INTERVAL
         finally:
-            self._wake_in.close(0)
-            self._wake_out.close(0)
-            self._sock.close(0)
+            for sock in [self._wake_in, self._wake_out, self._hub, *self._dealers.values(),
+                         *([self._router] if self._router is not None else [])]:
+                sock.close(0)
             self._ctx.term()
 
-    def _dispatch(self, frames: list[bytes]) -> None:
+    def _from_hub(self, frames: list[bytes]) -> None:
         kind = frames[0]
-        if kind == _RESULT and len(frames) >= 3 and len(frames[2]) == 8:
-            (seq,) = struct.unpack("!Q", frames[2])
-            self._on_result(seq, frames[3:])
+        if kind == _DATA and len(frames) == 4 and len(frames[2]) == _RANK.size:
+            self._part(_RANK.unpack(frames[2])[0], frames, trusted=True)
         elif kind == _ERROR:
-            why = frames[2].decode("utf-8", "replace") if len(frames) > 2 else "refused"
-            self._on_failure(RelayError(f"the relay at {self.endpoint} refused: {why}"))
+            why = frames[1].decode("utf-8", "replace") if len(frames) > 1 else "refused"
+            self._on_failure(RelayError(f"the relay at {self.hub_endpoint} refused: {why}"))
 
+    def _from_router(self, frames: list[bytes]) -> None:
+        ident, kind = frames[0], frames[1]
+        if kind == _HELLO and len(frames) == 4 and frames[2] == self.group and \
+                len(frames[3]) == _RANK.size:
+            (peer,) = _RANK.unpack(frames[3])
+            if not 0 <= peer < self.size or peer == self.rank or peer in self._inbound:
+                logger.warning("relay: group %r: refused a hello as rank %d", self.group[:80],
+                               peer)
+                return
+            self._inbound[peer], self._inbound_rank[ident] = ident, peer
+            for held in self._held.pop(peer, []):
+                self._deliver(peer, held)
+        elif kind == _DATA and ident in self._inbound_rank:
+            self._part(self._inbound_rank[ident], frames[1:])
 
-_OPS: dict[Any, Callable[[torch.Tensor, torch.Tensor], Any]] = {}
+    def _part(self, peer: int, frames: list[bytes], trusted: bool = False) -> None:
+        """A part from `peer` (known from the connection, or from the hub's hello table):
+        [DATA, seq, src, payload]; a frame that claims another source is dropped."""
+        if len(frames) != 4 or frames[0] != _DATA or len(frames[1]) != _SEQ.size:
+            logger.warning("relay: group %r: dropped a malformed part from rank %d",
+                           self.group[:80], peer)
+            return
+        if not trusted and _RANK.unpack(frames[2])[0] != peer:
+            logger.warning("relay: group %r: rank %d sent a part as another rank; dropped",
+                           self.group[:80], peer)
+            return
+        if not 0 <= peer < self.size or peer == self.rank:
+            return
+        self._on_part(_SEQ.unpack(frames[1])[0], peer, frames[3])
 
 
 def _reducer(op: Any) -> Callable[[torch.Tensor, torch.Tensor], Any]:
@@ -418,9 +504,11 @@ def _reducer(op: Any) -> Callable[[torch.Tensor, torch.Tensor], Any]:
     raise ValueError(f"the relay transport does not support reduce op {op}")
 
 
-def _to_bytes(tensor: torch.Tensor) -> bytes | memoryview:
+def _to_bytes(tensor: torch.Tensor) -> bytes:
+    """A copy of the tensor's bytes: a part may still wait to be sent (a peer that has not
+    dialled in yet) when the collective writes its result into the tensor."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def _from_bytes(blob: bytes, like: torch.Tensor, what: str) -> torch.Tensor:
@@ -434,28 +522,71 @@ def _from_bytes(blob: bytes, like: torch.Tensor, what: str) -> torch.Tensor:
         like.shape)
 
 
+
+
+def _peer_address(raw: bytes, peer: int) -> str:
+    """Where rank `peer` listens, as it published it in the store ("" when it does not)."""
+    text = raw.decode("ascii", "replace")
+    if text == "-":
+        return ""
+    try:
+        parse_endpoint(text)
+    except ValueError as exc:
+        raise RelayError(f"rank {peer} published an invalid relay address: {exc}") from None
+    return text
+
+
 class RelayProcessGroup(dist.ProcessGroup):
-    """A process group whose collectives go through a `RelayHub` (see the module doc).
+    """A process group for a generation with members that accept no inbound connection
+    (see the module doc): parts go directly wherever one side listens, through the hub
+    otherwise.
 
     Implements what Horde's engine, gradient channel and staleness rounds call:
     allreduce, allgather, broadcast, barrier and alltoall_base, on CPU tensors (CUDA
-    tensors are staged through host memory).
+    tensors are staged through host memory). With `store`, each rank publishes where it
+    listens (when `reachable`, on `bind_host`); without, every part goes through the hub.
     """
 
     _ids = itertools.count()
 
     def __init__(self, endpoint: str, group_id: str, rank: int, size: int,
-                 timeout: float, relay_timeout: float) -> None:
+                 timeout: float, relay_timeout: float, store: dist.Store | None = None,
+                 reachable: bool = False, bind_host: str | None = None) -> None:
+        import zmq
+
         super().__init__(rank, size)
         self._group = group_id.encode()[:MAX_GROUP_ID]
         self._rank, self._size = rank, size
         self._timeout = timeout
         self._seq = 0
         self._lock = threading.Lock()
-        self._waiting: dict[int, tuple[RelayWork, Callable[[list[bytes]], None], Any]] = {}
+        self._waiting: dict[int, tuple[RelayWork, Callable[[list[bytes]], None], bytes,
+                                       float]] = {}
+        self._parts: dict[int, dict[int, bytes]] = {}
         self._failed: BaseException | None = None
-        self._channel = _Channel(endpoint, relay_timeout, self._on_result, self._on_failure,
-                                 f"{next(self._ids)}")
+        ctx = zmq.Context()
+        router, me = None, "-"
+        try:
+            if store is not None and reachable and bind_host:
+                router = ctx.socket(zmq.ROUTER)
+                router.setsockopt(zmq.LINGER, 0)
+                port = router.bind_to_random_port(f"tcp://{_bracket(bind_host)}")
+                me = f"{_bracket(bind_host)}:{port}"
+            peers = [""] * size
+            if store is not None:
+                store.set(f"{rank}", me)
+                for peer in range(size):
+                    peers[peer] = _peer_address(store.get(f"{peer}"), peer)
+            self._mesh = _Mesh(endpoint, self._group, rank, size, peers, router, ctx,
+                               relay_timeout, self._on_part, self._on_failure,
+                               f"{next(self._ids)}")
+        except BaseException:
+            ctx.destroy(linger=0)
+            raise
+        self._mesh.on_tick = self._expire
+        direct = sum(1 for p in range(size) if p != rank and (peers[p] or peers[rank]))
+        logger.debug("relay group %s: rank %d of %d, %d peer(s) direct, %d through the hub",
+                     group_id, rank, size, direct, size - 1 - direct)
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return "relay"
@@ -465,33 +596,44 @@ class RelayProcessGroup(dist.ProcessGroup):
     def _start(self, parts: Sequence[Any] | None, per_rank: bool,
                apply: Callable[[list[bytes]], None], result: Any = None) -> RelayWork:
         work = RelayWork(result)
-        mine = (bytes(parts[self._rank]) if per_rank else bytes(parts[0])) if parts else b""
+        parts = list(parts) if parts else [b""]
+        mine = parts[self._rank] if per_rank else parts[0]
         with self._lock:
             if self._failed is not None:
                 work._finish(RelayError(str(self._failed)))
                 return work
             seq = self._seq
             self._seq += 1
-            self._waiting[seq] = (work, apply, mine)
-            self._channel.busy += 1
-        frames: list[Any] = [_CONTRIB, self._group, _HEAD.pack(seq, self._rank, self._size),
-                             _PER if per_rank else _ALL, *(parts if parts else [b""])]
-        self._channel.send(frames)
+            self._waiting[seq] = (work, apply, mine, time.monotonic())
+            self._mesh.busy = len(self._waiting)
+        head = _SEQ.pack(seq)
+        for dest in range(self._size):
+            if dest != self._rank:
+                self._mesh.send(dest, [head, parts[dest] if per_rank else parts[0]])
+        self._complete(seq)
         return work
 
-    def _on_result(self, seq: int, blobs: list[bytes]) -> None:
+    def _on_part(self, seq: int, src: int, payload: bytes) -> None:
         with self._lock:
-            entry = self._waiting.pop(seq, None)
-            if entry is not None:
-                self._channel.busy -= 1
-        if entry is None:
-            return
-        work, apply, mine = entry
-        if len(blobs) != self._size - 1:
-            work._finish(RelayError(f"the relay answered with {len(blobs)} parts for the "
-                                    f"{self._size - 1} other ranks of the group"))
-            return
-        blobs.insert(self._rank, mine)
+            if (seq < self._seq and seq not in self._waiting) or seq > self._seq + MAX_AHEAD:
+                return  # done (or failed) already, or absurdly far ahead: not ours
+            got = self._parts.setdefault(seq, {})
+            if src in got:
+                logger.warning("relay group %r: rank %d sent collective %d twice; the second "
+                               "copy is dropped", self._group[:80], src, seq)
+                return
+            got[src] = payload
+        self._complete(seq)
+
+    def _complete(self, seq: int) -> None:
+        with self._lock:
+            got = self._parts.get(seq, {})
+            if seq not in self._waiting or len(got) < self._size - 1:
+                return
+            work, apply, mine, _started = self._waiting.pop(seq)
+            del self._parts[seq]
+            self._mesh.busy = len(self._waiting)
+        blobs = [got[src] if src != self._rank else mine for src in range(self._size)]
         try:
             apply(blobs)
         except Exception as exc:  # noqa: BLE001 - handed to the waiter
@@ -499,18 +641,32 @@ class RelayProcessGroup(dist.ProcessGroup):
             return
         work._finish()
 
+    def _expire(self, now: float) -> None:
+        """Fail the collectives that waited longer than the collective timeout."""
+        with self._lock:
+            late = [seq for seq, entry in self._waiting.items()
+                    if now - entry[3] > self._timeout]
+            if not late:
+                return
+            missing = sorted(set(range(self._size)) - {self._rank}
+                             - set(self._parts.get(late[0], {})))
+        self._on_failure(RelayError(
+            f"collective {late[0]} of group {self._group.decode(errors='replace')} did not "
+            f"complete within {self._timeout:g} s: nothing arrived from ranks {missing}"))
+
     def _on_failure(self, error: BaseException) -> None:
         with self._lock:
             self._failed = error
             waiting, self._waiting = self._waiting, {}
-            self._channel.busy = 0
-        for work, _apply, _mine in waiting.values():
+            self._parts.clear()
+            self._mesh.busy = 0
+        for work, _apply, _mine, _started in waiting.values():
             work._finish(error)
 
     def abort(self) -> None:
-        """Fail whatever is in flight and close the connection to the hub."""
+        """Fail whatever is in flight and close the connections."""
         self._on_failure(RelayError("the process group was closed"))
-        self._channel.close()
+        self._mesh.close()
 
     def shutdown(self) -> None:
         self.abort()

@@ -89,10 +89,13 @@ class Transport:
         bind_host: str | None = None,
         arrived: bool = False,
         relay: str = "",
+        reachable: bool = False,
     ) -> None:
         self.namespace = namespace
         self.relay = relay
-        """HOST:PORT of the relay hub the groups exchange through ("": direct Gloo)."""
+        """HOST:PORT of the relay hub of this generation ("": direct Gloo)."""
+        self.reachable = reachable
+        """Whether this member accepts inbound connections (relay generations only)."""
         self.rank = rank
         self.size = size
         self.timeout = timeout
@@ -115,8 +118,11 @@ class Transport:
         if self.relay and size > 1:
             from elastic.core.relay import RelayProcessGroup
 
-            return RelayProcessGroup(self.relay, namespace, rank, size, self.timeout,
-                                     relay_timeout=min(self.timeout, RELAY_TIMEOUT))
+            return RelayProcessGroup(
+                self.relay, namespace, rank, size, self.timeout,
+                relay_timeout=min(self.timeout, RELAY_TIMEOUT),
+                store=dist.PrefixStore(namespace + "relay/", self._store),
+                reachable=self.reachable, bind_host=self._bind_host)
         connect = min(self.timeout, GLOO_CONNECT_TIMEOUT) if arrived else self.timeout
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = datetime.timedelta(seconds=connect)
@@ -164,6 +170,7 @@ class Transport:
         sub = object.__new__(Transport)
         sub.namespace = f"{self.namespace}ps{set_id}/"
         sub.relay = self.relay
+        sub.reachable = self.reachable
         sub.rank = list(ranks).index(self.rank)
         sub.size = len(ranks)
         sub.timeout = self.timeout

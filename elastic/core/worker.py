@@ -337,7 +337,7 @@ class WorkerContext:
                            self.settings.collective_timeout)
             return Transport(store, namespace, rank, gen.size, self.settings.collective_timeout,
                              bind_host=self.settings.advertise_addr, arrived=True,
-                             relay=gen.relay)
+                             relay=gen.relay, reachable=gen.members[rank].reachable)
         except InterruptedError:
             raise
         except Exception as exc:  # noqa: BLE001 - named and chained below

@@ -19,11 +19,14 @@ import torch.distributed as dist
 from elastic.core.relay import RelayHub, RelayProcessGroup, parse_endpoint, probe_reachable
 
 pytestmark = pytest.mark.timeout(120)
-SIZE = 3
-
-
-def _member(endpoint: str, rank: int, results: Any) -> None:
-    group = RelayProcessGroup(endpoint, "test/g0/", rank, SIZE, timeout=30, relay_timeout=10)
+def _member(endpoint: str, rank: int, size: int, results: Any, store_port: int,
+            reachable: bool) -> None:
+    store = None
+    if store_port:
+        store = dist.TCPStore("127.0.0.1", store_port, None, False,
+                              timeout=datetime.timedelta(seconds=30))
+    group = RelayProcessGroup(endpoint, "test/g0/", rank, size, timeout=30, relay_timeout=10,
+                              store=store, reachable=reachable, bind_host="127.0.0.1")
     out: dict[str, Any] = {}
     t = torch.arange(5, dtype=torch.float32) * (rank + 1)
     group.allreduce([t]).wait()
@@ -33,7 +36,7 @@ def _member(endpoint: str, rank: int, results: Any) -> None:
     m = torch.tensor([rank, -rank], dtype=torch.int64)
     group.allreduce([m], opts).wait()
     out["max"] = m.tolist()
-    parts = [torch.empty(2, dtype=torch.float64) for _ in range(SIZE)]
+    parts = [torch.empty(2, dtype=torch.float64) for _ in range(size)]
     group.allgather([parts], [torch.full((2,), float(rank), dtype=torch.float64)]).wait()
     out["gather"] = [p.tolist() for p in parts]
     b = torch.full((3,), 7.0) if rank == 1 else torch.zeros(3)
@@ -43,43 +46,55 @@ def _member(endpoint: str, rank: int, results: Any) -> None:
     out["bcast"] = b.tolist()
     group.barrier().wait()
     # alltoall: rank r sends (r+1) rows of value 10*r+d to rank d
-    send = torch.cat([torch.full((rank + 1,), 10.0 * rank + d) for d in range(SIZE)])
-    recv = torch.empty(sum(r + 1 for r in range(SIZE)))
-    group.alltoall_base(recv, send, [r + 1 for r in range(SIZE)], [rank + 1] * SIZE,
+    send = torch.cat([torch.full((rank + 1,), 10.0 * rank + d) for d in range(size)])
+    recv = torch.empty(sum(r + 1 for r in range(size)))
+    group.alltoall_base(recv, send, [r + 1 for r in range(size)], [rank + 1] * size,
                         dist.AllToAllOptions()).wait()
     out["a2a"] = recv.tolist()
-    # the future path the engine takes for groups that are not Gloo
-    f = torch.ones(1)
-    group.allreduce([f]).get_future().wait()
-    out["future"] = f.item()
+    # the future path the engine takes for groups that are not Gloo; many in flight
+    works = [group.allreduce([torch.ones(1) * i]) for i in range(20)]
+    for w in works:
+        w.get_future().wait()
+    out["future"] = [w.get_future().value()[0].item() for w in works]
     results.put((rank, out))
+    group.barrier().wait()  # nobody closes while another still needs its parts
     group.abort()
 
 
-def test_collectives_through_the_hub_match_their_definition() -> None:
+@pytest.mark.parametrize("reachable", [
+    (), (True, True, False, False), (False, True, False, True)],
+    ids=["all through the hub", "2 of 4 listen", "2 of 4 listen, interleaved"])
+def test_collectives_match_their_definition(reachable: tuple[bool, ...]) -> None:
+    size = len(reachable) or 3
     hub = RelayHub("127.0.0.1")
+    server = None
+    if reachable:
+        server = dist.TCPStore("127.0.0.1", 0, None, True,
+                               timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_member, args=(hub.endpoint, r, results)) for r in range(SIZE)]
+    procs = [ctx.Process(target=_member, args=(
+        hub.endpoint, r, size, results, server.port if server else 0,
+        reachable[r] if reachable else False)) for r in range(size)]
     try:
         for p in procs:
             p.start()
-        got = dict(results.get(timeout=90) for _ in range(SIZE))
+        got = dict(results.get(timeout=90) for _ in range(size))
     finally:
         for p in procs:
-            p.join(10)
+            p.join(20)
             if p.is_alive():
                 p.kill()
         hub.stop()
-    for rank in range(SIZE):
+    for rank in range(size):
         out = got[rank]
-        assert out["sum"] == [float(i * 6) for i in range(5)]
-        assert out["max"] == [2, 0]
-        assert out["gather"] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
+        assert out["sum"] == [float(i * size * (size + 1) // 2) for i in range(5)]
+        assert out["max"] == [size - 1, 0]
+        assert out["gather"] == [[float(r)] * 2 for r in range(size)]
         assert out["bcast"] == [7.0] * 3
-        assert out["a2a"] == [10.0 * src + rank for src in range(SIZE)
+        assert out["a2a"] == [10.0 * src + rank for src in range(size)
                               for _ in range(src + 1)]
-        assert out["future"] == 3.0
+        assert out["future"] == [float(i * size) for i in range(20)]
 
 
 def _hub_process(port_queue: Any) -> None:
