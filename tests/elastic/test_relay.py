@@ -174,3 +174,25 @@ def test_relay_address_is_validated() -> None:
     for bad in ("10.0.0.1", "host:0", ":80", "h:99999", "h:x"):
         with pytest.raises(ValueError, match="HOST:PORT"):
             parse_endpoint(bad)
+
+
+def test_a_collective_past_its_timeout_fails_naming_the_silent_ranks() -> None:
+    hub = RelayHub("127.0.0.1")
+    try:
+        group = RelayProcessGroup(hub.endpoint, "late/g0/", 0, 3, timeout=2, relay_timeout=30)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"did not complete within 2 s: nothing arrived "
+                           r"from ranks \[1, 2\]"):
+            group.allreduce([torch.ones(2)]).wait(datetime.timedelta(seconds=30))
+        assert time.monotonic() - started < 10
+        group.abort()
+    finally:
+        hub.stop()
+
+
+def test_a_bad_address_in_the_store_is_refused_naming_the_rank() -> None:
+    store = dist.HashStore()
+    store.set("1", "not-an-address")
+    with pytest.raises(RuntimeError, match="rank 1 published an invalid relay address"):
+        RelayProcessGroup("127.0.0.1:9", "bad/", 0, 2, timeout=5, relay_timeout=5,
+                          store=store, reachable=False)
