@@ -659,14 +659,18 @@ class RelayProcessGroup(dist.ProcessGroup):
             self._failed = error
             waiting, self._waiting = self._waiting, {}
             self._parts.clear()
-            self._mesh.busy = 0
+            mesh = getattr(self, "_mesh", None)  # None: the constructor failed
+            if mesh is not None:
+                mesh.busy = 0
         for work, _apply, _mine, _started in waiting.values():
             work._finish(error)
 
     def abort(self) -> None:
         """Fail whatever is in flight and close the connections."""
         self._on_failure(RelayError("the process group was closed"))
-        self._mesh.close()
+        mesh = getattr(self, "_mesh", None)
+        if mesh is not None:
+            mesh.close()
 
     def shutdown(self) -> None:
         self.abort()
