@@ -41,8 +41,8 @@ from torch.futures import Future
 logger = logging.getLogger(__name__)
 
 #: frame kinds
-_HELLO, _DATA, _FORWARD, _PING, _PONG, _PROBE, _PROBED, _ERROR = (
-    b"H", b"D", b"F", b"P", b"Q", b"B", b"R", b"E")
+_HELLO, _DATA, _FORWARD, _PING, _PONG, _PROBE, _PROBED, _ERROR, _VIA, _RELAYED = (
+    b"H", b"D", b"F", b"P", b"Q", b"B", b"R", b"E", b"V", b"W")
 _SEQ = struct.Struct("!Q")
 _RANK = struct.Struct("!I")
 MAX_GROUP_ID = 512
@@ -353,7 +353,9 @@ class _Mesh:
         self.busy = 0  # collectives started and not finished (owned by the group's lock)
         #: called with the time on every turn of the loop (at least every 0.2 s)
         self.on_tick: Callable[[float], None] | None = None
-        self.uses_hub = any(not peers[d] and not peers[rank] for d in range(size) if d != rank)
+        #: the ranks that listen: they relay between pairs that both do not
+        self.relays = [r for r in range(size) if peers[r]]
+        self.uses_hub = not self.relays
         self._thread = threading.Thread(target=self._run, name=f"horde-relay-{label}",
                                         daemon=True)
         self._thread.start()
@@ -382,21 +384,34 @@ class _Mesh:
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
 
+    def relay_for(self, src: int) -> int | None:
+        """The listening member that relays the parts `src` sends to other members that
+        do not listen (spread by sender, so no one member carries every pair); None: the
+        hub (nobody listens)."""
+        return self.relays[src % len(self.relays)] if self.relays else None
+
     def _deliver(self, dest: int, frames: list[Any]) -> None:
         seq, payload = frames
         if dest in self._dealers:
             self._dealers[dest].send_multipart([_DATA, seq, _RANK.pack(self.rank), payload],
                                                copy=False)
         elif self._router is not None:
-            ident = self._inbound.get(dest)
-            if ident is None:  # it has not dialled in yet: its hello comes first
-                self._held.setdefault(dest, []).append(frames)
-                return
-            self._router.send_multipart([ident, _DATA, seq, _RANK.pack(self.rank), payload],
-                                        copy=False)
+            self._to_inbound(dest, [_DATA, seq, _RANK.pack(self.rank), payload])
+        elif self.relays:
+            via = self.relay_for(self.rank)
+            self._dealers[via].send_multipart([_VIA, _RANK.pack(dest), seq, payload],
+                                              copy=False)
         else:
             self._hub.send_multipart([_FORWARD, self.group, _RANK.pack(dest), seq, payload],
                                      copy=False)
+
+    def _to_inbound(self, dest: int, message: list[Any]) -> None:
+        """Send over the connection `dest` dialled to this rank (held until its hello)."""
+        ident = self._inbound.get(dest)
+        if ident is None:
+            self._held.setdefault(dest, []).append(message)
+            return
+        self._router.send_multipart([ident, *message], copy=False)
 
     def _run(self) -> None:
         zmq = self._zmq
@@ -472,13 +487,30 @@ class _Mesh:
                 return
             self._inbound[peer], self._inbound_rank[ident] = ident, peer
             for held in self._held.pop(peer, []):
-                self._deliver(peer, held)
+                self._router.send_multipart([ident, *held], copy=False)
         elif kind == _DATA and ident in self._inbound_rank:
             self._part(self._inbound_rank[ident], frames[1:])
+        elif kind == _VIA and ident in self._inbound_rank and len(frames) == 5 and \
+                len(frames[2]) == _RANK.size and len(frames[3]) == _SEQ.size:
+            src, (dest,) = self._inbound_rank[ident], _RANK.unpack(frames[2])
+            if not 0 <= dest < self.size or self.peers[dest] or self.peers[src] or \
+                    self.relay_for(src) != self.rank:
+                logger.warning("relay: group %r: rank %d asked to relay to rank %d, which is "
+                               "not a pair this rank relays; dropped", self.group[:80], src,
+                               dest)
+                return
+            self._to_inbound(dest, [_RELAYED, frames[3], _RANK.pack(src), frames[4]])
 
     def _part(self, peer: int, frames: list[bytes], trusted: bool = False) -> None:
         """A part from `peer` (known from the connection, or from the hub's hello table):
-        [DATA, seq, src, payload]; a frame that claims another source is dropped."""
+        [DATA, seq, src, payload]; a frame that claims another source is dropped. A part
+        relayed by a member ([RELAYED, ...]) is taken only from the member that relays
+        its source's parts, for a source that does not listen."""
+        if frames and frames[0] == _RELAYED and len(frames) == 4 and \
+                len(frames[2]) == _RANK.size:
+            (src,) = _RANK.unpack(frames[2])
+            if 0 <= src < self.size and not self.peers[src] and self.relay_for(src) == peer:
+                frames, peer, trusted = [_DATA, *frames[1:]], src, True
         if len(frames) != 4 or frames[0] != _DATA or len(frames[1]) != _SEQ.size:
             logger.warning("relay: group %r: dropped a malformed part from rank %d",
                            self.group[:80], peer)
