@@ -7,9 +7,9 @@ its process groups are `RelayProcessGroup`s: Python subclasses of
 sends every other rank one part (the same for all, or one per destination), and once it
 has the others' parts it reduces them in rank order, so results are bit-identical across
 members. A part travels directly wherever one side of the pair listens (the member that
-cannot listen dials out to the one that can, as for any outbound connection), and through
-the `RelayHub` that `horderun` runs next to its coordinator only between two members that
-both cannot: the hub's link carries only those pairs' parts.
+cannot listen dials out to the one that can, as for any outbound connection); between
+two members that both cannot, a member that listens relays (chosen by the sender's rank),
+and the `RelayHub` that `horderun` runs next to its coordinator only when nobody listens.
 Transport: ZeroMQ (pyzmq) DEALER sockets dialling ROUTER sockets: framing, reconnection
 and queuing come from a maintained library.
 
