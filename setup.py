@@ -50,6 +50,7 @@ setup(
         "psutil>=5.9",
         "cloudpickle>=2.0",
         "platformdirs>=3.0",
+        "pyzmq>=25",  # the relay transport for members behind NAT (docs/nat.md)
         *COORDINATOR,
     ],
     extras_require={

@@ -486,7 +486,7 @@ class NodeAgent:
         mem["starving_since"] = (mem["starving_since"] or now) if decision.starving else None
         if decision.action == policy.Action.PUBLISH:
             new = policy.build_generation(gen, decision.members, nodes, decision.reason,
-                                          time.time())
+                                          time.time(), self.settings)
             if self.backend.compare_and_swap(keys.generation, gen_mod_revision, new.to_json()):
                 logger.info("job %s: generation %d published by %s: %d members (%s)",
                             keys.job, new.id, self.node_id, new.size, decision.reason)

@@ -28,6 +28,8 @@ class NodeInfo:
     #: launch batch: the workers one `horderun` started together, admitted together
     batch: str = ""
     batch_size: int = 1
+    #: whether the relay could dial this node back at `addr` (True where nobody checked)
+    reachable: bool = True
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -51,6 +53,8 @@ class Member:
     #: the lease it was registered under when admitted: a different one later means
     #: that registration died and the node came back as a newcomer
     lease: int = 0
+    #: whether it accepts inbound connections (see `NodeInfo.reachable`)
+    reachable: bool = True
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class Generation:
     store_port: int
     reason: str = ""
     created_at: float = 0.0
+    #: HOST:PORT of the relay hub whose process groups this generation uses ("": Gloo)
+    relay: str = ""
 
     @property
     def size(self) -> int:

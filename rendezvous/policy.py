@@ -211,14 +211,35 @@ def _publish_or_starve(view: ClusterView, members: tuple[str, ...], reason: str,
 
 
 def build_generation(previous: Generation | None, members: tuple[str, ...],
-                     nodes: dict[str, NodeInfo], reason: str, wall_now: float) -> Generation:
-    """The generation record for `members`; its store lives on rank 0's own store server."""
+                     nodes: dict[str, NodeInfo], reason: str, wall_now: float,
+                     settings: RendezvousSettings | None = None) -> Generation:
+    """The generation record for `members`; its store lives on rank 0's own store server.
+
+    With a relay in `settings` and a member that accepts no inbound connection (or
+    relay_mode "always"), the generation goes through the relay instead: its store is the
+    one on the relay host, and its process groups exchange through the relay hub.
+    """
     records = tuple(
         Member(node_id=n, host=nodes[n].host, addr=nodes[n].addr, slots=nodes[n].slots,
-               lease=nodes[n].lease)
+               lease=nodes[n].lease, reachable=nodes[n].reachable)
         for n in members
     )
     first = nodes[members[0]]
+    relay = ""
+    if settings is not None and settings.relay and settings.relay_mode != "never" and len(
+            members) > 1:
+        hidden = [m.node_id for m in records if not m.reachable]
+        if hidden or settings.relay_mode == "always":
+            relay = settings.relay
+            if hidden:
+                reason += f"; through the relay: {len(hidden)} member(s) accept no inbound " \
+                          "connections"
+    if relay:
+        return Generation(
+            id=(previous.id + 1) if previous else 0, members=records,
+            store_host=relay.rpartition(":")[0].strip("[]"),
+            store_port=settings.relay_store_port,  # type: ignore[union-attr]
+            reason=reason, created_at=wall_now, relay=relay)
     return Generation(
         id=(previous.id + 1) if previous else 0,
         members=records,

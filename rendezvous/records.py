@@ -76,6 +76,7 @@ class NodeInfoWire(_Wire):
     hardware: dict[Annotated[str, Field(max_length=256)], Any] = Field(default_factory=dict)
     batch: Annotated[str, Field(max_length=256)] = ""
     batch_size: Annotated[int, Field(ge=1, le=MAX_MEMBERS)] = 1
+    reachable: bool = True
 
     @field_validator("hardware")
     @classmethod
@@ -91,6 +92,7 @@ class MemberWire(_Wire):
     addr: Host
     slots: Annotated[int, Field(ge=1, le=MAX_SLOTS)] = 1
     lease: Annotated[int, Field(ge=0, le=MAX_LEASE)] = 0
+    reachable: bool = True
 
 
 class GenerationWire(_Wire):
@@ -100,6 +102,8 @@ class GenerationWire(_Wire):
     store_port: Port
     reason: Text = ""
     created_at: WallTime = 0.0
+    #: HOST:PORT of the relay hub, or "" (direct Gloo)
+    relay: Annotated[str, Field(pattern=f"^(|{HOST.pattern}:[0-9]{{1,5}})$")] = ""
 
     @field_validator("members")
     @classmethod

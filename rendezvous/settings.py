@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 DEFAULT_PREFIX = "horde"
+RELAY_MODES = ("auto", "always", "never")
 
 #: Horovod's variables for the same settings, read when the `HORDE_*` one is not set.
 HOROVOD_TWINS = {"elastic_timeout": "HOROVOD_ELASTIC_TIMEOUT",
@@ -52,6 +53,13 @@ class RendezvousSettings:
     reset_timeout: float = 15.0
     blacklist_cooldown: tuple[float, float] | None = None
     poll_interval: float = 0.5
+    #: HOST:PORT of the job's relay hub ("": none; `horderun --listen` starts one)
+    relay: str = ""
+    #: port of the store the relay host serves for generations that use the relay
+    relay_store_port: int = 0
+    #: when generations go through the relay: "auto" (when a member is not reachable),
+    #: "always" (tests, benchmarks), "never"
+    relay_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.job or "/" in self.job:
@@ -71,6 +79,16 @@ class RendezvousSettings:
                      "reset_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+        if self.relay_mode not in RELAY_MODES:
+            raise ValueError(f"relay_mode={self.relay_mode!r} must be one of "
+                             f"{', '.join(RELAY_MODES)}")
+        if self.relay:
+            host, sep, port = self.relay.rpartition(":")
+            if not (sep and host and port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(f"relay={self.relay!r} must be HOST:PORT")
+            if not 1 <= self.relay_store_port <= 65535:
+                raise ValueError(f"relay_store_port={self.relay_store_port} must be 1-65535 "
+                                 "when a relay is set")
         if self.blacklist_cooldown is not None:
             low, high = self.blacklist_cooldown
             if not 0 <= low <= high:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from elastic.core import adasum
 from elastic.core.gradients import GradientChannel, JoinOffer
+from elastic.core.relay import RelayProcessGroup
 from elastic.core.stall import StallInspector
 from elastic.core.transport import Transport, wait_interruptibly
 from elastic.errors import CollectiveMismatchError, CollectiveStallError, HorovodInternalError
@@ -247,7 +248,7 @@ class CollectiveEngine:
         their future's callback, which needs the GIL on the backend's thread: 0.2 ms
         more per collective.
         """
-        if isinstance(group, dist.ProcessGroupGloo):
+        if isinstance(group, (dist.ProcessGroupGloo, RelayProcessGroup)):
             wait_interruptibly(work, self.interrupted, "a collective", self.stall,
                                self._what, members=self._members)
             return

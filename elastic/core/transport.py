@@ -47,6 +47,9 @@ ARRIVAL_POLL = 0.05  # seconds between checks of the store for the peers' arriva
 #: the most seconds Gloo's pairing may take once every peer has arrived; a peer that dies
 #: in between then costs this long, not the whole collective timeout
 GLOO_CONNECT_TIMEOUT = 20.0
+#: the most seconds a relay may stay silent while a collective awaits it (it is pinged
+#: every second); a dead relay then fails the collective instead of hanging it
+RELAY_TIMEOUT = 10.0
 
 
 def await_arrivals(store: dist.Store, prefix: str, rank: int, size: int,
@@ -85,8 +88,14 @@ class Transport:
         timeout: float,
         bind_host: str | None = None,
         arrived: bool = False,
+        relay: str = "",
+        reachable: bool = False,
     ) -> None:
         self.namespace = namespace
+        self.relay = relay
+        """HOST:PORT of the relay hub of this generation ("": direct Gloo)."""
+        self.reachable = reachable
+        """Whether this member accepts inbound connections (relay generations only)."""
         self.rank = rank
         self.size = size
         self.timeout = timeout
@@ -96,14 +105,24 @@ class Transport:
         self._lock = threading.Lock()
         self.members: tuple[int, ...] | None = None
         """Global ranks of a process set's transport (None: the whole world)."""
+        self._children: list[Transport] = []
         self.gloo = self._make_gloo(namespace, rank, size, arrived)
         self.gradients: dist.ProcessGroupGloo | None = (
             self._make_gloo(namespace + "grad/", rank, size, arrived) if size > 1 else None)
 
     def _make_gloo(self, namespace: str, rank: int, size: int, arrived: bool = False
-                   ) -> dist.ProcessGroupGloo:
+                   ) -> dist.ProcessGroup:
         """A Gloo group; `arrived` (every peer is known to be there) bounds the pairing
-        by GLOO_CONNECT_TIMEOUT, and collectives then get the full timeout."""
+        by GLOO_CONNECT_TIMEOUT, and collectives then get the full timeout. In a relay
+        generation, a `RelayProcessGroup` instead (members only dial out to the hub)."""
+        if self.relay and size > 1:
+            from elastic.core.relay import RelayProcessGroup
+
+            return RelayProcessGroup(
+                self.relay, namespace, rank, size, self.timeout,
+                relay_timeout=min(self.timeout, RELAY_TIMEOUT),
+                store=dist.PrefixStore(namespace + "relay/", self._store),
+                reachable=self.reachable, bind_host=self._bind_host)
         connect = min(self.timeout, GLOO_CONNECT_TIMEOUT) if arrived else self.timeout
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = datetime.timedelta(seconds=connect)
@@ -118,8 +137,9 @@ class Transport:
         return group
 
     def group_for(self, tensor: torch.Tensor) -> dist.ProcessGroup:
-        """The group that moves `tensor`: NCCL for CUDA tensors, gloo otherwise."""
-        if tensor.is_cuda:
+        """The group that moves `tensor`: NCCL for CUDA tensors, gloo otherwise (the
+        relay group for both in a relay generation: CUDA tensors go through host memory)."""
+        if tensor.is_cuda and not self.relay:
             return self._nccl_group()
         return self.gloo
 
@@ -149,6 +169,8 @@ class Transport:
             return None
         sub = object.__new__(Transport)
         sub.namespace = f"{self.namespace}ps{set_id}/"
+        sub.relay = self.relay
+        sub.reachable = self.reachable
         sub.rank = list(ranks).index(self.rank)
         sub.size = len(ranks)
         sub.timeout = self.timeout
@@ -157,6 +179,8 @@ class Transport:
         sub._nccl = None
         sub._lock = threading.Lock()
         sub.members = tuple(ranks)
+        sub._children = []
+        self._children.append(sub)
         def connect() -> dist.ProcessGroupGloo:
             await_arrivals(self._store, sub.namespace + "arrived/", sub.rank, sub.size,
                            interrupted, self.timeout)
@@ -175,8 +199,13 @@ class Transport:
         return sub
 
     def close(self) -> None:
-        """Abort the groups so that no thread stays blocked on a dead peer."""
-        for group in (self.gloo, self.gradients, self._nccl):
+        """Abort the groups (and those of its process sets) so that no thread stays
+        blocked on a dead peer; a relay group also ends its connection and thread."""
+        for child in self._children:
+            child.close()
+        self._children.clear()
+        for group in (getattr(self, "gloo", None), getattr(self, "gradients", None),
+                      self._nccl):
             if group is None:
                 continue
             try:

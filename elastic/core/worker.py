@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _noted = False
+#: seconds the relay's reachability probe may take at registration
+RELAY_PROBE_TIMEOUT = 10.0
 """Whether this process logged its notes on Horovod variables (once, not per init)."""
 
 
@@ -97,7 +99,8 @@ class WorkerContext:
                         addr=self.settings.advertise_addr,
                         store_port=self._store_server.port, pid=os.getpid(),
                         order=self.settings.order, batch=self.settings.batch,
-                        batch_size=self.settings.batch_size)
+                        batch_size=self.settings.batch_size,
+                        reachable=self._reachable(self._store_server.port))
         self.agent = NodeAgent(backend, self.rdzv, info)
         self.agent.add_listener(self._on_control)
         self.agent.start()
@@ -105,6 +108,28 @@ class WorkerContext:
             signal.signal(signal.SIGTERM, self._request_leave)
         self._establish(after=-1, timeout=self.rdzv.start_timeout + self.rdzv.elastic_timeout
                         if self.rdzv.elastic else self.rdzv.start_timeout + 5.0)
+
+    def _reachable(self, port: int) -> bool:
+        """Whether the job's relay can dial this node back at its advertised address (the
+        store port it serves); True where the job has no relay, or the probe fails (then
+        this node is treated as before relays existed, and told so)."""
+        if not self.rdzv.relay or self.rdzv.relay_mode == "never":
+            return True
+        from elastic.core.relay import probe_reachable
+
+        try:
+            reachable = probe_reachable(self.rdzv.relay, self.settings.advertise_addr, port,
+                                        timeout=RELAY_PROBE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - logged; the node joins as reachable
+            logger.warning("node %s: the relay at %s did not answer the reachability probe "
+                           "(%s); assuming %s accepts inbound connections", self.node_id,
+                           self.rdzv.relay, exc, self.settings.advertise_addr)
+            return True
+        logger.info("node %s: %s inbound connections at %s", self.node_id,
+                    "accepts" if reachable else "does not accept (behind NAT or a firewall): "
+                    "its generations go through the relay; it accepts no",
+                    self.settings.advertise_addr)
+        return reachable
 
     def _start_alone(self) -> None:
         store = dist.HashStore()
@@ -132,6 +157,8 @@ class WorkerContext:
         if runtime is not None:
             runtime.engine.close()
             runtime.engine.subsets.clear()
+            if runtime.transport.relay:  # its groups hold a thread and a socket each
+                runtime.transport.close()
         if park and self.agent is not None:
             self._on_control(self.agent.control)  # a reset may already be pending
 
@@ -220,8 +247,9 @@ class WorkerContext:
             "HOROVOD_LOCAL_RANK": str(local_rank), "HOROVOD_LOCAL_SIZE": str(local_size),
             "HOROVOD_CROSS_RANK": str(cross_rank), "HOROVOD_CROSS_SIZE": str(cross_size),
         })
-        logger.info("node %s: generation %d, rank %d of %d (%s)", self.node_id, gen.id,
-                    transport.rank, transport.size, gen.reason)
+        logger.info("node %s: generation %d, rank %d of %d (%s)%s", self.node_id, gen.id,
+                    transport.rank, transport.size, gen.reason,
+                    f"; collectives through the relay at {gen.relay}" if gen.relay else "")
 
     def _stall_inspector(self, gen: Generation, transport: Transport) -> StallInspector | None:
         """The stall inspector of a generation of several ranks (`elastic.core.stall`)."""
@@ -300,14 +328,16 @@ class WorkerContext:
         except Exception as exc:  # noqa: BLE001 - named and chained below
             raise GenerationUnreachableError(
                 f"{me} could not reach the store of {where} at "
-                f"{gen.store_host}:{gen.store_port} (served by rank 0, node "
-                f"{gen.members[0].node_id}) within {self.rdzv.start_timeout:g} s: "
-                f"{_first_line(exc)}") from exc
+                f"{gen.store_host}:{gen.store_port} (served by "
+                + (f"the relay host {gen.relay}" if gen.relay else
+                   f"rank 0, node {gen.members[0].node_id}")
+                + f") within {self.rdzv.start_timeout:g} s: {_first_line(exc)}") from exc
         try:
             await_arrivals(store, arrived, rank, gen.size, interrupted,
                            self.settings.collective_timeout)
             return Transport(store, namespace, rank, gen.size, self.settings.collective_timeout,
-                             bind_host=self.settings.advertise_addr, arrived=True)
+                             bind_host=self.settings.advertise_addr, arrived=True,
+                             relay=gen.relay, reachable=gen.members[rank].reachable)
         except InterruptedError:
             raise
         except Exception as exc:  # noqa: BLE001 - named and chained below
@@ -360,7 +390,10 @@ class WorkerContext:
         runtime = self.runtime  # kept (closed) until the next generation replaces it
         if runtime is not None:
             runtime.engine.close()
-            self._graveyard = ([runtime.transport] + self._graveyard)[:4]
+            if runtime.transport.relay:
+                runtime.transport.close()  # fails what is in flight; frees thread and socket
+            else:
+                self._graveyard = ([runtime.transport] + self._graveyard)[:4]
         if failed:
             try:
                 self.agent.request_reset(gen.id)

@@ -98,6 +98,11 @@ def make_parser() -> argparse.ArgumentParser:
                        "workers advertise (env HORDE_LISTEN; default: the address of "
                        "--network-interfaces, else loopback). etcd has no authentication yet: "
                        "whoever reaches this address controls the job (docs/nat.md)")
+    horde.add_argument("--relay", choices=["auto", "always", "never"],
+                       help="when generations exchange through the relay that horderun serves "
+                       "on --listen for members behind NAT: auto (when a member accepts no "
+                       "inbound connection), always, never (env HORDE_RELAY_MODE; default "
+                       "auto; docs/nat.md)")
     horde.add_argument("--job", help="job name (default: a fresh random name)")
     horde.add_argument("--join", action="store_true",
                        help="add -np workers to the running job --job on --rendezvous")
@@ -349,7 +354,7 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
             lease_ttl=args.lease_ttl, settle_window=args.settle_window,
             admission_window=args.admission_window,
             start_timeout=args.start_timeout, elastic_timeout=args.elastic_timeout,
-            reset_timeout=args.reset_timeout,
+            reset_timeout=args.reset_timeout, relay_mode=args.relay,
             blacklist_cooldown=tuple(args.blacklist_cooldown_range)
             if args.blacklist_cooldown_range else None,
         )

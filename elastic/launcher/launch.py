@@ -10,6 +10,7 @@ decides the exit code.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -117,6 +118,8 @@ class Launcher:
         self._coordinator: object = None
         self._coordinator_url = ""
         self._coordinator_thread: threading.Thread | None = None
+        self._relay: object = None
+        self._relay_store: object = None
         self._ledger_lock: int | None = None
         self._job_over = False
         self._first_finish: tuple[float, Worker] | None = None
@@ -150,6 +153,24 @@ class Launcher:
             return ""
         return (f" (etcd cluster of {len(endpoints)} members; using "
                 f"{self._backend.endpoint.label}, failing over in the order listed)")  # type: ignore[union-attr]
+
+    def _start_relay(self) -> None:
+        """Serve the relay hub and a store for relay generations on the listen address,
+        when the job is served beyond loopback (or relay_mode is "always"): members that
+        accept no inbound connection then train through it (docs/nat.md)."""
+        rdzv = self.plan.rdzv
+        if rdzv.relay or rdzv.relay_mode == "never" or (
+                _is_loopback(self.plan.listen_addr) and rdzv.relay_mode != "always"):
+            return
+        from elastic.core.relay import RelayHub
+        from elastic.core.transport import serve_store
+
+        self._relay = hub = RelayHub(self.plan.listen_addr)
+        self._relay_store = store = serve_store(self.plan.listen_addr, rdzv.start_timeout)
+        self.plan.rdzv = dataclasses.replace(rdzv, relay=hub.endpoint,
+                                             relay_store_port=store.port)  # type: ignore[attr-defined]
+        logger.info("relay for members behind NAT on %s (store port %d)", hub.endpoint,
+                    store.port)  # type: ignore[attr-defined]
 
     def _publish_config(self) -> None:
         assert self._backend is not None
@@ -347,6 +368,7 @@ class Launcher:
             if self.plan.join:
                 job_env = self._joined_settings()
             else:
+                self._start_relay()
                 self._publish_config()
                 job_env = self.plan.rdzv.to_env()
                 job_env["HORDE_COORDINATOR"] = self._coordinator_url
@@ -370,6 +392,9 @@ class Launcher:
                 self._coordinator_thread.join(30)
             if self._coordinator is not None:
                 self._coordinator.stop()  # type: ignore[attr-defined]
+            if self._relay is not None:
+                self._relay.stop()  # type: ignore[attr-defined]
+            self._relay_store = None
             if self._ledger_lock is not None:
                 os.close(self._ledger_lock)  # releases the lock
             if self._backend is not None:

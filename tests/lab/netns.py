@@ -142,3 +142,85 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def require_nft() -> None:
+    """Raise LabUnavailable unless `nft` (nftables) is installed, besides `require_netns`."""
+    require_netns()
+    if shutil.which("nft") is None:
+        raise LabUnavailable("the NAT lab builds its routers with nftables; install it "
+                             "(apt-get install nftables)")
+
+
+class NatLab(VethLab):
+    """A public namespace and two homes, each behind a NAT router of its own.
+
+        pub 10.78.1.1 --- 10.78.1.2 [r1, masquerade] 192.168.1.1 --- 192.168.1.2 home1
+        pub 10.78.2.1 --- 10.78.2.2 [r2, masquerade] 192.168.2.1 --- 192.168.2.2 home2
+
+    Each router forwards from its home outwards and drops every forwarded packet that does
+    not belong to a connection the home opened (nftables: forward policy drop, accept
+    established/related), as a home router does; the public side has no route into the
+    homes at all. Cleanup as `VethLab`.
+    """
+
+    def __init__(self) -> None:
+        require_nft()
+        tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
+        base = f"horde-nat-{tag}"
+        self.ns_pub = f"{base}-pub"
+        self.routers = [f"{base}-r1", f"{base}-r2"]
+        self.homes = [f"{base}-h1", f"{base}-h2"]
+        self.pub_addr = "10.78.1.1"
+        self.home_addrs = ["192.168.1.2", "192.168.2.2"]
+        self.router_wan = ["10.78.1.2", "10.78.2.2"]
+        self._tag = tag
+        self._namespaces = []
+        self._procs = []
+        self._closed = False
+        # VethLab's names, so that its helpers keep working
+        self.ns_a, self.ns_b = self.ns_pub, self.homes[0]
+
+    def _create(self) -> None:
+        for ns in [self.ns_pub, *self.routers, *self.homes]:
+            _ip("netns", "add", ns)
+            self._namespaces.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        for i, (router, home) in enumerate(zip(self.routers, self.homes), start=1):
+            wan_pub, wan_r = f"hn{self._tag}w{i}", f"hn{self._tag}x{i}"
+            lan_r, lan_h = f"hn{self._tag}l{i}", f"hn{self._tag}h{i}"
+            self._veth(self.ns_pub, wan_pub, f"10.78.{i}.1/24", router, wan_r, f"10.78.{i}.2/24")
+            self._veth(router, lan_r, f"192.168.{i}.1/24", home, lan_h, f"192.168.{i}.2/24")
+            _ip("-n", home, "route", "add", "default", "via", f"192.168.{i}.1")
+            _ip("-n", router, "route", "add", "default", "via", f"10.78.{i}.1")
+            _run(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            rules = (
+                "table ip nat {\n chain outbound {\n  type nat hook postrouting priority srcnat;\n"
+                f"  oifname \"{wan_r}\" masquerade\n }}\n}}\n"
+                "table inet filter {\n chain forwarding {\n  type filter hook forward priority 0; "
+                "policy drop;\n  ct state established,related accept\n"
+                f"  iifname \"{lan_r}\" oifname \"{wan_r}\" accept\n }}\n}}\n")
+            _run(["ip", "netns", "exec", router, "nft", "-f", "-"], stdin=rules)
+
+    def _veth(self, ns1: str, if1: str, addr1: str, ns2: str, if2: str, addr2: str) -> None:
+        _ip("-n", ns1, "link", "add", if1, "type", "veth", "peer", "name", if2, "netns", ns2)
+        for ns, iface, addr in ((ns1, if1, addr1), (ns2, if2, addr2)):
+            _ip("-n", ns, "addr", "add", addr, "dev", iface)
+            _ip("-n", ns, "link", "set", iface, "up")
+
+    def links(self) -> list[tuple[str, str]]:
+        """(namespace, interface) of every link end, e.g. to shape them with `tc`."""
+        out = []
+        for ns in self._namespaces:
+            text = _ip("-n", ns, "-o", "link", "show", check=False).stdout
+            for line in text.splitlines():
+                name = line.split(":")[1].strip().split("@")[0]
+                if name != "lo":
+                    out.append((ns, name))
+        return out
+
+
+def _run(cmd: Sequence[str], stdin: str | None = None) -> None:
+    result = subprocess.run(list(cmd), input=stdin, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise LabUnavailable(f"`{' '.join(cmd)}` failed: {result.stderr.strip()}")
