@@ -1,0 +1,161 @@
+"""etcd authentication and per-node roles: a real etcd with auth on, real `horderun` jobs.
+
+A volunteer's etcd user may write only its own keys: etcd itself refuses (permission
+denied) its writes to the generation, leader, status, config, blacklist and other nodes'
+registrations, while the job (run by a trusted control identity) trains to the end. A
+revoked node's user stops working at once, its old token included.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rendezvous import backend_from_url
+from rendezvous.embedded import EmbeddedEtcd, etcd_binary
+from rendezvous.errors import RendezvousError, RendezvousPermissionError
+from rendezvous.etcd import EtcdBackend
+from rendezvous.etcd_auth import EtcdAuthAdmin, EtcdCredentials
+from rendezvous.keys import JobKeys
+from rendezvous.settings import DEFAULT_PREFIX
+from tests.harness import REPO, repo_env, unique_job
+
+pytestmark = [pytest.mark.timeout(300)]
+
+SCRIPT = REPO / "tests" / "elastic" / "scripts" / "elastic_worker.py"
+
+
+@pytest.fixture
+def auth_etcd() -> Iterator[tuple[EmbeddedEtcd, str, EtcdCredentials]]:
+    """A fresh etcd with auth on for one job: (server, job, root credentials)."""
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    job = unique_job("auth")
+    server = EmbeddedEtcd()
+    try:
+        path = server.enable_auth(job, prefix=DEFAULT_PREFIX)
+        yield server, job, EtcdCredentials("root", path.read_text())
+    finally:
+        server.stop()
+
+
+def _client(server: EmbeddedEtcd, creds: EtcdCredentials | None) -> EtcdBackend:
+    backend = backend_from_url(server.url, credentials=creds)
+    assert isinstance(backend, EtcdBackend)
+    return backend
+
+
+def _forbidden_keys(keys: JobKeys) -> list[str]:
+    return [keys.generation, keys.leader, keys.status, keys.reset, keys.config,
+            keys.blacklisted("volunteer-1"), keys.blacklisted("worker-0"),
+            keys.node("worker-0"), keys.activity_node("worker-0"),
+            keys.leaving_node("worker-0")]
+
+
+def test_root_password_file_is_private_and_unauthenticated_clients_are_refused(
+        auth_etcd: tuple[EmbeddedEtcd, str, EtcdCredentials]) -> None:
+    server, job, root = auth_etcd
+    path = server.data_dir / "root.password"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert root.password not in server.log_path.read_text(errors="replace")
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    with pytest.raises(RendezvousPermissionError, match="unauthenticated"):
+        _client(server, None).put(keys.generation, b"{}")
+    with pytest.raises(RendezvousPermissionError, match="refused user 'root'"):
+        _client(server, EtcdCredentials("root", "wrong")).get(keys.generation)
+
+
+def test_volunteer_cannot_write_control_keys_and_the_job_goes_on(
+        auth_etcd: tuple[EmbeddedEtcd, str, EtcdCredentials], tmp_path: Path) -> None:
+    server, job, root = auth_etcd
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    admin = EtcdAuthAdmin(_client(server, root), keys)
+    launcher = admin.issue_control("launcher")
+    volunteer = admin.issue_node("volunteer-1")
+    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="3", TEST_STEP_DELAY="0.1",
+                   TEST_COMMIT_EVERY="4",
+                   **launcher.to_env(password_file=tmp_path / "launcher.password"))
+    log_path = tmp_path / "horderun.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--rendezvous",
+             server.url, "--job", job, "--coordinator", "none", "--lease-ttl", "2",
+             "--log-level", "WARNING", sys.executable, str(SCRIPT)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            attacker = _client(server, volunteer)
+            deadline = time.monotonic() + 90
+            while attacker.get(keys.generation) is None:
+                assert proc.poll() is None, log_path.read_text(errors="replace")
+                assert time.monotonic() < deadline, "no generation within 90 s"
+                time.sleep(0.1)
+            denied = []
+            for key in _forbidden_keys(keys):
+                with pytest.raises(RendezvousPermissionError, match="permission denied"):
+                    attacker.put(key, b'{"forged": true}')
+                denied.append(key)
+            with pytest.raises(RendezvousPermissionError, match="permission denied"):
+                attacker.delete_prefix(keys.nodes)
+            # What a member must do still works: read the job, write its own keys.
+            lease = attacker.grant_lease(5)
+            attacker.put(keys.node("volunteer-1"), b"{}", lease=lease)
+            attacker.put(keys.activity_node("volunteer-1"), b"{}", lease=lease)
+            assert attacker.get_prefix(keys.nodes)[0]
+            attacker.revoke_lease(lease)
+            code = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    output = log_path.read_text(errors="replace")
+    assert code == 0, output
+    assert len(denied) == len(_forbidden_keys(keys))
+    assert launcher.password not in output
+
+
+def test_revoked_node_cannot_write_anymore(
+        auth_etcd: tuple[EmbeddedEtcd, str, EtcdCredentials]) -> None:
+    server, job, root = auth_etcd
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    admin = EtcdAuthAdmin(_client(server, root), keys)
+    creds = admin.issue_node("volunteer-2")
+    node = _client(server, creds)
+    node.put(keys.node("volunteer-2"), b"{}")  # holds a valid token now
+    assert admin.revoke_node("volunteer-2") is True
+    with pytest.raises(RendezvousPermissionError, match="volunteer-2"):
+        node.put(keys.node("volunteer-2"), b"{}")
+    with pytest.raises(RendezvousPermissionError):
+        _client(server, creds).get(keys.generation)
+    # Issuing again gives a new password; the old one stays refused.
+    fresh = admin.issue_node("volunteer-2")
+    assert fresh.password != creds.password
+    _client(server, fresh).put(keys.node("volunteer-2"), b"{}")
+    with pytest.raises(RendezvousPermissionError):
+        _client(server, creds).put(keys.node("volunteer-2"), b"{}")
+    assert admin.revoke_node("never-issued") is False
+
+
+def test_credentials_from_env_say_what_is_missing(tmp_path: Path) -> None:
+    assert EtcdCredentials.from_env({}) is None
+    with pytest.raises(ValueError, match="no password was given"):
+        EtcdCredentials.from_env({"HORDE_ETCD_USER": "n1"})
+    with pytest.raises(ValueError, match="cannot be read"):
+        EtcdCredentials.from_env({"HORDE_ETCD_USER": "n1",
+                                  "HORDE_ETCD_PASSWORD_FILE": str(tmp_path / "absent")})
+    env = EtcdCredentials("n1", "s3cret").to_env(password_file=tmp_path / "pw")
+    assert stat.S_IMODE((tmp_path / "pw").stat().st_mode) == 0o600
+    creds = EtcdCredentials.from_env(env)
+    assert creds == EtcdCredentials("n1", "s3cret")
+    assert "s3cret" not in repr(creds)
+    with pytest.raises(ValueError, match="not usable as an etcd name"):
+        EtcdAuthAdmin(EtcdBackend("127.0.0.1", 1), JobKeys("horde", "j")).node_user("a/b")
