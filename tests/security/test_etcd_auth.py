@@ -159,3 +159,84 @@ def test_credentials_from_env_say_what_is_missing(tmp_path: Path) -> None:
     assert "s3cret" not in repr(creds)
     with pytest.raises(ValueError, match="not usable as an etcd name"):
         EtcdAuthAdmin(EtcdBackend("127.0.0.1", 1), JobKeys("horde", "j")).node_user("a/b")
+
+
+class Node:
+    """`agent_node.py NODE` in its own process with its own etcd credentials; killed at the
+    end (SIGKILL: no deregistration, its lease runs out as after a crash)."""
+
+    def __init__(self, server: EmbeddedEtcd, job: str, node_id: str,
+                 creds: EtcdCredentials, folder: Path) -> None:
+        self.node_id = node_id
+        self.log_path = folder / f"{node_id}.log"
+        env = repo_env(TEST_JOB=job, TEST_ETCD=server.url,
+                       **creds.to_env(password_file=folder / f"{node_id}.password"))
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "security" / "scripts" / "agent_node.py"),
+             node_id], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+
+def _wait_for(what: str, check: object, nodes: list[Node], limit: float = 45) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    logs = "\n".join(f"--- {n.node_id}:\n{n.output}" for n in nodes)
+    raise AssertionError(f"{what} did not happen within {limit} s\n{logs}")
+
+
+def test_only_trusted_nodes_lead_failover_and_waiting(
+        auth_etcd: tuple[EmbeddedEtcd, str, EtcdCredentials], tmp_path: Path) -> None:
+    server, job, root = auth_etcd
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    admin = EtcdAuthAdmin(_client(server, root), keys)
+    observer = _client(server, root)
+
+    def leader() -> str | None:
+        kv = observer.get(keys.leader)
+        return kv.value.decode() if kv is not None else None
+
+    # The untrusted volunteer starts first, alone: it may not lead, so it waits and says so.
+    volunteer = Node(server, job, "volunteer-1", admin.issue_node("volunteer-1"), tmp_path)
+    nodes = [volunteer]
+    try:
+        _wait_for("the volunteer's 'no trusted control node alive' warning",
+                  lambda: "no trusted control node alive; waiting" in volunteer.output, nodes)
+        assert "may not lead" in volunteer.output
+        assert leader() is None
+        trusted = [Node(server, job, f"trusted-{i}", admin.issue_control(f"trusted-{i}"),
+                        tmp_path) for i in range(2)]
+        nodes += trusted
+        _wait_for("a trusted leader", lambda: leader() in ("trusted-0", "trusted-1"), nodes)
+        first = next(n for n in trusted if n.node_id == leader())
+        second = next(n for n in trusted if n is not first)
+        first.kill()  # a crash: its leader key goes when its 2 s lease runs out
+        _wait_for("failover to the other trusted node", lambda: leader() == second.node_id,
+                  nodes)
+        _wait_for("the new leader to act as one",
+                  lambda: f"leader {second.node_id}" in second.output, nodes)
+        mark = len(volunteer.output)
+        second.kill()
+        _wait_for("the leader key to expire", lambda: leader() is None, nodes)
+        _wait_for("the volunteer's warning again",
+                  lambda: "no trusted control node alive; waiting" in volunteer.output[mark:],
+                  nodes, limit=30)
+        assert leader() is None
+        assert volunteer.proc.poll() is None, volunteer.output  # it waits, it does not die
+        assert "leader volunteer-1" not in volunteer.output
+    finally:
+        for node in nodes:
+            node.kill()
