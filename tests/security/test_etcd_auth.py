@@ -240,3 +240,48 @@ def test_only_trusted_nodes_lead_failover_and_waiting(
     finally:
         for node in nodes:
             node.kill()
+
+
+def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> None:
+    """`horderun --etcd-auth`: the embedded etcd refuses a client without credentials
+    while the job, whose workers hold their own control identities, trains to the end."""
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    job = unique_job("authrun")
+    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="3", TEST_STEP_DELAY="0.1",
+                   TEST_COMMIT_EVERY="4")
+    for name in ("HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD", "HORDE_ETCD_PASSWORD_FILE"):
+        env.pop(name, None)
+    log_path = tmp_path / "horderun.log"
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--etcd-auth",
+             "--job", job, "--coordinator", "none", "--lease-ttl", "2",
+             "--log-level", "INFO", sys.executable, str(SCRIPT)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            url = None
+            while url is None:
+                import re
+
+                found = re.search(r"etcd://127\.0\.0\.1:\d+", log_path.read_text(errors="replace"))
+                url = found.group(0) if found else None
+                assert proc.poll() is None or url, log_path.read_text(errors="replace")
+                assert time.monotonic() < deadline, "no rendezvous URL printed within 90 s"
+                time.sleep(0.1)
+            stranger = backend_from_url(url, credentials=None)
+            with pytest.raises(RendezvousPermissionError):
+                stranger.put(keys.generation, b"{}")
+            code = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    output = log_path.read_text(errors="replace")
+    assert code == 0, output
+    assert "authentication on" in output
+    assert "WITHOUT AUTHENTICATION" not in output
