@@ -115,6 +115,8 @@ class Launcher:
         self.workers: list[Worker] = []
         self._etcd = None
         self._etcd_admin: EtcdAuthAdmin | None = None
+        self._revoked: set[str] = set()
+        self._next_revoke_check = 0.0
         self._backend: RendezvousBackend | None = None
         self._stop = threading.Event()
         self._signal: int | None = None
@@ -453,6 +455,7 @@ class Launcher:
             code = self._watch_stragglers()
             if code is not None:
                 return code
+            self._revoke_blacklisted()
             if self.plan.discovery_script and time.monotonic() >= next_discovery:
                 next_discovery = time.monotonic() + self.plan.discovery_interval
                 if not self._finished():
@@ -463,6 +466,40 @@ class Launcher:
             self._terminate_all()
             return 128 + self._signal
         return self._final_code()
+
+    def _revoke_blacklisted(self) -> None:
+        """With --etcd-auth: delete the etcd users of every node blacklisted now, so an
+        evicted node cannot write again with the credentials it was given."""
+        if self._etcd_admin is None or self._backend is None:
+            return
+        if time.monotonic() < self._next_revoke_check:
+            return
+        self._next_revoke_check = time.monotonic() + 1.0
+        try:
+            kvs, _ = self._backend.get_prefix(self.keys.blacklist)
+        except RendezvousError as exc:
+            logger.debug("blacklist not readable for revocation: %s", exc)
+            return
+        now = time.time()
+        for kv in kvs:
+            node_id = records.node_id_of(kv.key, self.keys.blacklist)
+            entry = records.read_record(kv, records.parse_blacklist_entry)
+            if node_id is None or entry is None or not entry.active(now):
+                continue
+            if node_id in self._revoked:
+                continue
+            self._revoked.add(node_id)
+            try:
+                control = f"horde-control-{self.keys.job}-{node_id}"
+                gone = self._etcd_admin.revoke_user(control)
+                gone = self._etcd_admin.revoke_node(node_id) or gone
+            except (RendezvousError, ValueError) as exc:
+                logger.warning("could not revoke the etcd credentials of blacklisted node "
+                               "%s: %s", node_id, exc)
+                continue
+            if gone:
+                sys.stderr.write(f"horderun: revoked the etcd credentials of blacklisted "
+                                 f"node {node_id}\n")
 
     def _finished(self) -> bool:
         """True once the job is over, after which no worker may start: a worker of ours

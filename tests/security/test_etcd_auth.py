@@ -285,3 +285,68 @@ def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> 
     assert code == 0, output
     assert "authentication on" in output
     assert "WITHOUT AUTHENTICATION" not in output
+
+
+def test_horderun_etcd_auth_revokes_a_blacklisted_worker(tmp_path: Path) -> None:
+    """Blacklisting a worker of `horderun --etcd-auth` deletes its etcd user: the password
+    it was given is refused from then on, while the job goes on without it."""
+    import json
+    import re
+
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    job = unique_job("authbl")
+    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="40", TEST_STEP_DELAY="0.1",
+                   TEST_COMMIT_EVERY="4")
+    for name in ("HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD", "HORDE_ETCD_PASSWORD_FILE"):
+        env.pop(name, None)
+    log_path = tmp_path / "horderun.log"
+    keys = JobKeys(DEFAULT_PREFIX, job)
+
+    def output() -> str:
+        return log_path.read_text(errors="replace")
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--min-np", "1",
+             "--max-np", "2", "--etcd-auth", "--job", job, "--coordinator", "none",
+             "--lease-ttl", "2", sys.executable, str(SCRIPT)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            while not (re.search(r"root password in (\S+)\)", output())
+                       and re.search(r"etcd://127\.0\.0\.1:\d+", output())):
+                assert proc.poll() is None, output()
+                assert time.monotonic() < deadline, output()
+                time.sleep(0.1)
+            root_file = Path(re.search(r"root password in (\S+)\)", output()).group(1))
+            url = re.search(r"etcd://127\.0\.0\.1:\d+", output()).group(0)
+            root = _client_url(url, EtcdCredentials("root", root_file.read_text()))
+            while root.get(keys.generation) is None:
+                assert proc.poll() is None and time.monotonic() < deadline, output()
+                time.sleep(0.1)
+            victim = json.loads(root.get_prefix(keys.nodes)[0][-1].value)
+            user = f"horde-control-{job}-{victim['node_id']}"
+            password = (root_file.parent / f"worker-{victim['order']}.password").read_text()
+            _client_url(url, EtcdCredentials(user, password)).get(keys.generation)  # works
+            from rendezvous.agent import blacklist_node
+
+            blacklist_node(root, keys, victim["node_id"], "test eviction", None)
+            while f"revoked the etcd credentials of blacklisted node {victim['node_id']}" \
+                    not in output():
+                assert proc.poll() is None and time.monotonic() < deadline + 30, output()
+                time.sleep(0.1)
+            with pytest.raises(RendezvousPermissionError, match="refused user"):
+                _client_url(url, EtcdCredentials(user, password)).get(keys.generation)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def _client_url(url: str, creds: EtcdCredentials) -> EtcdBackend:
+    backend = backend_from_url(url, credentials=creds)
+    assert isinstance(backend, EtcdBackend)
+    return backend
