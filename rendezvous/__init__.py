@@ -16,18 +16,21 @@ from rendezvous.errors import (
     RendezvousClosedError,
     RendezvousConnectionError,
     RendezvousError,
+    RendezvousPermissionError,
     RendezvousTimeoutError,
 )
 
 if TYPE_CHECKING:
     from rendezvous.embedded import EmbeddedEtcd
     from rendezvous.etcd import EtcdBackend
+    from rendezvous.etcd_auth import EtcdCredentials
     from rendezvous.memory import MemoryBackend
 
 __all__ = [
     "BlacklistedError",
     "EmbeddedEtcd",
     "EtcdBackend",
+    "RendezvousPermissionError",
     "HordeError",
     "KeyValue",
     "MemoryBackend",
@@ -55,12 +58,14 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def backend_from_url(url: str, timeout: float = 5.0) -> RendezvousBackend:
+def backend_from_url(url: str, timeout: float = 5.0,
+                     credentials: EtcdCredentials | None = None) -> RendezvousBackend:
     """Open the backend a URL names: `etcd://host:port`, `http://host:port` or `memory://`.
 
     Several members of one etcd cluster are given as `etcd://h1:2379,h2:2379,h3:2379`;
     the backend fails over between them. `memory://` gives a fresh private in-process
-    store (for tests and single-process runs).
+    store (for tests and single-process runs). etcd credentials come from `credentials`,
+    else from HORDE_ETCD_USER / HORDE_ETCD_PASSWORD_FILE (none: no authentication).
     """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
@@ -69,8 +74,13 @@ def backend_from_url(url: str, timeout: float = 5.0) -> RendezvousBackend:
         return MemoryBackend()
     if scheme in ("etcd", "http"):
         from rendezvous.etcd import EtcdBackend
+        from rendezvous.etcd_auth import EtcdCredentials as _Credentials
 
-        return EtcdBackend.from_url(url, timeout=timeout)
+        creds = credentials if credentials is not None else _Credentials.from_env()
+        if creds is None:
+            return EtcdBackend.from_url(url, timeout=timeout)
+        return EtcdBackend.from_url(url, timeout=timeout, user=creds.user,
+                                    password=creds.password)
     raise ValueError(
         f"rendezvous URL {url!r} is not supported; expected etcd://HOST:PORT, "
         "etcd://HOST1:PORT1,HOST2:PORT2,... (members of one etcd cluster), "

@@ -24,6 +24,7 @@ from rendezvous.errors import (
     RendezvousClosedError,
     RendezvousConnectionError,
     RendezvousError,
+    RendezvousPermissionError,
     RendezvousTimeoutError,
 )
 from rendezvous.generation import BlacklistEntry, Generation, JobStatus, NodeInfo
@@ -49,6 +50,8 @@ class ControlState:
 
 #: What `ControlState.leader` holds when the leader key exists but is not a node id.
 UNREADABLE_LEADER = "<unreadable leader key>"
+#: Seconds between two "no trusted control node alive" warnings of one agent.
+NO_LEADER_LOG_EVERY = 10.0
 
 
 def read_control(backend: RendezvousBackend, keys: JobKeys,
@@ -154,6 +157,7 @@ class NodeAgent:
         #: the revision up to which `_control` is known current (a follower whose watch
         #: timed out from it reads nothing again: a keepalive is no reason to re-read)
         self._control_revision: int | None = None
+        self._no_leader_logged = float("-inf")
         self.error: BaseException | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -376,6 +380,8 @@ class NodeAgent:
             self._try_lead(control.leader_revision)
             if self._is_leader:
                 return
+        if control.leader is None and not self._candidate:
+            self._say_no_leader()
         watch = self.keys.root if self._is_leader else self.keys.control
         timeout = max(0.0, self._keepalive_due() - self._clock())
         timeout = min(timeout, self.settings.poll_interval * 4)
@@ -392,6 +398,13 @@ class NodeAgent:
                                                 self.node_id.encode(), lease=self._lease)
         except RendezvousConnectionError:
             raise
+        except RendezvousPermissionError as exc:
+            # etcd auth is on and this node is no control identity: it never leads.
+            self._candidate = False
+            logger.warning("job %s: node %s may not lead (etcd refused its write of the "
+                           "leader key: it is not a trusted control identity); it follows "
+                           "the trusted nodes: %s", self.settings.job, self.node_id, exc)
+            return
         except RendezvousError as exc:
             # Our lease is gone (revoked, or it ran out before the keepalive was due):
             # force the keepalive now, which finds that out and registers again.
@@ -401,6 +414,17 @@ class NodeAgent:
             return
         if won:
             self._become_leader()
+
+    def _say_no_leader(self) -> None:
+        """Log (at most every NO_LEADER_LOG_EVERY s) that this non-candidate waits for a
+        trusted control node to lead."""
+        now = self._clock()
+        if now - self._no_leader_logged < NO_LEADER_LOG_EVERY:
+            return
+        self._no_leader_logged = now
+        logger.warning("job %s: no trusted control node alive; waiting (node %s may not lead; "
+                       "start the owner's launcher or a node holding control credentials)",
+                       self.settings.job, self.node_id)
 
     def _holds_leader_key(self) -> bool:
         kv = self.backend.get(self.keys.leader)

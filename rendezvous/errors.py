@@ -29,3 +29,8 @@ class RendezvousClosedError(RendezvousError):
 
 class BlacklistedError(RendezvousError):
     """This node is blacklisted and may not join before its cooldown ends."""
+
+
+class RendezvousPermissionError(RendezvousError):
+    """etcd refused a request this node's credentials do not allow (auth on, role too narrow),
+    or the credentials themselves were refused (wrong password, user deleted)."""

@@ -35,7 +35,11 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 
 from rendezvous.backend import KeyValue, RendezvousBackend
-from rendezvous.errors import RendezvousConnectionError, RendezvousError
+from rendezvous.errors import (
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousPermissionError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +90,18 @@ def _revision(result: dict[str, Any]) -> int:
 
 def _is_lease_not_found(exc: Etcd3Exception) -> bool:
     return "lease not found" in (exc.detail_text or "")
+
+
+#: etcd's answers when a request's identity may not do it (no failover: every member agrees).
+_DENIED = ("permission denied", "authentication failed", "user name is empty",
+           "user name not found", "role name not found")
+#: etcd's answers when a token expired or the server restarted: authenticate again.
+_STALE_TOKEN = ("invalid auth token",)
+
+
+def _auth_problem(exc: Etcd3Exception, words: tuple[str, ...]) -> bool:
+    text = (exc.detail_text or "").lower()
+    return any(word in text for word in words)
 
 
 #: Seconds a member that failed is tried after the others (unless all have failed).
@@ -154,7 +170,8 @@ class EtcdBackend(RendezvousBackend):
     """
 
     def __init__(self, host: str, port: int, timeout: float = 5.0,
-                 endpoints: Sequence[tuple[str, int]] | None = None) -> None:
+                 endpoints: Sequence[tuple[str, int]] | None = None,
+                 user: str | None = None, password: str | None = None) -> None:
         pairs = list(endpoints) if endpoints else [(host, port)]
         checked: list[Endpoint] = []
         for h, p in pairs:
@@ -176,15 +193,25 @@ class EtcdBackend(RendezvousBackend):
         self._failed_at: dict[int, float] = {}
         self.ops: dict[str, int] = collections.defaultdict(int)
         self.failovers = 0
+        if (user is None) != (password is None) or user == "":
+            raise ValueError("etcd credentials need both a non-empty user name and a password "
+                             "(HORDE_ETCD_USER and HORDE_ETCD_PASSWORD_FILE), or neither")
+        #: etcd user this backend authenticates as (None: no authentication).
+        self.user = user
+        self._password = password
+        self._token: str | None = None  # etcd's simple/JWT token, shared by every thread
 
     @classmethod
-    def from_url(cls, url: str, timeout: float = 5.0) -> EtcdBackend:
+    def from_url(cls, url: str, timeout: float = 5.0, user: str | None = None,
+                 password: str | None = None) -> EtcdBackend:
         """Build a backend from `etcd://host:port` (or `http://host:port`), or from several
-        members of one cluster: `etcd://h1:2379,h2:2379,h3:2379` (tried in that order)."""
+        members of one cluster: `etcd://h1:2379,h2:2379,h3:2379` (tried in that order).
+        With `user`/`password` every request carries an etcd auth token."""
         endpoints = parse_endpoints(url)
         first = endpoints[0]
         return cls(first.host, first.port, timeout=timeout,
-                   endpoints=[(e.host, e.port) for e in endpoints])
+                   endpoints=[(e.host, e.port) for e in endpoints], user=user,
+                   password=password)
 
     @property
     def endpoint(self) -> Endpoint:
@@ -225,9 +252,37 @@ class EtcdBackend(RendezvousBackend):
             if self._api_path is None:
                 self._api_path = client.api_path  # one GET /version
             clients[index] = client
+            if self.user is not None:
+                self._authorize(client)
             with self._lock:
                 self._clients.add(client)
         return client
+
+    def _authorize(self, client: Etcd3Client, stale: str | None = None) -> None:
+        """Put this backend's etcd token on `client`'s session, asking etcd for one (the
+        gateway's /auth/authenticate) when there is none or `stale` was refused."""
+        with self._lock:
+            token = self._token
+        if token is None or token == stale:
+            try:
+                answer = client.post(client.get_url("/auth/authenticate"),
+                                     data=json.dumps({"name": self.user,
+                                                      "password": self._password}))
+            except Etcd3Exception as exc:
+                if _auth_problem(exc, _DENIED + ("auth",)):
+                    raise RendezvousPermissionError(
+                        f"etcd at {client.host}:{client.port} refused user {self.user!r}: "
+                        f"{self._detail(exc)}; check HORDE_ETCD_USER / HORDE_ETCD_PASSWORD_FILE "
+                        "(the user may have been revoked)") from exc
+                raise
+            token = answer.get("token") if isinstance(answer, dict) else None
+            if not isinstance(token, str) or not token or len(token) > 4096:
+                raise RendezvousPermissionError(
+                    f"etcd at {client.host}:{client.port} answered authenticate for "
+                    f"{self.user!r} without a usable token; is auth enabled there?")
+            with self._lock:
+                self._token = token
+        client.session.headers["Authorization"] = token
 
     def _count(self, op: str) -> None:
         with self._lock:
@@ -295,8 +350,20 @@ class EtcdBackend(RendezvousBackend):
         endpoint = self.endpoints[index]
         try:
             client = self._client(index)
-            return client.post(client.get_url(path), data=json.dumps(payload))
+            try:
+                return client.post(client.get_url(path), data=json.dumps(payload))
+            except Etcd3Exception as exc:
+                if self.user is None or not _auth_problem(exc, _STALE_TOKEN):
+                    raise
+                # Tokens expire (--auth-token-ttl) and die with a restart: get a new one.
+                self._authorize(client, stale=client.session.headers.get("Authorization"))
+                return client.post(client.get_url(path), data=json.dumps(payload))
         except Etcd3Exception as exc:
+            if _auth_problem(exc, _DENIED):
+                who = f"user {self.user!r}" if self.user else "an unauthenticated client"
+                raise RendezvousPermissionError(
+                    f"etcd at {endpoint.label} refused {path} for {who}: "
+                    f"{self._detail(exc)}") from exc
             if _is_lease_not_found(exc):
                 raise RendezvousError(
                     f"requested lease not found (etcd at {endpoint.label}): "

@@ -141,6 +141,11 @@ def make_parser() -> argparse.ArgumentParser:
                        "~/.local/share/horde)")
     horde.add_argument("--coordinator-port", type=int, default=0,
                        help="port of the embedded coordinator (default: a free one)")
+    horde.add_argument("--etcd-auth", action="store_true",
+                       help="turn etcd authentication on in the embedded etcd: a root user "
+                       "(password in a 0600 file in etcd's data folder), a control identity "
+                       "for this launcher, its coordinator and each worker it starts (env "
+                       "HORDE_ETCD_AUTH=1; see docs/security.md)")
     horde.add_argument("--trusted-peers", action="store_true",
                        help="every member of this job is trusted: objects from peers "
                        "(broadcast_object, allgather_object, elastic state) are fully unpickled, "
@@ -414,6 +419,7 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         exit_wait=exit_wait, exit_report_interval=report_interval,
         trusted_peers=args.trusted_peers or _truthy(_env("HORDE_TRUSTED_PEERS")),
         robust_aggregation=_robust(args.robust_aggregation),
+        etcd_auth=args.etcd_auth or _truthy(_env("HORDE_ETCD_AUTH")),
     )
 
 

@@ -31,6 +31,7 @@ from rendezvous import backend_from_url, records
 from rendezvous.agent import registration
 from rendezvous.backend import RendezvousBackend
 from rendezvous.errors import RendezvousError
+from rendezvous.etcd_auth import ROOT_USER, EtcdAuthAdmin, EtcdCredentials
 from rendezvous.generation import Generation, JobStatus, NodeInfo
 from rendezvous.keys import JobKeys
 from rendezvous.settings import RendezvousSettings
@@ -80,6 +81,9 @@ class LaunchPlan:
     """Workers fully unpickle their peers' objects (`--trusted-peers`); off: data only."""
     robust_aggregation: int = 0
     """F of multi-Krum (`--robust-aggregation`); published with the job, so joiners use it."""
+    etcd_auth: bool = False
+    """The embedded etcd runs with authentication (`--etcd-auth`): each process this
+    launcher starts gets its own control identity."""
 
 
 @dataclass
@@ -111,6 +115,9 @@ class Launcher:
         self.keys = JobKeys(plan.rdzv.prefix, plan.rdzv.job)
         self.workers: list[Worker] = []
         self._etcd = None
+        self._etcd_admin: EtcdAuthAdmin | None = None
+        self._revoked: set[str] = set()
+        self._next_revoke_check = 0.0
         self._backend: RendezvousBackend | None = None
         self._stop = threading.Event()
         self._signal: int | None = None
@@ -133,6 +140,8 @@ class Launcher:
 
             self._etcd = EmbeddedEtcd(host=self.plan.listen_addr)
             url = self._etcd.url
+            if self.plan.etcd_auth:
+                return self._connect_with_auth(url)
             if not _is_loopback(self.plan.listen_addr):
                 logger.warning(
                     "the embedded etcd serves WITHOUT AUTHENTICATION on %s: anyone who can "
@@ -141,9 +150,34 @@ class Launcher:
                     "port %d to your volunteers; etcd authentication is open work (issue 11, "
                     "docs/security.md)", url, self.plan.rdzv.job, self._etcd.port)
         else:
+            if self.plan.etcd_auth:
+                raise ValueError("--etcd-auth turns authentication on in the embedded etcd; "
+                                 "for --rendezvous give this launcher's credentials with "
+                                 "HORDE_ETCD_USER / HORDE_ETCD_PASSWORD_FILE (docs/security.md)")
             url = self.plan.rendezvous_url
         self._backend = backend_from_url(url, timeout=self.plan.rdzv.request_timeout(url))
         self._backend.get(self.keys.generation)  # fails fast, with the address, if unreachable
+        return url
+
+    def _connect_with_auth(self, url: str) -> str:
+        """Turn auth on in the embedded etcd; this launcher and its in-process coordinator
+        use control identities (the coordinator's through HORDE_ETCD_* in this process)."""
+        assert self._etcd is not None
+        root_file = self._etcd.enable_auth(self.plan.rdzv.job, prefix=self.plan.rdzv.prefix)
+        root = EtcdCredentials(ROOT_USER, root_file.read_text(encoding="utf-8"))
+        timeout = self.plan.rdzv.request_timeout(url)
+        self._etcd_admin = EtcdAuthAdmin(backend_from_url(url, timeout=timeout,
+                                                          credentials=root), self.keys)
+        mine = self._etcd_admin.issue_control("launcher")
+        self._backend = backend_from_url(url, timeout=timeout, credentials=mine)
+        coordinator = self._etcd_admin.issue_control("coordinator")
+        os.environ.update(coordinator.to_env(self._etcd.data_dir / "coordinator.password"))
+        self._backend.get(self.keys.generation)
+        sys.stderr.write(f"horderun: embedded etcd authentication on (root password in "
+                         f"{root_file}); each worker gets its own control identity; a "
+                         "--join from elsewhere needs HORDE_ETCD_USER / "
+                         "HORDE_ETCD_PASSWORD_FILE (docs/security.md)\n")
+        sys.stderr.flush()
         return url
 
     def _where(self) -> str:
@@ -237,6 +271,11 @@ class Launcher:
         if plan.rdzv.elastic:
             env["HOROVOD_ELASTIC"] = "1"
         env["HORDE_TRUSTED_PEERS"] = "1" if plan.trusted_peers else "0"
+        if self._etcd_admin is not None and self._etcd is not None:
+            # The owner's own workers are trusted: a control identity each, never shared.
+            creds = self._etcd_admin.issue_control(node_id)
+            env.update(creds.to_env(self._etcd.data_dir / f"worker-{index}.password"))
+            env.pop("HORDE_ETCD_PASSWORD", None)
         env.update(plan.extra_env)
         return env
 
@@ -441,6 +480,7 @@ class Launcher:
             code = self._watch_stragglers()
             if code is not None:
                 return code
+            self._revoke_blacklisted()
             if self.plan.discovery_script and time.monotonic() >= next_discovery:
                 next_discovery = time.monotonic() + self.plan.discovery_interval
                 if not self._finished():
@@ -451,6 +491,40 @@ class Launcher:
             self._terminate_all()
             return 128 + self._signal
         return self._final_code()
+
+    def _revoke_blacklisted(self) -> None:
+        """With --etcd-auth: delete the etcd users of every node blacklisted now, so an
+        evicted node cannot write again with the credentials it was given."""
+        if self._etcd_admin is None or self._backend is None:
+            return
+        if time.monotonic() < self._next_revoke_check:
+            return
+        self._next_revoke_check = time.monotonic() + 1.0
+        try:
+            kvs, _ = self._backend.get_prefix(self.keys.blacklist)
+        except RendezvousError as exc:
+            logger.debug("blacklist not readable for revocation: %s", exc)
+            return
+        now = time.time()
+        for kv in kvs:
+            node_id = records.node_id_of(kv.key, self.keys.blacklist)
+            entry = records.read_record(kv, records.parse_blacklist_entry)
+            if node_id is None or entry is None or not entry.active(now):
+                continue
+            if node_id in self._revoked:
+                continue
+            self._revoked.add(node_id)
+            try:
+                control = f"horde-control-{self.keys.job}-{node_id}"
+                gone = self._etcd_admin.revoke_user(control)
+                gone = self._etcd_admin.revoke_node(node_id) or gone
+            except (RendezvousError, ValueError) as exc:
+                logger.warning("could not revoke the etcd credentials of blacklisted node "
+                               "%s: %s", node_id, exc)
+                continue
+            if gone:
+                sys.stderr.write(f"horderun: revoked the etcd credentials of blacklisted "
+                                 f"node {node_id}\n")
 
     def _finished(self) -> bool:
         """True once the job is over, after which no worker may start: a worker of ours

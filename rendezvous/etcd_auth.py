@@ -1,0 +1,222 @@
+"""etcd authentication and per-node roles for a job's rendezvous (see docs/security.md).
+
+With auth on, etcd checks every request against the roles of the user whose token it
+carries. Horde uses three kinds of identity per job:
+
+- `root` (etcd's own superuser): only the job owner's launcher holds it; it turns auth
+  on and issues and revokes the other users.
+- control identities (role `horde-control-<job>`): read and write the whole job prefix;
+  the launcher, the coordinator and nodes the owner marks trusted.
+- one user per node (`horde-node-<job>-<node>`, its own role): reads the job prefix
+  and writes only that node's own keys (registration, activity, leaving flag, its
+  readiness under each generation). Generation, leader, status, config and blacklist
+  stay out of its reach, and so do other nodes' keys.
+
+Revoking a node deletes its user and its role; etcd refuses its token from then on.
+Credentials travel as `EtcdCredentials`, read from HORDE_ETCD_USER and
+HORDE_ETCD_PASSWORD_FILE (or HORDE_ETCD_PASSWORD) in one place: `EtcdCredentials.from_env`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import secrets
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rendezvous.etcd import EtcdBackend, _range_end
+from rendezvous.keys import JobKeys
+
+logger = logging.getLogger(__name__)
+
+#: etcd's superuser name (etcd requires it to exist before `auth enable`).
+ROOT_USER = "root"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+#: Node ids are validated by records.py; a user name derived from one must also stay short.
+_MAX_USER = 200
+
+
+def _b64(data: str | bytes) -> str:
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    return base64.b64encode(raw).decode("ascii")
+
+
+@dataclass(frozen=True)
+class EtcdCredentials:
+    """One etcd user name and its password (never logged: `repr` hides the password)."""
+
+    user: str
+    password: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.user, str) or not self.user or len(self.user) > _MAX_USER:
+            raise ValueError(f"etcd user name {self.user!r} must be 1-{_MAX_USER} characters")
+        if not isinstance(self.password, str) or not self.password:
+            raise ValueError(f"etcd user {self.user!r} needs a non-empty password")
+
+    def __repr__(self) -> str:
+        return f"EtcdCredentials(user={self.user!r}, password=<hidden>)"
+
+    def to_env(self, password_file: Path | None = None) -> dict[str, str]:
+        """HORDE_* variables that make `from_env` return these credentials: the password as a
+        file (preferred, 0600) when `password_file` is given, else inline."""
+        if password_file is None:
+            return {"HORDE_ETCD_USER": self.user, "HORDE_ETCD_PASSWORD": self.password}
+        write_secret(password_file, self.password)
+        return {"HORDE_ETCD_USER": self.user, "HORDE_ETCD_PASSWORD_FILE": str(password_file)}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EtcdCredentials | None:
+        """Credentials from HORDE_ETCD_USER plus HORDE_ETCD_PASSWORD_FILE (a file holding the
+        password) or HORDE_ETCD_PASSWORD; None when HORDE_ETCD_USER is unset (no auth)."""
+        environ = os.environ if environ is None else environ
+        user = environ.get("HORDE_ETCD_USER") or None
+        if user is None:
+            return None
+        path = environ.get("HORDE_ETCD_PASSWORD_FILE") or None
+        if path is not None:
+            try:
+                password = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"HORDE_ETCD_PASSWORD_FILE={path!r} cannot be read ({exc}); point it at "
+                    "the file holding etcd user {user!r}'s password") from None
+        else:
+            password = environ.get("HORDE_ETCD_PASSWORD", "")
+        if not password:
+            raise ValueError(
+                f"HORDE_ETCD_USER={user!r} is set but no password was given: set "
+                "HORDE_ETCD_PASSWORD_FILE to a file holding it (or HORDE_ETCD_PASSWORD)")
+        return cls(user, password)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by its owner only (0600, created that way)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+
+
+def new_password() -> str:
+    """A random password (32 bytes of entropy, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"{kind} {name!r} is not usable as an etcd name: use letters, digits "
+                         "and . _ : @ - (at most 128 characters, not starting with a symbol)")
+    return name
+
+
+class EtcdAuthAdmin:
+    """Issues and revokes a job's etcd identities through the gateway's /auth API.
+
+    `backend` must authenticate as root once auth is on (before: any client may call
+    `enable`). Every call raises `RendezvousPermissionError` when etcd refuses it.
+    """
+
+    def __init__(self, backend: EtcdBackend, keys: JobKeys) -> None:
+        self.backend = backend
+        self.keys = keys
+        _check_name("job name", keys.job)
+
+    @property
+    def control_role(self) -> str:
+        return f"horde-control-{self.keys.job}"
+
+    def node_user(self, node_id: str) -> str:
+        return f"horde-node-{self.keys.job}-{_check_name('node id', node_id)}"
+
+    def _call(self, op: str, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self.backend._post(op, path, payload)
+
+    def _grant(self, role: str, key: str, perm: str, prefix: bool) -> None:
+        body: dict[str, Any] = {"permType": perm, "key": _b64(key)}
+        if prefix:
+            body["range_end"] = _b64(_range_end(key))
+        self._call("auth_grant", "/auth/role/grant", {"name": role, "perm": body})
+
+    def _exists(self, op: str, path: str, payload: dict[str, Any]) -> bool:
+        from rendezvous.errors import RendezvousConnectionError, RendezvousPermissionError
+
+        try:
+            self._call(op, path, payload)
+        except (RendezvousConnectionError, RendezvousPermissionError) as exc:
+            if "not found" in str(exc):
+                return False
+            raise
+        return True
+
+    def enable(self, root_password: str) -> None:
+        """Create `root` (with etcd's root role), the job's control role, and turn auth on.
+        Call once, on a fresh etcd, before any other client holds credentials."""
+        self._call("auth_user_add", "/auth/user/add",
+                   {"name": ROOT_USER, "password": root_password})
+        self._call("auth_role_add", "/auth/role/add", {"name": "root"})
+        self._call("auth_user_grant", "/auth/user/grant", {"user": ROOT_USER, "role": "root"})
+        self.ensure_control_role()
+        self._call("auth_enable", "/auth/enable", {})
+        logger.info("etcd: authentication on (root user created; job %s has control role %s)",
+                    self.keys.job, self.control_role)
+
+    def ensure_control_role(self) -> None:
+        """The role that reads and writes the whole job prefix (trusted control identities)."""
+        if not self._exists("auth_role_get", "/auth/role/get", {"role": self.control_role}):
+            self._call("auth_role_add", "/auth/role/add", {"name": self.control_role})
+        self._grant(self.control_role, self.keys.root, "READWRITE", prefix=True)
+
+    def issue_control(self, name: str) -> EtcdCredentials:
+        """A new trusted control identity (launcher, coordinator, trusted node)."""
+        user = f"horde-control-{self.keys.job}-{_check_name('control name', name)}"
+        creds = EtcdCredentials(user, new_password())
+        self._add_user(creds, self.control_role)
+        return creds
+
+    def issue_node(self, node_id: str) -> EtcdCredentials:
+        """A new user for one node: reads the job, writes only `node_id`'s own keys.
+        Issuing again for the same node replaces its password (the old one stops working)."""
+        user = self.node_user(node_id)
+        self.revoke_node(node_id)
+        self._call("auth_role_add", "/auth/role/add", {"name": user})
+        keys = self.keys
+        self._grant(user, keys.root, "READ", prefix=True)
+        for key in (keys.node(node_id), keys.activity_node(node_id),
+                    keys.leaving_node(node_id)):
+            self._grant(user, key, "READWRITE", prefix=False)
+        creds = EtcdCredentials(user, new_password())
+        self._add_user(creds, user)
+        return creds
+
+    def grant_ready(self, node_id: str, generation: int) -> None:
+        """Let `node_id` write its readiness under `generation` (the leader calls this when
+        it publishes a generation: readiness keys live under the generation number)."""
+        self._grant(self.node_user(node_id), self.keys.ready_node(generation, node_id),
+                    "READWRITE", prefix=False)
+
+    def _add_user(self, creds: EtcdCredentials, role: str) -> None:
+        self._call("auth_user_add", "/auth/user/add",
+                   {"name": creds.user, "password": creds.password})
+        self._call("auth_user_grant", "/auth/user/grant", {"user": creds.user, "role": role})
+
+    def revoke_node(self, node_id: str) -> bool:
+        """Delete `node_id`'s user and role: etcd refuses its requests from now on (its
+        token included). True if it had been issued."""
+        user = self.node_user(node_id)
+        had = self._exists("auth_user_delete", "/auth/user/delete", {"name": user})
+        self._exists("auth_role_delete", "/auth/role/delete", {"role": user})
+        if had:
+            logger.warning("etcd: revoked credentials of node %s (user %s)", node_id, user)
+        return had
+
+    def revoke_user(self, user: str) -> bool:
+        """Delete any user (a control identity the owner no longer trusts)."""
+        return self._exists("auth_user_delete", "/auth/user/delete",
+                            {"name": _check_name("etcd user", user)})

@@ -1,0 +1,352 @@
+"""etcd authentication and per-node roles: a real etcd with auth on, real `horderun` jobs.
+
+A volunteer's etcd user may write only its own keys: etcd itself refuses (permission
+denied) its writes to the generation, leader, status, config, blacklist and other nodes'
+registrations, while the job (run by a trusted control identity) trains to the end. A
+revoked node's user stops working at once, its old token included.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rendezvous import backend_from_url
+from rendezvous.embedded import EmbeddedEtcd, etcd_binary
+from rendezvous.errors import RendezvousError, RendezvousPermissionError
+from rendezvous.etcd import EtcdBackend
+from rendezvous.etcd_auth import EtcdAuthAdmin, EtcdCredentials
+from rendezvous.keys import JobKeys
+from rendezvous.settings import DEFAULT_PREFIX
+from tests.harness import REPO, repo_env, unique_job
+
+pytestmark = [pytest.mark.timeout(300)]
+
+SCRIPT = REPO / "tests" / "elastic" / "scripts" / "elastic_worker.py"
+
+
+@pytest.fixture
+def auth_etcd() -> Iterator[tuple[EmbeddedEtcd, str, EtcdCredentials]]:
+    """A fresh etcd with auth on for one job: (server, job, root credentials)."""
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    job = unique_job("auth")
+    server = EmbeddedEtcd()
+    try:
+        path = server.enable_auth(job, prefix=DEFAULT_PREFIX)
+        yield server, job, EtcdCredentials("root", path.read_text())
+    finally:
+        server.stop()
+
+
+def _client(server: EmbeddedEtcd, creds: EtcdCredentials | None) -> EtcdBackend:
+    backend = backend_from_url(server.url, credentials=creds)
+    assert isinstance(backend, EtcdBackend)
+    return backend
+
+
+def _forbidden_keys(keys: JobKeys) -> list[str]:
+    return [keys.generation, keys.leader, keys.status, keys.reset, keys.config,
+            keys.blacklisted("volunteer-1"), keys.blacklisted("worker-0"),
+            keys.node("worker-0"), keys.activity_node("worker-0"),
+            keys.leaving_node("worker-0")]
+
+
+def test_root_password_file_is_private_and_unauthenticated_clients_are_refused(
+        auth_etcd: tuple[EmbeddedEtcd, str, EtcdCredentials]) -> None:
+    server, job, root = auth_etcd
+    path = server.data_dir / "root.password"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert root.password not in server.log_path.read_text(errors="replace")
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    with pytest.raises(RendezvousPermissionError, match="unauthenticated"):
+        _client(server, None).put(keys.generation, b"{}")
+    with pytest.raises(RendezvousPermissionError, match="refused user 'root'"):
+        _client(server, EtcdCredentials("root", "wrong")).get(keys.generation)
+
+
+def test_volunteer_cannot_write_control_keys_and_the_job_goes_on(
+        auth_etcd: tuple[EmbeddedEtcd, str, EtcdCredentials], tmp_path: Path) -> None:
+    server, job, root = auth_etcd
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    admin = EtcdAuthAdmin(_client(server, root), keys)
+    launcher = admin.issue_control("launcher")
+    volunteer = admin.issue_node("volunteer-1")
+    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="3", TEST_STEP_DELAY="0.1",
+                   TEST_COMMIT_EVERY="4",
+                   **launcher.to_env(password_file=tmp_path / "launcher.password"))
+    log_path = tmp_path / "horderun.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--rendezvous",
+             server.url, "--job", job, "--coordinator", "none", "--lease-ttl", "2",
+             "--log-level", "WARNING", sys.executable, str(SCRIPT)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            attacker = _client(server, volunteer)
+            deadline = time.monotonic() + 90
+            while attacker.get(keys.generation) is None:
+                assert proc.poll() is None, log_path.read_text(errors="replace")
+                assert time.monotonic() < deadline, "no generation within 90 s"
+                time.sleep(0.1)
+            denied = []
+            for key in _forbidden_keys(keys):
+                with pytest.raises(RendezvousPermissionError, match="permission denied"):
+                    attacker.put(key, b'{"forged": true}')
+                denied.append(key)
+            with pytest.raises(RendezvousPermissionError, match="permission denied"):
+                attacker.delete_prefix(keys.nodes)
+            # What a member must do still works: read the job, write its own keys.
+            lease = attacker.grant_lease(5)
+            attacker.put(keys.node("volunteer-1"), b"{}", lease=lease)
+            attacker.put(keys.activity_node("volunteer-1"), b"{}", lease=lease)
+            assert attacker.get_prefix(keys.nodes)[0]
+            attacker.revoke_lease(lease)
+            code = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    output = log_path.read_text(errors="replace")
+    assert code == 0, output
+    assert len(denied) == len(_forbidden_keys(keys))
+    assert launcher.password not in output
+
+
+def test_revoked_node_cannot_write_anymore(
+        auth_etcd: tuple[EmbeddedEtcd, str, EtcdCredentials]) -> None:
+    server, job, root = auth_etcd
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    admin = EtcdAuthAdmin(_client(server, root), keys)
+    creds = admin.issue_node("volunteer-2")
+    node = _client(server, creds)
+    node.put(keys.node("volunteer-2"), b"{}")  # holds a valid token now
+    assert admin.revoke_node("volunteer-2") is True
+    with pytest.raises(RendezvousPermissionError, match="volunteer-2"):
+        node.put(keys.node("volunteer-2"), b"{}")
+    with pytest.raises(RendezvousPermissionError):
+        _client(server, creds).get(keys.generation)
+    # Issuing again gives a new password; the old one stays refused.
+    fresh = admin.issue_node("volunteer-2")
+    assert fresh.password != creds.password
+    _client(server, fresh).put(keys.node("volunteer-2"), b"{}")
+    with pytest.raises(RendezvousPermissionError):
+        _client(server, creds).put(keys.node("volunteer-2"), b"{}")
+    assert admin.revoke_node("never-issued") is False
+
+
+def test_credentials_from_env_say_what_is_missing(tmp_path: Path) -> None:
+    assert EtcdCredentials.from_env({}) is None
+    with pytest.raises(ValueError, match="no password was given"):
+        EtcdCredentials.from_env({"HORDE_ETCD_USER": "n1"})
+    with pytest.raises(ValueError, match="cannot be read"):
+        EtcdCredentials.from_env({"HORDE_ETCD_USER": "n1",
+                                  "HORDE_ETCD_PASSWORD_FILE": str(tmp_path / "absent")})
+    env = EtcdCredentials("n1", "s3cret").to_env(password_file=tmp_path / "pw")
+    assert stat.S_IMODE((tmp_path / "pw").stat().st_mode) == 0o600
+    creds = EtcdCredentials.from_env(env)
+    assert creds == EtcdCredentials("n1", "s3cret")
+    assert "s3cret" not in repr(creds)
+    with pytest.raises(ValueError, match="not usable as an etcd name"):
+        EtcdAuthAdmin(EtcdBackend("127.0.0.1", 1), JobKeys("horde", "j")).node_user("a/b")
+
+
+class Node:
+    """`agent_node.py NODE` in its own process with its own etcd credentials; killed at the
+    end (SIGKILL: no deregistration, its lease runs out as after a crash)."""
+
+    def __init__(self, server: EmbeddedEtcd, job: str, node_id: str,
+                 creds: EtcdCredentials, folder: Path) -> None:
+        self.node_id = node_id
+        self.log_path = folder / f"{node_id}.log"
+        env = repo_env(TEST_JOB=job, TEST_ETCD=server.url,
+                       **creds.to_env(password_file=folder / f"{node_id}.password"))
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "security" / "scripts" / "agent_node.py"),
+             node_id], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+
+def _wait_for(what: str, check: object, nodes: list[Node], limit: float = 45) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    logs = "\n".join(f"--- {n.node_id}:\n{n.output}" for n in nodes)
+    raise AssertionError(f"{what} did not happen within {limit} s\n{logs}")
+
+
+def test_only_trusted_nodes_lead_failover_and_waiting(
+        auth_etcd: tuple[EmbeddedEtcd, str, EtcdCredentials], tmp_path: Path) -> None:
+    server, job, root = auth_etcd
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    admin = EtcdAuthAdmin(_client(server, root), keys)
+    observer = _client(server, root)
+
+    def leader() -> str | None:
+        kv = observer.get(keys.leader)
+        return kv.value.decode() if kv is not None else None
+
+    # The untrusted volunteer starts first, alone: it may not lead, so it waits and says so.
+    volunteer = Node(server, job, "volunteer-1", admin.issue_node("volunteer-1"), tmp_path)
+    nodes = [volunteer]
+    try:
+        _wait_for("the volunteer's 'no trusted control node alive' warning",
+                  lambda: "no trusted control node alive; waiting" in volunteer.output, nodes)
+        assert "may not lead" in volunteer.output
+        assert leader() is None
+        trusted = [Node(server, job, f"trusted-{i}", admin.issue_control(f"trusted-{i}"),
+                        tmp_path) for i in range(2)]
+        nodes += trusted
+        _wait_for("a trusted leader", lambda: leader() in ("trusted-0", "trusted-1"), nodes)
+        first = next(n for n in trusted if n.node_id == leader())
+        second = next(n for n in trusted if n is not first)
+        first.kill()  # a crash: its leader key goes when its 2 s lease runs out
+        _wait_for("failover to the other trusted node", lambda: leader() == second.node_id,
+                  nodes)
+        _wait_for("the new leader to act as one",
+                  lambda: f"leader {second.node_id}" in second.output, nodes)
+        mark = len(volunteer.output)
+        second.kill()
+        _wait_for("the leader key to expire", lambda: leader() is None, nodes)
+        _wait_for("the volunteer's warning again",
+                  lambda: "no trusted control node alive; waiting" in volunteer.output[mark:],
+                  nodes, limit=30)
+        assert leader() is None
+        assert volunteer.proc.poll() is None, volunteer.output  # it waits, it does not die
+        assert "leader volunteer-1" not in volunteer.output
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> None:
+    """`horderun --etcd-auth`: the embedded etcd refuses a client without credentials
+    while the job, whose workers hold their own control identities, trains to the end."""
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    job = unique_job("authrun")
+    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="3", TEST_STEP_DELAY="0.1",
+                   TEST_COMMIT_EVERY="4")
+    for name in ("HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD", "HORDE_ETCD_PASSWORD_FILE"):
+        env.pop(name, None)
+    log_path = tmp_path / "horderun.log"
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--etcd-auth",
+             "--job", job, "--coordinator", "none", "--lease-ttl", "2",
+             "--log-level", "INFO", sys.executable, str(SCRIPT)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            url = None
+            while url is None:
+                import re
+
+                found = re.search(r"etcd://127\.0\.0\.1:\d+", log_path.read_text(errors="replace"))
+                url = found.group(0) if found else None
+                assert proc.poll() is None or url, log_path.read_text(errors="replace")
+                assert time.monotonic() < deadline, "no rendezvous URL printed within 90 s"
+                time.sleep(0.1)
+            stranger = backend_from_url(url, credentials=None)
+            with pytest.raises(RendezvousPermissionError):
+                stranger.put(keys.generation, b"{}")
+            code = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    output = log_path.read_text(errors="replace")
+    assert code == 0, output
+    assert "authentication on" in output
+    assert "WITHOUT AUTHENTICATION" not in output
+
+
+def test_horderun_etcd_auth_revokes_a_blacklisted_worker(tmp_path: Path) -> None:
+    """Blacklisting a worker of `horderun --etcd-auth` deletes its etcd user: the password
+    it was given is refused from then on, while the job goes on without it."""
+    import json
+    import re
+
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    job = unique_job("authbl")
+    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="40", TEST_STEP_DELAY="0.1",
+                   TEST_COMMIT_EVERY="4")
+    for name in ("HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD", "HORDE_ETCD_PASSWORD_FILE"):
+        env.pop(name, None)
+    log_path = tmp_path / "horderun.log"
+    keys = JobKeys(DEFAULT_PREFIX, job)
+
+    def output() -> str:
+        return log_path.read_text(errors="replace")
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--min-np", "1",
+             "--max-np", "2", "--etcd-auth", "--job", job, "--coordinator", "none",
+             "--lease-ttl", "2", sys.executable, str(SCRIPT)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            while not (re.search(r"root password in (\S+)\)", output())
+                       and re.search(r"etcd://127\.0\.0\.1:\d+", output())):
+                assert proc.poll() is None, output()
+                assert time.monotonic() < deadline, output()
+                time.sleep(0.1)
+            root_file = Path(re.search(r"root password in (\S+)\)", output()).group(1))
+            url = re.search(r"etcd://127\.0\.0\.1:\d+", output()).group(0)
+            root = _client_url(url, EtcdCredentials("root", root_file.read_text()))
+            while root.get(keys.generation) is None:
+                assert proc.poll() is None and time.monotonic() < deadline, output()
+                time.sleep(0.1)
+            victim = json.loads(root.get_prefix(keys.nodes)[0][-1].value)
+            user = f"horde-control-{job}-{victim['node_id']}"
+            password = (root_file.parent / f"worker-{victim['order']}.password").read_text()
+            _client_url(url, EtcdCredentials(user, password)).get(keys.generation)  # works
+            from rendezvous.agent import blacklist_node
+
+            blacklist_node(root, keys, victim["node_id"], "test eviction", None)
+            while f"revoked the etcd credentials of blacklisted node {victim['node_id']}" \
+                    not in output():
+                assert proc.poll() is None and time.monotonic() < deadline + 30, output()
+                time.sleep(0.1)
+            with pytest.raises(RendezvousPermissionError, match="refused user"):
+                _client_url(url, EtcdCredentials(user, password)).get(keys.generation)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def _client_url(url: str, creds: EtcdCredentials) -> EtcdBackend:
+    backend = backend_from_url(url, credentials=creds)
+    assert isinstance(backend, EtcdBackend)
+    return backend
