@@ -610,6 +610,19 @@ class Launcher:
                 if self._etcd is not None:
                     self._wait_for_joined_workers()
                 return 0
+            if self._etcd is not None and self._joined_workers():
+                # This machine's workers died but the job goes on with workers that
+                # joined it: the etcd, coordinator and relay served here are theirs too.
+                sys.stderr.write(f"horderun: this machine's workers failed (exit codes "
+                                 f"{[w.code for w in self.workers]}); the job goes on with "
+                                 "the workers that joined it\n")
+                self._wait_for_joined_workers()
+                if self._signal is not None:
+                    return 128 + self._signal
+                if self._finished_by_a_member():
+                    return 0
+                sys.stderr.write("horderun: the joined workers left before the job finished\n")
+                return 1
             codes = [w.code for w in self.workers]
             sys.stderr.write(f"horderun: no worker finished successfully (exit codes {codes})\n")
             return 1
@@ -624,6 +637,32 @@ class Launcher:
         except RendezvousError:
             return None
         return records.read_record(kv, records.parse_status) if kv else None
+
+    def _finished_by_a_member(self) -> bool:
+        """Whether the job ended well without this machine's workers: its status says
+        finished, or a member of the last generation left as "finished" (the members can
+        all be gone before the leader writes the status)."""
+        status = self._job_status()
+        if status is not None and status.state != "running":
+            return status.state == "finished"
+        try:
+            generation = self.current_generation()
+            if generation is None or self._backend is None:
+                return False
+            return any(kv is not None and kv.value == b"finished" for kv in (
+                self._backend.get(self.keys.leaving_node(m.node_id))
+                for m in generation.members))
+        except RendezvousError:
+            return False
+
+    def _joined_workers(self) -> int:
+        """How many workers (of any launcher) are registered with the job right now."""
+        assert self._backend is not None
+        try:
+            kvs, _ = self._backend.get_prefix(self.keys.nodes)
+        except RendezvousError:
+            return 0
+        return sum(1 for kv in kvs if registration(kv, self.keys) is not None)
 
     def _wait_for_joined_workers(self) -> None:
         """Keep the embedded etcd up while workers of other launchers still train."""
