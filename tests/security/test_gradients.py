@@ -115,3 +115,32 @@ def test_a_model_gone_nonfinite_under_staleness_stops_the_job_without_strikes(
                                  r"of \S+ without a strike \(non-finite values\)", output))
         assert len(skipped) >= 5, (rank, skipped, output)
     assert "strike 3 of 3" not in output and "blacklisted" not in output, output
+
+
+def test_a_nan_loss_on_one_rank_skips_a_synchronous_top_k_step_on_every_rank(
+        tmp_path: Path) -> None:
+    # Before, the NaN member's payload was left out and the other's half-sized average
+    # applied (no step skipped, nothing counted towards HORDE_MAX_NONFINITE_STEPS).
+    result = run_job(tmp_path, RUNS="attack", STALENESS="0", TOPK="0.05", STEPS="100",
+                     ATTACK_RANK="1", ATTACK="nanloss@50")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    r0, r1 = ranks(tmp_path)
+    attacked = [r["runs"]["attack"] for r in (r0, r1)]
+    assert attacked[0]["params"] == attacked[1]["params"], "ranks' parameters differ"
+    assert all(a["finite"] for a in attacked), "the NaN reached the model"
+    assert [a["stats"]["nonfinite_skipped"] for a in attacked] == [1, 1]
+    # A diverged loss is not hostile: nothing rejected, nobody struck.
+    assert [(a["stats"]["rejected"], a["stats"]["strikes"]) for a in attacked] == [(0, {})] * 2
+    assert output.count("skipped an optimizer step on every rank") == 2, output
+    assert "rejected the gradient of rank" not in output, output
+
+
+def test_a_rank_that_keeps_producing_nan_stops_a_synchronous_top_k_job(tmp_path: Path) -> None:
+    result = run_job(tmp_path, RUNS="attack", STALENESS="0", TOPK="0.05", STEPS="200",
+                     ATTACK_RANK="1", ATTACK="nanloss@50-", HORDE_MAX_NONFINITE_STEPS="5")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "NonFiniteGradientError: the averaged gradient was non-finite (NaN/Inf) in 5 " \
+           "steps in a row" in output, output
+    assert not (tmp_path / "rank0.json").exists()
