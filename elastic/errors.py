@@ -75,6 +75,13 @@ class ObjectNotAllowedError(HordeError, TypeError):
     """
 
 
+class ObjectTooLargeError(HordeError, ValueError):
+    """A peer announced a serialized object larger than `HORDE_MAX_OBJECT_BYTES`; it was
+    refused before anything was allocated. Every rank of the collective raises it (they
+    all saw the same sizes); not a `HorovodInternalError`, so it is not retried.
+    """
+
+
 class NonFiniteGradientError(HordeError, RuntimeError):
     """The aggregated gradient was non-finite (NaN/Inf) in too many consecutive steps or
     rounds (`HORDE_MAX_NONFINITE_STEPS`): the model or the data went bad on every member.

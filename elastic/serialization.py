@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from elastic.errors import ObjectNotAllowedError
+from elastic.errors import ObjectNotAllowedError, ObjectTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -163,3 +163,15 @@ def describe(encode_fn: Callable[[], bytes]) -> tuple[bytes | None, ObjectNotAll
 
 
 __all__ = ["encode", "decode", "describe", "safe_globals", "ObjectNotAllowedError"]
+
+
+def check_sizes(what: str, sizes: Sequence[int], limit: int) -> None:
+    """Refuse announced object sizes (by rank) over `limit` bytes, before any buffer of
+    that size exists: a peer's size is hostile until checked (ObjectTooLargeError)."""
+    over = {rank: n for rank, n in enumerate(sizes) if n > limit}
+    if over:
+        listed = ", ".join(f"rank {rank}: {n} bytes" for rank, n in over.items())
+        raise ObjectTooLargeError(
+            f"{what}: refused an object larger than HORDE_MAX_OBJECT_BYTES={limit} ({listed}); "
+            "nothing was allocated. If this job really sends objects that large, set "
+            "HORDE_MAX_OBJECT_BYTES higher on every worker")

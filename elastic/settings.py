@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_REPORT_SPAN = 16
 DEFAULT_MAX_NONFINITE_STEPS = 100
+DEFAULT_MAX_OBJECT_BYTES = 1 << 30
 DEFAULT_STALL_CHECK_TIME = 60.0
 """Horovod's default; lowered to half the collective timeout, so the warning comes first."""
 
@@ -79,6 +80,11 @@ class WorkerSettings:
     non-finite, each skipped on every member, before the job stops with
     `NonFiniteGradientError` (HORDE_MAX_NONFINITE_STEPS; 0: never skip nor stop, as
     Horovod)."""
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    """The largest serialized object a peer may announce to broadcast_object,
+    allgather_object or the elastic state sync (HORDE_MAX_OBJECT_BYTES, default 1 GiB): a
+    larger announced size is refused before anything is allocated, so a hostile member
+    cannot make its peers allocate 2^40 bytes."""
     robust_aggregation: int = 0
     """F > 0 (HORDE_ROBUST_AGGREGATION, `horderun --robust-aggregation F`): where each
     member's gradient is seen (synchronous top-k, staleness rounds), the F furthest from
@@ -121,6 +127,9 @@ class WorkerSettings:
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"HORDE_MAX_NONFINITE_STEPS={self.max_nonfinite_steps} must be >= 0 "
                              "(0: never skip a non-finite step)")
+        if self.max_object_bytes <= 0:
+            raise ValueError(f"HORDE_MAX_OBJECT_BYTES={self.max_object_bytes} must be > 0 "
+                             f"(bytes; default {DEFAULT_MAX_OBJECT_BYTES})")
         if self.robust_aggregation < 0:
             raise ValueError(f"HORDE_ROBUST_AGGREGATION={self.robust_aggregation} must be >= 0 "
                              "(the number of hostile members to outvote; 0: off)")
@@ -158,6 +167,7 @@ class WorkerSettings:
             max_nonfinite_steps=_integer(env, "HORDE_MAX_NONFINITE_STEPS",
                                          DEFAULT_MAX_NONFINITE_STEPS),
             robust_aggregation=_integer(env, "HORDE_ROBUST_AGGREGATION", 0),
+            max_object_bytes=_integer(env, "HORDE_MAX_OBJECT_BYTES", DEFAULT_MAX_OBJECT_BYTES),
         )
 
 

@@ -10,6 +10,7 @@ decodes in rank order into one dense buffer.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -20,7 +21,13 @@ from elastic.codecs.registry import add_into
 from elastic.codecs.robust import MultiKrum
 from elastic.codecs.stats import RoundStats
 from elastic.codecs.topk import TopKCompressor
-from elastic.codecs.wire import SparsePayload, SparsePayloadError, pack_payloads, unpack_payloads
+from elastic.codecs.wire import (
+    SparsePayload,
+    SparsePayloadError,
+    all_finite,
+    pack_payloads,
+    unpack_payloads,
+)
 from elastic.core import session
 from elastic.core.engine import Kind, ReduceOp, Request
 
@@ -55,10 +62,14 @@ class SyncSparseExchange:
     allreduce on steps that send every buffer dense."""
 
     def __init__(self, layout: GradientLayout, compressor: TopKCompressor,
-                 robust: int | None = None) -> None:
+                 robust: int | None = None, nonfinite_skips: bool = False) -> None:
         """`robust`: F > 0 leaves the F gradients furthest from the others out of every
-        average (`elastic.codecs.robust`); None: HORDE_ROBUST_AGGREGATION's value."""
+        average (`elastic.codecs.robust`); None: HORDE_ROBUST_AGGREGATION's value.
+        `nonfinite_skips`: a member's NaN/Inf values make the whole average NaN (the caller
+        skips that step on every rank, as a dense one) instead of being left out (unless
+        HORDE_MAX_NONFINITE_STEPS=0)."""
         self.layout = layout
+        self.nonfinite_skips = nonfinite_skips
         self.robust = robust
         self._krum: tuple[int, MultiKrum] | None = None  # (generation, its suspicions)
         self.compressor = compressor
@@ -80,7 +91,9 @@ class SyncSparseExchange:
         out, sent, rejected = average_payloads(
             engine, payloads, expected, flat, size, "horde.topk", process_set_id,
             dense_wire=self.compressor.value_dtype if dense else None, out=flat,
-            robust=self._robust(), stats=self.stats)
+            robust=self._robust(), stats=self.stats,
+            # HORDE_MAX_NONFINITE_STEPS=0 never skips: a NaN member is then left out.
+            nonfinite_skips=self.nonfinite_skips and session.settings().max_nonfinite_steps > 0)
         self.layout.scatter(out)
         self.stats.rounds += 1
         self.stats.bytes_sent += sent
@@ -109,7 +122,8 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
                      numels: list[int], like: torch.Tensor, size: int, name: str,
                      process_set_id: int = 0, dense_wire: torch.dtype | None = None,
                      out: torch.Tensor | None = None, robust: MultiKrum | None = None,
-                     stats: RoundStats | None = None) -> tuple[torch.Tensor, int, list[int]]:
+                     stats: RoundStats | None = None, nonfinite_skips: bool = False
+                     ) -> tuple[torch.Tensor, int, list[int]]:
     """The average over ranks of every rank's `payloads` (one per buffer, together
     `like.numel()` values), the bytes this rank sent for it, and the ranks whose
     payloads were rejected (indices out of range or not ascending, NaN/Inf values: left
@@ -124,6 +138,11 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
     `robust`: decode each rank's payloads on its own and average only those multi-Krum
     keeps (`elastic.codecs.robust`; `stats.robust_dropped` counts the others);
     dense steps then travel by allgather too (an allreduce never shows a rank's values).
+
+    `nonfinite_skips`: a well-formed payload with NaN/Inf values (a diverged loss, bad
+    data: not a sign of a hostile member) is not rejected but makes the whole average
+    NaN, so the caller skips the step on every rank and counts it, as a dense step whose
+    allreduce holds NaN; malformed payloads are still rejected.
     """
     if dense_wire is not None and robust is None:
         values = torch.cat([_dense_values(p, dense_wire) for p in payloads])
@@ -141,12 +160,17 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
     for n in numels:
         parts.append(out[offset:offset + n])
         offset += n
-    offset, accepted, rejected = 0, 0, []
+    offset, accepted, rejected, nonfinite = 0, 0, [], []
     separate: list[torch.Tensor] = []  # robust: each accepted rank's gradient on its own
     separate_ranks: list[int] = []
     for rank in range(size):
         received, offset = unpack_payloads(gathered, offset, numels=numels, validate=False)
         try:
+            for payload in received:
+                payload.validate(values=False)
+            if nonfinite_skips and not all(all_finite(p.values) for p in received):
+                nonfinite.append(rank)
+                continue
             for payload in received:
                 payload.validate()
         except SparsePayloadError as exc:
@@ -175,7 +199,14 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
             stats.robust_dropped_ranks.update(
                 r for i, r in enumerate(separate_ranks) if i not in kept)
         accepted = len(kept)
-    return out.div_(max(accepted, 1)), int(message.numel()) * (size - 1), rejected
+    sent = int(message.numel()) * (size - 1)
+    if nonfinite:
+        # Every member sees the same bytes, so every member skips this step.
+        logger.warning("top-k: the gradient of rank(s) %s holds NaN/Inf (a diverged loss or "
+                       "bad data, not counted against them): the step is skipped on every "
+                       "rank", nonfinite)
+        return out.fill_(math.nan), sent, rejected
+    return out.div_(max(accepted, 1)), sent, rejected
 
 
 def _dense_values(payload: SparsePayload, dtype: torch.dtype) -> torch.Tensor:

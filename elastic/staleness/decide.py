@@ -264,8 +264,12 @@ def decide_round(entries: Sequence[Entry], members: Sequence[str], version: int,
         accepted_norms=[n for r, n in sorted(norms.items()) if r not in rejected],
         node_norms={members[r]: n for r, n in sorted(norms.items()) if r not in rejected},
         nonfinite=bool(norms) and not any(map(math.isfinite, norms.values())))
-    shared = decision.nonfinite and len(norms) > 1
-    decision.strikes = [r for r, code in sorted(rejected.items()) if code.strikes and not shared]
+    # Every payload non-finite, a lone one included (the others' came late, or there are
+    # none): nothing finite shows the fault is the sender's rather than the shared
+    # parameters', so nobody is struck (striking a lone sender made a model gone
+    # non-finite blacklist whichever member happened to be alone in a round).
+    decision.strikes = [r for r, code in sorted(rejected.items())
+                        if code.strikes and not decision.nonfinite]
     for rank, entry in enumerate(entries):
         node = members[rank]
         mass = 0.0

@@ -255,6 +255,8 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
         raise refusal or ObjectNotAllowedError(
             f"broadcast_object: rank {root} could not send its object (it is not plain data; "
             f"rank {root}'s error names the type); {serialization.OPT_IN}")
+    serialization.check_sizes("broadcast_object", [0] * root + [int(length[0])],
+                              session.context().settings.max_object_bytes)
     data = (np.frombuffer(blob, np.uint8) if blob is not None
             else np.zeros(int(length[0]), np.uint8))
     (data,) = broadcast_many([(None, data)], root, process_set, name=f"{name}.t")
@@ -275,6 +277,8 @@ def allgather_object(obj: Any, name: str | None = None,
         raise refusal or ObjectNotAllowedError(
             f"allgather_object: rank(s) {refused} could not send their objects (not plain "
             f"data; their errors name the types); {serialization.OPT_IN}")
+    serialization.check_sizes("allgather_object", sizes.tolist(),
+                              session.context().settings.max_object_bytes)
     assert blob is not None
     (data,) = allgather([np.frombuffer(blob, np.uint8)], f"{name}.t", process_set)
     out, offset = [], 0

@@ -36,6 +36,10 @@ def _trusted() -> bool:
     return context().settings.trusted_peers
 
 
+def _max_object_bytes() -> int:
+    return context().settings.max_object_bytes
+
+
 def _encode(obj: Any, safe: Sequence[Any]) -> tuple[torch.Tensor | None,
                                                     ObjectNotAllowedError | None]:
     blob, refusal = serialization.describe(
@@ -83,6 +87,8 @@ def _broadcast_object(obj: Any, root_rank: int, name: str | None, process_set: P
         raise ObjectNotAllowedError(
             f"broadcast_object: rank {root_rank} could not send its object (it is not plain "
             f"data; rank {root_rank}'s error names the type); {serialization.OPT_IN}")
+    serialization.check_sizes("broadcast_object", [0] * root_rank + [size],
+                              _max_object_bytes())
     if payload is None:
         payload = torch.empty(size, dtype=torch.uint8)
     broadcast_(payload, root_rank, name=f"{name}.t", process_set=process_set)
@@ -108,6 +114,7 @@ def allgather_object(obj: Any, name: str | None = None,
         raise ObjectNotAllowedError(
             f"allgather_object: rank(s) {refused} could not send their objects (not plain "
             f"data; their errors name the types); {serialization.OPT_IN}")
+    serialization.check_sizes("allgather_object", sizes, _max_object_bytes())
     assert payload is not None
     gathered = allgather(payload, name=f"{name}.t", process_set=process_set)
     out: list[Any] = []

@@ -174,7 +174,8 @@ class _DistributedOptimizer:
         elif sparse:
             self._exchange = SyncSparseExchange(
                 FlatLayout(all_params, compression.min_sparse_numel),
-                compression.build(momentum_from(self, compression)))
+                compression.build(momentum_from(self, compression)),
+                nonfinite_skips=True)  # step() skips a NaN average on every rank
 
     def _all_params(self) -> list[torch.Tensor]:
         params = self.param_groups  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ rank of which poisons its gradient (tests/security/scripts/gradient_worker.py).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -35,13 +36,18 @@ def ranks(tmp_path: Path) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.skip(reason="flaky under load in the full suite (dense S=1 ended 84.7 vs 90.0, "
-                  "bound 2 points); tracked in the closing note of 2026-12-04")
 @pytest.mark.parametrize("topk", ["0", "0.05"])
 def test_a_scaled_first_gradient_of_two_members_does_not_wreck_the_model(
         tmp_path: Path, topk: str) -> None:
+    # The final accuracy of one stale run swings by several points from run to run (timing
+    # decides which gradients share a round; SGD's last iterate oscillates): clean and
+    # attacked runs of the same data order ranged 83.9-91.9 on 2026-12-04. So each run is
+    # scored by the mean over two data orders of its accuracy at 6 points over the last
+    # quarter of its steps (clean 87.1-88.9, attacked 88.2-89.2 then); a wrecked model
+    # scores about 10.
     result = run_job(tmp_path, RUNS="clean,attack", STALENESS="1", TOPK=topk, STEPS="300",
-                     ATTACK_RANK="1", ATTACK="scale:1e6@0")
+                     ATTACK_RANK="1", ATTACK="scale:1e6@0", DATA_SEED="100,200",
+                     EVAL_TAIL="6")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     honest, hostile = ranks(tmp_path)
@@ -54,9 +60,11 @@ def test_a_scaled_first_gradient_of_two_members_does_not_wreck_the_model(
     assert attacked["accuracy"] >= clean["accuracy"] - 2.0, (clean["accuracy"],
                                                               attacked["accuracy"])
     # The scaled gradient was skipped (no majority to tell whose fault), nobody struck.
-    assert attacked["stats"]["unsettled"] >= 1, attacked["stats"]
+    for order in attacked["orders"]:
+        assert order["stats"]["unsettled"] >= 1, order["stats"]
     for rank in (honest, hostile):
-        assert honest["node"] not in rank["runs"]["attack"]["stats"]["strikes"], rank
+        for order in rank["runs"]["attack"]["orders"]:
+            assert honest["node"] not in order["stats"]["strikes"], rank
     assert f"rejected a contribution of {honest['node']}" not in output
     assert "too many rejected contributions" not in output
     assert f"blacklisted {honest['node']}" not in output
@@ -89,8 +97,6 @@ def test_a_rank_that_keeps_producing_nan_stops_the_job_with_a_clear_error(
     assert not (tmp_path / "rank0.json").exists()
 
 
-@pytest.mark.skip(reason="races in the full suite: one member's NaN rounds are struck before "
-                  "the other's turn NaN; tracked in the closing note of 2026-12-04")
 def test_a_model_gone_nonfinite_under_staleness_stops_the_job_without_strikes(
         tmp_path: Path) -> None:
     result = run_job(tmp_path, RUNS="attack", STALENESS="1", STEPS="200", ATTACK_RANK="-1",
@@ -99,7 +105,42 @@ def test_a_model_gone_nonfinite_under_staleness_stops_the_job_without_strikes(
     assert result.returncode != 0, output
     assert "NonFiniteGradientError: round" in output, output
     assert "every gradient of the last 5 rounds that had any was non-finite" in output
-    # Rounds of nothing but NaN strike nobody (a round mixing one member's last finite
-    # gradient with the other's first NaN one may strike the NaN sender: once or twice).
-    assert output.count("without a strike (non-finite values)") >= 2 * 2 * 5, output
+    # Rounds of nothing but NaN strike nobody, a round where the other member's payload
+    # came late included: each member logged the 5 rounds before the stop as skipped
+    # without a strike (timing decides how many payloads each held). A round mixing one
+    # member's last finite gradient with the other's first NaN one may strike the NaN
+    # sender (once or twice: how far one member runs ahead), never 3 times.
+    for rank in (0, 1):
+        skipped = set(re.findall(rf"\[{rank}\]<stderr>:.*round (\d+): skipped the contribution "
+                                 r"of \S+ without a strike \(non-finite values\)", output))
+        assert len(skipped) >= 5, (rank, skipped, output)
     assert "strike 3 of 3" not in output and "blacklisted" not in output, output
+
+
+def test_a_nan_loss_on_one_rank_skips_a_synchronous_top_k_step_on_every_rank(
+        tmp_path: Path) -> None:
+    # Before, the NaN member's payload was left out and the other's half-sized average
+    # applied (no step skipped, nothing counted towards HORDE_MAX_NONFINITE_STEPS).
+    result = run_job(tmp_path, RUNS="attack", STALENESS="0", TOPK="0.05", STEPS="100",
+                     ATTACK_RANK="1", ATTACK="nanloss@50")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    r0, r1 = ranks(tmp_path)
+    attacked = [r["runs"]["attack"] for r in (r0, r1)]
+    assert attacked[0]["params"] == attacked[1]["params"], "ranks' parameters differ"
+    assert all(a["finite"] for a in attacked), "the NaN reached the model"
+    assert [a["stats"]["nonfinite_skipped"] for a in attacked] == [1, 1]
+    # A diverged loss is not hostile: nothing rejected, nobody struck.
+    assert [(a["stats"]["rejected"], a["stats"]["strikes"]) for a in attacked] == [(0, {})] * 2
+    assert output.count("skipped an optimizer step on every rank") == 2, output
+    assert "rejected the gradient of rank" not in output, output
+
+
+def test_a_rank_that_keeps_producing_nan_stops_a_synchronous_top_k_job(tmp_path: Path) -> None:
+    result = run_job(tmp_path, RUNS="attack", STALENESS="0", TOPK="0.05", STEPS="200",
+                     ATTACK_RANK="1", ATTACK="nanloss@50-", HORDE_MAX_NONFINITE_STEPS="5")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "NonFiniteGradientError: the averaged gradient was non-finite (NaN/Inf) in 5 " \
+           "steps in a row" in output, output
+    assert not (tmp_path / "rank0.json").exists()

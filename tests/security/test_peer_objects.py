@@ -86,6 +86,24 @@ def test_hostile_pickles_run_nothing_on_honest_members(etcd_server: Any, tmp_pat
         assert "rank 0" in refused(results[rank]["state_sync"], "elastic state sync")
 
 
+def test_a_huge_announced_object_is_refused_before_anything_is_allocated(
+        etcd_server: Any, tmp_path: Path) -> None:
+    # The attacker announces 2^40 bytes in broadcast_object's and allgather_object's size
+    # exchange (the elastic state sync is a broadcast_object). Before the cap, the honest
+    # ranks tried to allocate it (torch.empty(2^40)) or waited for bytes never sent.
+    results, output = run_mode(etcd_server.url, tmp_path, "huge", wait_for=[0, 1])
+    attacker = NP - 1
+    for rank in range(NP - 1):
+        got = results[rank]
+        for what in ("broadcast", "allgather"):
+            assert got[what]["raised"] == "ObjectTooLargeError", (what, got[what], output)
+            message = got[what]["message"]
+            assert f"rank {attacker}: {2 ** 40} bytes" in message, message
+            assert "HORDE_MAX_OBJECT_BYTES=1073741824" in message, message
+        assert got["after"] == NP, got
+        assert got["max_rss_bytes"] < 2 ** 31, got["max_rss_bytes"]
+
+
 def test_common_objects_round_trip_between_untrusted_peers(etcd_server: Any, tmp_path: Path
                                                            ) -> None:
     results, output = run_mode(etcd_server.url, tmp_path, "common", wait_for=list(range(NP)))

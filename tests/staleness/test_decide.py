@@ -104,6 +104,14 @@ def test_when_every_payload_is_nonfinite_nobody_is_struck() -> None:
     assert not one.nonfinite and one.strikes == [1]
 
 
+def test_a_lone_nonfinite_payload_is_not_struck() -> None:
+    # The other member's payload missed the round: nothing finite to blame the sender by
+    # (a model gone non-finite would otherwise strike whoever was alone in a round).
+    lone = two([Entry(((32, 0),), norm=math.nan), Entry()])
+    assert lone.nonfinite and lone.rejected == {0: Refusal.NONFINITE} and lone.strikes == []
+    assert lone.adds == []
+
+
 def test_malformed_and_undecodable_messages_are_rejected_with_their_own_codes() -> None:
     d = decide([Entry(malformed="the header is list, not an object"),
                 Entry(((8, 5),), norm=math.nan), Entry(((8, 5),), norm=1.0)], recent=[1.0])

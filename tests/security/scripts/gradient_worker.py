@@ -6,9 +6,13 @@ fresh rounds: its first step is the first round of a stream, as at a new generat
 run as ATTACK says: `scale:F@STEP` multiplies it by F at STEP (`@STEP-`: and every later
 step; F=-1 flips its sign), `nanloss@STEP` makes its
 loss NaN at STEP, `nanloss@STEP-` at STEP and every later step. STALENESS, TOPK (a
-density, 0: dense), STEPS, DATA_SEED (which minibatches each rank draws). Writes
-$OUT/rank<r>.json: the node id and per run the test accuracy, a parameter hash, whether
-the parameters are finite and the optimizer's stats.
+density, 0: dense), STEPS, DATA_SEED (which minibatches each rank draws; a list such as
+`100,200` trains each run once per data order). EVAL_TAIL=N scores a run by the mean test
+accuracy at N points over the last quarter of its steps instead of at its end only (SGD's
+final iterate swings by several points from run to run). Writes $OUT/rank<r>.json: the
+node id and per run the test accuracy (mean over data orders), a parameter hash, whether
+the parameters are finite and the optimizer's stats (of the first data order), and per
+data order (`orders`) the same.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ ATTACK_RANK = int(os.environ.get("ATTACK_RANK", "1"))
 KIND, _, WHEN = os.environ.get("ATTACK", "scale:1e6@0").partition("@")
 FROM = int(WHEN.rstrip("-"))
 ONWARD = WHEN.endswith("-")
-DATA_SEED = int(os.environ.get("DATA_SEED", "100"))
+DATA_SEEDS = [int(s) for s in os.environ.get("DATA_SEED", "100").split(",")]
+EVAL_TAIL = int(os.environ.get("EVAL_TAIL", "1"))
 BATCH = 32
 
 
@@ -42,7 +47,12 @@ def poisoned(step: int) -> bool:
     return (ATTACK_RANK in (-1, hvd.rank())) and (step == FROM or (ONWARD and step > FROM))
 
 
-def train(attack: bool, x_train: torch.Tensor, y_train: torch.Tensor,
+def accuracy_of(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x_test).argmax(1) == y_test).float().mean()) * 100
+
+
+def train(attack: bool, seed: int, x_train: torch.Tensor, y_train: torch.Tensor,
           x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
     from digits_data import make_model
 
@@ -52,7 +62,12 @@ def train(attack: bool, x_train: torch.Tensor, y_train: torch.Tensor,
     optimizer = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
         compression=compression, staleness=STALENESS)
-    gen = torch.Generator().manual_seed(DATA_SEED + hvd.rank())
+    gen = torch.Generator().manual_seed(seed + hvd.rank())
+    # Steps after which the model is scored: the last one, and with EVAL_TAIL > 1 evenly
+    # spaced points over the last quarter.
+    span = STEPS // 4
+    scored = {STEPS - 1 - (i * span) // max(EVAL_TAIL - 1, 1) for i in range(EVAL_TAIL)}
+    scores = []
     for step in range(STEPS):
         i = torch.randint(0, len(y_train), (BATCH,), generator=gen)
         optimizer.zero_grad()
@@ -65,10 +80,12 @@ def train(attack: bool, x_train: torch.Tensor, y_train: torch.Tensor,
                 for p in model.parameters():
                     p.grad.mul_(float(KIND.split(":")[1]))
         optimizer.step(samples=BATCH)
+        if step in scored and step != STEPS - 1:
+            scores.append(accuracy_of(model, x_test, y_test))
     if STALENESS:
         optimizer.finish()
-    with torch.no_grad():
-        accuracy = float((model(x_test).argmax(1) == y_test).float().mean()) * 100
+    scores.append(accuracy_of(model, x_test, y_test))
+    accuracy = sum(scores) / len(scores)
     digest = hashlib.sha256()
     for p in model.parameters():
         digest.update(p.detach().numpy().tobytes())
@@ -83,8 +100,16 @@ def main() -> None:
     torch.set_num_threads(1)
     hvd.init()
     train_set, test_set = digits_datasets()
-    results = {run: train(run == "attack", *train_set.tensors, *test_set.tensors)
-               for run in RUNS}
+    results = {}
+    for run in RUNS:
+        orders = [train(run == "attack", seed, *train_set.tensors, *test_set.tensors)
+                  for seed in DATA_SEEDS]
+        results[run] = {
+            "accuracy": sum(o["accuracy"] for o in orders) / len(orders),
+            "params": hashlib.sha256("".join(o["params"] for o in orders).encode()).hexdigest()
+            if len(orders) > 1 else orders[0]["params"],
+            "finite": all(o["finite"] for o in orders), "stats": orders[0]["stats"],
+            "orders": orders}
     with open(os.path.join(os.environ["OUT"], f"rank{hvd.rank()}.json"), "w") as f:
         json.dump({"node": runtime.runtime().node_id, "runs": results}, f)
 

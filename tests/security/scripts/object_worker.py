@@ -5,7 +5,8 @@ Each scenario runs on every rank in the same order, so the collectives pair up. 
 ranks record what they saw; the test checks that no marker file exists and that every
 honest rank refused with a clear error. Results go to $OUT/rank<r>.json.
 
-Environment: OUT (results folder), HORDE_TEST_MODE (`attack`, `common` or `trusted`).
+Environment: OUT (results folder), HORDE_TEST_MODE (`attack`, `common`, `trusted` or
+`huge`: the attacker announces a 2^40-byte object).
 """
 
 from __future__ import annotations
@@ -119,6 +120,30 @@ def attack(rank: int, size: int) -> dict[str, Any]:
     os._exit(0)  # no shutdown barrier: the hostile rank is not in step any more
 
 
+def huge(rank: int, size: int) -> dict[str, Any]:
+    """The attacker announces 2^40 bytes where an object's size is exchanged (a client
+    modified to skip broadcast_object's own encoding) and sends nothing after it."""
+    import resource
+
+    results: dict[str, Any] = {}
+    attacker = size - 1
+    announced = torch.tensor([2 ** 40], dtype=torch.int64)
+    if rank == attacker:
+        functions.broadcast_(announced, attacker, name="huge_broadcast.sz")
+    else:
+        results["broadcast"] = outcome(lambda: hvd.broadcast_object(None, root_rank=attacker,
+                                                                    name="huge_broadcast"))
+    if rank == attacker:
+        functions.allgather(announced, name="huge_allgather.sz")
+    else:
+        results["allgather"] = outcome(lambda: hvd.allgather_object({"rank": rank},
+                                                                    name="huge_allgather"))
+    # the job goes on: collectives still line up after the refusals
+    results["after"] = float(hvd.allreduce(torch.ones(1), op=hvd.Sum, name="after").item())
+    results["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return results
+
+
 def common(rank: int, size: int) -> dict[str, Any]:
     """What scripts really broadcast travels intact, with peers untrusted."""
     torch.manual_seed(rank)
@@ -167,7 +192,8 @@ def write(rank: int, result: dict[str, Any]) -> None:
 def main() -> int:
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
-    result = {"attack": attack, "common": common, "trusted": trusted}[MODE](rank, size)
+    result = {"attack": attack, "common": common, "trusted": trusted,
+              "huge": huge}[MODE](rank, size)
     write(rank, result)
     hvd.barrier()
     hvd.shutdown()
