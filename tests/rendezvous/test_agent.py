@@ -23,8 +23,8 @@ from rendezvous import (
     RendezvousBackend,
     RendezvousClosedError,
     RendezvousTimeoutError,
+    records,
 )
-from rendezvous import records
 from rendezvous.agent import ControlState, NodeAgent, blacklist_node, read_control
 from rendezvous.generation import BlacklistEntry, Generation, JobStatus, NodeInfo
 from rendezvous.keys import JobKeys
