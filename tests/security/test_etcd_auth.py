@@ -391,7 +391,8 @@ def test_horderun_etcd_auth_volunteer_with_only_its_own_keys_trains_to_the_end(
         owner = subprocess.Popen(
             [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--min-np", "2",
              "--max-np", "3", "--etcd-auth", "--job", job, "--coordinator", "none",
-             "--lease-ttl", "2", sys.executable, str(SCRIPT)],
+             "--lease-ttl", "30", "--collective-timeout", "4", "--reset-timeout", "10",
+             sys.executable, str(SCRIPT)],
             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         joiner: subprocess.Popen[bytes] | None = None
         try:
@@ -421,6 +422,19 @@ def test_horderun_etcd_auth_volunteer_with_only_its_own_keys_trains_to_the_end(
                         keys.blacklisted("volunteer-0"), keys.ready_node("worker-0")):
                 with pytest.raises(RendezvousPermissionError, match="permission denied"):
                     volunteer.put(key, b'{"generation": 0}')
+            # Once the volunteer trains, one of the owner's workers hangs past the collective
+            # timeout (its lease outlives the hang): the collective fails with every member
+            # alive, so each, the volunteer among them, must say it is ready again (the
+            # volunteer only through its own key) or be dropped as unresponsive.
+            while not any(r["node"] == "volunteer-0" and r["event"] == "commit"
+                          for r in _records(out)):
+                assert joiner.poll() is None and owner.poll() is None, output()
+                assert time.monotonic() < deadline + 90, output()
+                time.sleep(0.1)
+            victim = next(r for r in _records(out) if r["node"] != "volunteer-0")
+            os.kill(int(victim["pid"]), signal.SIGSTOP)  # type: ignore[call-overload]
+            time.sleep(6)
+            os.kill(int(victim["pid"]), signal.SIGCONT)  # type: ignore[call-overload]
             joined = joiner.wait(180)
             code = owner.wait(120)
         finally:
@@ -432,5 +446,7 @@ def test_horderun_etcd_auth_volunteer_with_only_its_own_keys_trains_to_the_end(
     assert joined == 0 and code == 0, logs
     done = {r["node"]: r["params"] for r in _records(out) if r["event"] == "done"}
     assert "volunteer-0" in done and len(done) == 3, (done, logs)
+    assert "reset of generation" in logs and "collective failure reported" in logs, logs
+    assert "unresponsive" not in logs, logs
     assert len(set(done.values())) == 1, (done, logs)
     assert creds.password not in logs
