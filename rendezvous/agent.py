@@ -221,15 +221,16 @@ class NodeAgent:
         with self._cond:
             self._listeners.append(listener)
 
-    def mark_ready(self, generation: int) -> None:
-        """Say that this node is ready for the generation after `generation`."""
-        self.backend.put(self.keys.ready_node(generation, self.node_id), b"1", lease=self._lease)
+    def mark_ready(self, generation: int, reset: bool = False) -> None:
+        """Say that this node is ready for the generation after `generation` (`reset`: and
+        that its collective failed). Written to this node's own key, so a volunteer's etcd
+        role (its own keys only) suffices; the leader announces the reset to everyone."""
+        record = json.dumps({"generation": generation, "reset": reset}).encode()
+        self.backend.put(self.keys.ready_node(self.node_id), record, lease=self._lease)
 
     def request_reset(self, generation: int) -> None:
         """Report that the collective of `generation` failed and this node is ready again."""
-        self.mark_ready(generation)
-        self.backend.put(self.keys.reset, json.dumps({"generation": generation,
-                                                      "by": self.node_id}).encode())
+        self.mark_ready(generation, reset=True)
 
     def publish_activity(self, value: bytes | None) -> None:
         """Write (None: delete) this node's activity record, bound to its lease."""
@@ -452,6 +453,7 @@ class NodeAgent:
         leaving: dict[str, str] = {}
         gen = control.generation
         ready: set[str] = set()
+        reset_by: str | None = None
         gen_mod_revision = 0
         generation_unreadable = False
         for kv in kvs:
@@ -472,10 +474,14 @@ class NodeAgent:
                 why = records.read_record(kv, lambda d: records.parse_text(d, "leaving reason"))
                 if node_id is not None and why is not None:
                     leaving[node_id] = why
-            elif gen is not None and kv.key.startswith(keys.ready_for(gen.id)):
-                node_id = records.node_id_of(kv.key, keys.ready_for(gen.id))
-                if node_id is not None:
+            elif gen is not None and kv.key.startswith(keys.ready):
+                node_id = records.node_id_of(kv.key, keys.ready)
+                marker = records.read_record(kv, records.parse_ready)
+                # A marker of an earlier generation is stale (it stays until its lease ends).
+                if node_id is not None and marker is not None and marker[0] == gen.id:
                     ready.add(node_id)
+                    if marker[1] and gen.rank_of(node_id) is not None:
+                        reset_by = reset_by or node_id
             elif kv.key == keys.generation:
                 gen_mod_revision = kv.mod_revision
                 generation_unreadable = gen is None
@@ -484,6 +490,13 @@ class NodeAgent:
             # publishing generation 0 over it would send the members backwards. Wait
             # (logged once by parse_control) until a valid generation is written.
             return None
+        if gen is not None and reset_by is not None and control.reset_of != gen.id:
+            # A member reported a failed collective: tell every member (they watch only
+            # `control/`, which only trusted identities may write).
+            self.backend.put(keys.reset, json.dumps({"generation": gen.id,
+                                                     "by": reset_by}).encode())
+            logger.info("job %s: reset of generation %d requested by %s", keys.job, gen.id,
+                        reset_by)
         for node_id in list(first_seen):
             if node_id not in nodes:
                 del first_seen[node_id]
@@ -514,8 +527,6 @@ class NodeAgent:
             if self.backend.compare_and_swap(keys.generation, gen_mod_revision, new.to_json()):
                 logger.info("job %s: generation %d published by %s: %d members (%s)",
                             keys.job, new.id, self.node_id, new.size, decision.reason)
-                if gen is not None:
-                    self.backend.delete_prefix(keys.ready_for(gen.id))
                 if gen is None:
                     self.backend.put(keys.status, JobStatus("running").to_json())
             return None

@@ -9,8 +9,9 @@ carries. Horde uses three kinds of identity per job:
   the launcher, the coordinator and nodes the owner marks trusted.
 - one user per node (`horde-node-<job>-<node>`, its own role): reads the job prefix
   and writes only that node's own keys (registration, activity, leaving flag, its
-  readiness under each generation). Generation, leader, status, config and blacklist
-  stay out of its reach, and so do other nodes' keys.
+  readiness marker `ready/<node>`, which also carries its reset requests). Generation,
+  leader, status, reset, config and blacklist stay out of its reach, and so do other
+  nodes' keys; the trusted leader announces a reset a member asked for.
 
 Revoking a node deletes its user and its role; etcd refuses its token from then on.
 Credentials travel as `EtcdCredentials`, read from HORDE_ETCD_USER and
@@ -189,17 +190,11 @@ class EtcdAuthAdmin:
         keys = self.keys
         self._grant(user, keys.root, "READ", prefix=True)
         for key in (keys.node(node_id), keys.activity_node(node_id),
-                    keys.leaving_node(node_id)):
+                    keys.leaving_node(node_id), keys.ready_node(node_id)):
             self._grant(user, key, "READWRITE", prefix=False)
         creds = EtcdCredentials(user, new_password())
         self._add_user(creds, user)
         return creds
-
-    def grant_ready(self, node_id: str, generation: int) -> None:
-        """Let `node_id` write its readiness under `generation` (the leader calls this when
-        it publishes a generation: readiness keys live under the generation number)."""
-        self._grant(self.node_user(node_id), self.keys.ready_node(generation, node_id),
-                    "READWRITE", prefix=False)
 
     def _add_user(self, creds: EtcdCredentials, role: str) -> None:
         self._call("auth_user_add", "/auth/user/add",

@@ -38,6 +38,7 @@ class JobKeys:
 
     @property
     def reset(self) -> str:
+        """The reset of a generation, announced by the leader (nodes ask under `ready/`)."""
         return self.control + "reset"
 
     @property
@@ -52,11 +53,10 @@ class JobKeys:
     def ready(self) -> str:
         return self.root + "ready/"
 
-    def ready_for(self, generation: int) -> str:
-        return f"{self.ready}{generation}/"
-
-    def ready_node(self, generation: int, node_id: str) -> str:
-        return f"{self.ready_for(generation)}{node_id}"
+    def ready_node(self, node_id: str) -> str:
+        """One key per node, holding the generation it is ready after (`ReadyWire`): a
+        node's etcd role can grant exactly this key, whatever the generation."""
+        return self.ready + node_id
 
     @property
     def blacklist(self) -> str:

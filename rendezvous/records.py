@@ -132,6 +132,14 @@ class ResetWire(_Wire):
     by: Annotated[str, Field(max_length=256)] = ""
 
 
+class ReadyWire(_Wire):
+    """A node's readiness (`ready/<node>`): ready for the generation after `generation`;
+    `reset`: the collective of that generation failed and the leader should say so."""
+
+    generation: Annotated[int, Field(ge=0, le=MAX_GENERATION)]
+    reset: bool = False
+
+
 class JobConfigWire(_Wire):
     """The job's settings as the launcher that started it published them (`config`)."""
 
@@ -208,6 +216,12 @@ def parse_status(data: bytes) -> Any:
 def parse_reset(data: bytes) -> int:
     """The generation a reset request (`control/reset`) is about."""
     return _validate(ResetWire, data, "reset request").generation
+
+
+def parse_ready(data: bytes) -> tuple[int, bool]:
+    """A node's readiness marker (`ready/<node>`): (generation, reset requested)."""
+    wire = _validate(ReadyWire, data, "readiness marker")
+    return wire.generation, wire.reset
 
 
 def parse_job_config(data: bytes) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from rendezvous import (
     RendezvousBackend,
     RendezvousClosedError,
     RendezvousTimeoutError,
+    records,
 )
 from rendezvous.agent import ControlState, NodeAgent, blacklist_node, read_control
 from rendezvous.generation import BlacklistEntry, Generation, JobStatus, NodeInfo
@@ -318,6 +319,25 @@ def test_stale_leader_cannot_overwrite_a_newer_generation(make_job: Callable[...
 
 
 @pytest.mark.timeout(60)
+def test_reset_asked_by_a_non_member_or_for_an_old_generation_is_not_announced(
+        make_job: Callable[..., Job]) -> None:
+    job = make_job(target_np=2)
+    job.agents_for(2)
+    first = job.wait_generation(0)
+    lease = job.observer.grant_lease(30)
+    marker = b'{"generation": 0, "reset": true}'
+    job.observer.put(job.keys.ready_node("stranger"), marker, lease=lease)
+    job.observer.put(job.keys.ready_node(first.node_ids[0]), b'{"generation": 7, '
+                     b'"reset": true}', lease=lease)
+    time.sleep(1.0)
+    assert job.control().reset_of == -1
+    assert job.generation() == first
+    # the same marker from a member is announced
+    job.observer.put(job.keys.ready_node(first.node_ids[1]), marker, lease=lease)
+    job.wait_for("the reset announced", lambda c: c.reset_of == 0)
+
+
+@pytest.mark.timeout(60)
 def test_request_reset_by_every_member_republishes_the_same_members(
         make_job: Callable[..., Job]) -> None:
     job = make_job(target_np=3)
@@ -330,9 +350,11 @@ def test_request_reset_by_every_member_republishes_the_same_members(
     assert gen.node_ids == first.node_ids
     assert gen.reason == "collective failure reported"
     assert job.control().reset_of == 0
-    # The ready markers of the old generation are cleared by the leader.
-    job.wait_for("ready markers cleared",
-                 lambda c: not job.observer.get_prefix(job.keys.ready_for(0))[0])
+    # The reset was asked for in each node's own marker; the leader announced it.
+    for agent in job.agents:
+        marker = job.observer.get(job.keys.ready_node(agent.node_id))
+        assert marker is not None
+        assert records.parse_ready(marker.value) == (0, True)
     time.sleep(0.5)
     assert job.generation() == gen
 

@@ -57,6 +57,8 @@ def test_valid_records_round_trip() -> None:
         assert BlacklistEntry.from_json(entry.to_json()) == entry
     assert JobStatus.from_json(JobStatus("failed", "m").to_json()) == JobStatus("failed", "m")
     assert records.parse_reset(b'{"generation": 4, "by": "n0"}') == 4
+    assert records.parse_ready(b'{"generation": 4, "reset": true}') == (4, True)
+    assert records.parse_ready(b'{"generation": 0}') == (0, False)
 
 
 @pytest.mark.parametrize("value, problem", [
@@ -121,6 +123,10 @@ def test_bad_generations_are_refused(value: bytes, problem: str) -> None:
     (records.parse_reset, b'{"generation": "1"}'),
     (records.parse_reset, b'{"generation": 1e400}'),
     (records.parse_reset, b"not json"),
+    (records.parse_ready, b"1"),
+    (records.parse_ready, b'{"generation": -1}'),
+    (records.parse_ready, b'{"generation": 3, "reset": 1}'),
+    (records.parse_ready, b'{"reset": true}'),
     (records.parse_job_config, b'{"rendezvous": {"LD_PRELOAD": "x"}, '
                                b'"HORDE_COLLECTIVE_TIMEOUT": "30"}'),
     (records.parse_job_config, b'{"rendezvous": {"HORDE_JOB": "a\\nb"}, '

@@ -142,7 +142,8 @@ def test_malformed_values_are_logged_and_ignored_while_training(
             keys.blacklisted(gen["members"][-1]["node_id"]): json.dumps(
                 {"node_id": 7, "reason": [], "until": "soon"}).encode(),
             keys.leaving_node("evil-leave"): b"\xff\xfe",
-            keys.ready_node(gen["id"], "evil/ready"): b"1",
+            keys.ready + "evil/ready": b"1",
+            keys.ready_node("evil-ready"): b'{"generation": "1", "reset": true}',
             keys.reset: b"not json",
             keys.status: b'{"state": "exploded"}',
             keys.activity_node("evil-act"): b'{"rank": Infinity}',
@@ -167,7 +168,7 @@ def test_malformed_values_are_logged_and_ignored_while_training(
     for name in ("nodes/evil-notjson", "nodes/evil-list", "nodes/evil-types",
                  "nodes/evil-port", "nodes/evil-addr", "nodes/evil-huge", "nodes/evil-utf8",
                  "blacklist/evil-bl", "control/reset", "control/status",
-                 "nodes/evil-\\xff", "control/leader"):
+                 "nodes/evil-\\xff", "control/leader", "ready/evil-ready"):
         assert f"ignoring etcd key /{DEFAULT_PREFIX}/{job.job}/{name} " in output, (name, output)
     params = final_params(job)
     assert params == clean_params, f"parameters differ from the untouched run\n{output}"

@@ -350,3 +350,103 @@ def _client_url(url: str, creds: EtcdCredentials) -> EtcdBackend:
     backend = backend_from_url(url, credentials=creds)
     assert isinstance(backend, EtcdBackend)
     return backend
+
+
+def _records(folder: Path) -> list[dict[str, object]]:
+    import json
+
+    lines: list[dict[str, object]] = []
+    for path in sorted(folder.glob("*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines() if line]
+    return lines
+
+
+def test_horderun_etcd_auth_volunteer_with_only_its_own_keys_trains_to_the_end(
+        tmp_path: Path) -> None:
+    """A volunteer whose etcd user may write only its own keys joins `horderun --etcd-auth`
+    (`horderun --join`), takes part in the generations after it (its readiness and reset
+    requests go to its own key `ready/<node>`) and ends with the same parameters as the
+    owner's workers; etcd still refuses its writes of the generation, leader, status,
+    reset and blacklist."""
+    import re
+
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    job = unique_job("authvol")
+    out = tmp_path / "records"
+    out.mkdir()
+    env = repo_env(HORDE_TEST_OUT=str(out), TEST_EPOCHS="12", TEST_STEP_DELAY="0.1",
+                   TEST_COMMIT_EVERY="4")
+    for name in ("HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD", "HORDE_ETCD_PASSWORD_FILE"):
+        env.pop(name, None)
+    log_path, join_log_path = tmp_path / "horderun.log", tmp_path / "join.log"
+    keys = JobKeys(DEFAULT_PREFIX, job)
+
+    def output() -> str:
+        return log_path.read_text(errors="replace")
+
+    with open(log_path, "wb") as log, open(join_log_path, "wb") as join_log:
+        owner = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--min-np", "2",
+             "--max-np", "3", "--etcd-auth", "--job", job, "--coordinator", "none",
+             "--lease-ttl", "30", "--collective-timeout", "4", "--reset-timeout", "10",
+             sys.executable, str(SCRIPT)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        joiner: subprocess.Popen[bytes] | None = None
+        try:
+            deadline = time.monotonic() + 90
+            while not (re.search(r"root password in (\S+)\)", output())
+                       and re.search(r"etcd://127\.0\.0\.1:\d+", output())):
+                assert owner.poll() is None, output()
+                assert time.monotonic() < deadline, output()
+                time.sleep(0.1)
+            root_file = Path(re.search(r"root password in (\S+)\)", output()).group(1))
+            url = re.search(r"etcd://127\.0\.0\.1:\d+", output()).group(0)
+            root = _client_url(url, EtcdCredentials("root", root_file.read_text()))
+            while root.get(keys.generation) is None:
+                assert owner.poll() is None and time.monotonic() < deadline, output()
+                time.sleep(0.1)
+            # The owner issues the volunteer a per-node identity (its own keys only).
+            creds = EtcdAuthAdmin(root, keys).issue_node("volunteer-0")
+            join_env = {**env, **creds.to_env(password_file=tmp_path / "volunteer.password")}
+            joiner = subprocess.Popen(
+                [sys.executable, "-m", "elastic.launcher.cli", "--join", "--rendezvous", url,
+                 "--job", job, "--coordinator", "none", "--node-id-prefix", "volunteer",
+                 "-np", "1", sys.executable, str(SCRIPT)],
+                env=join_env, cwd=REPO, stdout=join_log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+            volunteer = _client_url(url, creds)
+            for key in (keys.generation, keys.leader, keys.status, keys.reset,
+                        keys.blacklisted("volunteer-0"), keys.ready_node("worker-0")):
+                with pytest.raises(RendezvousPermissionError, match="permission denied"):
+                    volunteer.put(key, b'{"generation": 0}')
+            # Once the volunteer trains, one of the owner's workers hangs past the collective
+            # timeout (its lease outlives the hang): the collective fails with every member
+            # alive, so each, the volunteer among them, must say it is ready again (the
+            # volunteer only through its own key) or be dropped as unresponsive.
+            while not any(r["node"] == "volunteer-0" and r["event"] == "commit"
+                          for r in _records(out)):
+                assert joiner.poll() is None and owner.poll() is None, output()
+                assert time.monotonic() < deadline + 90, output()
+                time.sleep(0.1)
+            victim = next(r for r in _records(out) if r["node"] != "volunteer-0")
+            os.kill(int(victim["pid"]), signal.SIGSTOP)  # type: ignore[call-overload]
+            time.sleep(6)
+            os.kill(int(victim["pid"]), signal.SIGCONT)  # type: ignore[call-overload]
+            joined = joiner.wait(180)
+            code = owner.wait(120)
+        finally:
+            for proc in (owner, joiner):
+                if proc is not None and proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+    logs = output() + "\n--- join:\n" + join_log_path.read_text(errors="replace")
+    assert joined == 0 and code == 0, logs
+    done = {r["node"]: r["params"] for r in _records(out) if r["event"] == "done"}
+    assert "volunteer-0" in done and len(done) == 3, (done, logs)
+    assert "reset of generation" in logs and "collective failure reported" in logs, logs
+    assert "unresponsive" not in logs, logs
+    assert len(set(done.values())) == 1, (done, logs)
+    assert creds.password not in logs

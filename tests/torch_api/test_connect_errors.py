@@ -126,8 +126,8 @@ def test_peers_that_never_arrive_are_named(etcd_server: Any, tmp_path: Path) -> 
             f"generation 0 of job {job}: peers that never reached the store within 3 s: "
             "rank 1 (node ghost, address 192.0.2.7)") in error, error
     # the failure was reported to the leader, and the wait for a next one is the cause
-    reset = leader.backend.get(leader.keys.reset)
-    assert reset is not None and json.loads(reset.value) == {"generation": 0, "by": "w0"}
+    marker = leader.backend.get(leader.keys.ready_node("w0"))
+    assert marker is not None and json.loads(marker.value) == {"generation": 0, "reset": True}
     assert "RendezvousTimeoutError: node w0 was not admitted" in output, output
 
 
@@ -194,7 +194,11 @@ def test_a_node_outside_collectives_answers_a_reset_as_ready(etcd_server: Any,
     def reset_answered(generation: int) -> None:
         leader.backend.put(leader.keys.reset, json.dumps(
             {"generation": generation, "by": "ghost"}).encode())
-        until(lambda: leader.backend.get(leader.keys.ready_node(generation, "w0")) is not None,
+        def ready_after() -> int | None:
+            kv = leader.backend.get(leader.keys.ready_node("w0"))
+            return None if kv is None else json.loads(kv.value)["generation"]
+
+        until(lambda: ready_after() == generation,
               f"w0 ready after the reset of generation {generation}")
 
     try:
