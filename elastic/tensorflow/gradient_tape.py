@@ -10,6 +10,7 @@ exchange with error feedback instead (the same code as the PyTorch optimizer's).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -249,4 +250,36 @@ def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "",  
     return _DistributedGradientTape(gradtape, reducer)
 
 
-__all__ = ["DistributedGradientTape", "GradientReducer", "NonFiniteGuard"]
+_tape_guards: weakref.WeakKeyDictionary[Any, NonFiniteGuard] = weakref.WeakKeyDictionary()
+
+
+def apply_gradients_if_finite(optimizer: Any, grads_and_vars: Any,
+                              process_set: ProcessSet = core.global_process_set) -> Any:
+    """`optimizer.apply_gradients(grads_and_vars)` unless a gradient (reduced by
+    `DistributedGradientTape`, so the same on every rank) holds NaN/Inf: then the step is
+    skipped on every rank; NonFiniteGradientError after HORDE_MAX_NONFINITE_STEPS in a row.
+    Returns whether it applied (a bool tensor inside tf.function)."""
+    pairs = list(grads_and_vars)
+    grads = [g for g, _ in pairs]
+    variables = [v for _, v in pairs]
+    guard = _tape_guards.get(optimizer)
+    if guard is None:
+        guard = _tape_guards[optimizer] = NonFiniteGuard(process_set)
+    ok = guard.should_apply(grads, variables)
+    if isinstance(ok, bool):
+        if ok:
+            optimizer.apply_gradients(pairs)
+        return ok
+    if not getattr(optimizer, "built", True):
+        with tf.init_scope():  # the optimizer's variables are not made inside a branch
+            optimizer.build(variables)
+
+    def apply() -> tf.Tensor:
+        optimizer.apply_gradients(pairs)
+        return tf.constant(True)
+
+    return tf.cond(ok, apply, lambda: tf.constant(False))
+
+
+__all__ = ["DistributedGradientTape", "GradientReducer", "NonFiniteGuard",
+           "apply_gradients_if_finite"]

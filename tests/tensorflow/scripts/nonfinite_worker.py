@@ -3,7 +3,9 @@
 Each rank trains a small Keras model with `hvd.DistributedOptimizer` via `model.fit` on
 its own data; rank NAN_RANK's batches NAN_BATCHES ("3": batch 3; "3-": 3 and every later
 one) hold a NaN input, so that rank's loss and gradient are NaN there. MODES lists the
-runs ("graph": tf.function, "eager": run_eagerly=True). Writes $OUT/rank<r>.json.
+runs ("graph": tf.function, "eager": run_eagerly=True; "tape": a tf.function loop with
+`hvd.DistributedGradientTape` and `hvd.apply_gradients_if_finite`). Writes
+$OUT/rank<r>.json.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 import elastic.tensorflow.keras as hvd  # noqa: E402
 
@@ -41,10 +44,25 @@ def train(mode: str) -> dict:
     if hvd.rank() == int(os.environ.get("NAN_RANK", "1")):
         for b in nan_batches():
             x[b * BATCH, 0] = np.nan
-    optimizer = hvd.DistributedOptimizer(keras.optimizers.SGD(0.05))
-    model.compile(optimizer=optimizer, loss="mse", run_eagerly=mode == "eager",
-                  jit_compile=False)
-    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    if mode == "tape":
+        optimizer = keras.optimizers.SGD(0.05)
+
+        @tf.function
+        def step(xb: tf.Tensor, yb: tf.Tensor) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((model(xb) - yb) ** 2)
+            tape = hvd.DistributedGradientTape(tape)
+            grads = tape.gradient(loss, model.trainable_variables)
+            return hvd.apply_gradients_if_finite(optimizer,
+                                                 zip(grads, model.trainable_variables))
+
+        for b in range(BATCHES):
+            step(x[b * BATCH:(b + 1) * BATCH], y[b * BATCH:(b + 1) * BATCH])
+    else:
+        optimizer = hvd.DistributedOptimizer(keras.optimizers.SGD(0.05))
+        model.compile(optimizer=optimizer, loss="mse", run_eagerly=mode == "eager",
+                      jit_compile=False)
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     weights = [w.tolist() for w in model.get_weights()]
     return {"weights": weights,
             "finite": bool(all(np.isfinite(w).all() for w in model.get_weights())),
