@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from elastic.errors import NonFiniteGradientError
 from elastic.tensorflow import _core_bridge as core
 from elastic.tensorflow._core_bridge import ProcessSet, ReduceOp, TopKCompression
 from elastic.tensorflow.compression import Compression, Compressor
@@ -161,12 +160,12 @@ class NonFiniteGuard:
 
     def enabled(self) -> bool:
         """Whether steps are checked (HORDE_MAX_NONFINITE_STEPS > 0, on a member of the set)."""
-        return core.session.settings().max_nonfinite_steps > 0 and self.process_set.included()
+        return core.max_nonfinite_steps() > 0 and self.process_set.included()
 
     def decide(self, finite: Sequence[bool], names: Sequence[str]) -> bool:
         """Whether to apply the step, given each reduced gradient's finiteness; counts
         skips, warns, and raises NonFiniteGradientError at the limit."""
-        limit = core.session.settings().max_nonfinite_steps
+        limit = core.max_nonfinite_steps()
         bad = next((i for i, ok in enumerate(finite) if not bool(ok)), None)
         if bad is None:
             self.run = 0
@@ -175,7 +174,7 @@ class NonFiniteGuard:
         self.skipped += 1
         name = names[bad] if bad < len(names) else "a variable"
         if self.run >= limit:
-            raise NonFiniteGradientError(
+            raise core.NonFiniteGradientError(
                 f"the averaged gradient was non-finite (NaN/Inf) in {self.run} steps in a "
                 f"row (last: of {name!r}); every rank skipped them and the job stops: a "
                 "rank's loss or data went bad, or the learning rate is too high. Check the "

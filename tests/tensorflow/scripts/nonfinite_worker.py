@@ -4,7 +4,8 @@ Each rank trains a small Keras model with `hvd.DistributedOptimizer` via `model.
 its own data; rank NAN_RANK's batches NAN_BATCHES ("3": batch 3; "3-": 3 and every later
 one) hold a NaN input, so that rank's loss and gradient are NaN there. MODES lists the
 runs ("graph": tf.function, "eager": run_eagerly=True; "tape": a tf.function loop with
-`hvd.DistributedGradientTape` and `hvd.apply_gradients_if_finite`). Writes
+`hvd.DistributedGradientTape` and `hvd.apply_gradients_if_finite`; "topk": graph with
+`Compression.topk(0.5)`). Writes
 $OUT/rank<r>.json.
 """
 
@@ -59,7 +60,8 @@ def train(mode: str) -> dict:
         for b in range(BATCHES):
             step(x[b * BATCH:(b + 1) * BATCH], y[b * BATCH:(b + 1) * BATCH])
     else:
-        optimizer = hvd.DistributedOptimizer(keras.optimizers.SGD(0.05))
+        compression = hvd.Compression.topk(0.5) if mode == "topk" else hvd.Compression.none
+        optimizer = hvd.DistributedOptimizer(keras.optimizers.SGD(0.05), compression=compression)
         model.compile(optimizer=optimizer, loss="mse", run_eagerly=mode == "eager",
                       jit_compile=False)
         model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
