@@ -5,7 +5,7 @@ its own data; rank NAN_RANK's batches NAN_BATCHES ("3": batch 3; "3-": 3 and eve
 one) hold a NaN input, so that rank's loss and gradient are NaN there. MODES lists the
 runs ("graph": tf.function, "eager": run_eagerly=True; "tape": a tf.function loop with
 `hvd.DistributedGradientTape` and `hvd.apply_gradients_if_finite`; "topk": graph with
-`Compression.topk(0.5)`). Writes
+`Compression.topk(0.5)`; "passes": graph with `backward_passes_per_step=2`). Writes
 $OUT/rank<r>.json.
 """
 
@@ -61,7 +61,9 @@ def train(mode: str) -> dict:
             step(x[b * BATCH:(b + 1) * BATCH], y[b * BATCH:(b + 1) * BATCH])
     else:
         compression = hvd.Compression.topk(0.5) if mode == "topk" else hvd.Compression.none
-        optimizer = hvd.DistributedOptimizer(keras.optimizers.SGD(0.05), compression=compression)
+        passes = 2 if mode == "passes" else 1
+        optimizer = hvd.DistributedOptimizer(keras.optimizers.SGD(0.05), compression=compression,
+                                             backward_passes_per_step=passes)
         model.compile(optimizer=optimizer, loss="mse", run_eagerly=mode == "eager",
                       jit_compile=False)
         model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
