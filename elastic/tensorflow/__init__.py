@@ -51,7 +51,7 @@ from elastic.tensorflow.functions import (
     broadcast_object_fn,
     broadcast_variables,
 )
-from elastic.tensorflow.gradient_tape import DistributedGradientTape
+from elastic.tensorflow.gradient_tape import DistributedGradientTape, apply_gradients_if_finite
 from elastic.tensorflow.mpi_ops import (
     Adasum,
     Average,
@@ -91,7 +91,8 @@ __all__ = [
     "is_initialized", "local_rank", "local_size", "rank", "remove_process_set", "shutdown",
     "size", "start_timeline", "stop_timeline", "Compression", "Compressor",
     "allgather_object", "broadcast_object", "broadcast_object_fn", "broadcast_variables",
-    "DistributedGradientTape", "Adasum", "Average", "Max", "Min", "Product", "Sum",
+    "DistributedGradientTape", "apply_gradients_if_finite", "Adasum", "Average", "Max",
+    "Min", "Product", "Sum",
     "allgather", "allreduce", "alltoall", "barrier", "broadcast", "broadcast_",
     "grouped_allgather", "grouped_allreduce", "grouped_reducescatter", "join",
     "local_rank_op", "local_size_op", "rank_op", "reducescatter", "size_op", "elastic",

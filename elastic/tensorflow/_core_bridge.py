@@ -43,6 +43,7 @@ from elastic.errors import (
     CollectiveStallError,
     HorovodInternalError,
     HostsUpdatedInterrupt,
+    NonFiniteGradientError,
     NotInitializedError,
     ObjectNotAllowedError,
 )
@@ -50,7 +51,8 @@ from elastic.staleness.exchange import StaleExchange
 
 __all__ = [
     "CollectiveMismatchError", "CollectiveStallError", "HorovodInternalError",
-    "HostsUpdatedInterrupt", "NotInitializedError", "ProcessSet", "ReduceOp",
+    "HostsUpdatedInterrupt", "NonFiniteGradientError", "NotInitializedError",
+    "ProcessSet", "ReduceOp",
     "TopKCompression", "global_process_set", "Compressor", "NoneCompressor",
 ]
 
@@ -62,6 +64,12 @@ record_loss = session.record_loss  # Horde: the coordinator's loss chart (not in
 is_initialized = session.is_initialized
 add_process_set = session.add_process_set
 remove_process_set = session.remove_process_set
+
+
+def max_nonfinite_steps() -> int:
+    """HORDE_MAX_NONFINITE_STEPS: non-finite synchronous steps skipped in a row before the
+    job stops (0: never skip)."""
+    return session.settings().max_nonfinite_steps
 
 
 def report_synchronous_step() -> None:

@@ -10,6 +10,7 @@ exchange with error feedback instead (the same code as the PyTorch optimizer's).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,6 +146,70 @@ class GradientReducer:
         return self._sparse.stats if self._sparse is not None else None
 
 
+class NonFiniteGuard:
+    """Skips a step whose reduced gradient holds NaN/Inf, as the PyTorch optimizer does.
+
+    The reduced gradient is the same on every rank of the set, so every rank skips the
+    same steps; after HORDE_MAX_NONFINITE_STEPS in a row it raises NonFiniteGradientError.
+    """
+
+    def __init__(self, process_set: ProcessSet = core.global_process_set) -> None:
+        self.process_set = process_set
+        self.run = 0  # consecutive steps skipped as non-finite
+        self.skipped = 0
+
+    def enabled(self) -> bool:
+        """Whether steps are checked (HORDE_MAX_NONFINITE_STEPS > 0, on a member of the set)."""
+        return core.max_nonfinite_steps() > 0 and self.process_set.included()
+
+    def decide(self, finite: Sequence[bool], names: Sequence[str]) -> bool:
+        """Whether to apply the step, given each reduced gradient's finiteness; counts
+        skips, warns, and raises NonFiniteGradientError at the limit."""
+        limit = core.max_nonfinite_steps()
+        bad = next((i for i, ok in enumerate(finite) if not bool(ok)), None)
+        if bad is None:
+            self.run = 0
+            return True
+        self.run += 1
+        self.skipped += 1
+        name = names[bad] if bad < len(names) else "a variable"
+        if self.run >= limit:
+            raise core.NonFiniteGradientError(
+                f"the averaged gradient was non-finite (NaN/Inf) in {self.run} steps in a "
+                f"row (last: of {name!r}); every rank skipped them and the job stops: a "
+                "rank's loss or data went bad, or the learning rate is too high. Check the "
+                "inputs and the learning rate, or resume from a checkpoint "
+                f"(HORDE_MAX_NONFINITE_STEPS={limit} sets how many such steps are skipped "
+                "first; 0 never skips)")
+        logger.warning("skipped an optimizer step on every rank: the averaged gradient of %r "
+                       "is non-finite (NaN/Inf), from some rank's loss or data (%d in a row; "
+                       "the job stops at %d)", name, self.run, limit)
+        return False
+
+    def should_apply(self, grads: Sequence[Any], variables: Sequence[Any]) -> Any:
+        """True (a Python bool eagerly, a scalar tensor inside tf.function) when `grads`,
+        already reduced, are all finite or the check is off; None gradients are ignored."""
+        if not self.enabled():
+            return True
+        present = [(g.values if isinstance(g, tf.IndexedSlices) else g, v)
+                   for g, v in zip(grads, variables) if g is not None]
+        if not present:
+            return True
+        names = [str(getattr(v, "path", None) or getattr(v, "name", "a variable"))
+                 for _, v in present]
+        finite = tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g, _ in present])
+        if tf.executing_eagerly():
+            return self.decide(finite.numpy().tolist(), names)
+
+        def check(flags: tf.Tensor) -> tf.Tensor:
+            return tf.constant(self.decide(flags.numpy().tolist(), names))
+
+        # A stateful py_function: TensorFlow runs it on every step of the traced function.
+        (ok,) = tf.py_function(func=check, inp=[finite], Tout=[tf.bool])
+        ok.set_shape(())
+        return ok
+
+
 class _DistributedGradientTape(tf.GradientTape):
     """A GradientTape whose `gradient()` returns gradients reduced over the ranks."""
 
@@ -184,4 +249,36 @@ def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "",  
     return _DistributedGradientTape(gradtape, reducer)
 
 
-__all__ = ["DistributedGradientTape", "GradientReducer"]
+_tape_guards: weakref.WeakKeyDictionary[Any, NonFiniteGuard] = weakref.WeakKeyDictionary()
+
+
+def apply_gradients_if_finite(optimizer: Any, grads_and_vars: Any,
+                              process_set: ProcessSet = core.global_process_set) -> Any:
+    """`optimizer.apply_gradients(grads_and_vars)` unless a gradient (reduced by
+    `DistributedGradientTape`, so the same on every rank) holds NaN/Inf: then the step is
+    skipped on every rank; NonFiniteGradientError after HORDE_MAX_NONFINITE_STEPS in a row.
+    Returns whether it applied (a bool tensor inside tf.function)."""
+    pairs = list(grads_and_vars)
+    grads = [g for g, _ in pairs]
+    variables = [v for _, v in pairs]
+    guard = _tape_guards.get(optimizer)
+    if guard is None:
+        guard = _tape_guards[optimizer] = NonFiniteGuard(process_set)
+    ok = guard.should_apply(grads, variables)
+    if isinstance(ok, bool):
+        if ok:
+            optimizer.apply_gradients(pairs)
+        return ok
+    if not getattr(optimizer, "built", True):
+        with tf.init_scope():  # the optimizer's variables are not made inside a branch
+            optimizer.build(variables)
+
+    def apply() -> tf.Tensor:
+        optimizer.apply_gradients(pairs)
+        return tf.constant(True)
+
+    return tf.cond(ok, apply, lambda: tf.constant(False))
+
+
+__all__ = ["DistributedGradientTape", "GradientReducer", "NonFiniteGuard",
+           "apply_gradients_if_finite"]

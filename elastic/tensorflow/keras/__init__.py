@@ -15,7 +15,7 @@ from elastic.tensorflow import *  # noqa: F403 - the same API as elastic.tensorf
 from elastic.tensorflow import __all__ as _tf_all
 from elastic.tensorflow import _core_bridge as core
 from elastic.tensorflow.compression import Compression
-from elastic.tensorflow.gradient_tape import GradientReducer
+from elastic.tensorflow.gradient_tape import GradientReducer, NonFiniteGuard
 from elastic.tensorflow.keras import callbacks
 from elastic.tensorflow.mpi_ops import Average, ReduceOp
 
@@ -26,9 +26,11 @@ elastic = importlib.import_module("elastic.tensorflow.keras.elastic")
 
 class _DistributedOptimizer:
     """Mixin placed before the wrapped Keras optimizer's class: `apply()` (which
-    `apply_gradients()` and `model.fit` go through) first reduces the gradients."""
+    `apply_gradients()` and `model.fit` go through) first reduces the gradients, and skips
+    a synchronous step whose reduced gradient holds NaN/Inf on every rank."""
 
     _horde_reducer: GradientReducer
+    _horde_guard: NonFiniteGuard
     _horde_staleness: int = 0
     _horde_stale: Any = None
     _horde_passes: int = 1
@@ -46,7 +48,28 @@ class _DistributedOptimizer:
         if self._horde_passes > 1:
             return self._horde_apply_aggregated(grads, variables)
         reduced = self._horde_reducer.reduce(grads, variables)
-        return super().apply(reduced, trainable_variables)  # type: ignore[misc]
+        return self._horde_apply_finite(reduced, trainable_variables, variables)
+
+    def _horde_apply_finite(self, reduced: list[Any], trainable_variables: Any,
+                            variables: list[Any]) -> Any:
+        """Apply the reduced gradients unless one holds NaN/Inf (then skip the step: every
+        rank holds the same reduction, so every rank skips it); a graph conditional inside
+        tf.function, as Keras' LossScaleOptimizer does."""
+        ok = self._horde_guard.should_apply(reduced, variables)
+        parent = super()
+        if ok is True:
+            return parent.apply(reduced, trainable_variables)  # type: ignore[misc]
+        if ok is False:
+            return None
+        if not getattr(self, "built", True):
+            with tf.init_scope():  # the optimizer's variables are not made inside a branch
+                self.build(variables)  # type: ignore[attr-defined]
+
+        def apply() -> tf.Tensor:
+            parent.apply(reduced, trainable_variables)  # type: ignore[misc]
+            return tf.constant(True)
+
+        return tf.cond(ok, apply, lambda: tf.constant(False))
 
     def _horde_apply_aggregated(self, grads: list[Any], variables: list[Any]) -> None:
         """`backward_passes_per_step=N`: add this pass's gradients to local sums; every Nth
@@ -64,13 +87,12 @@ class _DistributedOptimizer:
             if g is not None:
                 total.assign_add(tf.cast(g, total.dtype))
         count = self._horde_count.assign_add(1)
-        parent = super()
 
         def reduce_and_apply() -> tf.Tensor:
             scale = 1.0 / self._horde_passes if self._horde_average_passes else 1.0
             summed = [tf.convert_to_tensor(t) * scale for t in self._horde_sums]
             reduced = self._horde_reducer.reduce(summed, variables)
-            parent.apply(reduced, variables)  # type: ignore[misc]
+            self._horde_apply_finite(reduced, variables, variables)
             with tf.control_dependencies([r for r in reduced if r is not None]):
                 for total in self._horde_sums:
                     total.assign(tf.zeros_like(total))
@@ -129,6 +151,12 @@ class _DistributedOptimizer:
             if scaled:
                 self.learning_rate = saved  # type: ignore[attr-defined]
 
+    @property
+    def nonfinite_skipped(self) -> int:
+        """How many synchronous steps were skipped because their reduced gradient held
+        NaN/Inf (the same count on every rank)."""
+        return self._horde_guard.skipped
+
     def finish(self) -> None:
         """Staleness: apply what is still in flight (every rank together)."""
         if self._horde_stale is not None:
@@ -166,6 +194,7 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None,  # noqa: N802
         config["name"] = name
     distributed = cls.from_config(config)
     distributed._horde_reducer = reducer
+    distributed._horde_guard = NonFiniteGuard(process_set)
     distributed._horde_staleness = int(staleness)
     distributed._horde_passes = backward_passes_per_step
     distributed._horde_average_passes = bool(average_aggregated_gradients)
