@@ -28,11 +28,11 @@ from elastic.codecs.wire import (
     pack_payloads,
     unpack_payloads,
 )
-from elastic.core import session
 from elastic.core.engine import Kind, ReduceOp, Request
 
 if TYPE_CHECKING:
     from elastic.core.engine import CollectiveEngine
+    from elastic.core.runtime import GenerationRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,10 @@ class SyncSparseExchange:
         self.stats = RoundStats(residual=self.compressor.residual_norm)
         self._flat: torch.Tensor | None = None  # the gradients, then their average
 
-    def reduce(self, engine: CollectiveEngine, size: int, process_set_id: int = 0) -> None:
+    def reduce(self, runtime: GenerationRuntime, size: int, process_set_id: int = 0) -> None:
         """Replace every gradient by the average of the `size` members' sparsified
-        gradients (members of process set `process_set_id`)."""
+        gradients (members of process set `process_set_id`) over `runtime`'s generation."""
+        engine = runtime.engine
         codec = PayloadCodec(self.layout, self.compressor, size)
         flat = self._flat = self.layout.gather(self._flat)
         payloads = codec.payloads(flat, self.step)
@@ -91,9 +92,9 @@ class SyncSparseExchange:
         out, sent, rejected = average_payloads(
             engine, payloads, expected, flat, size, "horde.topk", process_set_id,
             dense_wire=self.compressor.value_dtype if dense else None, out=flat,
-            robust=self._robust(), stats=self.stats,
+            robust=self._robust(runtime), stats=self.stats,
             # HORDE_MAX_NONFINITE_STEPS=0 never skips: a NaN member is then left out.
-            nonfinite_skips=self.nonfinite_skips and session.settings().max_nonfinite_steps > 0)
+            nonfinite_skips=self.nonfinite_skips and runtime.settings.max_nonfinite_steps > 0)
         self.layout.scatter(out)
         self.stats.rounds += 1
         self.stats.bytes_sent += sent
@@ -106,13 +107,13 @@ class SyncSparseExchange:
         if self.step % LOG_EVERY == 0:
             logger.info("top-k: %s", self.stats.as_dict())
 
-    def _robust(self) -> MultiKrum | None:
+    def _robust(self, runtime: GenerationRuntime) -> MultiKrum | None:
         """The robust rule of this generation (suspicions start afresh with each one: a
         newcomer has none of the past, and every member must judge alike), or None."""
-        f = self.robust if self.robust is not None else session.settings().robust_aggregation
+        f = self.robust if self.robust is not None else runtime.settings.robust_aggregation
         if f <= 0:
             return None
-        generation = session.runtime().generation.id
+        generation = runtime.generation.id
         if self._krum is None or self._krum[0] != generation:
             self._krum = (generation, MultiKrum(f))
         return self._krum[1]

@@ -384,7 +384,7 @@ class SparseAllreduce:
     def reduce(self, grads: Sequence[np.ndarray | None]) -> list[np.ndarray]:
         """The average over ranks of every rank's top-k-sparsified `grads`."""
         self._layout.grads = list(grads)
-        self._exchange.reduce(session.runtime().engine, _set_size(self._process_set),
+        self._exchange.reduce(session.runtime(), _set_size(self._process_set),
                               session.process_set_id(self._process_set))
         return self._layout.result
 

@@ -481,7 +481,7 @@ class _DistributedOptimizer:
             raise error
         size = self.process_set.size() or 1
         if isinstance(self._exchange, SyncSparseExchange) and size > 1:
-            self._exchange.reduce(runtime.runtime().engine, size,
+            self._exchange.reduce(runtime.runtime(), size,
                                   runtime.process_set_id(self.process_set))
         self._synchronized = True
 
