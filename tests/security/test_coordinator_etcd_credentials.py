@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,3 +190,61 @@ def test_an_unreadable_admin_password_file_stops_the_coordinator(tmp_path: Path)
     with pytest.raises(RuntimeError, match="etcd admin password file"):
         proc.start()
     proc.stop()
+
+
+def test_horderun_etcd_auth_embedded_coordinator_issues_node_credentials(
+        tmp_path: Path) -> None:
+    """`horderun --etcd-auth` gives its embedded coordinator the root identity: a node
+    registered there fetches its own etcd user, which writes its own keys only."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.harness import REPO, repo_env
+
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    job = unique_job("hrcreds")
+    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="1000", TEST_STEP_DELAY="0.2")
+    for name in ("HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD", "HORDE_ETCD_PASSWORD_FILE"):
+        env.pop(name, None)
+    log_path = tmp_path / "horderun.log"
+    script = REPO / "tests" / "elastic" / "scripts" / "elastic_worker.py"
+    with open(log_path, "wb") as log:
+        owner = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "1", "--etcd-auth",
+             "--job", job, "--data-dir", str(tmp_path / "data"), sys.executable, str(script)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        pattern = re.compile(r"status page (http://127\.0\.0\.1:\d+)/")
+        while not (pattern.search(log_path.read_text(errors="replace"))
+                   and re.search(r"etcd://127\.0\.0\.1:\d+", log_path.read_text())):
+            assert owner.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        text = log_path.read_text()
+        url = pattern.search(text).group(1)
+        etcd_url = re.search(r"etcd://127\.0\.0\.1:\d+", text).group(0)
+        token = register(url, "vol-h-0")
+        status, answer = fetch(url, "vol-h-0", token)
+        assert status == 200, (answer, log_path.read_text())
+        keys = JobKeys(DEFAULT_PREFIX, job)
+        mine = backend_from_url(etcd_url, credentials=EtcdCredentials(answer["user"],
+                                                                      answer["password"]))
+        mine.put(keys.ready_node("vol-h-0"), b"{}")
+        with pytest.raises(RendezvousPermissionError):
+            mine.put(keys.generation, b"{}")
+        assert answer["password"] not in log_path.read_text(errors="replace")
+    finally:
+        if owner.poll() is None:
+            os.killpg(owner.pid, signal.SIGTERM)
+            try:
+                owner.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(owner.pid, signal.SIGKILL)
+                owner.wait(10)
