@@ -136,7 +136,11 @@ def servers(etcd_server: Any, tmp_path_factory: pytest.TempPathFactory
     # a second etcd with auth on: the "auth" coordinator holds its root identity and
     # issues per-node etcd credentials; "dead" has an admin identity but no etcd
     auth_etcd = EmbeddedEtcd()
-    root_file = auth_etcd.enable_auth(JOB, prefix="horde")
+    try:
+        root_file = auth_etcd.enable_auth(JOB, prefix="horde")
+    except BaseException:
+        auth_etcd.stop()
+        raise
     admin = ("--etcd-admin-user", "root", "--etcd-admin-password-file", str(root_file))
     specs = {
         "auth": (f"--rendezvous={auth_etcd.url}", *admin),
