@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from flask import Flask, Response
 
@@ -23,10 +24,37 @@ from coordinator.state import EXTENSION, CoordinatorState
 from coordinator.storage import Storage
 from coordinator.storage.ledger import Ledger
 from rendezvous.backend import RendezvousBackend
+from rendezvous.etcd_auth import EtcdAuthAdmin, EtcdCredentials
 
 logger = logging.getLogger(__name__)
 
 RENDEZVOUS_TIMEOUT = 2.0  # seconds per etcd request made while serving
+
+
+def _etcd_admin(config: CoordinatorConfig
+                ) -> tuple[EtcdAuthAdmin | None, EtcdCredentials | None]:
+    """The admin that issues per-node etcd users, and its identity, when the config
+    names one; (None, None) otherwise."""
+    if config.etcd_admin_user is None or config.etcd_admin_password_file is None:
+        return None, None
+    from rendezvous import backend_from_url
+    from rendezvous.etcd import EtcdBackend
+    from rendezvous.keys import JobKeys
+
+    try:
+        password = Path(config.etcd_admin_password_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the etcd admin password file "
+                         f"{config.etcd_admin_password_file!r}: {exc.strerror}") from None
+    creds = EtcdCredentials(config.etcd_admin_user, password)
+    assert config.rendezvous_url is not None  # CoordinatorConfig checks it
+    backend = backend_from_url(config.rendezvous_url, timeout=RENDEZVOUS_TIMEOUT,
+                               credentials=creds)
+    if not isinstance(backend, EtcdBackend):
+        raise ValueError(f"etcd_admin_user needs an etcd rendezvous, not "
+                         f"{config.rendezvous_url!r}")
+    logger.info("issuing per-node etcd credentials as etcd user %s", creds.user)
+    return EtcdAuthAdmin(backend, JobKeys(config.prefix, config.job or "default")), creds
 
 
 def create_app(config: CoordinatorConfig | None = None, *,
@@ -50,10 +78,16 @@ def create_app(config: CoordinatorConfig | None = None, *,
 
     storage = Storage(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
     storage.upgrade()
+    etcd_admin, admin_creds = _etcd_admin(config)
     if backend is None and config.rendezvous_url:
         from rendezvous import backend_from_url
 
-        backend = backend_from_url(config.rendezvous_url, timeout=RENDEZVOUS_TIMEOUT)
+        # reads use HORDE_ETCD_USER's identity; without one, the etcd admin's (if any)
+        own = EtcdCredentials.from_env()
+        if own is None:
+            own = admin_creds
+        backend = backend_from_url(config.rendezvous_url, timeout=RENDEZVOUS_TIMEOUT,
+                                   credentials=own)
     ledger = Ledger(storage, quorum=config.quorum, half_life_seconds=config.half_life_seconds,
                     clock=clock, trust_reported_membership=config.trust_reported_membership,
                     max_samples_per_round=config.max_samples_per_round,
@@ -66,7 +100,8 @@ def create_app(config: CoordinatorConfig | None = None, *,
     if backend is not None:
         view = RendezvousView(backend, config.prefix, config.job or "default")
     metrics = Metrics(storage, view, clock, config.rate_window)
-    st = CoordinatorState(config, storage, ledger, view, metrics, clock)
+    st = CoordinatorState(config, storage, ledger, view, metrics, clock,
+                          etcd_admin=etcd_admin)
     app.extensions[EXTENSION] = st
 
     register_error_handlers(app)

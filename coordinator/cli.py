@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "never showed (a closed cluster of trusted nodes only; default: credit "
                        "only generations read from --rendezvous)")
 
+    serve.add_argument("--etcd-admin-user",
+                       help="etcd user with the root role (etcd lets only that role manage "
+                       "users): nodes then fetch their own etcd credentials from the "
+                       "coordinator and evictions revoke them (docs/security.md)")
+    serve.add_argument("--etcd-admin-password-file",
+                       help="file holding --etcd-admin-user's password (keep it 0600)")
+
     migrate = sub.add_parser("migrate", help="upgrade the ledger's schema to the newest")
     migrate.add_argument("--db", dest="db_url", help="SQLAlchemy URL of the ledger")
     migrate.add_argument("--revision", default="head", help="target revision (default head)")
@@ -100,6 +107,8 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
             "max_samples_per_round": args.max_samples_per_round, "max_span": args.max_span,
             "trust_reported_membership": args.trust_reported_membership,
             "manifest_dir": args.manifest_dir,
+            "etcd_admin_user": args.etcd_admin_user,
+            "etcd_admin_password_file": args.etcd_admin_password_file,
         })
     return CoordinatorConfig.from_env(**overrides)
 

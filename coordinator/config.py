@@ -47,6 +47,10 @@ class CoordinatorConfig:
     max_samples_per_round: the most samples one member may claim per round (a report of
         a span of rounds: that many per round of the span); larger claims are rejected.
     max_span: the most rounds one report may cover (workers send HORDE_REPORT_SPAN, 16).
+    etcd_admin_user / etcd_admin_password_file: an etcd identity holding etcd's `root`
+        role (only that role may manage users); when set, registered nodes fetch their
+        own per-node etcd credentials from POST /api/v1/nodes/<id>/etcd-credentials and an
+        eviction revokes them (docs/security.md). Needs rendezvous_url.
     """
 
     db_url: str = DEFAULT_DB_URL
@@ -67,6 +71,8 @@ class CoordinatorConfig:
     max_samples_per_round: int = DEFAULT_MAX_SAMPLES_PER_ROUND
     max_span: int = DEFAULT_MAX_SPAN
     manifest_dir: str | None = None
+    etcd_admin_user: str | None = None
+    etcd_admin_password_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.db_url or "://" not in self.db_url:
@@ -98,6 +104,13 @@ class CoordinatorConfig:
                              "between 1 and 10^9")
         if not 1 <= self.max_span <= 10**6:
             raise ValueError(f"max_span={self.max_span} must lie between 1 and 10^6 rounds")
+        if (self.etcd_admin_user is None) != (self.etcd_admin_password_file is None):
+            raise ValueError("etcd_admin_user and etcd_admin_password_file go together: give "
+                             "both (an etcd user with the root role and its password file) or "
+                             "neither")
+        if self.etcd_admin_user is not None and not self.rendezvous_url:
+            raise ValueError("etcd_admin_user needs rendezvous_url: the coordinator issues "
+                             "etcd credentials on the job's rendezvous")
         if self.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(
                 f"sqlite_synchronous={self.sqlite_synchronous!r} must be one of "

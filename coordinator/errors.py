@@ -69,6 +69,12 @@ class Conflict(ApiError):
     status, code = 409, "conflict"
 
 
+class EtcdAuthOff(ApiError):
+    """The job runs without etcd authentication, so there are no etcd credentials."""
+
+    status, code = 409, "etcd_auth_off"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 

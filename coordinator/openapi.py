@@ -97,6 +97,19 @@ _PATHS: dict[str, Any] = {
             "responses": {"200": _json(_ref("Registered"), "The new token."),
                           **_errors(401, 403, 404)}},
     },
+    "/api/v1/nodes/{node_id}/etcd-credentials": {
+        "post": {
+            "operationId": "issueEtcdCredentials", "tags": ["nodes"],
+            "summary": "Issue the node's own etcd user and password (node's token)",
+            "description": "Only when the coordinator holds an etcd identity with etcd's "
+                           "root role (horderun --etcd-auth, or --etcd-admin-user); "
+                           "otherwise 409 with code etcd_auth_off: the job runs without "
+                           "etcd authentication. Each call replaces the password. An "
+                           "evicted node gets 403.",
+            "parameters": [_NODE_ID_PARAM], "security": _NODE_AUTH,
+            "responses": {"200": _json(_ref("EtcdNodeCredentials"), "The credentials."),
+                          **_errors(401, 403, 404, 409, 422, 503)}},
+    },
     "/api/v1/nodes/{node_id}/credits": {
         "get": {
             "operationId": "creditHistory", "tags": ["credits"],

@@ -32,8 +32,8 @@ class ErrorDetail(TypedDict):
     """What went wrong, for a machine (`code`) and for a person (`message`)."""
 
     code: _doc(str, "Machine-readable: invalid, malformed_json, unauthorized, forbidden, "
-                    "not_found, conflict, payload_too_large, unsupported_media_type, "
-                    "unavailable, ...")
+                    "not_found, conflict, etcd_auth_off, payload_too_large, "
+                    "unsupported_media_type, unavailable, ...")
     message: _doc(str, "One sentence: what was wrong and what to do.")
     field: NotRequired[_doc(str, "JSON path of the bad field (422 only), e.g. "
                                  "reports[0].contributions[1].samples or query.limit.")]
@@ -93,6 +93,17 @@ class Registered(TypedDict):
     node_id: str
     token: _doc(str, "The node's bearer token; shown only now.")
     registered_at: float
+
+
+@with_config(_CLOSED)
+class EtcdNodeCredentials(TypedDict):
+    """A node's own etcd user: reads the job's keys, writes only this node's own."""
+
+    node_id: str
+    job: str
+    user: _doc(str, "etcd user name (horde-node-<job>-<node>).")
+    password: _doc(str, "Its password; shown only now. Asking again replaces it.")
+    issued_at: float
 
 
 @with_config(_CLOSED)
@@ -208,7 +219,8 @@ class Event(TypedDict):
 
     id: int
     time: float
-    kind: _doc(str, "registered, token, generation, joined, left, evicted, pardoned")
+    kind: _doc(str, "registered, token, etcd-credentials, generation, joined, left, "
+                   "evicted, pardoned")
     job: str | None
     node_id: str | None
     generation: int | None
@@ -310,6 +322,6 @@ class Manifest(TypedDict):
 
 #: every answer body, by the name the OpenAPI description gives its schema
 RESPONSE_MODELS: dict[str, type] = {model.__name__: model for model in (
-    Error, Node, NodeList, Registered, ReportResult, IngestResult, LeaderboardEntry,
-    Leaderboard, CreditRecord, CreditHistory, LossPoint, Job, JobList, Event, Timeline,
-    StatusNode, Status, EvictionEntry, EvictionList, Health, Manifest)}
+    Error, Node, NodeList, Registered, EtcdNodeCredentials, ReportResult, IngestResult,
+    LeaderboardEntry, Leaderboard, CreditRecord, CreditHistory, LossPoint, Job, JobList,
+    Event, Timeline, StatusNode, Status, EvictionEntry, EvictionList, Health, Manifest)}

@@ -18,6 +18,7 @@ from coordinator.membership import (
 from coordinator.metrics import Metrics
 from coordinator.storage import Storage
 from coordinator.storage.ledger import Ledger, add_event, note_generation
+from rendezvous.etcd_auth import EtcdAuthAdmin
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class CoordinatorState:
     metrics: Metrics
     clock: Callable[[], float]
     watcher: RendezvousWatcher | None = None
+    etcd_admin: EtcdAuthAdmin | None = None
+    """Issues and revokes per-node etcd users (None: the job runs without etcd auth)."""
 
     @property
     def default_job(self) -> str | None:
@@ -78,6 +81,8 @@ class CoordinatorState:
             self.watcher.stop()
         if self.view is not None:
             self.view.backend.close()
+        if self.etcd_admin is not None:
+            self.etcd_admin.backend.close()
         self.storage.dispose()
 
 

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from rendezvous.etcd_auth import EtcdCredentials
 from volunteer_client.manifest import (
     ENVELOPE_NAME,
     Manifest,
@@ -240,6 +241,7 @@ class Agent:
         self._remote_at = 0.0
         self._finished = False
         self._backend: Any = None
+        self._etcd_creds: dict[str, EtcdCredentials] = {}
         self._evict_checked = 0.0
         self.exit_code = 0
 
@@ -353,6 +355,36 @@ class Agent:
         _write_private(path, creds)
         return token
 
+    def _etcd_env(self, node_id: str, token: str) -> dict[str, str]:
+        """The worker's own etcd identity, fetched fresh from the coordinator (each fetch
+        replaces the last password): HORDE_ETCD_USER plus a 0600 password file in the
+        data folder. Empty when the job runs without etcd authentication."""
+        status, raw = _http(f"{self.base_url}/api/v1/nodes/{node_id}/etcd-credentials", {},
+                            token=token)
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
+        if status == 409 and isinstance(answer, dict) and isinstance(
+                answer.get("error"), dict) and answer["error"].get("code") == "etcd_auth_off":
+            return {}
+        if status != 200 or not isinstance(answer, dict):
+            raise AgentError(f"the coordinator refused etcd credentials for node {node_id} "
+                             f"(HTTP {status}: {raw[:300].decode(errors='replace')})")
+        try:
+            creds = EtcdCredentials(answer.get("user"), answer.get("password"))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise AgentError(f"the coordinator sent unusable etcd credentials for node "
+                             f"{node_id}: {exc}") from None
+        folder = self.data_dir / "etcd"
+        folder.mkdir(exist_ok=True, mode=0o700)
+        self._etcd_creds[node_id] = creds
+        if self._backend is not None:  # it may hold a password this fetch replaced
+            self._backend.close()
+            self._backend = None
+        logger.info("node %s uses etcd user %s", node_id, creds.user)
+        return creds.to_env(folder / f"{node_id}.password")
+
     def _hardware(self, node_id: str) -> dict[str, Any]:
         """What the project learns about the device (docs/volunteer.md says the same)."""
         info: dict[str, Any] = {"cpu": (platform.processor() or platform.machine())[:100],
@@ -365,7 +397,8 @@ class Agent:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def _worker_env(self, device: str, token: str) -> dict[str, str]:
+    def _worker_env(self, device: str, token: str,
+                    etcd: dict[str, str] | None = None) -> dict[str, str]:
         """A minimal environment: no variable of the volunteer's session leaks in."""
         home = self.job_dir / ".home"
         tmp = self.job_dir / ".tmp"
@@ -379,6 +412,7 @@ class Agent:
             "OMP_NUM_THREADS": str(self.settings.cpu_threads),
             "CUDA_VISIBLE_DEVICES": device[3:] if device.startswith("gpu") else "",
             "HORDE_GPU_MEMORY_FRACTION": str(self.settings.gpu_memory_fraction),
+            **(etcd or {}),
         }
         for name in ("PYTHONPATH", "LD_LIBRARY_PATH", "HORDE_LOG_LEVEL"):
             if os.environ.get(name):
@@ -390,6 +424,7 @@ class Agent:
         assert m is not None
         node_id = self.node_id(device)
         token = self._token(node_id)
+        etcd = self._etcd_env(node_id, token)
         prefix = node_id[:-2]
         command = [sys.executable, "-m", "elastic.launcher.cli", "--join",
                    "--rendezvous", m.rendezvous, "--job", m.job, "-np", "1",
@@ -401,7 +436,7 @@ class Agent:
         log_path = logs / f"{device}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                command, cwd=self.job_dir, env=self._worker_env(device, token),
+                command, cwd=self.job_dir, env=self._worker_env(device, token, etcd),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_agent)  # noqa: PLW1509 - only setsid and prctl
         self.slots[device] = Slot(device, node_id, proc, log_path, time.time())
@@ -510,7 +545,10 @@ class Agent:
         if self._backend is None and self.manifest is not None:
             from rendezvous import backend_from_url
 
-            self._backend = backend_from_url(self.manifest.rendezvous, timeout=2.0)
+            # with etcd auth on, read as one of this machine's nodes (reads the job)
+            creds = next(iter(self._etcd_creds.values()), None)
+            self._backend = backend_from_url(self.manifest.rendezvous, timeout=2.0,
+                                             credentials=creds)
         return self._backend
 
     def _check_eviction(self) -> None:

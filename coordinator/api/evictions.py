@@ -68,6 +68,13 @@ def evict() -> tuple[Response, int]:
         entry = view.evict(node_id, reason, body.cooldown_seconds, job)
     except RendezvousError as exc:
         raise Unavailable(f"cannot write the blacklist entry: {exc}") from exc
+    if st.etcd_admin is not None and job == st.etcd_admin.keys.job:
+        try:  # the node's etcd user goes with it: etcd refuses its writes from now on
+            st.etcd_admin.revoke_node(node_id)
+        except (RendezvousError, ValueError) as exc:
+            logger.warning("job %s: could not revoke the etcd user of evicted node %s: %s "
+                           "(its blacklist entry stands; it gets no new credentials)",
+                           job, node_id, exc)
     now = st.clock()
     st.storage.run_write(lambda conn: add_event(
         conn, now, "evicted", job=job, node_id=node_id, detail=f"by operator: {reason}"[:200],

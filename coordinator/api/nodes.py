@@ -13,13 +13,22 @@ from sqlalchemy.exc import IntegrityError
 from coordinator.api import API, query_float, query_int, valid_node_id
 from coordinator.auth import bearer_token, hash_token, new_token, require_secret, token_matches
 from coordinator.contract import Registration
-from coordinator.errors import Conflict, Forbidden, NotFound
+from coordinator.errors import (
+    Conflict,
+    EtcdAuthOff,
+    Forbidden,
+    NotFound,
+    Unavailable,
+    ValidationError,
+)
 from coordinator.membership import UNKNOWN
 from coordinator.state import state
 from coordinator.storage import queries
 from coordinator.storage.ledger import add_event
 from coordinator.storage.models import nodes
 from coordinator.validation import validate_body
+from rendezvous import records
+from rendezvous.errors import RendezvousError
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +113,48 @@ def rotate_token(node_id: str) -> Response:
     st.storage.run_write(work)
     logger.info("issued a new token for node %s", node_id)
     return jsonify({"node_id": node_id, "token": token, "registered_at": now})
+
+
+ETCD_AUTH_OFF = ("this job runs without etcd authentication: the coordinator holds no etcd "
+                 "identity that may manage users, so connect to the rendezvous without "
+                 "credentials (the job owner turns it on with horderun --etcd-auth, or "
+                 "horde-coordinator serve --etcd-admin-user/--etcd-admin-password-file; "
+                 "docs/security.md)")
+
+
+@bp.post("/<node_id>/etcd-credentials")
+def etcd_credentials(node_id: str) -> Response:
+    """Issue `node_id`'s own etcd user (reads the job, writes only its own keys), with its
+    node token. Each call replaces the password: the previous one stops working."""
+    st = state()
+    if not valid_node_id(node_id):
+        raise ValidationError(f"node id {node_id[:130]!r} is invalid: use letters, digits and "
+                              ". _ : @ - (at most 128 characters)", field="path.node_id")
+    authenticate_node(node_id)
+    admin = st.etcd_admin
+    if admin is None:
+        raise EtcdAuthOff(ETCD_AUTH_OFF)
+    job = admin.keys.job
+    now = st.clock()
+    try:
+        kv = admin.backend.get(admin.keys.blacklisted(node_id))
+        entry = records.read_record(kv, records.parse_blacklist_entry) if kv else None
+        if entry is not None and entry.active(now):
+            admin.revoke_node(node_id)
+            raise Forbidden(f"node {node_id} is evicted from job {job} ({entry.reason[:200]}); "
+                            "it gets no etcd credentials until the operator pardons it")
+        creds = admin.issue_node(node_id)
+    except RendezvousError as exc:
+        raise Unavailable(f"cannot issue etcd credentials on the rendezvous: {exc}") from exc
+    except ValueError as exc:
+        raise ValidationError(f"node id {node_id!r} cannot name an etcd user of job {job}: "
+                              f"{exc}", field="path.node_id") from None
+    st.storage.run_write(lambda conn: add_event(
+        conn, now, "etcd-credentials", job=job, node_id=node_id,
+        detail=f"etcd user {creds.user} issued"))
+    logger.info("issued etcd user %s for node %s", creds.user, node_id)
+    return jsonify({"node_id": node_id, "job": job, "user": creds.user,
+                    "password": creds.password, "issued_at": now})
 
 
 @bp.get("")

@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from elastic.core.stall import Activity, read_activity, waited
 from elastic.launcher import hosts as hostlib
@@ -116,6 +117,7 @@ class Launcher:
         self.workers: list[Worker] = []
         self._etcd = None
         self._etcd_admin: EtcdAuthAdmin | None = None
+        self._root_file: Path | None = None
         self._revoked: set[str] = set()
         self._next_revoke_check = 0.0
         self._backend: RendezvousBackend | None = None
@@ -165,6 +167,7 @@ class Launcher:
         assert self._etcd is not None
         root_file = self._etcd.enable_auth(self.plan.rdzv.job, prefix=self.plan.rdzv.prefix)
         root = EtcdCredentials(ROOT_USER, root_file.read_text(encoding="utf-8"))
+        self._root_file = root_file
         timeout = self.plan.rdzv.request_timeout(url)
         self._etcd_admin = EtcdAuthAdmin(backend_from_url(url, timeout=timeout,
                                                           credentials=root), self.keys)
@@ -375,8 +378,13 @@ class Launcher:
             token_file = os.path.join(folder, "admin-token")
             token = _admin_token(folder, token_file)
             db = self.plan.coordinator_db or f"sqlite:///{self._own_ledger(folder)}"
+            # With --etcd-auth the coordinator holds root (etcd lets only its role manage
+            # users): volunteers fetch their own etcd users from it (docs/security.md).
+            admin = {} if self._root_file is None else {
+                "etcd_admin_user": ROOT_USER, "etcd_admin_password_file": str(self._root_file)}
             config = CoordinatorConfig(db_url=db, admin_token=token,
-                                       rendezvous_url=rendezvous_url, job=self.plan.rdzv.job)
+                                       rendezvous_url=rendezvous_url, job=self.plan.rdzv.job,
+                                       rendezvous_prefix=self.plan.rdzv.prefix, **admin)
             self._coordinator = EmbeddedCoordinator(config, host=self.plan.listen_addr,
                                                     port=port)
             sys.stderr.write(f"horderun: status page {self._coordinator_url}/ (ledger {db}; "

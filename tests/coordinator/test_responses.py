@@ -27,7 +27,7 @@ import pytest
 
 from coordinator.responses import RESPONSE_MODELS
 from coordinator.validation import openapi_schemas
-from rendezvous.embedded import free_port
+from rendezvous.embedded import EmbeddedEtcd, free_port
 from tests.coordinator.helpers import ADMIN_TOKEN, JOB, report
 from tests.coordinator.serverproc import ServerProcess
 
@@ -133,12 +133,22 @@ def servers(etcd_server: Any, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("responses")
     write_manifest(root / "manifest")
     common = ("--job", JOB, "--max-body-bytes", str(MAX_BODY))
+    # a second etcd with auth on: the "auth" coordinator holds its root identity and
+    # issues per-node etcd credentials; "dead" has an admin identity but no etcd
+    auth_etcd = EmbeddedEtcd()
+    try:
+        root_file = auth_etcd.enable_auth(JOB, prefix="horde")
+    except BaseException:
+        auth_etcd.stop()
+        raise
+    admin = ("--etcd-admin-user", "root", "--etcd-admin-password-file", str(root_file))
     specs = {
+        "auth": (f"--rendezvous={auth_etcd.url}", *admin),
         "live": (f"--rendezvous={etcd_server.url}", f"--prefix=resp-{uuid.uuid4().hex[:8]}",
                  "--registration-token", REGISTRATION_TOKEN,
                  "--manifest-dir", str(root / "manifest")),
         "bare": (),
-        "dead": (f"--rendezvous=etcd://127.0.0.1:{free_port()}",),
+        "dead": (f"--rendezvous=etcd://127.0.0.1:{free_port()}", *admin),
     }
     procs: dict[str, ServerProcess] = {}
     try:
@@ -152,6 +162,7 @@ def servers(etcd_server: Any, tmp_path_factory: pytest.TempPathFactory
     finally:
         for proc in procs.values():
             proc.stop()
+        auth_etcd.stop()
 
 
 def test_response_schemas_are_the_models(servers: dict[str, str]) -> None:
@@ -207,6 +218,25 @@ def test_every_documented_answer_matches_its_schema(servers: dict[str, str]) -> 
     api.call(live, "POST", f"{nodes}/rc/token", expect=401)
     api.call(live, "POST", f"{nodes}/rc/token", token=tokens["ra"], expect=403)
     api.call(live, "POST", f"{nodes}/nobody/token", token=ADMIN_TOKEN, expect=404)
+
+    # -- per-node etcd credentials: issued (auth), off (live), etcd down (dead) ------------
+    creds = f"{nodes}/ra/etcd-credentials"
+    auth, dead_tokens = servers["auth"], {}
+    for url, store in ((auth, tokens), (dead, dead_tokens)):
+        store["ea"] = api.call(url, "POST", nodes, json_body={"node_id": "ea"},
+                               expect=201)["token"]
+    issued = api.call(auth, "POST", f"{nodes}/ea/etcd-credentials", token=tokens["ea"],
+                      expect=200)
+    assert issued["user"].endswith("-ea") and issued["password"]
+    api.call(live, "POST", creds, token=tokens["ra"], expect=409)
+    api.call(dead, "POST", f"{nodes}/ea/etcd-credentials", token=dead_tokens["ea"],
+             expect=503)
+    api.call(live, "POST", creds, expect=401)
+    api.call(live, "POST", creds, token=tokens["rb"], expect=403)
+    api.call(live, "POST", f"{nodes}/nobody/etcd-credentials", token=tokens["ra"],
+             expect=404)
+    api.call(live, "POST", f"{nodes}/bad%20id/etcd-credentials", token=tokens["ra"],
+             expect=422)
 
     # -- reports: stored, settled, duplicate, conflict and rejected results ---------------
     reports = "/api/v1/reports"

@@ -69,6 +69,26 @@ def test_registration_refused_then_accepted_with_the_token(tmp_path, signed):
         server.stop()
 
 
+def test_etcd_credentials_refused_stops_the_client(tmp_path, signed):
+    """A coordinator that should issue etcd credentials but cannot (its etcd is down)
+    stops the client with its answer instead of starting a worker without them."""
+    folder, job = signed
+    root = tmp_path / "root.password"
+    root.write_text("not-a-real-password")
+    server = ServerProcess(f"sqlite:///{tmp_path}/l.sqlite", tmp_path, "--manifest-dir",
+                           str(folder), "--rendezvous", "etcd://127.0.0.1:9", "--job", job,
+                           "--etcd-admin-user", "root", "--etcd-admin-password-file", str(root))
+    server.start()
+    try:
+        done = join(f"{server.url}/{job}", tmp_path / "d")
+    finally:
+        server.stop()
+    assert done.returncode == 3, done.stderr
+    assert "the coordinator refused etcd credentials for node vol-" in done.stderr
+    assert "HTTP 503" in done.stderr
+    assert not list((tmp_path / "d").rglob("*.password"))
+
+
 def test_bad_settings_are_refused_before_anything_runs(tmp_path):
     done = join("http://127.0.0.1:9/job", tmp_path / "d", "--gpu-memory-fraction", "2")
     assert done.returncode == 2
