@@ -8,9 +8,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rendezvous.embedded import EmbeddedEtcd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,3 +129,25 @@ def run_workers_json(tmp_path: Path, np: int, script: str, *, timeout: float = 1
                       timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(np)]
+
+
+@contextmanager
+def auth_etcd(name: str) -> Iterator[tuple[EmbeddedEtcd, str, Path]]:
+    """A fresh embedded etcd with auth on for one job named after `name`:
+    (server, job, root password file). Skips the test when there is no etcd binary."""
+    import pytest
+
+    from rendezvous.embedded import EmbeddedEtcd, etcd_binary
+    from rendezvous.errors import RendezvousError
+    from rendezvous.settings import DEFAULT_PREFIX
+
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    job = unique_job(name)
+    server = EmbeddedEtcd()
+    try:
+        yield server, job, server.enable_auth(job, prefix=DEFAULT_PREFIX)
+    finally:
+        server.stop()

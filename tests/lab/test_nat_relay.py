@@ -8,36 +8,42 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from tests.harness import repo_env
-from tests.lab.netns import LabUnavailable, NatLab
+from tests.lab.netns import NatLab
 from tests.lab.test_public_join import SCRIPT, _credit, _join_line, _records, _wait
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(360)]
 
 
-@pytest.fixture
-def lab() -> Iterator[NatLab]:
-    try:
-        with NatLab() as created:
-            yield created
-    except LabUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 def _commits(folder: Path, size: int) -> list[dict]:
     return [r for r in _records(folder) if r["event"] == "commit" and r["size"] == size]
 
 
-def test_members_behind_nat_train_through_the_relay_and_survive_a_kill(
-        lab: NatLab, tmp_path: Path) -> None:
-    outs = {name: tmp_path / name for name in ("owner", "home1", "home2")}
+class OwnerRun(NamedTuple):
+    """The owner's `horderun --listen` in the public namespace, and what its test needs."""
+
+    outs: dict[str, Path]  # each member's result folder, by name ("owner", homes...)
+    logs: dict[str, Path]
+    stop: Path  # the file whose creation ends the job
+    db: Path  # the embedded coordinator's ledger
+    common: dict[str, str]  # environment every member's script gets
+    owner: subprocess.Popen
+    all_logs: list[Path]
+    argv: list[str]  # the join command the owner printed
+
+
+def start_owner(lab: NatLab, tmp_path: Path, homes: tuple[str, ...]) -> OwnerRun:
+    """Start the owner's job (one local worker, room for the homes) and wait for the join
+    command it prints."""
+    outs = {name: tmp_path / name for name in ("owner", *homes)}
     for folder in outs.values():
         folder.mkdir()
     stop, db = tmp_path / "stop", tmp_path / "ledger.sqlite"
@@ -46,7 +52,8 @@ def test_members_behind_nat_train_through_the_relay_and_survive_a_kill(
               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     owner = lab.popen(lab.ns_pub, [
         sys.executable, "-m", "elastic.launcher.cli", "-np", "1", "--min-np", "1",
-        "--max-np", "3", "--listen", lab.pub_addr, "--coordinator-db", f"sqlite:///{db}",
+        "--max-np", str(1 + len(homes)), "--listen", lab.pub_addr,
+        "--coordinator-db", f"sqlite:///{db}",
         "--lease-ttl", "2", "--settle-window", "0.3", "--start-timeout", "30",
         sys.executable, SCRIPT],
         repo_env(HORDE_TEST_OUT=str(outs["owner"]), HORDE_HOSTNAME="public", **common),
@@ -54,7 +61,13 @@ def test_members_behind_nat_train_through_the_relay_and_survive_a_kill(
     all_logs = list(logs.values())
     printed = str(_wait("the owner's join command", lambda: _join_line(logs["owner"]), 60,
                         all_logs))
-    argv = shlex.split(printed)
+    return OwnerRun(outs, logs, stop, db, common, owner, all_logs, shlex.split(printed))
+
+
+def test_members_behind_nat_train_through_the_relay_and_survive_a_kill(
+        lab: NatLab, tmp_path: Path) -> None:
+    outs, logs, stop, db, common, owner, all_logs, argv = start_owner(
+        lab, tmp_path, ("home1", "home2"))
     _wait("the owner's worker to train", lambda: _records(outs["owner"]), 60, all_logs)
 
     joiners = {}

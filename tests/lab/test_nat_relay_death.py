@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import repo_env
-from tests.lab.netns import LabUnavailable, NatLab
-from tests.lab.test_public_join import SCRIPT, _credit, _join_line, _records, _wait
+from tests.lab.netns import NatLab
+from tests.lab.test_nat_relay import start_owner
+from tests.lab.test_public_join import _credit, _records, _wait
 
 REPO = Path(__file__).resolve().parents[2]
 HOMES = ("home1", "home2")
@@ -38,15 +37,6 @@ print(kv.value.decode() if kv else "")
 """
 
 
-@pytest.fixture
-def lab() -> Iterator[NatLab]:
-    try:
-        with NatLab() as created:
-            yield created
-    except LabUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 def _commits(folder: Path, size: int) -> list[dict]:
     return [r for r in _records(folder) if r["event"] == "commit" and r["size"] == size]
 
@@ -62,23 +52,7 @@ def _generation(lab: NatLab, argv: list[str]) -> dict:
 
 def test_the_member_that_relays_dies_and_the_members_behind_nat_go_on(
         lab: NatLab, tmp_path: Path) -> None:
-    outs = {name: tmp_path / name for name in ("owner", *HOMES)}
-    for folder in outs.values():
-        folder.mkdir()
-    stop, db = tmp_path / "stop", tmp_path / "ledger.sqlite"
-    logs = {name: tmp_path / f"{name}.log" for name in outs}
-    common = {"TEST_EPOCHS": "1000", "TEST_STOP_FILE": str(stop), "TEST_STEP_DELAY": "0.05",
-              "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    owner = lab.popen(lab.ns_pub, [
-        sys.executable, "-m", "elastic.launcher.cli", "-np", "1", "--min-np", "1",
-        "--max-np", "3", "--listen", lab.pub_addr, "--coordinator-db", f"sqlite:///{db}",
-        "--lease-ttl", "2", "--settle-window", "0.3", "--start-timeout", "30",
-        sys.executable, SCRIPT],
-        repo_env(HORDE_TEST_OUT=str(outs["owner"]), HORDE_HOSTNAME="public", **common),
-        logs["owner"], cwd=REPO)
-    all_logs = list(logs.values())
-    argv = shlex.split(str(_wait("the owner's join command",
-                                 lambda: _join_line(logs["owner"]), 60, all_logs)))
+    outs, logs, stop, db, common, owner, all_logs, argv = start_owner(lab, tmp_path, HOMES)
     _wait("the owner's worker to train", lambda: _records(outs["owner"]), 60, all_logs)
     joiners = {name: lab.popen(lab.homes[i], argv, repo_env(
         HORDE_TEST_OUT=str(outs[name]), HORDE_HOSTNAME=name, **common), logs[name], cwd=REPO)

@@ -28,7 +28,7 @@ from rendezvous.keys import JobKeys
 from rendezvous.settings import DEFAULT_PREFIX
 from tests.coordinator.helpers import ADMIN_TOKEN
 from tests.coordinator.serverproc import ServerProcess
-from tests.harness import unique_job
+from tests.harness import auth_etcd, unique_job
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -65,15 +65,7 @@ def fetch(url: str, node_id: str, token: str | None) -> tuple[int, Any]:
 @pytest.fixture
 def auth_job(tmp_path: Path) -> Iterator[tuple[EmbeddedEtcd, str, ServerProcess]]:
     """A real etcd with auth on for one job and a coordinator holding its root identity."""
-    try:
-        etcd_binary()
-    except RendezvousError as exc:
-        pytest.skip(f"no etcd binary: {exc}")
-    job = unique_job("coordcreds")
-    server = EmbeddedEtcd()
-    proc = None
-    try:
-        root_file = server.enable_auth(job, prefix=DEFAULT_PREFIX)
+    with auth_etcd("coordcreds") as (server, job, root_file):
         workdir = tmp_path / "coordinator"
         workdir.mkdir()
         proc = ServerProcess(f"sqlite:///{workdir / 'ledger.db'}", workdir,
@@ -81,11 +73,10 @@ def auth_job(tmp_path: Path) -> Iterator[tuple[EmbeddedEtcd, str, ServerProcess]
                              "--etcd-admin-user", "root",
                              "--etcd-admin-password-file", str(root_file))
         proc.start()
-        yield server, job, proc
-    finally:
-        if proc is not None:
+        try:
+            yield server, job, proc
+        finally:
             proc.stop()
-        server.stop()
 
 
 def test_a_node_gets_its_own_etcd_user_and_nobody_else_gets_it(

@@ -9,12 +9,13 @@ revoked node's user stops working at once, its old token included.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from rendezvous.etcd_auth import EtcdAuthAdmin, EtcdCredentials
 from rendezvous.keys import JobKeys
 from rendezvous.settings import DEFAULT_PREFIX
 from tests.harness import REPO, repo_env, unique_job
+from tests.harness import auth_etcd as harness_auth_etcd
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -36,17 +38,8 @@ SCRIPT = REPO / "tests" / "elastic" / "scripts" / "elastic_worker.py"
 @pytest.fixture
 def auth_etcd() -> Iterator[tuple[EmbeddedEtcd, str, EtcdCredentials]]:
     """A fresh etcd with auth on for one job: (server, job, root credentials)."""
-    try:
-        etcd_binary()
-    except RendezvousError as exc:
-        pytest.skip(f"no etcd binary: {exc}")
-    job = unique_job("auth")
-    server = EmbeddedEtcd()
-    try:
-        path = server.enable_auth(job, prefix=DEFAULT_PREFIX)
-        yield server, job, EtcdCredentials("root", path.read_text())
-    finally:
-        server.stop()
+    with harness_auth_etcd("auth") as (server, job, root_file):
+        yield server, job, EtcdCredentials("root", root_file.read_text())
 
 
 def _client(server: EmbeddedEtcd, creds: EtcdCredentials | None) -> EtcdBackend:
@@ -291,7 +284,6 @@ def test_horderun_etcd_auth_revokes_a_blacklisted_worker(tmp_path: Path) -> None
     """Blacklisting a worker of `horderun --etcd-auth` deletes its etcd user: the password
     it was given is refused from then on, while the job goes on without it."""
     import json
-    import re
 
     try:
         etcd_binary()
@@ -316,17 +308,7 @@ def test_horderun_etcd_auth_revokes_a_blacklisted_worker(tmp_path: Path) -> None
             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 90
-            while not (re.search(r"root password in (\S+)\)", output())
-                       and re.search(r"etcd://127\.0\.0\.1:\d+", output())):
-                assert proc.poll() is None, output()
-                assert time.monotonic() < deadline, output()
-                time.sleep(0.1)
-            root_file = Path(re.search(r"root password in (\S+)\)", output()).group(1))
-            url = re.search(r"etcd://127\.0\.0\.1:\d+", output()).group(0)
-            root = _client_url(url, EtcdCredentials("root", root_file.read_text()))
-            while root.get(keys.generation) is None:
-                assert proc.poll() is None and time.monotonic() < deadline, output()
-                time.sleep(0.1)
+            root_file, url, root = _await_first_generation(proc, output, keys, deadline)
             victim = json.loads(root.get_prefix(keys.nodes)[0][-1].value)
             user = f"horde-control-{job}-{victim['node_id']}"
             password = (root_file.parent / f"worker-{victim['order']}.password").read_text()
@@ -344,6 +326,24 @@ def test_horderun_etcd_auth_revokes_a_blacklisted_worker(tmp_path: Path) -> None
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+def _await_first_generation(proc: subprocess.Popen, output: Callable[[], str], keys: JobKeys,
+                            deadline: float) -> tuple[Path, str, EtcdBackend]:
+    """Wait until `horderun --etcd-auth` printed its etcd and root password file and its
+    first generation exists: (root password file, etcd URL, a root client)."""
+    password_line, etcd_url = r"root password in (\S+)\)", r"etcd://127\.0\.0\.1:\d+"
+    while not (re.search(password_line, output()) and re.search(etcd_url, output())):
+        assert proc.poll() is None, output()
+        assert time.monotonic() < deadline, output()
+        time.sleep(0.1)
+    root_file = Path(re.search(password_line, output()).group(1))
+    url = re.search(etcd_url, output()).group(0)
+    root = _client_url(url, EtcdCredentials("root", root_file.read_text()))
+    while root.get(keys.generation) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, output()
+        time.sleep(0.1)
+    return root_file, url, root
 
 
 def _client_url(url: str, creds: EtcdCredentials) -> EtcdBackend:
@@ -368,7 +368,6 @@ def test_horderun_etcd_auth_volunteer_with_only_its_own_keys_trains_to_the_end(
     requests go to its own key `ready/<node>`) and ends with the same parameters as the
     owner's workers; etcd still refuses its writes of the generation, leader, status,
     reset and blacklist."""
-    import re
 
     try:
         etcd_binary()
@@ -397,17 +396,7 @@ def test_horderun_etcd_auth_volunteer_with_only_its_own_keys_trains_to_the_end(
         joiner: subprocess.Popen[bytes] | None = None
         try:
             deadline = time.monotonic() + 90
-            while not (re.search(r"root password in (\S+)\)", output())
-                       and re.search(r"etcd://127\.0\.0\.1:\d+", output())):
-                assert owner.poll() is None, output()
-                assert time.monotonic() < deadline, output()
-                time.sleep(0.1)
-            root_file = Path(re.search(r"root password in (\S+)\)", output()).group(1))
-            url = re.search(r"etcd://127\.0\.0\.1:\d+", output()).group(0)
-            root = _client_url(url, EtcdCredentials("root", root_file.read_text()))
-            while root.get(keys.generation) is None:
-                assert owner.poll() is None and time.monotonic() < deadline, output()
-                time.sleep(0.1)
+            root_file, url, root = _await_first_generation(owner, output, keys, deadline)
             # The owner issues the volunteer a per-node identity (its own keys only).
             creds = EtcdAuthAdmin(root, keys).issue_node("volunteer-0")
             join_env = {**env, **creds.to_env(password_file=tmp_path / "volunteer.password")}

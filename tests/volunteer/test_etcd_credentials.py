@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from rendezvous.embedded import EmbeddedEtcd, etcd_binary
-from rendezvous.errors import RendezvousError
+from rendezvous.embedded import EmbeddedEtcd
 from rendezvous.etcd import EtcdBackend
 from rendezvous.etcd_auth import EtcdAuthAdmin, EtcdCredentials
 from rendezvous.keys import JobKeys
 from rendezvous.settings import DEFAULT_PREFIX
 from tests.coordinator.serverproc import ServerProcess
-from tests.harness import unique_job
+from tests.harness import auth_etcd
 from tests.volunteer.conftest import JOB_SCRIPT, VolunteerJob, base_env, cli, records, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -34,16 +33,15 @@ STEPS = "60"
 
 
 def test_a_volunteer_trains_with_coordinator_issued_etcd_credentials(tmp_path: Path) -> None:
-    try:
-        etcd_binary()
-    except RendezvousError as exc:
-        pytest.skip(f"no etcd binary: {exc}")
-    job = unique_job("volauth")
-    etcd = EmbeddedEtcd()
+    with auth_etcd("volauth") as (etcd, job, root_file):
+        train_with_issued_credentials(tmp_path, etcd, job, root_file)
+
+
+def train_with_issued_credentials(tmp_path: Path, etcd: EmbeddedEtcd, job: str,
+                                  root_file: Path) -> None:
     server = None
     procs: list[subprocess.Popen] = []
     try:
-        root_file = etcd.enable_auth(job, prefix=DEFAULT_PREFIX)
         root = EtcdCredentials("root", root_file.read_text())
         owner_creds = EtcdAuthAdmin(EtcdBackend(etcd.host, etcd.port, user="root",
                                                 password=root.password),
@@ -101,4 +99,3 @@ def test_a_volunteer_trains_with_coordinator_issued_etcd_credentials(tmp_path: P
                 proc.wait()
         if server is not None:
             server.stop()
-        etcd.stop()
