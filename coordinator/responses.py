@@ -189,11 +189,10 @@ class LossPoint(TypedDict):
     loss: float
 
 
-@with_config(_CLOSED)
-class Job(TypedDict):
-    """A job's generation, world size, rounds, samples/s and loss."""
+class _JobFigures(TypedDict):
+    """What the ledger knows of a job: shared by a listed job and the status page's."""
 
-    job: str
+    job: str | None
     generation: int | None
     members: list[str]
     world_size: int
@@ -203,6 +202,13 @@ class Job(TypedDict):
     samples_per_second: float
     first_seen: Time
     last_report_at: Time
+
+
+@with_config(_CLOSED)
+class Job(_JobFigures):
+    """A job's generation, world size, rounds, samples/s and loss."""
+
+    job: str
     loss: NotRequired[_doc(list[LossPoint], "The loss series (GET /api/v1/jobs/{job} only).")]
 
 
@@ -236,19 +242,9 @@ class Timeline(TypedDict):
 
 
 @with_config(_CLOSED)
-class StatusJob(TypedDict):
+class StatusJob(_JobFigures):
     """The shown job as the ledger and the rendezvous see it."""
 
-    job: str | None
-    generation: int | None
-    members: list[str]
-    world_size: int
-    rounds: int
-    reports: int
-    samples_credited: int
-    samples_per_second: float
-    first_seen: Time
-    last_report_at: Time
     state: _doc(str, "The job's state in the rendezvous (forming, running, ...); unknown "
                      "without one.")
     leader: str | None

@@ -235,18 +235,24 @@ def test_only_trusted_nodes_lead_failover_and_waiting(
             node.kill()
 
 
-def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> None:
-    """`horderun --etcd-auth`: the embedded etcd refuses a client without credentials
-    while the job, whose workers hold their own control identities, trains to the end."""
+def _horderun_job(tmp_path: Path, name: str, epochs: int) -> tuple[str, dict[str, str]]:
+    """A job name and the environment of a `horderun --etcd-auth` test job (no etcd
+    credentials of the caller's own); skips without the etcd binary."""
     try:
         etcd_binary()
     except RendezvousError as exc:
         pytest.skip(f"no etcd binary: {exc}")
-    job = unique_job("authrun")
-    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="3", TEST_STEP_DELAY="0.1",
-                   TEST_COMMIT_EVERY="4")
-    for name in ("HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD", "HORDE_ETCD_PASSWORD_FILE"):
-        env.pop(name, None)
+    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS=str(epochs),
+                   TEST_STEP_DELAY="0.1", TEST_COMMIT_EVERY="4")
+    for name_ in ("HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD", "HORDE_ETCD_PASSWORD_FILE"):
+        env.pop(name_, None)
+    return unique_job(name), env
+
+
+def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> None:
+    """`horderun --etcd-auth`: the embedded etcd refuses a client without credentials
+    while the job, whose workers hold their own control identities, trains to the end."""
+    job, env = _horderun_job(tmp_path, "authrun", epochs=3)
     log_path = tmp_path / "horderun.log"
     keys = JobKeys(DEFAULT_PREFIX, job)
     with open(log_path, "wb") as log:
@@ -259,8 +265,6 @@ def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> 
             deadline = time.monotonic() + 90
             url = None
             while url is None:
-                import re
-
                 found = re.search(r"etcd://127\.0\.0\.1:\d+", log_path.read_text(errors="replace"))
                 url = found.group(0) if found else None
                 assert proc.poll() is None or url, log_path.read_text(errors="replace")
@@ -285,15 +289,7 @@ def test_horderun_etcd_auth_revokes_a_blacklisted_worker(tmp_path: Path) -> None
     it was given is refused from then on, while the job goes on without it."""
     import json
 
-    try:
-        etcd_binary()
-    except RendezvousError as exc:
-        pytest.skip(f"no etcd binary: {exc}")
-    job = unique_job("authbl")
-    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="40", TEST_STEP_DELAY="0.1",
-                   TEST_COMMIT_EVERY="4")
-    for name in ("HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD", "HORDE_ETCD_PASSWORD_FILE"):
-        env.pop(name, None)
+    job, env = _horderun_job(tmp_path, "authbl", epochs=40)
     log_path = tmp_path / "horderun.log"
     keys = JobKeys(DEFAULT_PREFIX, job)
 
