@@ -70,10 +70,13 @@ def test_a_looser_norm_check_lets_a_large_gradient_in_but_never_a_nan(tmp_path: 
     assert sorted(stats["strikes"].values()) == [1], stats["strikes"]
 
 
-def test_synchronous_topk_leaves_out_a_nan_gradient_and_recovers(tmp_path: Path) -> None:
+def test_synchronous_topk_skips_a_nan_step_on_every_rank_and_recovers(tmp_path: Path) -> None:
+    """A well-formed payload holding NaN skips that step on every rank (as a dense NaN step
+    does, counted towards HORDE_MAX_NONFINITE_STEPS); nobody is left out as malformed."""
     ranks = run(tmp_path, 2, STALENESS="0", TOPK="0.05", POISON_RANK="1", POISON="10:nan",
                 STEPS="30")
     assert ranks[0]["params"] == ranks[1]["params"], "members' parameters differ"
     assert all(r["finite"] for r in ranks), "the NaN gradient reached the parameters"
-    # Only the poisoned step is left out: rank 1's residual stayed clean afterwards.
-    assert [r["stats"]["rejected"] for r in ranks] == [1, 1]
+    # Only the poisoned step is skipped: rank 1's residual stayed clean afterwards.
+    assert [r["stats"]["nonfinite_skipped"] for r in ranks] == [1, 1]
+    assert [r["stats"]["rejected"] for r in ranks] == [0, 0]

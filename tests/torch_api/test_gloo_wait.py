@@ -73,6 +73,7 @@ def test_a_process_set_whose_peer_never_connects_gives_up_on_a_membership_change
     store = serve_store("127.0.0.1", timeout=60)
     world = object.__new__(Transport)  # rank 0 of 2; rank 1 never arrives
     world.namespace, world.rank, world.size, world.timeout = "t/", 0, 2, 60.0
+    world.relay, world.reachable, world._children = "", True, []  # a direct Gloo generation
     world._store, world._bind_host = store, "127.0.0.1"
     interrupted = threading.Event()
     threading.Timer(0.5, interrupted.set).start()
@@ -89,6 +90,7 @@ import elastic.core.transport as transport
 store = transport.connect_store("127.0.0.1", int(sys.argv[1]), 60)
 world = object.__new__(transport.Transport)
 world.namespace, world.rank, world.size, world.timeout = "t/", 0, 2, 60.0
+world.relay, world.reachable, world._children = "", True, []  # a direct Gloo generation
 world._store, world._bind_host = store, "127.0.0.1"
 store.set("t/ps7/arrived/1", b"1")  # rank 1 arrives, then dies before Gloo pairs
 interrupted = threading.Event()
