@@ -25,6 +25,9 @@ __all__ = ["MultiKrum", "robust_applies"]
 
 #: Weight of a round's score in a rank's smoothed suspicion (the rest is its past).
 SUSPICION_WEIGHT = 0.1
+#: A rank whose smoothed suspicion stays above this (its score twice the round's median,
+#: round after round) is left out of rounds too small to outvote it.
+SUSPECT = 2.0
 
 
 def robust_applies(members: int, f: int) -> bool:
@@ -48,7 +51,7 @@ class MultiKrum:
         aggregate: all but the F most suspect, or all when `robust_applies` is false."""
         m = len(vectors)
         if not robust_applies(m, self.f):
-            return list(range(m))
+            return self._known_suspects_out(ranks)
         scores = krum_scores(vectors, self.f)
         middle = statistics.median(scores)
         suspicion = []
@@ -62,6 +65,18 @@ class MultiKrum:
         # Most suspect first, the higher rank first among equals: those f are left out.
         order = sorted(range(m), key=lambda i: (suspicion[i], ranks[i]), reverse=True)
         return sorted(order[self.f:])
+
+
+    def _known_suspects_out(self, ranks: Sequence[int]) -> list[int]:
+        """A round too small to outvote F (a slow member's round, a straggler's): leave out
+        up to F ranks that past rounds marked as suspect, never every contribution."""
+        suspects = sorted((i for i, r in enumerate(ranks)
+                           if self.suspicion.get(r, 1.0) > SUSPECT),
+                          key=lambda i: (self.suspicion[ranks[i]], ranks[i]), reverse=True)
+        out = set(suspects[:self.f])
+        if len(out) == len(ranks):
+            return list(range(len(ranks)))
+        return [i for i in range(len(ranks)) if i not in out]
 
 
 def krum_scores(vectors: Sequence[torch.Tensor], f: int) -> list[float]:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from elastic.codecs.base import Codec, DenseCodec
-from elastic.codecs.robust import MultiKrum, robust_applies
+from elastic.codecs.robust import MultiKrum
 from elastic.codecs.stats import RoundStats
 from elastic.core.engine import CollectiveEngine, Kind, Request
 from elastic.errors import HorovodInternalError, NonFiniteGradientError
@@ -439,7 +439,7 @@ class StalenessRounds:
             # ~1.8e19: a larger one squares to Inf), and the aggregate is their convex
             # combination: finite too, with no pass over it to check.
             aggregate = self._buffer()
-            if robust_applies(len({add.rank for add in decision.adds}), self._robust.f):
+            if self._robust.f > 0:  # small rounds: only ranks already known as suspect out
                 self._robust_add(decision.adds, payloads, aggregate)
             else:
                 for add in decision.adds:  # normalised as added: no pass over the sum after

@@ -68,6 +68,21 @@ def test_a_minority_cannot_be_told_and_everything_is_kept() -> None:
     assert MultiKrum(0).keep(honest(4), [0, 1, 2, 3]) == [0, 1, 2, 3]
 
 
+def test_a_known_attacker_is_left_out_of_rounds_too_small_to_outvote_it() -> None:
+    """Staleness rounds of a slow member can hold two contributions: a rank that past
+    rounds marked as suspect stays out of them; honest ranks and a lone one stay in."""
+    rule = MultiKrum(1)
+    for round_ in range(30):
+        grads = honest(4, seed=200 + round_)
+        grads[3] = -4 * grads[3]
+        rule.keep(grads, [0, 1, 2, 3])
+    small = honest(2, seed=7)
+    assert rule.keep([small[0], -4 * small[1]], [1, 3]) == [0]
+    assert rule.keep(small, [0, 1]) == [0, 1]
+    assert rule.keep([small[0]], [3]) == [0]  # never every contribution
+    assert MultiKrum(1).keep([small[0], -4 * small[1]], [1, 3]) == [0, 1]  # no past: kept
+
+
 def test_f_two_of_six_leaves_out_both_attackers() -> None:
     grads = honest(6)
     grads[1], grads[4] = -grads[1], 5 * grads[4]
