@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,14 @@ def test_namespaces_and_processes_are_gone_after_a_failure() -> None:
         started = lab.popen(lab.ns_a, ["sleep", "600"], {}, Path(os.devnull))
         # started outside `popen`, in a session of its own: only the namespace sweep finds it
         stray = subprocess.Popen(["ip", "netns", "exec", lab.ns_b, "setsid", "sleep", "600"])
-        inside = lab.pids(lab.ns_a) + lab.pids(lab.ns_b)
+        # `ip netns exec` enters the namespace a moment after it starts: wait for both
+        deadline = time.monotonic() + 10
+        inside: list[int] = []
+        while time.monotonic() < deadline:
+            inside = lab.pids(lab.ns_a) + lab.pids(lab.ns_b)
+            if started.pid in inside and stray.pid in inside:
+                break
+            time.sleep(0.05)
         assert started.pid in inside and stray.pid in inside
         raise RuntimeError("boom")
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
