@@ -9,12 +9,16 @@ it), so a request whose answer was lost may be sent again elsewhere.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import requests
+
+if TYPE_CHECKING:
+    from rendezvous.etcd_auth import EtcdCredentials
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +113,33 @@ class CoordinatorClient:
 
     def close(self) -> None:
         self.session.close()
+
+
+class CredentialsRefused(Exception):
+    """The coordinator would not issue a node's etcd credentials (the message says why)."""
+
+
+def etcd_credentials_from_answer(status: int, raw: bytes, node_id: str
+                                 ) -> EtcdCredentials | None:
+    """The etcd user in the coordinator's answer to POST /nodes/<id>/etcd-credentials.
+
+    None when the job runs without etcd authentication (409 `etcd_auth_off`); raises
+    CredentialsRefused, with the answer, for anything else that is not usable credentials.
+    """
+    from rendezvous.etcd_auth import EtcdCredentials
+
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if status == 409 and isinstance(error, dict) and error.get("code") == "etcd_auth_off":
+        return None
+    if status != 200 or not isinstance(answer, dict):
+        raise CredentialsRefused(f"the coordinator refused etcd credentials for node {node_id} "
+                                 f"(HTTP {status}: {raw[:300].decode(errors='replace')})")
+    try:
+        return EtcdCredentials(answer.get("user"), answer.get("password"))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise CredentialsRefused(f"the coordinator sent unusable etcd credentials for node "
+                                 f"{node_id}: {exc}") from None

@@ -87,7 +87,7 @@ class EtcdCredentials:
             except OSError as exc:
                 raise ValueError(
                     f"HORDE_ETCD_PASSWORD_FILE={path!r} cannot be read ({exc}); point it at "
-                    "the file holding etcd user {user!r}'s password") from None
+                    f"the file holding etcd user {user!r}'s password") from None
         else:
             password = environ.get("HORDE_ETCD_PASSWORD", "")
         if not password:

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from elastic.coordinator_client import CredentialsRefused, etcd_credentials_from_answer
 from rendezvous.etcd_auth import EtcdCredentials
 from volunteer_client.manifest import (
     ENVELOPE_NAME,
@@ -362,20 +363,11 @@ class Agent:
         status, raw = _http(f"{self.base_url}/api/v1/nodes/{node_id}/etcd-credentials", {},
                             token=token)
         try:
-            answer = json.loads(raw)
-        except ValueError:
-            answer = None
-        if status == 409 and isinstance(answer, dict) and isinstance(
-                answer.get("error"), dict) and answer["error"].get("code") == "etcd_auth_off":
+            creds = etcd_credentials_from_answer(status, raw, node_id)
+        except CredentialsRefused as exc:
+            raise AgentError(str(exc)) from None
+        if creds is None:
             return {}
-        if status != 200 or not isinstance(answer, dict):
-            raise AgentError(f"the coordinator refused etcd credentials for node {node_id} "
-                             f"(HTTP {status}: {raw[:300].decode(errors='replace')})")
-        try:
-            creds = EtcdCredentials(answer.get("user"), answer.get("password"))  # type: ignore[arg-type]
-        except ValueError as exc:
-            raise AgentError(f"the coordinator sent unusable etcd credentials for node "
-                             f"{node_id}: {exc}") from None
         folder = self.data_dir / "etcd"
         folder.mkdir(exist_ok=True, mode=0o700)
         self._etcd_creds[node_id] = creds

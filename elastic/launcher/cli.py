@@ -141,11 +141,13 @@ def make_parser() -> argparse.ArgumentParser:
                        "~/.local/share/horde)")
     horde.add_argument("--coordinator-port", type=int, default=0,
                        help="port of the embedded coordinator (default: a free one)")
-    horde.add_argument("--etcd-auth", action="store_true",
-                       help="turn etcd authentication on in the embedded etcd: a root user "
-                       "(password in a 0600 file in etcd's data folder), a control identity "
-                       "for this launcher, its coordinator and each worker it starts (env "
-                       "HORDE_ETCD_AUTH=1; see docs/security.md)")
+    horde.add_argument("--etcd-auth", action=argparse.BooleanOptionalAction, default=None,
+                       help="etcd authentication in the embedded etcd (on by default): a root "
+                       "user (password in a 0600 file in etcd's data folder), a control "
+                       "identity for this launcher, its coordinator and each worker it "
+                       "starts, and one user per volunteer, issued by the coordinator. "
+                       "--no-etcd-auth (env HORDE_ETCD_AUTH=0) lets anyone who reaches etcd "
+                       "rewrite the job; see docs/security.md")
     horde.add_argument("--trusted-peers", action="store_true",
                        help="every member of this job is trusted: objects from peers "
                        "(broadcast_object, allgather_object, elastic state) are fully unpickled, "
@@ -419,8 +421,21 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         exit_wait=exit_wait, exit_report_interval=report_interval,
         trusted_peers=args.trusted_peers or _truthy(_env("HORDE_TRUSTED_PEERS")),
         robust_aggregation=_robust(args.robust_aggregation),
-        etcd_auth=args.etcd_auth or _truthy(_env("HORDE_ETCD_AUTH")),
+        etcd_auth=_etcd_auth(args.etcd_auth, rendezvous),
     )
+
+
+def _etcd_auth(flag: bool | None, rendezvous: str | None) -> bool:
+    """--[no-]etcd-auth, else HORDE_ETCD_AUTH, else on exactly when the etcd is embedded."""
+    if flag is None:
+        text = _env("HORDE_ETCD_AUTH")
+        if text is None or not text.strip():
+            return rendezvous is None
+        if text.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise UsageError(f"HORDE_ETCD_AUTH={text!r} must be 1 or 0 (authentication in "
+                             "the embedded etcd on or off)")
+        flag = _truthy(text)
+    return flag
 
 
 def _robust(flag: int | None) -> int:

@@ -27,11 +27,12 @@ from pathlib import Path
 
 from elastic.core.stall import Activity, read_activity, waited
 from elastic.launcher import hosts as hostlib
+from elastic.launcher.enrol import Enrolment, enrol
 from elastic.launcher.output import output_paths, pump
 from rendezvous import backend_from_url, records
 from rendezvous.agent import registration
 from rendezvous.backend import RendezvousBackend
-from rendezvous.errors import RendezvousError
+from rendezvous.errors import RendezvousError, RendezvousPermissionError
 from rendezvous.etcd_auth import ROOT_USER, EtcdAuthAdmin, EtcdCredentials
 from rendezvous.generation import Generation, JobStatus, NodeInfo
 from rendezvous.keys import JobKeys
@@ -82,9 +83,9 @@ class LaunchPlan:
     """Workers fully unpickle their peers' objects (`--trusted-peers`); off: data only."""
     robust_aggregation: int = 0
     """F of multi-Krum (`--robust-aggregation`); published with the job, so joiners use it."""
-    etcd_auth: bool = False
-    """The embedded etcd runs with authentication (`--etcd-auth`): each process this
-    launcher starts gets its own control identity."""
+    etcd_auth: bool = True
+    """The embedded etcd runs with authentication (default; `--no-etcd-auth` turns it off):
+    each process this launcher starts gets its own control identity."""
 
 
 @dataclass
@@ -119,6 +120,7 @@ class Launcher:
         self._etcd_admin: EtcdAuthAdmin | None = None
         self._root_file: Path | None = None
         self._revoked: set[str] = set()
+        self._enrolled: dict[str, Enrolment] = {}
         self._next_revoke_check = 0.0
         self._backend: RendezvousBackend | None = None
         self._stop = threading.Event()
@@ -146,20 +148,55 @@ class Launcher:
                 return self._connect_with_auth(url)
             if not _is_loopback(self.plan.listen_addr):
                 logger.warning(
-                    "the embedded etcd serves WITHOUT AUTHENTICATION on %s: anyone who can "
-                    "reach this address can read and rewrite job %s (register nodes, evict "
-                    "workers, end the job). Serve only on a network you trust or firewall "
-                    "port %d to your volunteers; etcd authentication is open work (issue 11, "
-                    "docs/security.md)", url, self.plan.rdzv.job, self._etcd.port)
+                    "the embedded etcd serves WITHOUT AUTHENTICATION (--no-etcd-auth) on %s: "
+                    "anyone who can reach this address can read and rewrite job %s (register "
+                    "nodes, evict workers, end the job). Serve only on a network you trust, "
+                    "or leave authentication on (docs/security.md)", url, self.plan.rdzv.job)
         else:
             if self.plan.etcd_auth:
                 raise ValueError("--etcd-auth turns authentication on in the embedded etcd; "
                                  "for --rendezvous give this launcher's credentials with "
                                  "HORDE_ETCD_USER / HORDE_ETCD_PASSWORD_FILE (docs/security.md)")
             url = self.plan.rendezvous_url
-        self._backend = backend_from_url(url, timeout=self.plan.rdzv.request_timeout(url))
-        self._backend.get(self.keys.generation)  # fails fast, with the address, if unreachable
+        timeout = self.plan.rdzv.request_timeout(url)
+        credentials = None
+        if self._enrols():
+            # The launcher reads the job as its first worker's node: a node's etcd user
+            # may read the job and write only that node's keys.
+            first = self._enrolment(self._node_id(self._next_index))
+            credentials = first.etcd
+        self._backend = backend_from_url(url, timeout=timeout, credentials=credentials)
+        try:
+            self._backend.get(self.keys.generation)  # fails fast, with the address
+        except RendezvousPermissionError as exc:
+            if not self.plan.join or EtcdCredentials.from_env() is not None:
+                raise
+            raise RendezvousPermissionError(
+                f"{exc}. The job's etcd runs with authentication: join with the "
+                "--coordinator URL of the owner's join command (its coordinator issues this "
+                "node's etcd user), or give credentials with HORDE_ETCD_USER / "
+                "HORDE_ETCD_PASSWORD_FILE (docs/security.md)") from None
         return url
+
+    def _enrols(self) -> bool:
+        """A --join without credentials of its own gets each worker's etcd user from the
+        job's coordinator (none when the job runs without etcd authentication)."""
+        return (self.plan.join and self.plan.coordinator not in ("", "none", "embedded")
+                and EtcdCredentials.from_env() is None)
+
+    def _enrolment(self, node_id: str) -> Enrolment:
+        if node_id not in self._enrolled:
+            enrolled = self._enrolled[node_id] = enrol(
+                self.plan.coordinator, node_id,
+                os.environ.get("HORDE_COORDINATOR_REGISTRATION_TOKEN") or None)
+            if enrolled.etcd is not None:
+                sys.stderr.write(f"horderun: node {node_id} joins as etcd user "
+                                 f"{enrolled.etcd.user}, issued by the job's coordinator\n")
+        return self._enrolled[node_id]
+
+    def _node_id(self, index: int) -> str:
+        prefix = self.plan.node_prefix or f"{self.plan.hostname}-{os.getpid()}"
+        return f"{prefix}-{index}"
 
     def _connect_with_auth(self, url: str) -> str:
         """Turn auth on in the embedded etcd; this launcher and its in-process coordinator
@@ -177,9 +214,9 @@ class Launcher:
         os.environ.update(coordinator.to_env(self._etcd.data_dir / "coordinator.password"))
         self._backend.get(self.keys.generation)
         sys.stderr.write(f"horderun: embedded etcd authentication on (root password in "
-                         f"{root_file}); each worker gets its own control identity; a "
-                         "--join from elsewhere needs HORDE_ETCD_USER / "
-                         "HORDE_ETCD_PASSWORD_FILE (docs/security.md)\n")
+                         f"{root_file}); each worker gets its own control identity, each "
+                         "--join its own node user from the coordinator (--no-etcd-auth: "
+                         "off; docs/security.md)\n")
         sys.stderr.flush()
         return url
 
@@ -279,6 +316,13 @@ class Launcher:
             creds = self._etcd_admin.issue_control(node_id)
             env.update(creds.to_env(self._etcd.data_dir / f"worker-{index}.password"))
             env.pop("HORDE_ETCD_PASSWORD", None)
+        elif self._enrols():
+            enrolled = self._enrolment(node_id)
+            env["HORDE_COORDINATOR_TOKEN"] = enrolled.token
+            if enrolled.etcd is not None:
+                folder = Path(plan.data_dir) / "etcd"
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                env.update(enrolled.etcd.to_env(folder / f"{node_id}.password"))
         env.update(plan.extra_env)
         return env
 
@@ -293,8 +337,7 @@ class Launcher:
     def _spawn(self, url: str, job_env: dict[str, str]) -> Worker:
         index = self._next_index
         self._next_index += 1
-        prefix = self.plan.node_prefix or f"{self.plan.hostname}-{os.getpid()}"
-        node_id = f"{prefix}-{index}"
+        node_id = self._node_id(index)
         out_path, err_path = output_paths(self.plan.output_filename, index,
                                           len(str(max(self.plan.np - 1, 1))))
         proc = subprocess.Popen(
@@ -313,14 +356,24 @@ class Launcher:
         """Revoke a dead worker's lease so the leader replaces it without waiting."""
         if self._backend is None:
             return
+        backend, own = self._backend, None
+        enrolled = self._enrolled.get(worker.node_id)
+        if enrolled is not None and enrolled.etcd is not None and backend is not None:
+            # Only the node's own etcd user may revoke the lease its keys are attached to.
+            url = self.plan.rendezvous_url or ""
+            backend = own = backend_from_url(url, timeout=self.plan.rdzv.request_timeout(url),
+                                             credentials=enrolled.etcd)
         try:
-            kv = self._backend.get(self.keys.node(worker.node_id))
+            kv = backend.get(self.keys.node(worker.node_id))
             if kv is not None:
                 lease = NodeInfo.from_json(kv.value).lease
                 if lease:
-                    self._backend.revoke_lease(lease)
+                    backend.revoke_lease(lease)
         except RendezvousError as exc:
             logger.warning("could not report the death of %s: %s", worker.node_id, exc)
+        finally:
+            if own is not None:
+                own.close()
 
     def _terminate_all(self) -> None:
         live = [w for w in self.workers if w.proc.poll() is None]

@@ -97,7 +97,9 @@ def test_volunteer_in_another_namespace_joins_with_the_printed_command(
     coordinator = urlsplit(argv[argv.index("--coordinator") + 1])
     assert (coordinator.scheme, coordinator.hostname) == ("http", lab.addr_a), printed
     owner_text = owner_log.read_text(errors="replace")
-    assert "WITHOUT AUTHENTICATION" in owner_text and "issue 11" in owner_text
+    # The embedded etcd serves the public address with authentication on (the default).
+    assert "embedded etcd authentication on" in owner_text
+    assert "WITHOUT AUTHENTICATION" not in owner_text
     _wait("the owner's worker to train", lambda: any(
         r["event"] == "commit" for r in _records(out_a)), 60, logs)
 
@@ -124,6 +126,9 @@ def test_volunteer_in_another_namespace_joins_with_the_printed_command(
     assert by_step and all(len(params) == 1 for params in by_step.values()), by_step
 
     joiner_node = joiner_done[0]["node"]
+    # The printed command needed nothing more: the joiner got its own etcd user from the
+    # owner's coordinator (a node user: it cannot lead, write the generation or evict).
+    assert f"node {joiner_node} joins as etcd user" in joiner_log.read_text(errors="replace")
     credit = _credit(db)
     assert credit.get(joiner_node, 0) > 0, f"no credit for {joiner_node}: {credit}"
     assert credit.get(owner_done[0]["node"], 0) > 0, credit

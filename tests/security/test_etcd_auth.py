@@ -250,14 +250,17 @@ def _horderun_job(tmp_path: Path, name: str, epochs: int) -> tuple[str, dict[str
 
 
 def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> None:
-    """`horderun --etcd-auth`: the embedded etcd refuses a client without credentials
-    while the job, whose workers hold their own control identities, trains to the end."""
+    """A plain `horderun` (authentication is the embedded etcd's default): the etcd refuses
+    a client without credentials, and a --join without credentials or a coordinator that
+    could issue them is told what to pass, while the job, whose workers hold their own
+    control identities, trains to the end."""
     job, env = _horderun_job(tmp_path, "authrun", epochs=3)
+    env.pop("HORDE_ETCD_AUTH", None)
     log_path = tmp_path / "horderun.log"
     keys = JobKeys(DEFAULT_PREFIX, job)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--etcd-auth",
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2",
              "--job", job, "--coordinator", "none", "--lease-ttl", "2",
              "--log-level", "INFO", sys.executable, str(SCRIPT)],
             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -273,6 +276,13 @@ def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> 
             stranger = backend_from_url(url, credentials=None)
             with pytest.raises(RendezvousPermissionError):
                 stranger.put(keys.generation, b"{}")
+            joiner = subprocess.run(
+                [sys.executable, "-m", "elastic.launcher.cli", "--join", "--rendezvous", url,
+                 "--job", job, "--coordinator", "none", "-np", "1", sys.executable,
+                 str(SCRIPT)], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+            assert joiner.returncode != 0
+            assert "runs with authentication: join with the --coordinator URL" in joiner.stderr
+            assert "HORDE_ETCD_USER" in joiner.stderr and "Traceback" not in joiner.stderr
             code = proc.wait(120)
         finally:
             if proc.poll() is None:
@@ -282,6 +292,37 @@ def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> 
     assert code == 0, output
     assert "authentication on" in output
     assert "WITHOUT AUTHENTICATION" not in output
+
+
+def test_horderun_no_etcd_auth_opts_out(tmp_path: Path) -> None:
+    """`horderun --no-etcd-auth`: the embedded etcd runs open (for a trusted network), so
+    a client without credentials reads the job; the job still trains to the end."""
+    job, env = _horderun_job(tmp_path, "noauth", epochs=2)
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    log_path = tmp_path / "horderun.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "1", "--no-etcd-auth",
+             "--job", job, "--coordinator", "none", sys.executable, str(SCRIPT)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            config = None
+            while config is None:
+                found = re.search(r"etcd://127\.0\.0\.1:\d+", log_path.read_text(errors="replace"))
+                if found:
+                    config = backend_from_url(found.group(0), credentials=None).get(keys.config)
+                assert proc.poll() is None or config, log_path.read_text(errors="replace")
+                assert time.monotonic() < deadline, "no job settings readable within 90 s"
+                time.sleep(0.1)
+            code = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    output = log_path.read_text(errors="replace")
+    assert code == 0, output
+    assert "authentication on" not in output
 
 
 def test_horderun_etcd_auth_revokes_a_blacklisted_worker(tmp_path: Path) -> None:
