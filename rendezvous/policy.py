@@ -213,11 +213,13 @@ def _publish_or_starve(view: ClusterView, members: tuple[str, ...], reason: str,
 def build_generation(previous: Generation | None, members: tuple[str, ...],
                      nodes: dict[str, NodeInfo], reason: str, wall_now: float,
                      settings: RendezvousSettings | None = None) -> Generation:
-    """The generation record for `members`; its store lives on rank 0's own store server.
+    """The generation record for `members`.
 
-    With a relay in `settings` and a member that accepts no inbound connection (or
-    relay_mode "always"), the generation goes through the relay instead: its store is the
-    one on the relay host, and its process groups exchange through the relay hub.
+    Its store is the one the job owner's launcher serves beside the relay hub when the job
+    has one (a job served beyond loopback): the store tells members where to connect, so a
+    volunteer that hosted it could redirect its peers. Without it, rank 0 serves the store.
+    With a member that accepts no inbound connection (or relay_mode "always"), the
+    generation's process groups also exchange through the relay hub.
     """
     records = tuple(
         Member(node_id=n, host=nodes[n].host, addr=nodes[n].addr, slots=nodes[n].slots,
@@ -240,11 +242,15 @@ def build_generation(previous: Generation | None, members: tuple[str, ...],
             store_host=relay.rpartition(":")[0].strip("[]"),
             store_port=settings.relay_store_port,  # type: ignore[union-attr]
             reason=reason, created_at=wall_now, relay=relay)
+    store_host, store_port = first.addr, first.store_port
+    if settings is not None and settings.relay and settings.relay_store_port:
+        store_host = settings.relay.rpartition(":")[0].strip("[]")
+        store_port = settings.relay_store_port
     return Generation(
         id=(previous.id + 1) if previous else 0,
         members=records,
-        store_host=first.addr,
-        store_port=first.store_port,
+        store_host=store_host,
+        store_port=store_port,
         reason=reason,
         created_at=wall_now,
     )

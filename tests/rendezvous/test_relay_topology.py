@@ -24,9 +24,14 @@ def infos(*reachable: bool) -> dict[str, NodeInfo]:
             for i, r in enumerate(reachable)}
 
 
-def test_all_reachable_is_direct_gloo_on_rank_zeros_store() -> None:
+def test_all_reachable_is_direct_gloo_on_the_owners_store() -> None:
+    """Direct Gloo, but the store (which tells members where to connect) is the job
+    owner's, never a volunteer's that happens to be rank 0; without one, rank 0's."""
     gen = build_generation(None, ("n0", "n1"), infos(True, True), "job started", WALL, RELAY)
     assert gen.relay == ""
+    assert (gen.store_host, gen.store_port) == ("203.0.113.5", 4001)
+    gen = build_generation(None, ("n0", "n1"), infos(True, True), "job started", WALL,
+                           RendezvousSettings())
     assert (gen.store_host, gen.store_port) == ("10.0.0.1", 30000)
 
 
