@@ -137,6 +137,7 @@ class NodeAgent:
         info: NodeInfo,
         candidate: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        member: bool = True,
     ) -> None:
         self.backend = backend
         self.settings = settings
@@ -144,6 +145,9 @@ class NodeAgent:
         self.node_id = info.node_id
         self._info = info
         self._candidate = candidate
+        #: False: a standby that only leads (the owner's launcher), never registered
+        #: under `nodes/`, so never a member of a generation
+        self._member = member
         self._clock = clock
         self._lease = 0
         self._lease_refreshed = 0.0
@@ -179,11 +183,16 @@ class NodeAgent:
             raise BlacklistedError(
                 f"node {self.node_id} is blacklisted in job {self.settings.job} until "
                 f"{time.ctime(record.until)}: {record.reason}")
-        # A leave announced by an earlier run of this node would keep it out for good:
-        # the leader treats a node under `leaving/` as gone even while it is registered.
-        self.backend.delete(self.keys.leaving_node(self.node_id))
+        if self._member:
+            # A leave announced by an earlier run of this node would keep it out for good:
+            # the leader treats a node under `leaving/` as gone even while registered.
+            self.backend.delete(self.keys.leaving_node(self.node_id))
         self._lease = self.backend.grant_lease(self.settings.lease_ttl)
         self._lease_refreshed = self._clock()
+        if not self._member:  # the lease only carries the leader key
+            logger.info("job %s: %s stands by to lead (lease %x)", self.settings.job,
+                        self.node_id, self._lease)
+            return
         info = NodeInfo(**{**self._info.__dict__, "lease": self._lease,
                            "registered_at": time.time()})
         self._info = info
@@ -197,7 +206,8 @@ class NodeAgent:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            self.backend.put(self.keys.leaving_node(self.node_id), reason.encode())
+            if self._member:
+                self.backend.put(self.keys.leaving_node(self.node_id), reason.encode())
             if self._lease:
                 self.backend.revoke_lease(self._lease)
         except RendezvousConnectionError:

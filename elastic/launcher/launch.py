@@ -30,7 +30,7 @@ from elastic.launcher import hosts as hostlib
 from elastic.launcher.enrol import Enrolment, enrol
 from elastic.launcher.output import output_paths, pump
 from rendezvous import backend_from_url, records
-from rendezvous.agent import registration
+from rendezvous.agent import NodeAgent, registration
 from rendezvous.backend import RendezvousBackend
 from rendezvous.errors import RendezvousError, RendezvousPermissionError
 from rendezvous.etcd_auth import ROOT_USER, EtcdAuthAdmin, EtcdCredentials
@@ -199,8 +199,9 @@ class Launcher:
         return f"{prefix}-{index}"
 
     def _connect_with_auth(self, url: str) -> str:
-        """Turn auth on in the embedded etcd; this launcher and its in-process coordinator
-        use control identities (the coordinator's through HORDE_ETCD_* in this process)."""
+        """Turn auth on in the embedded etcd; this launcher uses a control identity, its
+        in-process coordinator the root one it needs to issue node users anyway (nothing
+        goes into this process's environment: `elastic.run` returns to its caller)."""
         assert self._etcd is not None
         root_file = self._etcd.enable_auth(self.plan.rdzv.job, prefix=self.plan.rdzv.prefix)
         root = EtcdCredentials(ROOT_USER, root_file.read_text(encoding="utf-8"))
@@ -210,8 +211,6 @@ class Launcher:
                                                           credentials=root), self.keys)
         mine = self._etcd_admin.issue_control("launcher")
         self._backend = backend_from_url(url, timeout=timeout, credentials=mine)
-        coordinator = self._etcd_admin.issue_control("coordinator")
-        os.environ.update(coordinator.to_env(self._etcd.data_dir / "coordinator.password"))
         self._backend.get(self.keys.generation)
         sys.stderr.write(f"horderun: embedded etcd authentication on (root password in "
                          f"{root_file}); each worker gets its own control identity, each "
@@ -726,10 +725,39 @@ class Launcher:
         return sum(1 for kv in kvs if registration(kv, self.keys) is not None)
 
     def _wait_for_joined_workers(self) -> None:
-        """Keep the embedded etcd up while workers of other launchers still train."""
+        """Keep the embedded etcd up while workers of other launchers still train; with
+        etcd auth, also stand by to lead them (volunteers' node users may not)."""
+        assert self._backend is not None
+        standby = self._standby_leader()
+        try:
+            self._serve_joined_workers(standby)
+        finally:
+            if standby is not None:
+                standby.stop()
+
+    def _standby_leader(self) -> NodeAgent | None:
+        """A leader-only agent under this launcher's control identity, not a member."""
+        if self._etcd_admin is None or self._backend is None:
+            return None
+        info = NodeInfo(node_id=f"{self.plan.hostname}-{os.getpid()}-launcher",
+                        host=self.plan.hostname, addr=self.plan.advertise_addr, store_port=0)
+        agent = NodeAgent(self._backend, self.plan.rdzv, info, member=False)
+        try:
+            agent.start()
+        except RendezvousError as exc:
+            logger.warning("cannot stand by to lead the joined workers: %s", exc)
+            return None
+        sys.stderr.write("horderun: this launcher leads the joined workers' membership while "
+                         "no trusted worker is left (their etcd users may not lead)\n")
+        return agent
+
+    def _serve_joined_workers(self, standby: NodeAgent | None) -> None:
         assert self._backend is not None
         announced = False
         while not self._stop.is_set():
+            if standby is not None and standby.error is not None:
+                logger.warning("the launcher's standby leader failed: %s", standby.error)
+                standby = None
             kvs, _ = self._backend.get_prefix(self.keys.nodes)
             # Only live registrations count: a key bound to no lease (or not a registration)
             # would never go away and keep etcd up for good.

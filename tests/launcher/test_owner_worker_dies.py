@@ -56,7 +56,9 @@ def test_owner_serves_joined_workers_after_its_own_worker_dies(
               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     owner = _start(procs, [
         sys.executable, "-m", "elastic.launcher.cli", "-np", "1", "--min-np", "1",
-        "--max-np", "2", "--coordinator", "none", "--lease-ttl", "2", "--settle-window",
+        # the embedded coordinator issues the joiner's etcd user (auth is on by default)
+        "--max-np", "2", "--data-dir", str(tmp_path / "data"), "--lease-ttl", "2",
+        "--settle-window",
         "0.3", sys.executable, SCRIPT],
         repo_env(HORDE_TEST_OUT=str(outs["owner"]), HORDE_HOSTNAME="owner", **common),
         logs["owner"])
@@ -80,6 +82,8 @@ def test_owner_serves_joined_workers_after_its_own_worker_dies(
         _wait("horderun to exit", lambda proc=proc: proc.poll() is not None, 60, all_logs)
     owner_text = logs["owner"].read_text(errors="replace")
     assert "the job goes on with the workers that joined it" in owner_text
+    # The joiner's etcd user may not lead: the owner's launcher leads it (etcd auth is on).
+    assert "this launcher leads the joined workers' membership" in owner_text
     if joined_worker == "finishes":
         assert (owner.returncode, joiner.returncode) == (0, 0), owner_text
         assert [r["event"] for r in _records(outs["joiner"])][-1] == "done"
