@@ -22,6 +22,7 @@ from elastic.codecs.robust import MultiKrum
 from elastic.codecs.stats import RoundStats
 from elastic.codecs.topk import TopKCompressor
 from elastic.codecs.wire import (
+    HEADER_BYTES,
     SparsePayload,
     SparsePayloadError,
     all_finite,
@@ -161,8 +162,12 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
         sent = int(allreduce_bytes(values.numel(), size, values.element_size()))
         return average.to(like.dtype), sent, []
     message = pack_payloads(payloads)
+    # At most 4-byte indices and 8-byte values per entry and a header per payload from an
+    # honest member; a peer announcing more is refused before anything is allocated.
+    honest = sum(HEADER_BYTES + 8 + 12 * n for n in numels)
     (gathered,) = engine.submit(Request(Kind.ALLGATHER, [message], name=name,
-                                        process_set_id=process_set_id)).result()
+                                        process_set_id=process_set_id,
+                                        honest_part_bytes=honest)).result()
     out = torch.zeros_like(like) if out is None else out.zero_()
     parts = []
     offset = 0

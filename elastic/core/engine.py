@@ -126,6 +126,11 @@ class Request:
     """alltoall: rows sent to each rank. allgather of one tensor: set by the engine to
     the rows each rank contributed."""
     process_set_id: int = 0
+    honest_part_bytes: int = 0
+    """allgather, alltoall: the largest part an honest rank can send in this exchange,
+    where the caller knows it (Horde's own gradient messages); the cap on what peers may
+    announce is at least this, so HORDE_MAX_ALLGATHER_BYTES never refuses a large model's
+    honest gradient."""
     inplace: bool = False
     """allreduce of one contiguous tensor: reduce into it instead of into a copy."""
     future: Future = field(default_factory=Future)
@@ -548,7 +553,7 @@ class CollectiveEngine:
         # Before anything of their size exists (every rank sees the same sizes and rows
         # alike, so every rank refuses alike and the collectives stay in step).
         self._check_parts(describe_request(request), transport,
-                          [[d] for d in dims0], _row_bytes(tensor))
+                          [[d] for d in dims0], _row_bytes(tensor), request.honest_part_bytes)
         if len(request.tensors) == 1:
             request.splits = list(dims0)
         group = transport.group_for(tensor)
@@ -563,13 +568,14 @@ class CollectiveEngine:
         return out
 
     def _check_parts(self, what: str, transport: Transport, table: list[list[int]],
-                     row_bytes: int) -> None:
+                     row_bytes: int, honest_part_bytes: int = 0) -> None:
         """Refuse (AllgatherSizeError, on every rank) rows that ranks announced, `table[r]`
-        by rank r, that are negative or over `max_part_bytes` (a row counts as at least
-        one byte, so rows of nothing stay bounded too). Names rank, size and setting."""
-        limit = self.max_part_bytes
+        by rank r, that are negative or over `max_part_bytes` (at least
+        `honest_part_bytes`; a row counts as at least one byte, so rows of nothing stay
+        bounded too). Names rank, size and setting."""
+        limit = max(self.max_part_bytes, honest_part_bytes)
         ranks = transport.members or range(transport.size)
-        negative, over = [], []
+        negative, over, offenders = [], [], []
         for r, announced in enumerate(table):
             rank = ranks[r] if r < len(ranks) else r
             for rows in announced:
@@ -578,18 +584,25 @@ class CollectiveEngine:
                 elif rows * max(row_bytes, 1) > limit:
                     over.append(f"rank {rank}: {rows} rows of {row_bytes} bytes, "
                                 f"{rows * row_bytes} bytes")
+                else:
+                    continue
+                if r not in offenders:
+                    offenders.append(r)
         if not negative and not over:
             return
         if negative:
             text = (f"{what}: refused a negative size ({', '.join(negative)}); nothing was "
                     "allocated. That rank runs modified or broken code")
         else:
-            text = (f"{what}: refused a part larger than HORDE_MAX_ALLGATHER_BYTES={limit} "
+            cap = (f"HORDE_MAX_ALLGATHER_BYTES={limit}" if limit == self.max_part_bytes else
+                   f"{limit} bytes, the most an honest member sends here "
+                   f"(HORDE_MAX_ALLGATHER_BYTES={self.max_part_bytes})")
+            text = (f"{what}: refused a part larger than {cap} "
                     f"({', '.join(over)}); nothing was allocated. If this job really "
                     "gathers parts that large, set HORDE_MAX_ALLGATHER_BYTES higher on every "
                     "worker; otherwise that rank runs modified or broken code")
         logger.warning("%s", text)
-        raise AllgatherSizeError(text)
+        raise AllgatherSizeError(text, offenders)
 
     def _broadcast(self, tensor: torch.Tensor, transport: Transport, root: int) -> None:
         opts = dist.BroadcastOptions()
@@ -616,8 +629,6 @@ class CollectiveEngine:
                     f"to be divisible by the number of ranks ({size}); pass splits=")
             splits = [tensor.shape[0] // size] * size
         table = self._exchange_ints(transport, list(splits))
-        if any(len(row) != size for row in table):  # same length on every rank, or gloo fails
-            raise AllgatherSizeError("alltoall: a rank announced splits of the wrong length")
         self._check_parts("alltoall", transport, table, _row_bytes(tensor))
         received = [table[r][transport.rank] for r in range(size)]
         out = tensor.new_empty((sum(received), *tensor.shape[1:]))

@@ -102,3 +102,32 @@ def test_the_cap_defaults_to_the_object_cap_and_is_read_from_the_environment() -
     with pytest.raises(ValueError, match="HORDE_MAX_ALLGATHER_BYTES=0 must be > 0"):
         WorkerSettings.from_env({"HORDE_MAX_ALLGATHER_BYTES": "0"})
     assert issubclass(AllgatherSizeError, ValueError)
+
+
+def test_an_honest_bound_given_by_horde_s_own_exchanges_raises_the_cap_never_lowers_it(
+        ) -> None:
+    # The check alone (its real-process use is above): synchronous top-k and staleness
+    # rounds pass the most an honest member sends, so a large model's gradient messages
+    # are never refused, whatever HORDE_MAX_ALLGATHER_BYTES says.
+    from types import SimpleNamespace
+
+    from elastic.core.engine import CollectiveEngine
+
+    engine = CollectiveEngine.__new__(CollectiveEngine)
+    engine.max_part_bytes = 100
+    world = SimpleNamespace(members=None, size=3)
+    engine._check_parts("allgather", world, [[10], [100], [0]], 1)  # at the cap: fine
+    engine._check_parts("allgather", world, [[10], [5000], [0]], 1, honest_part_bytes=5000)
+    with pytest.raises(AllgatherSizeError) as info:
+        engine._check_parts("allgather", world, [[10], [5001], [-1]], 1,
+                            honest_part_bytes=5000)
+    assert info.value.ranks == (1, 2)
+    assert "rank 2: -1 rows" in str(info.value)  # a negative count is named first
+    with pytest.raises(AllgatherSizeError) as info:
+        engine._check_parts("allgather", world, [[10], [5001], [0]], 1, honest_part_bytes=5000)
+    assert "larger than 5000 bytes, the most an honest member sends here " \
+           "(HORDE_MAX_ALLGATHER_BYTES=100) (rank 1: 5001 rows of 1 bytes" in str(info.value)
+    # process sets name global ranks; rows of zero bytes still count as one byte each
+    subset = SimpleNamespace(members=(4, 7), size=2)
+    with pytest.raises(AllgatherSizeError, match="rank 7: 101 rows of 0 bytes"):
+        engine._check_parts("alltoall", subset, [[1, 1], [0, 101]], 0)
