@@ -165,9 +165,11 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
     # At most 4-byte indices and 8-byte values per entry and a header per payload from an
     # honest member; a peer announcing more is refused before anything is allocated.
     honest = sum(HEADER_BYTES + 8 + 12 * n for n in numels)
-    (gathered,) = engine.submit(Request(Kind.ALLGATHER, [message], name=name,
-                                        process_set_id=process_set_id,
-                                        honest_part_bytes=honest)).result()
+    gather = Request(Kind.ALLGATHER, [message], name=name, process_set_id=process_set_id,
+                     honest_part_bytes=honest)
+    (gathered,) = engine.submit(gather).result()
+    lengths = gather.splits  # the bytes each rank sent (set by the engine)
+    assert lengths is not None
     out = torch.zeros_like(like) if out is None else out.zero_()
     parts = []
     offset = 0
@@ -178,8 +180,15 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
     separate: list[torch.Tensor] = []  # robust: each accepted rank's gradient on its own
     separate_ranks: list[int] = []
     for rank in range(size):
-        received, offset = unpack_payloads(gathered, offset, numels=numels, validate=False)
+        # Each rank's own bytes: a peer's malformed header (a wrong size, bad magic) must
+        # cost that rank its gradient, not fail the step or shift the next rank's bytes.
+        mine = gathered[offset:offset + lengths[rank]]
+        offset += lengths[rank]
         try:
+            received, used = unpack_payloads(mine, numels=numels, validate=False)
+            if used != mine.numel():
+                raise SparsePayloadError(
+                    f"{mine.numel() - used} bytes follow its payloads (sent {mine.numel()})")
             for payload in received:
                 payload.validate(values=False)
             if nonfinite_skips and not all(all_finite(p.values) for p in received):

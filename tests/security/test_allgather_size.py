@@ -7,7 +7,9 @@ allgather_worker.py). Before the cap every honest rank tried to allocate 2^40 ro
 TiB here) and failed with an allocator error wrapped in HorovodInternalError (or hung on
 a negative count); now every rank refuses with AllgatherSizeError naming the rank, the
 size and the setting, nothing is allocated, the collectives stay in step and ordinary
-uneven allgathers still work.
+uneven allgathers still work. In synchronous top-k, a message whose header no decoder
+accepts costs its sender that step's gradient (before, every rank's step raised
+SparsePayloadError).
 """
 
 from __future__ import annotations
@@ -70,10 +72,15 @@ def test_a_huge_or_negative_announced_part_is_refused_before_anything_is_allocat
         negative = got["negative_rows"]
         assert negative["raised"] == "AllgatherSizeError", (rank, negative, output)
         assert f"rank {attacker}: -3 rows" in negative["message"], negative["message"]
+        topk = got["topk"]  # a malformed top-k message costs its sender the step's gradient
+        assert topk["error"] is None, (rank, topk, output)
+        assert (topk["rejected"], topk["rounds"]) == (1, 4), topk
+        assert topk["params"] == results[0]["topk"]["params"], "ranks' parameters differ"
         assert got["after"] == NP, got
         assert got["uneven"]["value"] == [[6, 3], [0.0, 1.0, 1.0, 2.0, 2.0, 2.0]], got
         assert got["max_rss_bytes"] < 2 ** 31, got["max_rss_bytes"]
     assert "refused a part larger than HORDE_MAX_ALLGATHER_BYTES" in output  # logged too
+    assert f"top-k: rejected the gradient of rank {attacker}: bad payload magic" in output
 
 
 @pytest.mark.slow
@@ -88,6 +95,8 @@ def test_an_honest_part_over_a_lower_cap_is_refused_on_every_rank_alike(
         got = results[rank]
         assert "HORDE_MAX_ALLGATHER_BYTES=32" in got["huge_rows"]["message"], got
         assert got["after"] == NP, got
+        # top-k's own messages (about 100 bytes here) are never refused by the setting
+        assert got["topk"]["error"] is None and got["topk"]["rounds"] == 4, got["topk"]
         uneven = got["uneven"]
         assert uneven["raised"] == "AllgatherSizeError", (rank, uneven, output)
         assert "(rank 2: 3 rows of 12 bytes, 36 bytes)" in uneven["message"], uneven

@@ -65,6 +65,43 @@ def outcome(fn: Any) -> dict[str, Any]:
                 "trace": traceback.format_exc()[-2000:]}
 
 
+def topk_steps(rank: int, attacker: int) -> dict[str, Any]:
+    """Four synchronous top-k steps; at the second, the attacker's message holds a header
+    that no decoder accepts (its magic flipped), the bytes it announced all the same."""
+    import hashlib
+
+    import elastic.codecs.exchange as exchange
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 4)
+    optimizer = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+        compression=hvd.Compression.topk(0.1, min_sparse_numel=16))
+    generator = torch.Generator().manual_seed(rank)
+    real_pack = exchange.pack_payloads
+    step_error = None
+    for step in range(4):
+        if rank == attacker and step == 1:
+            def corrupt_once(payloads: Any) -> torch.Tensor:
+                exchange.pack_payloads = real_pack
+                message = real_pack(payloads).clone()
+                message[0] ^= 0xFF
+                return message
+            exchange.pack_payloads = corrupt_once
+        optimizer.zero_grad()
+        model(torch.randn(8, 64, generator=generator)).pow(2).mean().backward()
+        try:
+            optimizer.step()
+        except Exception as exc:  # noqa: BLE001 - recorded for the test
+            step_error = f"{type(exc).__name__}: {exc}"
+            break
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+                                     for p in model.parameters())).hexdigest()[:16]
+    stats = optimizer.communication_stats()
+    return {"error": step_error, "params": digest, "rejected": stats.get("rejected"),
+            "rounds": stats.get("rounds")}
+
+
 def main() -> int:
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
@@ -86,6 +123,7 @@ def main() -> int:
         announce_ints([HUGE] + [1] * (size - 1))
     results["alltoall"] = outcome(lambda: hvd.alltoall(torch.ones(size, 4),
                                                        splits=[1] * size, name="alltoall"))
+    results["topk"] = topk_steps(rank, attacker)
     # the job goes on: collectives still line up after the refusals
     results["after"] = float(hvd.allreduce(torch.ones(1), op=hvd.Sum, name="after").item())
     # an ordinary uneven allgather (rank r sends r + 1 rows of value r) still works
