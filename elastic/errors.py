@@ -82,6 +82,19 @@ class ObjectTooLargeError(HordeError, ValueError):
     """
 
 
+class AllgatherSizeError(HordeError, ValueError):
+    """A rank announced a part of a tensor allgather or alltoall that is negative or
+    larger than `HORDE_MAX_ALLGATHER_BYTES`; it was refused before the result was
+    allocated. Every rank of the collective raises it (they all saw the same sizes, so
+    the collectives still line up); not a `HorovodInternalError`, so it is not retried.
+    `ranks`: the offenders, as ranks of the collective's process set.
+    """
+
+    def __init__(self, message: str, ranks: list[int] | tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = tuple(ranks)
+
+
 class NonFiniteGradientError(HordeError, RuntimeError):
     """The aggregated gradient was non-finite (NaN/Inf) in too many consecutive steps or
     rounds (`HORDE_MAX_NONFINITE_STEPS`): the model or the data went bad on every member.

@@ -85,6 +85,12 @@ class WorkerSettings:
     allgather_object or the elastic state sync (HORDE_MAX_OBJECT_BYTES, default 1 GiB): a
     larger announced size is refused before anything is allocated, so a hostile member
     cannot make its peers allocate 2^40 bytes."""
+    max_allgather_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    """The largest part one rank may announce in a tensor allgather or alltoall (its
+    first dimension times the bytes of a row; HORDE_MAX_ALLGATHER_BYTES, default
+    HORDE_MAX_OBJECT_BYTES's value, so raising that for `allgather_object` raises both): a
+    larger (or negative) announced size is refused on every rank before the result is
+    allocated, so a hostile member cannot make its peers allocate 2^40 rows."""
     robust_aggregation: int = 0
     """F > 0 (HORDE_ROBUST_AGGREGATION, `horderun --robust-aggregation F`): where each
     member's gradient is seen (synchronous top-k, staleness rounds), the F furthest from
@@ -130,6 +136,9 @@ class WorkerSettings:
         if self.max_object_bytes <= 0:
             raise ValueError(f"HORDE_MAX_OBJECT_BYTES={self.max_object_bytes} must be > 0 "
                              f"(bytes; default {DEFAULT_MAX_OBJECT_BYTES})")
+        if self.max_allgather_bytes <= 0:
+            raise ValueError(f"HORDE_MAX_ALLGATHER_BYTES={self.max_allgather_bytes} must be > 0 "
+                             "(bytes; default HORDE_MAX_OBJECT_BYTES's value)")
         if self.robust_aggregation < 0:
             raise ValueError(f"HORDE_ROBUST_AGGREGATION={self.robust_aggregation} must be >= 0 "
                              "(the number of hostile members to outvote; 0: off)")
@@ -142,6 +151,7 @@ class WorkerSettings:
         env = os.environ if environ is None else environ
         hostname = env.get("HORDE_HOSTNAME") or env.get("HOROVOD_HOSTNAME") or socket.gethostname()
         limit = env.get("HORDE_RESET_LIMIT", "")
+        max_object_bytes = _integer(env, "HORDE_MAX_OBJECT_BYTES", DEFAULT_MAX_OBJECT_BYTES)
         return cls(
             rendezvous=env.get("HORDE_RENDEZVOUS", ""),
             node_id=env.get("HORDE_NODE_ID") or f"{hostname}-{os.getpid()}",
@@ -167,7 +177,8 @@ class WorkerSettings:
             max_nonfinite_steps=_integer(env, "HORDE_MAX_NONFINITE_STEPS",
                                          DEFAULT_MAX_NONFINITE_STEPS),
             robust_aggregation=_integer(env, "HORDE_ROBUST_AGGREGATION", 0),
-            max_object_bytes=_integer(env, "HORDE_MAX_OBJECT_BYTES", DEFAULT_MAX_OBJECT_BYTES),
+            max_object_bytes=max_object_bytes,
+            max_allgather_bytes=_integer(env, "HORDE_MAX_ALLGATHER_BYTES", max_object_bytes),
         )
 
 

@@ -22,6 +22,7 @@ from elastic.codecs.robust import MultiKrum
 from elastic.codecs.stats import RoundStats
 from elastic.codecs.topk import TopKCompressor
 from elastic.codecs.wire import (
+    HEADER_BYTES,
     SparsePayload,
     SparsePayloadError,
     all_finite,
@@ -83,7 +84,16 @@ class SyncSparseExchange:
         engine = runtime.engine
         codec = PayloadCodec(self.layout, self.compressor, size)
         flat = self._flat = self.layout.gather(self._flat)
+        # HORDE_MAX_NONFINITE_STEPS=0 never skips: a NaN member is then left out.
+        skips = self.nonfinite_skips and runtime.settings.max_nonfinite_steps > 0
+        skipped_before = self.compressor.skipped_steps
         payloads = codec.payloads(flat, self.step)
+        if skips and self.layout.sparse_numel and \
+                self.compressor.skipped_steps != skipped_before:
+            # The compressor sends nothing for a NaN/Inf gradient (its residual must not
+            # take it in); the others would average without this rank and apply the step.
+            # One NaN entry tells every member, so every rank skips the step alike.
+            payloads[0] = _nonfinite_marker(payloads[0])
         expected = [s for s in (self.layout.sparse_numel,
                                 self.layout.numel - self.layout.sparse_numel) if s]
         dense = self.compressor.prefers_dense(self.layout.sparse_numel, self.step, size)
@@ -93,8 +103,7 @@ class SyncSparseExchange:
             engine, payloads, expected, flat, size, "horde.topk", process_set_id,
             dense_wire=self.compressor.value_dtype if dense else None, out=flat,
             robust=self._robust(runtime), stats=self.stats,
-            # HORDE_MAX_NONFINITE_STEPS=0 never skips: a NaN member is then left out.
-            nonfinite_skips=self.nonfinite_skips and runtime.settings.max_nonfinite_steps > 0)
+            nonfinite_skips=skips)
         self.layout.scatter(out)
         self.stats.rounds += 1
         self.stats.bytes_sent += sent
@@ -153,8 +162,14 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
         sent = int(allreduce_bytes(values.numel(), size, values.element_size()))
         return average.to(like.dtype), sent, []
     message = pack_payloads(payloads)
-    (gathered,) = engine.submit(Request(Kind.ALLGATHER, [message], name=name,
-                                        process_set_id=process_set_id)).result()
+    # At most 4-byte indices and 8-byte values per entry and a header per payload from an
+    # honest member; a peer announcing more is refused before anything is allocated.
+    honest = sum(HEADER_BYTES + 8 + 12 * n for n in numels)
+    gather = Request(Kind.ALLGATHER, [message], name=name, process_set_id=process_set_id,
+                     honest_part_bytes=honest)
+    (gathered,) = engine.submit(gather).result()
+    lengths = gather.splits  # the bytes each rank sent (set by the engine)
+    assert lengths is not None
     out = torch.zeros_like(like) if out is None else out.zero_()
     parts = []
     offset = 0
@@ -165,8 +180,15 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
     separate: list[torch.Tensor] = []  # robust: each accepted rank's gradient on its own
     separate_ranks: list[int] = []
     for rank in range(size):
-        received, offset = unpack_payloads(gathered, offset, numels=numels, validate=False)
+        # Each rank's own bytes: a peer's malformed header (a wrong size, bad magic) must
+        # cost that rank its gradient, not fail the step or shift the next rank's bytes.
+        mine = gathered[offset:offset + lengths[rank]]
+        offset += lengths[rank]
         try:
+            received, used = unpack_payloads(mine, numels=numels, validate=False)
+            if used != mine.numel():
+                raise SparsePayloadError(
+                    f"{mine.numel() - used} bytes follow its payloads (sent {mine.numel()})")
             for payload in received:
                 payload.validate(values=False)
             if nonfinite_skips and not all(all_finite(p.values) for p in received):
@@ -208,6 +230,15 @@ def average_payloads(engine: CollectiveEngine, payloads: list[SparsePayload],
                        "rank", nonfinite)
         return out.fill_(math.nan), sent, rejected
     return out.div_(max(accepted, 1)), sent, rejected
+
+
+def _nonfinite_marker(empty: SparsePayload) -> SparsePayload:
+    """A well-formed payload of one NaN value (at index 0) in place of the empty one a
+    compressor sends for a non-finite gradient: peers then see that this rank's gradient
+    was non-finite (`average_payloads(nonfinite_skips=True)`), in sparse and dense steps."""
+    indices = torch.zeros(1, dtype=torch.int32, device=empty.values.device)
+    values = torch.full((1,), math.nan, dtype=empty.values.dtype, device=empty.values.device)
+    return SparsePayload(indices, values, empty.numel, empty.dtype, empty.tag)
 
 
 def _dense_values(payload: SparsePayload, dtype: torch.dtype) -> torch.Tensor:

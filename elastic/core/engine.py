@@ -17,6 +17,7 @@ import enum
 import hashlib
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -33,7 +34,13 @@ from elastic.core.gradients import GradientChannel, JoinOffer
 from elastic.core.relay import RelayProcessGroup
 from elastic.core.stall import StallInspector
 from elastic.core.transport import Transport, wait_interruptibly
-from elastic.errors import CollectiveMismatchError, CollectiveStallError, HorovodInternalError
+from elastic.errors import (
+    AllgatherSizeError,
+    CollectiveMismatchError,
+    CollectiveStallError,
+    HorovodInternalError,
+)
+from elastic.settings import DEFAULT_MAX_OBJECT_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +126,11 @@ class Request:
     """alltoall: rows sent to each rank. allgather of one tensor: set by the engine to
     the rows each rank contributed."""
     process_set_id: int = 0
+    honest_part_bytes: int = 0
+    """allgather, alltoall: the largest part an honest rank can send in this exchange,
+    where the caller knows it (Horde's own gradient messages); the cap on what peers may
+    announce is at least this, so HORDE_MAX_ALLGATHER_BYTES never refuses a large model's
+    honest gradient."""
     inplace: bool = False
     """allreduce of one contiguous tensor: reduce into it instead of into a copy."""
     future: Future = field(default_factory=Future)
@@ -139,8 +151,12 @@ class CollectiveEngine:
         interrupted: threading.Event,
         subsets: dict[int, Transport | None] | None = None,
         stall: StallInspector | None = None,
+        max_part_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     ) -> None:
+        """`max_part_bytes`: the largest part a rank may announce in an allgather or
+        alltoall (HORDE_MAX_ALLGATHER_BYTES); peers' announced sizes are hostile."""
         self.transport = transport
+        self.max_part_bytes = max_part_bytes
         self.stall = stall
         self._current: Request | None = None
         self._members: tuple[int, ...] | None = None
@@ -530,13 +546,17 @@ class CollectiveEngine:
         else:
             dims0 = self._exchange_ints(transport, [tensor.shape[0]])
             dims0 = [d[0] for d in dims0]
-        if len(request.tensors) == 1:
-            request.splits = list(dims0)
         tensor = tensor.detach().contiguous()
         if tensor.dim() == 0:
             tensor = tensor.reshape(1)
-        group = transport.group_for(tensor)
         rest = tuple(tensor.shape[1:])
+        # Before anything of their size exists (every rank sees the same sizes and rows
+        # alike, so every rank refuses alike and the collectives stay in step).
+        self._check_parts(describe_request(request), transport,
+                          [[d] for d in dims0], _row_bytes(tensor), request.honest_part_bytes)
+        if len(request.tensors) == 1:
+            request.splits = list(dims0)
+        group = transport.group_for(tensor)
         if len(set(dims0)) == 1:
             outs = [torch.empty_like(tensor) for _ in range(transport.size)]
             self._wait(group.allgather([outs], [tensor]), group)
@@ -546,6 +566,43 @@ class CollectiveEngine:
         self._wait(group.alltoall_base(
             out, send, dims0, [tensor.shape[0]] * transport.size, dist.AllToAllOptions()), group)
         return out
+
+    def _check_parts(self, what: str, transport: Transport, table: list[list[int]],
+                     row_bytes: int, honest_part_bytes: int = 0) -> None:
+        """Refuse (AllgatherSizeError, on every rank) rows that ranks announced, `table[r]`
+        by rank r, that are negative or over `max_part_bytes` (at least
+        `honest_part_bytes`; a row counts as at least one byte, so rows of nothing stay
+        bounded too). Names rank, size and setting."""
+        limit = max(self.max_part_bytes, honest_part_bytes)
+        ranks = transport.members or range(transport.size)
+        negative, over, offenders = [], [], []
+        for r, announced in enumerate(table):
+            rank = ranks[r] if r < len(ranks) else r
+            for rows in announced:
+                if rows < 0:
+                    negative.append(f"rank {rank}: {rows} rows")
+                elif rows * max(row_bytes, 1) > limit:
+                    over.append(f"rank {rank}: {rows} rows of {row_bytes} bytes, "
+                                f"{rows * row_bytes} bytes")
+                else:
+                    continue
+                if r not in offenders:
+                    offenders.append(r)
+        if not negative and not over:
+            return
+        if negative:
+            text = (f"{what}: refused a negative size ({', '.join(negative)}); nothing was "
+                    "allocated. That rank runs modified or broken code")
+        else:
+            cap = (f"HORDE_MAX_ALLGATHER_BYTES={limit}" if limit == self.max_part_bytes else
+                   f"{limit} bytes, the most an honest member sends here "
+                   f"(HORDE_MAX_ALLGATHER_BYTES={self.max_part_bytes})")
+            text = (f"{what}: refused a part larger than {cap} "
+                    f"({', '.join(over)}); nothing was allocated. If this job really "
+                    "gathers parts that large, set HORDE_MAX_ALLGATHER_BYTES higher on every "
+                    "worker; otherwise that rank runs modified or broken code")
+        logger.warning("%s", text)
+        raise AllgatherSizeError(text, offenders)
 
     def _broadcast(self, tensor: torch.Tensor, transport: Transport, root: int) -> None:
         opts = dist.BroadcastOptions()
@@ -572,6 +629,7 @@ class CollectiveEngine:
                     f"to be divisible by the number of ranks ({size}); pass splits=")
             splits = [tensor.shape[0] // size] * size
         table = self._exchange_ints(transport, list(splits))
+        self._check_parts("alltoall", transport, table, _row_bytes(tensor))
         received = [table[r][transport.rank] for r in range(size)]
         out = tensor.new_empty((sum(received), *tensor.shape[1:]))
         group = transport.group_for(tensor)
@@ -784,6 +842,11 @@ def shard_rows(rows: int, parts: int) -> list[int]:
     """Rows per rank for reducescatter: as even as possible, earlier ranks get the extra."""
     base, extra = divmod(rows, parts)
     return [base + (1 if r < extra else 0) for r in range(parts)]
+
+
+def _row_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of one row (the first dimension's unit) of `tensor`."""
+    return tensor.element_size() * math.prod(tensor.shape[1:])
 
 
 def _first_active(table: list[list[int]]) -> int:

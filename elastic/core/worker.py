@@ -231,7 +231,8 @@ class WorkerContext:
                  ) -> None:
         local_rank, local_size, cross_rank, cross_size = gen.local_layout(self.node_id)
         engine = CollectiveEngine(transport, interrupted,
-                                  stall=self._stall_inspector(gen, transport))
+                                  stall=self._stall_inspector(gen, transport),
+                                  max_part_bytes=self.settings.max_allgather_bytes)
         topology = Topology(gen.id, transport.rank, transport.size, local_rank, local_size,
                             cross_rank, cross_size)
         with self._lock:

@@ -146,7 +146,8 @@ class StalenessRounds:
         transport = runtime.transport.subset(list(range(self.size)), ROUNDS_SET_ID + stream,
                                               self._interrupted)
         assert transport is not None  # every rank is in the set
-        self._engine = CollectiveEngine(transport, self._interrupted)
+        self._engine = CollectiveEngine(transport, self._interrupted,
+                                        max_part_bytes=runtime.settings.max_allgather_bytes)
         self._outbox: deque[_Pending] = deque()
         self._outbox_ready = threading.Condition()
         self._results: queue.Queue[RoundResult | BaseException] = queue.Queue()
@@ -392,7 +393,12 @@ class StalenessRounds:
     def _gather(self, message: torch.Tensor) -> list[torch.Tensor]:
         """Every member's message, in rank order, from one allgather (the engine's
         negotiation already exchanged the sizes)."""
-        gather = Request(Kind.ALLGATHER, [message])
+        # An honest message: a header and the payloads of at most S + 1 pending gradients
+        # (Horde's optimizers keep no more outstanding; sparse payloads carry 4-byte
+        # indices next to values of up to 8 bytes). A peer announcing more than that, and
+        # more than HORDE_MAX_ALLGATHER_BYTES, is refused before anything is allocated.
+        honest = (self.staleness + 2) * (12 * self.numel + 4096) + (1 << 20)
+        gather = Request(Kind.ALLGATHER, [message], honest_part_bytes=honest)
         data = self._engine.submit(gather).result()[0]
         parts, offset = [], 0
         for count in gather.splits:

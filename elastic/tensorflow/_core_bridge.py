@@ -378,7 +378,10 @@ class SparseAllreduce:
     def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: np.dtype,
                  spec: TopKCompression, process_set: ProcessSet) -> None:
         self._layout = _FlatLayout(shapes, dtype, spec.min_sparse_numel)
-        self._exchange = SyncSparseExchange(self._layout, spec.build())
+        # A rank's NaN/Inf gradient makes the average NaN: the caller's non-finite guard
+        # (Keras DistributedOptimizer, apply_gradients_if_finite) skips the step on every
+        # rank and counts it, as in dense steps and the PyTorch optimizer.
+        self._exchange = SyncSparseExchange(self._layout, spec.build(), nonfinite_skips=True)
         self._process_set = process_set
 
     def reduce(self, grads: Sequence[np.ndarray | None]) -> list[np.ndarray]:

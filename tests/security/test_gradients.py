@@ -117,12 +117,15 @@ def test_a_model_gone_nonfinite_under_staleness_stops_the_job_without_strikes(
     assert "strike 3 of 3" not in output and "blacklisted" not in output, output
 
 
+@pytest.mark.parametrize("min_sparse", ["1024", "0"])
 def test_a_nan_loss_on_one_rank_skips_a_synchronous_top_k_step_on_every_rank(
-        tmp_path: Path) -> None:
+        tmp_path: Path, min_sparse: str) -> None:
     # Before, the NaN member's payload was left out and the other's half-sized average
     # applied (no step skipped, nothing counted towards HORDE_MAX_NONFINITE_STEPS).
+    # min_sparse 0: every gradient is sparse, so the NaN rank's compressor sends nothing
+    # of its own; before its NaN marker the other averaged without it and applied.
     result = run_job(tmp_path, RUNS="attack", STALENESS="0", TOPK="0.05", STEPS="100",
-                     ATTACK_RANK="1", ATTACK="nanloss@50")
+                     ATTACK_RANK="1", ATTACK="nanloss@50", MIN_SPARSE=min_sparse)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     r0, r1 = ranks(tmp_path)

@@ -6,8 +6,9 @@ fresh rounds: its first step is the first round of a stream, as at a new generat
 run as ATTACK says: `scale:F@STEP` multiplies it by F at STEP (`@STEP-`: and every later
 step; F=-1 flips its sign), `nanloss@STEP` makes its
 loss NaN at STEP, `nanloss@STEP-` at STEP and every later step. STALENESS, TOPK (a
-density, 0: dense), STEPS, DATA_SEED (which minibatches each rank draws; a list such as
-`100,200` trains each run once per data order). EVAL_TAIL=N scores a run by the mean test
+density, 0: dense), MIN_SPARSE (top-k's min_sparse_numel, default 1024), STEPS,
+DATA_SEED (which minibatches each rank draws; a list such as `100,200` trains each run
+once per data order). EVAL_TAIL=N scores a run by the mean test
 accuracy at N points over the last quarter of its steps instead of at its end only (SGD's
 final iterate swings by several points from run to run). Writes $OUT/rank<r>.json: the
 node id and per run the test accuracy (mean over data orders), a parameter hash, whether
@@ -33,6 +34,7 @@ from elastic.torch import runtime  # noqa: E402
 RUNS = os.environ.get("RUNS", "clean,attack").split(",")
 STALENESS = int(os.environ.get("STALENESS", "1"))
 TOPK = float(os.environ.get("TOPK", "0"))
+MIN_SPARSE = int(os.environ.get("MIN_SPARSE", "1024"))  # top-k: smaller gradients go dense
 STEPS = int(os.environ.get("STEPS", "200"))
 ATTACK_RANK = int(os.environ.get("ATTACK_RANK", "1"))
 KIND, _, WHEN = os.environ.get("ATTACK", "scale:1e6@0").partition("@")
@@ -58,7 +60,8 @@ def train(attack: bool, seed: int, x_train: torch.Tensor, y_train: torch.Tensor,
 
     torch.manual_seed(0)
     model = make_model()
-    compression = hvd.Compression.topk(TOPK) if TOPK else hvd.Compression.none
+    compression = (hvd.Compression.topk(TOPK, min_sparse_numel=MIN_SPARSE) if TOPK
+                   else hvd.Compression.none)
     optimizer = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
         compression=compression, staleness=STALENESS)
