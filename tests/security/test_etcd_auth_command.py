@@ -109,7 +109,7 @@ def test_a_wrong_or_missing_password_file_is_refused_clearly(
     wrong = tmp_path / "wrong.password"
     wrong.write_text("not-the-root-password")
     done = etcd_auth(fresh_etcd.url, job, wrong)
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert "refused the password in" in done.stderr and str(wrong) in done.stderr
     assert "does not hold this etcd's root password" in done.stderr
     assert wrong.read_text() == "not-the-root-password"  # left as it was
