@@ -228,3 +228,31 @@ def test_the_coordinator_issues_node_credentials_on_the_etcd_the_command_set_up(
     finally:
         proc.stop()
     assert root_file.read_text() not in proc.log_path.read_text(errors="replace")
+
+
+def test_files_that_cannot_be_written_or_are_too_open(
+        fresh_etcd: EmbeddedEtcd, tmp_path: Path) -> None:
+    job = unique_job("authfiles")
+    nowhere = tmp_path / "no-such-folder" / "etcd-root.password"
+    done = etcd_auth(fresh_etcd.url, job, nowhere)
+    assert done.returncode == 2
+    assert "cannot write the root password file" in done.stderr and str(nowhere) in done.stderr
+    # nothing was changed on etcd: auth is still off
+    backend_from_url(fresh_etcd.url, credentials=None).put(JobKeys(DEFAULT_PREFIX, job).status,
+                                                           b"{}")
+
+    root_file = tmp_path / "etcd-root.password"
+    done = etcd_auth(fresh_etcd.url, job, root_file, "--issue-control", "launcher",
+                     "--out", str(tmp_path / "no-such-folder" / "launcher.pw"))
+    assert done.returncode == 2 and "cannot write" in done.stderr
+    admin = EtcdAuthAdmin(root_of(fresh_etcd, root_file), JobKeys(DEFAULT_PREFIX, job))
+    assert not admin._exists("auth_user_get", "/auth/user/get",
+                             {"name": f"horde-control-{job}-launcher"})  # not kept
+
+    root_file.chmod(0o644)
+    done = etcd_auth(fresh_etcd.url, job, root_file)
+    assert done.returncode == 0, done.stderr
+    assert f"{root_file} is readable by others (mode 644): chmod 600 it" in done.stderr
+
+    done = etcd_auth(fresh_etcd.url, job, root_file, "--wait", "-1")
+    assert done.returncode == 2 and "--wait -1 must be >= 0" in done.stderr
