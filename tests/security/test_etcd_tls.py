@@ -261,3 +261,33 @@ def test_horderun_etcd_tls_with_auth_trains_and_refuses_clients_without_the_ca(
     commits = [line for path in tmp_path.glob("*.jsonl") for line in path.read_text().splitlines()
                if '"commit"' in line]
     assert len(list(tmp_path.glob("*.jsonl"))) == 2 and commits
+
+
+def test_volunteers_accept_https_rendezvous_and_pass_the_ca_to_their_workers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job manifest may name an https:// rendezvous; `horde-volunteer` gives its workers
+    (a minimal environment otherwise) the CA the volunteer set."""
+    import json
+
+    from volunteer_client.agent import Agent
+    from volunteer_client.manifest import Manifest, build_manifest
+    from volunteer_client.settings import VolunteerSettings
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "train.py").write_text("print('training')\n")
+    manifest = build_manifest(folder, "digits", "https://10.0.0.1:2379,10.0.0.2:2379",
+                              ["train.py"])
+    assert Manifest.from_bytes(manifest.to_bytes()).rendezvous.startswith("https://")
+    body = json.loads(manifest.to_bytes())
+    body["rendezvous"] = "ftp://10.0.0.1:2379"
+    with pytest.raises(ValueError, match="https://HOST:PORT"):
+        Manifest.from_bytes(json.dumps(body).encode())
+    ca, _ = make_ca(tmp_path / "ca")
+    monkeypatch.setenv("HORDE_ETCD_CACERT", str(ca))
+    agent = Agent(VolunteerSettings(coordinator="http://127.0.0.1:9/digits",
+                                    data_dir=str(tmp_path / "data")), sensors=object())  # type: ignore[arg-type]
+    agent.job_dir.mkdir(parents=True)
+    env = agent._worker_env("cpu", "token")
+    assert env["HORDE_ETCD_CACERT"] == str(ca)
+    assert "HORDE_ETCD_CERT" not in env
