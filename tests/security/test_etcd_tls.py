@@ -291,3 +291,78 @@ def test_volunteers_accept_https_rendezvous_and_pass_the_ca_to_their_workers(
     env = agent._worker_env("cpu", "token")
     assert env["HORDE_ETCD_CACERT"] == str(ca)
     assert "HORDE_ETCD_CERT" not in env
+
+
+def test_a_joiner_with_a_copy_of_the_ca_joins_a_tls_job(tmp_path: Path) -> None:
+    """The printed join command, run with a copy of the CA (and no TLS variable of its
+    own), adds a worker to a `horderun --etcd-tls` job; `--status` needs the CA too."""
+    import shlex
+    import shutil
+
+    _need_etcd()
+    job = unique_job("tlsjoin")
+    out = tmp_path / "records"
+    out.mkdir()
+    stop = tmp_path / "stop"
+    env = repo_env(HORDE_TEST_OUT=str(out), TEST_EPOCHS="400", TEST_STEP_DELAY="0.05",
+                   TEST_COMMIT_EVERY="4", TEST_STOP_FILE=str(stop))
+    for name in (*TLS_VARIABLES, "HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD",
+                 "HORDE_ETCD_PASSWORD_FILE", "HORDE_ETCD_AUTH"):
+        env.pop(name, None)
+    fast = ["--lease-ttl", "2", "--settle-window", "0.3", "--coordinator", "none"]
+    logs = [tmp_path / "owner.log", tmp_path / "joiner.log"]
+    procs: list[subprocess.Popen] = []
+
+    def output(index: int = 0) -> str:
+        return logs[index].read_text(errors="replace") if logs[index].exists() else ""
+
+    def start(cmd: list[str], log: Path) -> None:
+        with open(log, "wb") as handle:
+            procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=handle,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+
+    def sizes() -> set[int]:
+        import json
+
+        return {json.loads(line)["size"] for path in out.glob("*.jsonl")
+                for line in path.read_text().splitlines() if '"commit"' in line}
+
+    try:
+        start([sys.executable, "-m", "elastic.launcher.cli", "-np", "1", "--min-np", "1",
+               "--max-np", "2", "--etcd-tls", "--job", job, *fast, sys.executable,
+               str(SCRIPT)], logs[0])
+        deadline = time.monotonic() + 90
+        line = None
+        while line is None:
+            found = re.search(r"add workers with: (.*)", output())
+            line = found.group(1) if found else None
+            assert procs[0].poll() is None or line, output()
+            assert time.monotonic() < deadline, "no join command within 90 s\n" + output()
+            time.sleep(0.1)
+        join = shlex.split(line)
+        ca_index = join.index("--etcd-cacert") + 1
+        copy = tmp_path / "copied-ca.crt"
+        shutil.copy(join[ca_index], copy)
+        join[ca_index] = str(copy)
+        url = join[join.index("--rendezvous") + 1]
+        assert url.startswith("https://")
+        start([sys.executable, "-m", "elastic.launcher.cli", *join[1:-2], *fast[:4],
+               sys.executable, str(SCRIPT)], logs[1])
+        while 2 not in sizes():
+            assert all(p.poll() is None for p in procs), output() + output(1)
+            assert time.monotonic() < deadline + 60, "the joiner never trained\n" + output(1)
+            time.sleep(0.2)
+        status = horderun("--status", "--rendezvous", url, "--job", job, "--etcd-cacert",
+                          str(copy), env=env, timeout=60)
+        assert status.returncode == 0 and f"job {job}: status" in status.stdout, status.stderr
+        refused = horderun("--status", "--rendezvous", url, "--job", job, env=env, timeout=60)
+        assert refused.returncode == 1 and "HORDE_ETCD_CACERT is not set" in refused.stderr, \
+            refused.stderr
+        stop.touch()
+        codes = [p.wait(120) for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    assert codes == [0, 0], output() + output(1)
