@@ -160,7 +160,8 @@ _SSL_REASON = re.compile(r"\[SSL(: [A-Z0-9_]+)?\][^'\")]*")
 
 
 def _tls_problem(text: str, tls: EtcdTLS | None) -> str | None:
-    """What to fix, when `text` (a transport error) says TLS failed; None otherwise."""
+    """What to fix, when `text` (a transport error) says TLS failed in a way retrying
+    cannot fix (a `RendezvousTLSError`); None otherwise."""
     lowered = text.lower()
     if "http request to an https server" in lowered:
         return ("etcd serves https there: give the URL as https://HOST:PORT and set "
@@ -182,8 +183,9 @@ def _tls_problem(text: str, tls: EtcdTLS | None) -> str | None:
             or "record layer failure" in lowered or "packet length too long" in lowered:
         return ("etcd does not speak TLS there: give the URL as etcd://HOST:PORT (plain "
                 "HTTP), or start etcd with --cert-file/--key-file")
-    if ("certificate required" in lowered or "bad certificate" in lowered
-            or "unknown ca" in lowered or "alert" in lowered and "ssl" in lowered):
+    if "alert" in lowered and any(word in lowered for word in (
+            "certificate required", "bad certificate", "unknown ca", "certificate unknown",
+            "certificate expired", "certificate revoked", "unsupported certificate")):
         given = (f"HORDE_ETCD_CERT={tls.cert!r}" if tls.cert is not None
                  else "no client certificate (HORDE_ETCD_CERT is not set)")
         return (f"etcd refused this client's certificate ({given}): it requires one "
@@ -194,12 +196,8 @@ def _tls_problem(text: str, tls: EtcdTLS | None) -> str | None:
         return (f"the TLS files could not be loaded (HORDE_ETCD_CACERT={tls.cacert!r}, "
                 f"HORDE_ETCD_CERT={tls.cert!r}, HORDE_ETCD_KEY={tls.key!r}): check that the CA "
                 "file holds a PEM certificate and that the key belongs to the certificate")
-    if "unexpected_eof" in lowered or "eof occurred in violation of protocol" in lowered:
-        return ("the server ended the TLS handshake: if etcd serves plain HTTP there, give "
-                "the URL as etcd://HOST:PORT; else check its --cert-file")
-    if "ssl" in lowered and ("error" in lowered or "eof" in lowered):
-        return ("the TLS handshake failed; check HORDE_ETCD_CACERT, HORDE_ETCD_CERT and "
-                "HORDE_ETCD_KEY against etcd's --cert-file and --trusted-ca-file")
+    # Anything else (a handshake cut short, a reset) may be a server restarting or the
+    # network: a connection problem, retried and failed over like any other.
     return None
 
 
@@ -438,7 +436,11 @@ class EtcdBackend(RendezvousBackend):
             return "connection refused"
         ssl_reason = _SSL_REASON.search(text)
         if ssl_reason:
-            return ssl_reason.group(0).strip()
+            reason = ssl_reason.group(0).strip()
+            if "UNEXPECTED_EOF" in reason or "EOF occurred" in reason:
+                reason += (" (the server ended the TLS handshake: if etcd serves plain HTTP "
+                           "there, give the URL as etcd://HOST:PORT)")
+            return reason
         if "closed connection without response" in text and self.tls is None:
             return ("the server closed the connection without answering (if etcd serves "
                     "https there, give the URL as https://HOST:PORT and set HORDE_ETCD_CACERT)")

@@ -121,7 +121,7 @@ _PUBLIC = stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH  # 0644
 _PRIVATE = stat.S_IRUSR | stat.S_IWUSR  # 0600
 
 
-def make_ca(folder: Path, name: str = "Horde embedded etcd CA", days: int = 30
+def make_ca(folder: Path, name: str = "Horde embedded etcd CA", days: int = 365
             ) -> tuple[Path, Path]:
     """A new self-signed CA (EC P-256) in `folder`: (ca.crt 0644, ca.key 0600)."""
     from cryptography import x509
@@ -156,7 +156,7 @@ def make_ca(folder: Path, name: str = "Horde embedded etcd CA", days: int = 30
 
 
 def issue_certificate(ca_cert: Path, ca_key: Path, folder: Path, stem: str,
-                      hosts: Sequence[str] = (), client: bool = False, days: int = 30
+                      hosts: Sequence[str] = (), client: bool = False, days: int = 365
                       ) -> TLSFiles:
     """A certificate signed by the CA, written as `<stem>.crt` (0644) and `<stem>.key`
     (0600) in `folder`: a server certificate for `hosts` (IP addresses become IP SANs,

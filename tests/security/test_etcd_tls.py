@@ -153,9 +153,42 @@ def test_wrong_scheme_either_way_says_what_to_use(tls_etcd: EmbeddedEtcd, no_tls
     plain_url = tls_etcd.url.replace("https://", "etcd://")
     with pytest.raises(RendezvousConnectionError, match="give the URL as https://"):
         _backend(plain_url, None).get("/x")
-    with EmbeddedEtcd() as plain, pytest.raises(RendezvousTLSError,
+    with EmbeddedEtcd() as plain, pytest.raises(RendezvousConnectionError,
                                                  match="give the URL as etcd://"):
         _backend(plain.url.replace("etcd://", "https://"), EtcdTLS()).get("/x")
+
+
+def test_a_handshake_cut_short_is_a_connection_problem_not_fatal(no_tls_env: None) -> None:
+    """A server that hangs up during the handshake (a restart, the network) is retried
+    like any connection failure, so an agent waits for etcd instead of giving up."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    done = threading.Event()
+
+    def hang_up() -> None:
+        server.settimeout(0.2)
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conn.recv(16)
+            conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(RendezvousConnectionError) as caught:
+            _backend(f"https://127.0.0.1:{port}", EtcdTLS()).get("/x")
+        assert not isinstance(caught.value, RendezvousTLSError)
+    finally:
+        done.set()
+        thread.join(5)
+        server.close()
 
 
 def test_cluster_url_over_tls_fails_over_from_a_dead_member(tls_etcd: EmbeddedEtcd,
