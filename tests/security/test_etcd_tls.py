@@ -327,8 +327,10 @@ def test_volunteers_accept_https_rendezvous_and_pass_the_ca_to_their_workers(
 
 
 def test_a_joiner_with_a_copy_of_the_ca_joins_a_tls_job(tmp_path: Path) -> None:
-    """The printed join command, run with a copy of the CA (and no TLS variable of its
-    own), adds a worker to a `horderun --etcd-tls` job; `--status` needs the CA too."""
+    """The printed join command, run with a copy of the CA (and no TLS variable or etcd
+    credentials of its own), adds a worker to a `horderun --etcd-tls` job (etcd auth on,
+    the default: the joiner gets its etcd user from the job's coordinator, then talks to
+    etcd over TLS); `--status` needs the CA too."""
     import shlex
     import shutil
 
@@ -342,7 +344,7 @@ def test_a_joiner_with_a_copy_of_the_ca_joins_a_tls_job(tmp_path: Path) -> None:
     for name in (*TLS_VARIABLES, "HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD",
                  "HORDE_ETCD_PASSWORD_FILE", "HORDE_ETCD_AUTH"):
         env.pop(name, None)
-    fast = ["--lease-ttl", "2", "--settle-window", "0.3", "--coordinator", "none"]
+    fast = ["--lease-ttl", "2", "--settle-window", "0.3"]
     logs = [tmp_path / "owner.log", tmp_path / "joiner.log"]
     procs: list[subprocess.Popen] = []
 
@@ -379,16 +381,22 @@ def test_a_joiner_with_a_copy_of_the_ca_joins_a_tls_job(tmp_path: Path) -> None:
         join[ca_index] = str(copy)
         url = join[join.index("--rendezvous") + 1]
         assert url.startswith("https://")
-        start([sys.executable, "-m", "elastic.launcher.cli", *join[1:-2], *fast[:4],
+        assert "--coordinator" in join
+        start([sys.executable, "-m", "elastic.launcher.cli", *join[1:-2], *fast,
                sys.executable, str(SCRIPT)], logs[1])
         while 2 not in sizes():
             assert all(p.poll() is None for p in procs), output() + output(1)
             assert time.monotonic() < deadline + 60, "the joiner never trained\n" + output(1)
             time.sleep(0.2)
+        root_file = re.search(r"root password in (\S+?)\)", output())
+        assert root_file, output()
+        owner = {**env, "HORDE_ETCD_USER": "root",
+                 "HORDE_ETCD_PASSWORD_FILE": root_file.group(1)}
         status = horderun("--status", "--rendezvous", url, "--job", job, "--etcd-cacert",
-                          str(copy), env=env, timeout=60)
+                          str(copy), env=owner, timeout=60)
         assert status.returncode == 0 and f"job {job}: status" in status.stdout, status.stderr
-        refused = horderun("--status", "--rendezvous", url, "--job", job, env=env, timeout=60)
+        refused = horderun("--status", "--rendezvous", url, "--job", job, env=owner,
+                           timeout=60)
         assert refused.returncode == 1 and "HORDE_ETCD_CACERT is not set" in refused.stderr, \
             refused.stderr
         stop.touch()
@@ -399,3 +407,4 @@ def test_a_joiner_with_a_copy_of_the_ca_joins_a_tls_job(tmp_path: Path) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
     assert codes == [0, 0], output() + output(1)
+    assert "issued by the job's coordinator" in output(1), output(1)
