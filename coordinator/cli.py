@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=4, help="waitress worker threads")
     serve.add_argument("--rendezvous", dest="rendezvous_url",
                        help="etcd://HOST:PORT of the job's rendezvous, or the members of an "
-                       "etcd cluster as etcd://H1:P1,H2:P2,H3:P3 (optional)")
+                       "etcd cluster as etcd://H1:P1,H2:P2,H3:P3; https://... for etcd over "
+                       "TLS, verified with HORDE_ETCD_CACERT (client certificate: "
+                       "HORDE_ETCD_CERT / HORDE_ETCD_KEY; docs/security.md) (optional)")
     serve.add_argument("--job", help="the job to show and evict from (default: 'default')")
     serve.add_argument("--prefix", dest="rendezvous_prefix",
                        help="rendezvous key prefix (default horde)")

@@ -18,12 +18,14 @@ from rendezvous.errors import (
     RendezvousError,
     RendezvousPermissionError,
     RendezvousTimeoutError,
+    RendezvousTLSError,
 )
 
 if TYPE_CHECKING:
     from rendezvous.embedded import EmbeddedEtcd
     from rendezvous.etcd import EtcdBackend
     from rendezvous.etcd_auth import EtcdCredentials
+    from rendezvous.etcd_tls import EtcdTLS
     from rendezvous.memory import MemoryBackend
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "RendezvousConnectionError",
     "RendezvousError",
     "RendezvousTimeoutError",
+    "RendezvousTLSError",
     "backend_from_url",
 ]
 
@@ -59,30 +62,37 @@ def __getattr__(name: str) -> Any:
 
 
 def backend_from_url(url: str, timeout: float = 5.0,
-                     credentials: EtcdCredentials | None = None) -> RendezvousBackend:
-    """Open the backend a URL names: `etcd://host:port`, `http://host:port` or `memory://`.
+                     credentials: EtcdCredentials | None = None,
+                     tls: EtcdTLS | None = None) -> RendezvousBackend:
+    """Open the backend a URL names: `etcd://host:port`, `http://host:port`,
+    `https://host:port` (TLS) or `memory://`.
 
-    Several members of one etcd cluster are given as `etcd://h1:2379,h2:2379,h3:2379`;
-    the backend fails over between them. `memory://` gives a fresh private in-process
-    store (for tests and single-process runs). etcd credentials come from `credentials`,
-    else from HORDE_ETCD_USER / HORDE_ETCD_PASSWORD_FILE (none: no authentication).
+    Several members of one etcd cluster are given as `etcd://h1:2379,h2:2379,h3:2379`
+    (or `https://...`); the backend fails over between them. `memory://` gives a fresh
+    private in-process store (for tests and single-process runs). etcd credentials come
+    from `credentials`, else from HORDE_ETCD_USER / HORDE_ETCD_PASSWORD_FILE (none: no
+    authentication); TLS settings for https:// from `tls`, else from HORDE_ETCD_CACERT /
+    HORDE_ETCD_CERT / HORDE_ETCD_KEY (none: the system's CAs). This is the one place
+    those variables are read.
     """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
         from rendezvous.memory import MemoryBackend
 
         return MemoryBackend()
-    if scheme in ("etcd", "http"):
+    if scheme in ("etcd", "http", "https"):
         from rendezvous.etcd import EtcdBackend
         from rendezvous.etcd_auth import EtcdCredentials as _Credentials
+        from rendezvous.etcd_tls import EtcdTLS as _TLS
 
         creds = credentials if credentials is not None else _Credentials.from_env()
+        settings = tls if tls is not None else _TLS.from_env()
         if creds is None:
-            return EtcdBackend.from_url(url, timeout=timeout)
+            return EtcdBackend.from_url(url, timeout=timeout, tls=settings)
         return EtcdBackend.from_url(url, timeout=timeout, user=creds.user,
-                                    password=creds.password)
+                                    password=creds.password, tls=settings)
     raise ValueError(
         f"rendezvous URL {url!r} is not supported; expected etcd://HOST:PORT, "
         "etcd://HOST1:PORT1,HOST2:PORT2,... (members of one etcd cluster), "
-        "http://HOST:PORT or memory://"
+        "https://HOST:PORT[,...] (etcd over TLS), http://HOST:PORT or memory://"
     )

@@ -5,6 +5,11 @@ cluster on free ports (of loopback unless `host` names another address; the peer
 stays on loopback), with its data in a temporary directory that is
 removed on stop. Nothing is needed beyond `pip install horde`.
 
+With `tls=True` it serves https: a CA and a server certificate for `host`, 127.0.0.1
+and localhost are made at start in `<data dir>/tls` (`ca.crt` 0644, keys 0600); clients
+verify it with `ca_file` (HORDE_ETCD_CACERT). `client_cert_auth=True` also makes etcd
+require a client certificate signed by that CA (`issue_client_certificate` makes one).
+
 etcd runs under a small guard process (`rendezvous/etcd_guard.py`) in a session of its
 own: if the process that started it dies, even by SIGKILL, the guard kills etcd and
 removes the data directory within a fraction of a second.
@@ -19,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,8 +33,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from rendezvous.errors import RendezvousError
+
+if TYPE_CHECKING:
+    from rendezvous.etcd_tls import EtcdTLS
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +88,13 @@ class EmbeddedEtcd:
     """
 
     def __init__(self, host: str = "127.0.0.1", start_timeout: float = START_TIMEOUT,
-                 peer_host: str = "127.0.0.1") -> None:
+                 peer_host: str = "127.0.0.1", tls: bool = False,
+                 client_cert_auth: bool = False) -> None:
         self.host = host
+        if client_cert_auth and not tls:
+            raise ValueError("client_cert_auth needs tls=True (client certificates are TLS)")
+        self.tls = tls
+        self.client_cert_auth = client_cert_auth
         #: A single member has no peers: its peer port stays on loopback wherever clients
         #: are served, so serving a job to other machines exposes only the client port.
         self.peer_host = peer_host
@@ -87,6 +102,15 @@ class EmbeddedEtcd:
         self.peer_port = 0
         self.data_dir = Path(tempfile.mkdtemp(prefix="horde-etcd-"))
         self.log_path = self.data_dir / "etcd.log"
+        self._tls_files = None
+        if tls:
+            from rendezvous.etcd_tls import make_embedded_certificates
+
+            try:
+                self._tls_files = make_embedded_certificates(self.data_dir / "tls", host)
+            except BaseException:
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+                raise
         self._process: subprocess.Popen[bytes] | None = None
         self._stopped = False
         atexit.register(self.stop)
@@ -98,8 +122,33 @@ class EmbeddedEtcd:
 
     @property
     def url(self) -> str:
-        """The client address as `etcd://host:port` (what `backend_from_url` takes)."""
-        return f"etcd://{self.host}:{self.port}"
+        """The client address as `etcd://host:port`, or `https://host:port` with TLS
+        (what `backend_from_url` takes)."""
+        return f"{'https' if self.tls else 'etcd'}://{self.host}:{self.port}"
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA certificate clients verify this etcd with (None without TLS)."""
+        return self._tls_files.ca_cert if self._tls_files is not None else None
+
+    def client_tls(self) -> EtcdTLS | None:
+        """Client settings that verify this etcd (None without TLS); no client cert."""
+        from rendezvous.etcd_tls import EtcdTLS
+
+        return None if self.ca_file is None else EtcdTLS(cacert=str(self.ca_file))
+
+    def issue_client_certificate(self, name: str, folder: Path | None = None) -> EtcdTLS:
+        """A client certificate signed by this etcd's CA (for `client_cert_auth`), written
+        to `folder` (default: the TLS folder); returns settings that use it."""
+        from rendezvous.etcd_tls import EtcdTLS, issue_certificate
+
+        if self._tls_files is None:
+            raise ValueError("this embedded etcd runs without TLS")
+        ca_key = self._tls_files.ca_cert.with_name("ca.key")
+        files = issue_certificate(self._tls_files.ca_cert, ca_key,
+                                  folder or self._tls_files.ca_cert.parent, name,
+                                  hosts=[name], client=True)
+        return EtcdTLS(cacert=str(files.ca_cert), cert=str(files.cert), key=str(files.key))
 
     @property
     def pid(self) -> int | None:
@@ -110,8 +159,13 @@ class EmbeddedEtcd:
         return f"EmbeddedEtcd({self.url!r}, data_dir={str(self.data_dir)!r})"
 
     def _command(self) -> list[str]:
-        client = f"http://{self.host}:{self.port}"
+        client = f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
         peer = f"http://{self.peer_host}:{self.peer_port}"
+        tls: list[str] = []
+        if self._tls_files is not None:
+            tls = [f"--cert-file={self._tls_files.cert}", f"--key-file={self._tls_files.key}"]
+            if self.client_cert_auth:
+                tls += ["--client-cert-auth", f"--trusted-ca-file={self._tls_files.ca_cert}"]
         return [
             str(etcd_binary()),
             "--name=horde",
@@ -130,6 +184,7 @@ class EmbeddedEtcd:
             "--unsafe-no-fsync",
             "--logger=zap",
             "--log-level=error",
+            *tls,
         ]
 
     def _start(self, timeout: float) -> None:
@@ -171,13 +226,20 @@ class EmbeddedEtcd:
         """Poll /health until etcd answers; returns None when ready, else why not."""
         assert self._process is not None
         deadline = time.monotonic() + timeout
-        url = f"http://{self.host}:{self.port}/health"
+        url = f"{'https' if self.tls else 'http'}://{self.host}:{self.port}/health"
+        context = None
+        if self._tls_files is not None:
+            context = ssl.create_default_context(cafile=str(self._tls_files.ca_cert))
+            if self.client_cert_auth:
+                # /health needs a client certificate too: the server's own one is signed
+                # by the same CA and allowed for client auth.
+                context.load_cert_chain(str(self._tls_files.cert), str(self._tls_files.key))
         while time.monotonic() < deadline:
             code = self._process.poll()
             if code is not None:
                 return code
             try:
-                with urllib.request.urlopen(url, timeout=1.0) as response:
+                with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
                     if response.status == 200 and b'"true"' in response.read():
                         return None
             except (urllib.error.URLError, OSError):
@@ -216,7 +278,11 @@ class EmbeddedEtcd:
         from rendezvous.keys import JobKeys
 
         path = self.data_dir / "root.password"
-        ensure_auth(self.url, JobKeys(prefix, job), path)  # the same steps as a production etcd's
+        tls = self.client_tls()
+        if tls is not None and self.client_cert_auth:
+            tls = self.issue_client_certificate("horde-admin")
+        # the same steps as a production etcd's (horde-coordinator etcd-auth)
+        ensure_auth(self.url, JobKeys(prefix, job), path, tls=tls)
         logger.info("embedded etcd at %s: authentication on; root password in %s",
                     self.url, path)
         return path

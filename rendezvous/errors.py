@@ -34,3 +34,8 @@ class BlacklistedError(RendezvousError):
 class RendezvousPermissionError(RendezvousError):
     """etcd refused a request this node's credentials do not allow (auth on, role too narrow),
     or the credentials themselves were refused (wrong password, user deleted)."""
+
+
+class RendezvousTLSError(RendezvousError):
+    """TLS to etcd failed in a way retrying cannot fix: the server's certificate does not
+    verify, the client certificate was refused, or one side does not speak TLS."""

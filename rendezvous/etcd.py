@@ -12,6 +12,10 @@ failed recently last. A request that fails to connect, times out or gets a 5xx f
 member goes to the next. Leases and revisions belong to the cluster, not to a member,
 so a lease stays alive and a watch resumes at `revision + 1` on whichever member
 answers; a compare-and-swap whose answer was lost is settled by reading the key back.
+
+`https://host:port[,...]` talks TLS (settings: `rendezvous.etcd_tls.EtcdTLS`); a
+certificate that does not verify is a `RendezvousTLSError` that says which setting to
+change, never a silent fallback to an unverified connection.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import binascii
 import collections
 import json
 import logging
+import re
 import threading
 import time
 import weakref
@@ -30,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import requests.adapters
 import urllib3
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
@@ -39,11 +45,13 @@ from rendezvous.errors import (
     RendezvousConnectionError,
     RendezvousError,
     RendezvousPermissionError,
+    RendezvousTLSError,
 )
+from rendezvous.etcd_tls import EtcdTLS
 
 logger = logging.getLogger(__name__)
 
-URL_SCHEMES = ("etcd", "http")
+URL_SCHEMES = ("etcd", "http", "https")
 _MIN_WAIT = 0.01  # seconds; a socket read timeout of 0 would mean non-blocking
 
 
@@ -122,19 +130,83 @@ class Endpoint:
 
 
 class _Failover(Exception):
-    """This member failed in a way another member may not (connection, timeout, 5xx)."""
+    """This member failed in a way another member may not (connection, timeout, 5xx);
+    `tls` says what to fix when TLS was the cause."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, tls: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.tls = tls
+
+
+class _TLSAdapter(requests.adapters.HTTPAdapter):
+    """Sends every https request with these TLS settings. requests lets REQUESTS_CA_BUNDLE
+    (or CURL_CA_BUNDLE) override a session's own CA bundle; this adapter does not, so
+    HORDE_ETCD_CACERT always decides (and verification is never off)."""
+
+    def __init__(self, tls: EtcdTLS) -> None:
+        super().__init__()
+        self.tls = tls
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
+             ) -> requests.Response:
+        kwargs["verify"] = self.tls.verify
+        kwargs["cert"] = self.tls.client_cert
+        return super().send(request, *args, **kwargs)
+
+
+#: The reason inside an SSL error's text, e.g. `[SSL: CERTIFICATE_VERIFY_FAILED] ...`.
+_SSL_REASON = re.compile(r"\[SSL(: [A-Z0-9_]+)?\][^'\")]*")
+
+
+def _tls_problem(text: str, tls: EtcdTLS | None) -> str | None:
+    """What to fix, when `text` (a transport error) says TLS failed in a way retrying
+    cannot fix (a `RendezvousTLSError`); None otherwise."""
+    lowered = text.lower()
+    if "http request to an https server" in lowered:
+        return ("etcd serves https there: give the URL as https://HOST:PORT and set "
+                "HORDE_ETCD_CACERT (horderun --etcd-cacert) to the CA file that signed "
+                "etcd's certificate")
+    if tls is None:
+        return None
+    if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
+        if "mismatch" in lowered:
+            return ("etcd's certificate does not name the host or address in the URL: use "
+                    "a name or address its certificate lists (its subject alternative "
+                    "names), or have it reissued to cover this one")
+        where = (f"HORDE_ETCD_CACERT={tls.cacert!r}" if tls.cacert is not None
+                 else "the system's trusted CAs (HORDE_ETCD_CACERT is not set)")
+        return (f"etcd's certificate does not verify against {where}: set "
+                "HORDE_ETCD_CACERT (horderun --etcd-cacert) to the CA file that signed "
+                "etcd's certificate (for `horderun --etcd-tls`: the ca.crt it printed)")
+    if "wrong_version_number" in lowered or "wrong version number" in lowered \
+            or "record layer failure" in lowered or "packet length too long" in lowered:
+        return ("etcd does not speak TLS there: give the URL as etcd://HOST:PORT (plain "
+                "HTTP), or start etcd with --cert-file/--key-file")
+    if "alert" in lowered and any(word in lowered for word in (
+            "certificate required", "bad certificate", "unknown ca", "certificate unknown",
+            "certificate expired", "certificate revoked", "unsupported certificate")):
+        given = (f"HORDE_ETCD_CERT={tls.cert!r}" if tls.cert is not None
+                 else "no client certificate (HORDE_ETCD_CERT is not set)")
+        return (f"etcd refused this client's certificate ({given}): it requires one "
+                "signed by its --trusted-ca-file; set HORDE_ETCD_CERT and HORDE_ETCD_KEY "
+                "(horderun --etcd-cert/--etcd-key) to such a certificate and its key")
+    if "pem lib" in lowered or "key values mismatch" in lowered or "no_certificate" in lowered \
+            or "no certificate or crl found" in lowered:
+        return (f"the TLS files could not be loaded (HORDE_ETCD_CACERT={tls.cacert!r}, "
+                f"HORDE_ETCD_CERT={tls.cert!r}, HORDE_ETCD_KEY={tls.key!r}): check that the CA "
+                "file holds a PEM certificate and that the key belongs to the certificate")
+    # Anything else (a handshake cut short, a reset) may be a server restarting or the
+    # network: a connection problem, retried and failed over like any other.
+    return None
 
 
 def parse_endpoints(url: str) -> list[Endpoint]:
     """`etcd://h1:2379,h2:2379` (or `http://...`) -> its endpoints; ValueError if invalid."""
     bad = ValueError(
-        f"etcd URL {url!r} is not valid; expected etcd://HOST:PORT (or http://HOST:PORT), "
-        "or several members of one cluster as etcd://HOST1:PORT1,HOST2:PORT2,HOST3:PORT3, "
-        "for example etcd://127.0.0.1:2379")
+        f"etcd URL {url!r} is not valid; expected etcd://HOST:PORT (or http://HOST:PORT, "
+        "or https://HOST:PORT for TLS), or several members of one cluster as "
+        "etcd://HOST1:PORT1,HOST2:PORT2,HOST3:PORT3, for example etcd://127.0.0.1:2379")
     if not isinstance(url, str) or "://" not in url:
         raise bad
     scheme, rest = url.split("://", 1)
@@ -171,7 +243,8 @@ class EtcdBackend(RendezvousBackend):
 
     def __init__(self, host: str, port: int, timeout: float = 5.0,
                  endpoints: Sequence[tuple[str, int]] | None = None,
-                 user: str | None = None, password: str | None = None) -> None:
+                 user: str | None = None, password: str | None = None,
+                 tls: EtcdTLS | None = None) -> None:
         pairs = list(endpoints) if endpoints else [(host, port)]
         checked: list[Endpoint] = []
         for h, p in pairs:
@@ -200,18 +273,29 @@ class EtcdBackend(RendezvousBackend):
         self.user = user
         self._password = password
         self._token: str | None = None  # etcd's simple/JWT token, shared by every thread
+        #: TLS settings (None: plain HTTP); every member is reached the same way.
+        self.tls = tls
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 5.0, user: str | None = None,
-                 password: str | None = None) -> EtcdBackend:
+                 password: str | None = None, tls: EtcdTLS | None = None) -> EtcdBackend:
         """Build a backend from `etcd://host:port` (or `http://host:port`), or from several
         members of one cluster: `etcd://h1:2379,h2:2379,h3:2379` (tried in that order).
-        With `user`/`password` every request carries an etcd auth token."""
+        `https://...` talks TLS with `tls` (default: the system's CAs); other schemes
+        ignore `tls`. With `user`/`password` every request carries an etcd auth token."""
         endpoints = parse_endpoints(url)
         first = endpoints[0]
+        if url.split("://", 1)[0].lower() == "https":
+            tls = tls if tls is not None else EtcdTLS()
+        else:
+            if tls is not None and tls.configured:
+                logger.warning("etcd TLS settings (%s) are set but the rendezvous URL %s is "
+                               "plain HTTP: they are not used; give it as https://",
+                               ", ".join(tls.to_env()), url)
+            tls = None
         return cls(first.host, first.port, timeout=timeout,
                    endpoints=[(e.host, e.port) for e in endpoints], user=user,
-                   password=password)
+                   password=password, tls=tls)
 
     @property
     def endpoint(self) -> Endpoint:
@@ -228,8 +312,10 @@ class EtcdBackend(RendezvousBackend):
 
     @property
     def url(self) -> str:
-        """Every member as `etcd://h1:p1,h2:p2` (one member: `etcd://host:port`)."""
-        return "etcd://" + ",".join(e.label for e in self.endpoints)
+        """Every member as `etcd://h1:p1,h2:p2` (one member: `etcd://host:port`), or
+        `https://...` with TLS."""
+        scheme = "https" if self.tls is not None else "etcd"
+        return f"{scheme}://" + ",".join(e.label for e in self.endpoints)
 
     def __repr__(self) -> str:
         return f"EtcdBackend({self.url!r})"
@@ -247,8 +333,12 @@ class EtcdBackend(RendezvousBackend):
         client = clients.get(index)
         if client is None:
             endpoint = self.endpoints[index]
+            tls = self.tls
             client = Etcd3Client(host=endpoint.host, port=endpoint.port, timeout=self.timeout,
-                                 api_path=self._api_path)
+                                 api_path=self._api_path,
+                                 protocol="https" if tls is not None else "http")
+            if tls is not None:
+                client.session.mount("https://", _TLSAdapter(tls))
             if self._api_path is None:
                 self._api_path = client.api_path  # one GET /version
             clients[index] = client
@@ -320,7 +410,11 @@ class EtcdBackend(RendezvousBackend):
         if len(self.endpoints) > 1:
             logger.info("etcd member %s failed: %s", self.endpoints[index].label, detail)
 
-    def _unreachable(self, errors: list[tuple[int, str]]) -> RendezvousConnectionError:
+    def _unreachable(self, errors: list[tuple[int, str]], tls: str | None = None
+                     ) -> RendezvousError:
+        if tls is not None:
+            tried = "; ".join(f"{self.endpoints[i].label}: {detail}" for i, detail in errors)
+            return RendezvousTLSError(f"TLS to etcd at {self.url} failed: {tls} ({tried})")
         if len(self.endpoints) == 1:
             endpoint = self.endpoints[0]
             return RendezvousConnectionError(
@@ -340,6 +434,16 @@ class EtcdBackend(RendezvousBackend):
                             type(exc).__name__).split())
         if "Connection refused" in text:
             return "connection refused"
+        ssl_reason = _SSL_REASON.search(text)
+        if ssl_reason:
+            reason = ssl_reason.group(0).strip()
+            if "UNEXPECTED_EOF" in reason or "EOF occurred" in reason:
+                reason += (" (the server ended the TLS handshake: if etcd serves plain HTTP "
+                           "there, give the URL as etcd://HOST:PORT)")
+            return reason
+        if "closed connection without response" in text and self.tls is None:
+            return ("the server closed the connection without answering (if etcd serves "
+                    "https there, give the URL as https://HOST:PORT and set HORDE_ETCD_CACERT)")
         if "Read timed out" in text or "timed out" in text.lower() and "etcdserver" not in text:
             return f"no answer within {self.timeout:g} s"
         return text[:300]
@@ -369,9 +473,13 @@ class EtcdBackend(RendezvousBackend):
                     f"requested lease not found (etcd at {endpoint.label}): "
                     f"lease {lease} expired or was revoked"
                 ) from exc
-            raise _Failover(self._detail(exc)) from exc
+            raise self._failover(exc) from exc
         except (requests.RequestException, OSError, ValueError) as exc:
-            raise _Failover(self._detail(exc)) from exc
+            raise self._failover(exc) from exc
+
+    def _failover(self, exc: BaseException) -> _Failover:
+        text = " ".join(str(getattr(exc, "detail_text", None) or exc or "").split())
+        return _Failover(self._detail(exc), _tls_problem(text, self.tls))
 
     def _request(self, op: str, path: str, payload: dict[str, Any], lease: int = 0
                  ) -> tuple[dict[str, Any], bool]:
@@ -380,17 +488,19 @@ class EtcdBackend(RendezvousBackend):
         self._count(op)
         errors: list[tuple[int, str]] = []
         last: BaseException | None = None
+        tls: str | None = None
         for index in self._order():
             try:
                 result = self._post_once(index, path, payload, lease)
             except _Failover as exc:
                 errors.append((index, exc.detail))
                 last = exc.__cause__ or exc
+                tls = tls or exc.tls
                 self._failed(index, exc.detail)
                 continue
             self._succeeded(index)
             return result, bool(errors)
-        raise self._unreachable(errors) from last
+        raise self._unreachable(errors, tls) from last
 
     def _post(self, op: str, path: str, payload: dict[str, Any], lease: int = 0) -> dict[str, Any]:
         """POST one gateway request; wraps every failure in a rendezvous error."""
@@ -515,6 +625,7 @@ class EtcdBackend(RendezvousBackend):
         deadline = time.monotonic() + max(0.0, timeout)
         errors: list[tuple[int, str]] = []
         last: BaseException | None = None
+        tls: str | None = None
         for index in self._order():
             remaining = max(_MIN_WAIT, deadline - time.monotonic())
             try:
@@ -522,11 +633,12 @@ class EtcdBackend(RendezvousBackend):
             except _Failover as exc:
                 errors.append((index, exc.detail))
                 last = exc.__cause__ or exc
+                tls = tls or exc.tls
                 self._failed(index, exc.detail)
                 continue
             self._succeeded(index)
             return changed
-        raise self._unreachable(errors) from last
+        raise self._unreachable(errors, tls) from last
 
     def _watch_once(self, index: int, prefix: str, after_revision: int, wait: float,
                     deadline: float) -> bool:
@@ -541,8 +653,9 @@ class EtcdBackend(RendezvousBackend):
                 timeout=(self.timeout, wait),
             )
             if response.status_code != 200:
-                raise _Failover(f"watch answered HTTP {response.status_code}: "
-                                f"{response.text[:200]}")
+                text = response.text[:200]
+                raise _Failover(f"watch answered HTTP {response.status_code}: {text}",
+                                _tls_problem(text, self.tls))
             return self._read_watch(response, deadline)
         except requests.exceptions.ReadTimeout:
             return False
@@ -550,9 +663,9 @@ class EtcdBackend(RendezvousBackend):
             # requests reports a read timeout inside a streamed body as ConnectionError.
             if exc.args and isinstance(exc.args[0], urllib3.exceptions.ReadTimeoutError):
                 return False
-            raise _Failover(self._detail(exc)) from exc
+            raise self._failover(exc) from exc
         except (requests.RequestException, Etcd3Exception, OSError, ValueError) as exc:
-            raise _Failover(self._detail(exc)) from exc
+            raise self._failover(exc) from exc
         finally:
             if response is not None:
                 response.close()

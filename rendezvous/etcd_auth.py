@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rendezvous.etcd import EtcdBackend, _range_end
+from rendezvous.etcd_tls import EtcdTLS
 from rendezvous.keys import JobKeys
 
 logger = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ def _create_secret(path: Path, text: str) -> bool:
 
 
 def ensure_auth(url: str, keys: JobKeys, root_password_file: Path, timeout: float = 5.0,
-                wait: float = 0.0) -> AuthSetup:
+                wait: float = 0.0, tls: EtcdTLS | None = None) -> AuthSetup:
     """Make etcd at `url` run with auth for job `keys.job`; safe to repeat.
 
     Auth off: the root password is read from `root_password_file`, or a random one is
@@ -316,7 +317,7 @@ def ensure_auth(url: str, keys: JobKeys, root_password_file: Path, timeout: floa
 
     path = Path(root_password_file)
     _check_name("job name", keys.job)
-    anonymous = EtcdBackend.from_url(url, timeout=timeout)
+    anonymous = EtcdBackend.from_url(url, timeout=timeout, tls=tls)
     try:
         enabled = _reach(anonymous, wait)
         if not enabled:
@@ -337,7 +338,8 @@ def ensure_auth(url: str, keys: JobKeys, root_password_file: Path, timeout: floa
     finally:
         anonymous.close()
     password = _read_root_password(path, url)
-    root = EtcdBackend.from_url(url, timeout=timeout, user=ROOT_USER, password=password)
+    root = EtcdBackend.from_url(url, timeout=timeout, user=ROOT_USER, password=password,
+                                tls=tls)
     try:
         admin = EtcdAuthAdmin(root, keys)
         try:

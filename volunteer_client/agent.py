@@ -409,6 +409,10 @@ class Agent:
         for name in ("PYTHONPATH", "LD_LIBRARY_PATH", "HORDE_LOG_LEVEL"):
             if os.environ.get(name):
                 env[name] = os.environ[name]
+        # TLS to an https:// rendezvous: the CA (and client certificate) the volunteer set
+        from rendezvous.etcd_tls import EtcdTLS
+
+        env.update(EtcdTLS.from_env().to_env())
         return env
 
     def _start(self, device: str) -> None:

@@ -122,9 +122,10 @@ class Manifest:
         job, rdzv = body.get("job"), body.get("rendezvous")
         if not isinstance(job, str) or not _JOB.fullmatch(job):
             raise ManifestError(f"manifest job {job!r} is not a job name")
-        if not isinstance(rdzv, str) or not re.fullmatch(r"(etcd|http)://[^\s/]{1,200}"
+        if not isinstance(rdzv, str) or not re.fullmatch(r"(etcd|http|https)://[^\s/]{1,200}"
                                                           r"(,[^\s/]{1,200})*", rdzv):
-            raise ManifestError(f"manifest rendezvous {rdzv!r} is not etcd://HOST:PORT")
+            raise ManifestError(f"manifest rendezvous {rdzv!r} is not etcd://HOST:PORT "
+                                "(or https://HOST:PORT)")
         files = body.get("files")
         if not isinstance(files, dict) or not 0 < len(files) <= MAX_FILES:
             raise ManifestError(f"manifest files must map 1-{MAX_FILES} names to SHA-256")

@@ -28,7 +28,7 @@ from rendezvous.settings import RendezvousSettings
 logger = logging.getLogger("elastic.launcher")
 
 #: Schemes `--rendezvous` takes (etcd's v3 API over its HTTP gateway).
-RENDEZVOUS_SCHEMES = ("etcd", "http")
+RENDEZVOUS_SCHEMES = ("etcd", "http", "https")
 
 
 LOG_LEVELS = ["TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "FATAL"]
@@ -148,6 +148,19 @@ def make_parser() -> argparse.ArgumentParser:
                        "starts, and one user per volunteer, issued by the coordinator. "
                        "--no-etcd-auth (env HORDE_ETCD_AUTH=0) lets anyone who reaches etcd "
                        "rewrite the job; see docs/security.md")
+    horde.add_argument("--etcd-tls", action="store_true", default=None,
+                       help="the embedded etcd serves https with a CA and server certificate "
+                       "made at start (CA file in etcd's data folder, printed with the --join "
+                       "command); this launcher's processes and workers verify it (env "
+                       "HORDE_ETCD_TLS=1; docs/security.md)")
+    horde.add_argument("--etcd-cacert", metavar="FILE",
+                       help="CA bundle that verifies an https:// rendezvous (env "
+                       "HORDE_ETCD_CACERT; default: the system's CAs)")
+    horde.add_argument("--etcd-cert", metavar="FILE",
+                       help="client certificate for an etcd with --client-cert-auth (env "
+                       "HORDE_ETCD_CERT; needs --etcd-key)")
+    horde.add_argument("--etcd-key", metavar="FILE",
+                       help="key of --etcd-cert (env HORDE_ETCD_KEY)")
     horde.add_argument("--trusted-peers", action="store_true",
                        help="every member of this job is trusted: objects from peers "
                        "(broadcast_object, allgather_object, elastic state) are fully unpickled, "
@@ -286,7 +299,8 @@ def rendezvous_url(args: argparse.Namespace) -> str | None:
         return None
     source = "--rendezvous" if args.rendezvous else "HORDE_RENDEZVOUS"
     if "://" not in url:
-        raise UsageError(f"{source} {url!r} must look like etcd://HOST:PORT")
+        raise UsageError(f"{source} {url!r} must look like etcd://HOST:PORT (https://HOST:PORT "
+                         "for TLS)")
     scheme = url.split("://", 1)[0].lower()
     if scheme not in RENDEZVOUS_SCHEMES:
         raise UsageError(f"{source} {url!r} has the unknown scheme {scheme!r}; Horde's "
@@ -307,6 +321,22 @@ def _env(name: str) -> str | None:
 
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def apply_tls_flags(args: argparse.Namespace) -> None:
+    """--etcd-cacert/--etcd-cert/--etcd-key become HORDE_ETCD_CACERT/CERT/KEY (a flag wins
+    over the variable), which `EtcdTLS.from_env` reads for this process, its in-process
+    coordinator and its workers; UsageError for a file that cannot be used."""
+    from rendezvous.etcd_tls import ENV, EtcdTLS
+
+    for name, variable in ENV.items():
+        value = getattr(args, f"etcd_{name}", None)
+        if value:
+            os.environ[variable] = os.path.abspath(os.path.expanduser(value))
+    try:
+        EtcdTLS.from_env()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def build_plan(args: argparse.Namespace) -> LaunchPlan:
@@ -422,6 +452,7 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         trusted_peers=args.trusted_peers or _truthy(_env("HORDE_TRUSTED_PEERS")),
         robust_aggregation=_robust(args.robust_aggregation),
         etcd_auth=_etcd_auth(args.etcd_auth, rendezvous),
+        etcd_tls=_etcd_tls(args, rendezvous),
     )
 
 
@@ -436,6 +467,15 @@ def _etcd_auth(flag: bool | None, rendezvous: str | None) -> bool:
                              "the embedded etcd on or off)")
         flag = _truthy(text)
     return flag
+
+
+def _etcd_tls(args: argparse.Namespace, rendezvous: str | None) -> bool:
+    """--etcd-tls (or HORDE_ETCD_TLS=1): only for the embedded etcd."""
+    wanted = bool(args.etcd_tls) or _truthy(_env("HORDE_ETCD_TLS"))
+    if wanted and rendezvous:
+        raise UsageError("--etcd-tls makes the embedded etcd serve https; for --rendezvous "
+                         "give its URL as https://HOST:PORT and its CA with --etcd-cacert")
+    return wanted
 
 
 def _robust(flag: int | None) -> int:
@@ -571,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.check_build:
             return _check_build()
+        apply_tls_flags(args)
         if args.evict or args.status:
             return _admin(args)
         plan = build_plan(args)

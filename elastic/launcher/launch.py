@@ -86,6 +86,9 @@ class LaunchPlan:
     etcd_auth: bool = True
     """The embedded etcd runs with authentication (default; `--no-etcd-auth` turns it off):
     each process this launcher starts gets its own control identity."""
+    etcd_tls: bool = False
+    """The embedded etcd serves https (`--etcd-tls`) with a CA made at start; this
+    process, its coordinator and its workers verify it through HORDE_ETCD_CACERT."""
 
 
 @dataclass
@@ -142,8 +145,9 @@ class Launcher:
         if self.plan.rendezvous_url is None:
             from rendezvous.embedded import EmbeddedEtcd
 
-            self._etcd = EmbeddedEtcd(host=self.plan.listen_addr)
+            self._etcd = EmbeddedEtcd(host=self.plan.listen_addr, tls=self.plan.etcd_tls)
             url = self._etcd.url
+            self._use_embedded_tls()
             if self.plan.etcd_auth:
                 return self._connect_with_auth(url)
             if not _is_loopback(self.plan.listen_addr):
@@ -197,6 +201,18 @@ class Launcher:
     def _node_id(self, index: int) -> str:
         prefix = self.plan.node_prefix or f"{self.plan.hostname}-{os.getpid()}"
         return f"{prefix}-{index}"
+
+    def _use_embedded_tls(self) -> None:
+        """With --etcd-tls: every etcd client of this process (coordinator included) and
+        every worker it starts verifies the embedded etcd with its CA; without it, say
+        that a non-loopback etcd is served in clear."""
+        assert self._etcd is not None
+        if self._etcd.ca_file is not None:
+            os.environ["HORDE_ETCD_CACERT"] = str(self._etcd.ca_file)
+        elif not _is_loopback(self.plan.listen_addr):
+            logger.warning("the embedded etcd serves plain HTTP on %s: its traffic (etcd "
+                           "passwords and tokens included) crosses the network in clear; "
+                           "add --etcd-tls (docs/security.md)", self._etcd.url)
 
     def _connect_with_auth(self, url: str) -> str:
         """Turn auth on in the embedded etcd; this launcher uses a control identity, its
@@ -507,6 +523,8 @@ class Launcher:
     def _announce(self, url: str) -> None:
         job = self.plan.rdzv.job
         join = ["horderun", "--join", "--rendezvous", url, "--job", job]
+        if self._etcd is not None and self._etcd.ca_file is not None:
+            join += ["--etcd-cacert", str(self._etcd.ca_file)]
         if self._coordinator_thread is not None:  # ours: name it, as the job's settings do
             join += ["--coordinator", self._coordinator_url]
         join += ["-np", "1", *self.plan.command]
@@ -514,6 +532,14 @@ class Launcher:
             f"horderun: job {job} on rendezvous {url}"
             + (" (embedded etcd)" if self._etcd is not None else self._where()) + "\n"
             f"horderun: add workers with: {shlex.join(join)}\n")
+        ca_file = self._etcd.ca_file if self._etcd is not None else None
+        if ca_file is not None:
+            from rendezvous.etcd_tls import fingerprint
+
+            sys.stderr.write(
+                f"horderun: etcd serves TLS: a machine joining from elsewhere needs a copy of "
+                f"{ca_file} (SHA-256 fingerprint {fingerprint(ca_file)}; check it after "
+                "copying) at the path its --etcd-cacert names\n")
         if self._coordinator_url and self._coordinator_thread is None:
             urls = self._coordinator_url.split(",")
             sys.stderr.write(

@@ -140,7 +140,7 @@ def test_from_url_accepts(url: str, host: str, port: int) -> None:
         "127.0.0.1:2379",
         "etcd://127.0.0.1",
         "etcd://:2379",
-        "https://127.0.0.1:2379",
+        "https://127.0.0.1",
         "redis://127.0.0.1:2379",
         "etcd://127.0.0.1:99999",
         "etcd://127.0.0.1:port",
