@@ -96,8 +96,9 @@ def make_parser() -> argparse.ArgumentParser:
                        "etcd and the embedded coordinator serve on, that the printed --join "
                        "command names, and (without --network-interfaces) that this machine's "
                        "workers advertise (env HORDE_LISTEN; default: the address of "
-                       "--network-interfaces, else loopback). etcd has no authentication yet: "
-                       "whoever reaches this address controls the job (docs/nat.md)")
+                       "--network-interfaces, else loopback). Volunteers there get their own etcd "
+                       "users from the coordinator; add --etcd-tls so passwords do not cross "
+                       "the network in clear (docs/nat.md, docs/security.md)")
     horde.add_argument("--relay", choices=["auto", "always", "never"],
                        help="when generations exchange through the relay that horderun serves "
                        "on --listen for members behind NAT: auto (when a member accepts no "
