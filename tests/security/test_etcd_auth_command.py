@@ -13,14 +13,13 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rendezvous import backend_from_url
-from rendezvous.embedded import EmbeddedEtcd, etcd_binary, free_port
-from rendezvous.errors import RendezvousError, RendezvousPermissionError
+from rendezvous.embedded import EmbeddedEtcd, free_port
+from rendezvous.errors import RendezvousPermissionError
 from rendezvous.etcd import EtcdBackend
 from rendezvous.etcd_auth import EtcdAuthAdmin, EtcdCredentials
 from rendezvous.keys import JobKeys
@@ -28,20 +27,6 @@ from rendezvous.settings import DEFAULT_PREFIX
 from tests.harness import REPO, repo_env, unique_job
 
 pytestmark = [pytest.mark.timeout(300)]
-
-
-@pytest.fixture
-def fresh_etcd() -> Iterator[EmbeddedEtcd]:
-    """A real etcd with authentication off, as a production etcd starts."""
-    try:
-        etcd_binary()
-    except RendezvousError as exc:
-        pytest.skip(f"no etcd binary: {exc}")
-    server = EmbeddedEtcd()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def etcd_auth(url: str, job: str, root_file: Path, *extra: str,
