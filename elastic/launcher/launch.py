@@ -184,9 +184,12 @@ class Launcher:
 
     def _enrols(self) -> bool:
         """A --join without credentials of its own gets each worker's etcd user from the
-        job's coordinator (none when the job runs without etcd authentication)."""
+        job's coordinator (none when the job runs without etcd authentication). Not when
+        its caller registered the node already (HORDE_COORDINATOR_TOKEN: the volunteer
+        client, which fetches the node's etcd user itself)."""
         return (self.plan.join and self.plan.coordinator not in ("", "none", "embedded")
-                and EtcdCredentials.from_env() is None)
+                and EtcdCredentials.from_env() is None
+                and not os.environ.get("HORDE_COORDINATOR_TOKEN"))
 
     def _enrolment(self, node_id: str) -> Enrolment:
         if node_id not in self._enrolled:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,11 +42,15 @@ def _commits(folder: Path, size: int) -> list[dict]:
     return [r for r in _records(folder) if r["event"] == "commit" and r["size"] == size]
 
 
-def _generation(lab: NatLab, argv: list[str]) -> dict:
+def _generation(lab: NatLab, argv: list[str], owner_log: Path) -> dict:
+    """The job's generation, read as the owner (root of its etcd, which has auth on)."""
     url, job = argv[argv.index("--rendezvous") + 1], argv[argv.index("--job") + 1]
+    found = re.search(r"root password in (\S+)\)", owner_log.read_text(errors="replace"))
+    assert found, "the owner's horderun did not say where its etcd root password is"
     out = subprocess.run(["ip", "netns", "exec", lab.ns_pub, sys.executable, "-c",
                           READ_GENERATION, url, job], capture_output=True, text=True,
-                         timeout=60, cwd=REPO, env=repo_env())
+                         timeout=60, cwd=REPO, env=repo_env(
+                             HORDE_ETCD_USER="root", HORDE_ETCD_PASSWORD_FILE=found.group(1)))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -62,7 +67,7 @@ def test_the_member_that_relays_dies_and_the_members_behind_nat_go_on(
 
     # The generation of three goes through the relay, and its only member that listens
     # (so the one that relays the homes' parts to each other) is the owner's worker.
-    generation = _generation(lab, argv)
+    generation = _generation(lab, argv, logs["owner"])
     assert generation["relay"], generation
     listening = [m["node_id"] for m in generation["members"] if m["reachable"]]
     owner_node = _records(outs["owner"])[0]["node"]
@@ -77,7 +82,7 @@ def test_the_member_that_relays_dies_and_the_members_behind_nat_go_on(
     # The homes roll back and go on as two, with nobody left to listen: through the hub.
     _wait("the members behind NAT committing as two", lambda: all(
         len(_commits(outs[n], 2)) >= 6 for n in HOMES), 120, all_logs)
-    after = _generation(lab, argv)
+    after = _generation(lab, argv, logs["owner"])
     assert sorted(m["node_id"] for m in after["members"]) == sorted(home_nodes.values())
     assert after["relay"] and not any(m["reachable"] for m in after["members"]), after
     by_step: dict[tuple, set[str]] = {}

@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
+from rendezvous import backend_from_url
 from rendezvous.etcd import EtcdBackend
+from rendezvous.etcd_auth import ROOT_USER, EtcdAuthAdmin, EtcdCredentials
 from rendezvous.generation import NodeInfo
 from rendezvous.keys import JobKeys
 from rendezvous.settings import DEFAULT_PREFIX
@@ -220,27 +222,34 @@ def test_registrations_without_a_live_lease_are_never_admitted(
 def test_leaseless_keys_do_not_keep_the_embedded_etcd_up(tmp_path: Path) -> None:
     """An elastic job on horderun's own etcd waits for joined workers' registrations to go
     before it stops etcd; a key under `nodes/` that no lease will ever delete must not
-    count as one, nor may garbage there stop the job from finishing."""
+    count as one, nor may garbage there stop the job from finishing. Written as volunteers
+    can under etcd auth (the default): each with its own node user, into its own key."""
     job = Job(None, tmp_path, "--min-np", "1", "--max-np", str(NP))
-    backend = None
+    backends: list[EtcdBackend] = []
     try:
         deadline = time.monotonic() + 60
-        url = None
-        while url is None and time.monotonic() < deadline and job.proc.poll() is None:
+        url = root_file = None
+        while root_file is None and time.monotonic() < deadline and job.proc.poll() is None:
             found = re.search(r"on rendezvous (etcd://\S+)", job.output)
             url = found.group(1) if found else None
+            found = re.search(r"root password in (\S+)\)", job.output)
+            root_file = found.group(1) if found and url else None
             time.sleep(0.1)
-        assert url, f"horderun did not say where its etcd is:\n{job.output}"
-        backend = EtcdBackend.from_url(url)
+        assert url and root_file, f"horderun did not say where its etcd is:\n{job.output}"
+        root = EtcdCredentials(ROOT_USER, Path(root_file).read_text(encoding="utf-8"))
+        backends.append(backend_from_url(url, credentials=root))
         keys = JobKeys(DEFAULT_PREFIX, job.job)
-        wait_for_training(backend, keys, job)
+        admin = EtcdAuthAdmin(backends[0], keys)  # type: ignore[arg-type]
+        wait_for_training(backends[0], keys, job)  # type: ignore[arg-type]
         ghost = NodeInfo(node_id="ghost", host="127.0.0.1", addr="127.0.0.1", store_port=1)
-        backend.put(keys.node("ghost"), ghost.to_json())
-        backend.put(keys.node("garbage"), b"not json")
+        for node_id, value in (("ghost", ghost.to_json()), ("garbage", b"not json")):
+            volunteer = backend_from_url(url, credentials=admin.issue_node(node_id))
+            backends.append(volunteer)  # type: ignore[arg-type]
+            volunteer.put(keys.node(node_id), value)  # no lease
         code = job.wait()
     finally:
         job.wait(0)
-        if backend is not None:
+        for backend in backends:
             backend.close()
     assert code == 0, f"horderun exited {code} (None: hung past {RUN_LIMIT} s):\n{job.output}"
     assert "Traceback" not in job.output, job.output
