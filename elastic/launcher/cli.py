@@ -557,6 +557,7 @@ def _check_build() -> int:
 def _admin(args: argparse.Namespace) -> int:
     from rendezvous import backend_from_url
     from rendezvous.agent import blacklist_node, read_control
+    from rendezvous.errors import RendezvousPermissionError
     from rendezvous.keys import JobKeys
 
     url = rendezvous_url(args)
@@ -565,7 +566,14 @@ def _admin(args: argparse.Namespace) -> int:
         raise UsageError("--evict and --status need --rendezvous etcd://HOST:PORT and --job NAME")
     backend = backend_from_url(url)
     keys = JobKeys(RendezvousSettings().prefix, job)
-    if backend.get(keys.config) is None:
+    try:
+        config = backend.get(keys.config)
+    except RendezvousPermissionError as exc:
+        raise RendezvousPermissionError(
+            f"{exc}. The job's etcd runs with authentication: as the job owner, give its "
+            "root identity, e.g. HORDE_ETCD_USER=root HORDE_ETCD_PASSWORD_FILE=<the root "
+            "password file horderun printed> (docs/security.md)") from None
+    if config is None:
         raise UsageError(f"job {job!r} does not exist on {url}")
     if args.evict:
         cooldown = (tuple(args.blacklist_cooldown_range) if args.blacklist_cooldown_range

@@ -287,6 +287,18 @@ def test_horderun_etcd_auth_runs_a_job_and_refuses_strangers(tmp_path: Path) -> 
         assert joiner.returncode != 0
         assert "runs with authentication: join with the --coordinator URL" in joiner.stderr
         assert "HORDE_ETCD_USER" in joiner.stderr and "Traceback" not in joiner.stderr
+        # `--status` needs the owner's root identity, and says so without it
+        status = [sys.executable, "-m", "elastic.launcher.cli", "--status",
+                  "--rendezvous", url, "--job", job]
+        refused = subprocess.run(status, env=env, cwd=REPO, capture_output=True, text=True,
+                                 timeout=60)
+        assert refused.returncode != 0 and "HORDE_ETCD_USER=root" in refused.stderr
+        found = re.search(r"root password in (\S+)\)", log_path.read_text(errors="replace"))
+        assert found, log_path.read_text(errors="replace")
+        shown = subprocess.run(status, cwd=REPO, capture_output=True, text=True, timeout=60,
+                               env={**env, "HORDE_ETCD_USER": "root",
+                                    "HORDE_ETCD_PASSWORD_FILE": found.group(1)})
+        assert shown.returncode == 0 and f"job {job}: status" in shown.stdout, shown.stderr
         code = proc.wait(120)
     output = log_path.read_text(errors="replace")
     assert code == 0, output
