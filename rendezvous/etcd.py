@@ -107,6 +107,28 @@ _DENIED = ("permission denied", "authentication failed", "user name is empty",
 _STALE_TOKEN = ("invalid auth token",)
 
 
+#: gRPC codes with which a reachable member answers a request it will not carry out
+#: (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, OUT_OF_RANGE):
+#: another member would answer the same, so these are errors, never a failover.
+_REFUSAL_CODES = frozenset({3, 5, 6, 9, 11})
+
+
+def _refusal(exc: Etcd3Exception) -> str | None:
+    """etcd's own message when `exc` is a definite refusal (see `_REFUSAL_CODES`)."""
+    if type(exc) is not Etcd3Exception:  # the subclasses are timeouts and 5xx answers
+        return None
+    try:
+        body = json.loads(exc.detail_text or "")
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("code") not in _REFUSAL_CODES:
+        return None
+    message = body.get("message") or body.get("error")
+    if not isinstance(message, str):
+        return None
+    return f"{' '.join(message.split())[:300]} (gRPC code {body['code']})"
+
+
 def _auth_problem(exc: Etcd3Exception, words: tuple[str, ...]) -> bool:
     text = (exc.detail_text or "").lower()
     return any(word in text for word in words)
@@ -473,6 +495,10 @@ class EtcdBackend(RendezvousBackend):
                     f"requested lease not found (etcd at {endpoint.label}): "
                     f"lease {lease} expired or was revoked"
                 ) from exc
+            refusal = _refusal(exc)
+            if refusal is not None:
+                raise RendezvousError(
+                    f"etcd at {endpoint.label} refused {path}: {refusal}") from exc
             raise self._failover(exc) from exc
         except (requests.RequestException, OSError, ValueError) as exc:
             raise self._failover(exc) from exc

@@ -147,12 +147,12 @@ class EtcdAuthAdmin:
         self._call("auth_grant", "/auth/role/grant", {"name": role, "perm": body})
 
     def _exists(self, op: str, path: str, payload: dict[str, Any]) -> bool:
-        from rendezvous.errors import RendezvousConnectionError, RendezvousPermissionError
+        from rendezvous.errors import RendezvousConnectionError, RendezvousError
 
         try:
             self._call(op, path, payload)
-        except (RendezvousConnectionError, RendezvousPermissionError) as exc:
-            if "not found" in str(exc):
+        except RendezvousError as exc:
+            if "not found" in str(exc) and not isinstance(exc, RendezvousConnectionError):
                 return False
             raise
         return True

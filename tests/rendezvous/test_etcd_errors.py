@@ -216,3 +216,20 @@ def test_embedded_start_failure_names_the_cause(
         assert "address already in use" in str(info.value)
         assert time.monotonic() - start < 10.0
     assert created and not any(path.exists() for path in created)
+
+
+# -- definite answers from a reachable etcd ----------------------------------------------
+
+
+def test_a_refusal_from_a_reachable_etcd_is_not_reported_as_unreachable(fresh_etcd) -> None:
+    """etcd answers 'user name already exists' (gRPC FAILED_PRECONDITION): the error says
+    what etcd refused and why, not 'cannot reach etcd', and no other member is tried."""
+    backend = EtcdBackend.from_url(fresh_etcd.url)
+    backend._post("auth_user_add", "/auth/user/add", {"name": "alice", "password": "pw"})
+    with pytest.raises(RendezvousError) as info:
+        backend._post("auth_user_add", "/auth/user/add", {"name": "alice", "password": "pw"})
+    assert not isinstance(info.value, RendezvousConnectionError)
+    message = str(info.value)
+    assert "cannot reach" not in message
+    assert "/auth/user/add" in message and "user name already exists" in message
+    assert backend.failovers == 0 and backend.get("/k") is None  # the member is still used
