@@ -124,6 +124,7 @@ class Launcher:
         self._root_file: Path | None = None
         self._revoked: set[str] = set()
         self._enrolled: dict[str, Enrolment] = {}
+        self._secret_files: list[Path] = []  # joined workers' etcd passwords, deleted at exit
         self._next_revoke_check = 0.0
         self._backend: RendezvousBackend | None = None
         self._stop = threading.Event()
@@ -340,7 +341,9 @@ class Launcher:
             if enrolled.etcd is not None:
                 folder = Path(plan.data_dir) / "etcd"
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-                env.update(enrolled.etcd.to_env(folder / f"{node_id}.password"))
+                secret = folder / f"{node_id}.password"
+                self._secret_files.append(secret)
+                env.update(enrolled.etcd.to_env(secret))
         env.update(plan.extra_env)
         return env
 
@@ -506,6 +509,8 @@ class Launcher:
             for w in self.workers:
                 for t in w.threads:
                     t.join(timeout=2)
+            for secret in self._secret_files:  # its workers have ended: nothing reads it
+                secret.unlink(missing_ok=True)
             if self._coordinator_thread is not None:
                 self._coordinator_thread.join(30)
             if self._coordinator is not None:

@@ -103,8 +103,12 @@ def test_volunteer_in_another_namespace_joins_with_the_printed_command(
     _wait("the owner's worker to train", lambda: any(
         r["event"] == "commit" for r in _records(out_a)), 60, logs)
 
-    joiner = lab.popen(lab.ns_b, argv, repo_env(HORDE_TEST_OUT=str(out_b), **common),
+    joiner_data = tmp_path / "joiner-data"
+    joiner = lab.popen(lab.ns_b, argv, repo_env(HORDE_TEST_OUT=str(out_b),
+                                                HORDE_DATA_DIR=str(joiner_data), **common),
                        joiner_log, cwd=REPO)
+    _wait("the joiner's etcd password file", lambda: list(joiner_data.glob("etcd/*.password")),
+          60, logs)
     _wait("both workers committing in a world of two", lambda: sum(
         r["event"] == "commit" and r["size"] == 2 for r in _records(out_b)) >= 4, 90, logs)
     stop.touch()
@@ -129,6 +133,8 @@ def test_volunteer_in_another_namespace_joins_with_the_printed_command(
     # The printed command needed nothing more: the joiner got its own etcd user from the
     # owner's coordinator (a node user: it cannot lead, write the generation or evict).
     assert f"node {joiner_node} joins as etcd user" in joiner_log.read_text(errors="replace")
+    # Its password file lived as long as its worker, no longer.
+    assert not list(joiner_data.glob("etcd/*.password"))
     credit = _credit(db)
     assert credit.get(joiner_node, 0) > 0, f"no credit for {joiner_node}: {credit}"
     assert credit.get(owner_done[0]["node"], 0) > 0, credit
