@@ -26,6 +26,7 @@ from rendezvous.errors import (
     RendezvousError,
     RendezvousPermissionError,
     RendezvousTimeoutError,
+    RendezvousTLSError,
 )
 from rendezvous.generation import BlacklistEntry, Generation, JobStatus, NodeInfo
 from rendezvous.keys import JobKeys
@@ -407,8 +408,8 @@ class NodeAgent:
         try:
             won = self.backend.compare_and_swap(self.keys.leader, expected_revision,
                                                 self.node_id.encode(), lease=self._lease)
-        except RendezvousConnectionError:
-            raise
+        except (RendezvousConnectionError, RendezvousTLSError):
+            raise  # not about the lease: the outage handling (or the job's error) has it
         except RendezvousPermissionError as exc:
             # etcd auth is on and this node is no control identity: it never leads.
             self._candidate = False

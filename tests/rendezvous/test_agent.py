@@ -26,6 +26,7 @@ from rendezvous import (
     records,
 )
 from rendezvous.agent import ControlState, NodeAgent, blacklist_node, read_control
+from rendezvous.errors import RendezvousTLSError
 from rendezvous.generation import BlacklistEntry, Generation, JobStatus, NodeInfo
 from rendezvous.keys import JobKeys
 from rendezvous.settings import RendezvousSettings
@@ -313,6 +314,31 @@ def test_stale_leader_cannot_overwrite_a_newer_generation(make_job: Callable[...
     attempts = [c for c in spy.cas if c[0] == job.keys.generation]
     assert attempts and not any(ok for _, _, ok in attempts), spy.cas
     assert job.generation() == newer  # no lost update
+
+
+class TLSFailingBackend(RecordingBackend):
+    """A backend whose leader-key writes fail TLS verification (a changed etcd CA)."""
+
+    def compare_and_swap(self, key: str, expected: int, value: bytes, lease: int = 0) -> bool:
+        raise RendezvousTLSError("TLS to etcd failed: certificate verify failed")
+
+
+def test_a_tls_failure_while_taking_the_lead_is_the_agents_error_not_a_lost_lease(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The agent stops with the TLS error (which names what to fix), instead of taking
+    it for an expired lease and registering again."""
+    job = Job("memory", None, target_np=1)
+    try:
+        agent = job.agent("n0", start=False)
+        agent.backend = TLSFailingBackend(agent.backend)  # type: ignore[assignment]
+        agent.start()
+        deadline = time.monotonic() + EVENT_TIMEOUT
+        while agent.error is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert isinstance(agent.error, RendezvousTLSError), agent.error
+        assert "registering again" not in caplog.text
+    finally:
+        job.close()
 
 
 # -- resets, leaving, finishing ---------------------------------------------------------
