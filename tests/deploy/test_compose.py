@@ -40,13 +40,45 @@ def flags(command: list[str]) -> dict[str, str]:
 
 def test_services_of_the_production_topology(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {*ETCD, "postgres", *COORDINATORS}
+    assert set(services) == {*ETCD, "etcd-auth", "postgres", *COORDINATORS}
     for name, service in services.items():
-        assert service.get("restart") == "unless-stopped", name
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name}: pin {image}"
+        if name == "etcd-auth":  # runs once to completion: nothing to restart or watch
+            assert service.get("restart") == "on-failure"
+            continue
+        assert service.get("restart") == "unless-stopped", name
         check = service.get("healthcheck", {}).get("test")
         assert check and check[0] in ("CMD", "CMD-SHELL"), f"{name} has no health check"
+
+
+def test_etcd_runs_with_authentication(compose: dict[str, Any]) -> None:
+    """`etcd-auth` turns authentication on once the members are healthy (with the root
+    password of a secret file); the coordinators start after it and manage node users as
+    root; the members' health check needs no credentials (`endpoint health` would)."""
+    services = compose["services"]
+    init = services["etcd-auth"]
+    assert init["build"]["target"] == "coordinator"
+    assert init["image"] == services[COORDINATORS[0]]["image"]
+    args = build_parser().parse_args(init["command"][1:])
+    assert args.command == "etcd-auth" and args.wait >= 30
+    assert [e.host for e in parse_endpoints(args.rendezvous_url)] == list(ETCD)
+    assert args.job == "${HORDE_JOB:-default}"
+    assert args.etcd_admin_password_file == "/run/secrets/etcd_root_password"
+    assert "etcd_root_password" in init["secrets"]
+    for name in ETCD:
+        assert init["depends_on"][name]["condition"] == "service_healthy"
+        check = services[name]["healthcheck"]["test"]
+        assert check[check.index("endpoint") + 1] == "status", check
+    for name in COORDINATORS:
+        service = services[name]
+        assert service["depends_on"]["etcd-auth"]["condition"] == \
+            "service_completed_successfully"
+        assert service["environment"]["HORDE_COORDINATOR_JOB"] == args.job
+        serve = build_parser().parse_args(service["command"][1:])
+        assert serve.etcd_admin_user == "root"
+        assert serve.etcd_admin_password_file == args.etcd_admin_password_file
+        assert "etcd_root_password" in service["secrets"]
 
 
 def test_etcd_members_form_one_cluster(compose: dict[str, Any]) -> None:
