@@ -104,6 +104,10 @@ class EtcdNodeCredentials(TypedDict):
     user: _doc(str, "etcd user name (horde-node-<job>-<node>).")
     password: _doc(str, "Its password; shown only now. Asking again replaces it.")
     issued_at: float
+    etcd_ca: NotRequired[_doc(str, "PEM of the CA that signed etcd's certificate, where the "
+                              "rendezvous serves https with a CA file of its own (public; "
+                              "check it against the fingerprint the job owner gives, the "
+                              "join command's --etcd-ca-sha256).")]
 
 
 @with_config(_CLOSED)

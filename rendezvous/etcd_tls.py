@@ -93,12 +93,46 @@ class EtcdTLS:
 def fingerprint(path: str | Path) -> str:
     """SHA-256 of the (first) certificate in a PEM file, as `AB:CD:...` (what
     `openssl x509 -noout -fingerprint -sha256` prints)."""
+    return pem_fingerprint(Path(path).read_bytes())
+
+
+def pem_fingerprint(pem: bytes) -> str:
+    """SHA-256 of the first certificate in `pem`, as `AB:CD:...`; ValueError if none."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    cert = x509.load_pem_x509_certificate(pem)
     digest = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest().upper()
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def parse_fingerprint(text: str) -> str:
+    """A SHA-256 fingerprint as given by a person (`AB:CD:...`, hex without colons, an
+    optional `sha256:` prefix), as `AB:CD:...`; ValueError naming what is wrong."""
+    digits = text.strip()
+    if digits.lower().startswith("sha256:"):
+        digits = digits[len("sha256:"):]
+    digits = digits.replace(":", "").upper()
+    if len(digits) != 64 or any(c not in "0123456789ABCDEF" for c in digits):
+        raise ValueError(f"{text[:120]!r} is not a SHA-256 fingerprint: give the 64 hex "
+                         "digits (colons allowed) of the owner's join command")
+    return ":".join(digits[i:i + 2] for i in range(0, 64, 2))
+
+
+def pinned_ca(pem: str, pin: str) -> bytes:
+    """The CA certificate `pem` (received from a coordinator) if its SHA-256 is `pin`;
+    ValueError otherwise (a wrong CA is never written or used)."""
+    data = pem.encode("ascii", errors="replace")
+    try:
+        got = pem_fingerprint(data)
+    except ValueError as exc:
+        raise ValueError(f"the coordinator's etcd CA is not a PEM certificate ({exc})") from None
+    want = parse_fingerprint(pin)
+    if got != want:
+        raise ValueError(f"the coordinator sent an etcd CA with SHA-256 {got}, but the join "
+                         f"command pins {want}: refusing it (someone between this machine "
+                         "and the coordinator may have replaced it; ask the job's owner)")
+    return data
 
 
 @dataclass(frozen=True)

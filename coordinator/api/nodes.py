@@ -153,8 +153,29 @@ def etcd_credentials(node_id: str) -> Response:
         conn, now, "etcd-credentials", job=job, node_id=node_id,
         detail=f"etcd user {creds.user} issued"))
     logger.info("issued etcd user %s for node %s", creds.user, node_id)
-    return jsonify({"node_id": node_id, "job": job, "user": creds.user,
-                    "password": creds.password, "issued_at": now})
+    answer = {"node_id": node_id, "job": job, "user": creds.user,
+              "password": creds.password, "issued_at": now}
+    ca = etcd_ca_pem(admin.backend)
+    if ca is not None:
+        answer["etcd_ca"] = ca
+    return jsonify(answer)
+
+
+def etcd_ca_pem(backend: Any) -> str | None:
+    """The CA certificate (PEM) the coordinator verifies etcd with, if it has a file of its
+    own: a joining node gets it with its credentials and checks it against the fingerprint
+    the job owner gave it (it is public, but only the pin makes it trustworthy)."""
+    tls = getattr(backend, "tls", None)
+    path = getattr(tls, "cacert", None)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="ascii") as handle:
+            pem = handle.read(1 << 16)
+    except (OSError, UnicodeDecodeError) as exc:
+        logger.warning("cannot read etcd's CA file %s for joining nodes: %s", path, exc)
+        return None
+    return pem if "-----BEGIN CERTIFICATE-----" in pem else None
 
 
 @bp.get("")

@@ -157,6 +157,10 @@ def make_parser() -> argparse.ArgumentParser:
     horde.add_argument("--etcd-cacert", metavar="FILE",
                        help="CA bundle that verifies an https:// rendezvous (env "
                        "HORDE_ETCD_CACERT; default: the system's CAs)")
+    horde.add_argument("--etcd-ca-sha256", metavar="FINGERPRINT",
+                       help="with --join: the SHA-256 of the job's etcd CA (the owner's join "
+                       "command gives it); the CA the coordinator sends is used only if it "
+                       "matches (env HORDE_ETCD_CA_SHA256)")
     horde.add_argument("--etcd-cert", metavar="FILE",
                        help="client certificate for an etcd with --client-cert-auth (env "
                        "HORDE_ETCD_CERT; needs --etcd-key)")
@@ -454,7 +458,21 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         robust_aggregation=_robust(args.robust_aggregation),
         etcd_auth=_etcd_auth(args.etcd_auth, rendezvous),
         etcd_tls=_etcd_tls(args, rendezvous),
+        etcd_ca_sha256=_ca_pin(args.etcd_ca_sha256),
     )
+
+
+def _ca_pin(flag: str | None) -> str | None:
+    """--etcd-ca-sha256, else HORDE_ETCD_CA_SHA256, as `AB:CD:...`; UsageError if malformed."""
+    from rendezvous.etcd_tls import parse_fingerprint
+
+    text = flag or _env("HORDE_ETCD_CA_SHA256")
+    if text is None:
+        return None
+    try:
+        return parse_fingerprint(text)
+    except ValueError as exc:
+        raise UsageError(f"--etcd-ca-sha256: {exc}") from None
 
 
 def _etcd_auth(flag: bool | None, rendezvous: str | None) -> bool:

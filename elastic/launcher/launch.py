@@ -32,8 +32,9 @@ from elastic.launcher.output import output_paths, pump
 from rendezvous import backend_from_url, records
 from rendezvous.agent import NodeAgent, registration
 from rendezvous.backend import RendezvousBackend
-from rendezvous.errors import RendezvousError, RendezvousPermissionError
+from rendezvous.errors import RendezvousError, RendezvousPermissionError, RendezvousTLSError
 from rendezvous.etcd_auth import ROOT_USER, EtcdAuthAdmin, EtcdCredentials
+from rendezvous.etcd_tls import EtcdTLS
 from rendezvous.generation import Generation, JobStatus, NodeInfo
 from rendezvous.keys import JobKeys
 from rendezvous.settings import RendezvousSettings
@@ -89,6 +90,9 @@ class LaunchPlan:
     etcd_tls: bool = False
     """The embedded etcd serves https (`--etcd-tls`) with a CA made at start; this
     process, its coordinator and its workers verify it through HORDE_ETCD_CACERT."""
+    etcd_ca_sha256: str | None = None
+    """A --join's pin of the job's etcd CA (`--etcd-ca-sha256`, `AB:CD:...`): the CA the
+    coordinator sends with the node's credentials is used only if it has this SHA-256."""
 
 
 @dataclass
@@ -125,6 +129,7 @@ class Launcher:
         self._revoked: set[str] = set()
         self._enrolled: dict[str, Enrolment] = {}
         self._secret_files: list[Path] = []  # joined workers' etcd passwords, deleted at exit
+        self._join_ca: Path | None = None  # the pinned etcd CA a --join got from the coordinator
         self._next_revoke_check = 0.0
         self._backend: RendezvousBackend | None = None
         self._stop = threading.Event()
@@ -170,7 +175,9 @@ class Launcher:
             # may read the job and write only that node's keys.
             first = self._enrolment(self._node_id(self._next_index))
             credentials = first.etcd
-        self._backend = backend_from_url(url, timeout=timeout, credentials=credentials)
+            self._join_ca = self._pinned_ca(url, first)
+        self._backend = backend_from_url(url, timeout=timeout, credentials=credentials,
+                                         tls=self._join_tls())
         try:
             self._backend.get(self.keys.generation)  # fails fast, with the address
         except RendezvousPermissionError as exc:
@@ -201,6 +208,44 @@ class Launcher:
                 sys.stderr.write(f"horderun: node {node_id} joins as etcd user "
                                  f"{enrolled.etcd.user}, issued by the job's coordinator\n")
         return self._enrolled[node_id]
+
+    def _pinned_ca(self, url: str, enrolled: Enrolment) -> Path | None:
+        """The job's etcd CA, from the coordinator's answer, checked against the join
+        command's `--etcd-ca-sha256` and saved in the data folder; None where this node
+        verifies etcd otherwise (its own HORDE_ETCD_CACERT, or the system's CAs)."""
+        from rendezvous.etcd_tls import pinned_ca
+
+        if not url.lower().startswith("https://") or EtcdTLS.from_env().cacert is not None:
+            return None
+        pin = self.plan.etcd_ca_sha256
+        if enrolled.etcd_ca is None:
+            if pin is not None:
+                raise RendezvousTLSError(
+                    "the join command pins etcd's CA (--etcd-ca-sha256), but the job's "
+                    "coordinator sent none: give the CA file with --etcd-cacert")
+            return None
+        if pin is None:
+            raise RendezvousTLSError(
+                "the job's coordinator sent etcd's CA, but nothing pins it: paste the owner's "
+                "join command whole (its --etcd-ca-sha256), or give the CA file with "
+                "--etcd-cacert")
+        try:
+            pem = pinned_ca(enrolled.etcd_ca, pin)
+        except ValueError as exc:
+            raise RendezvousTLSError(str(exc)) from None
+        folder = Path(self.plan.data_dir) / "etcd"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = folder / f"{self.plan.rdzv.job}-ca.pem"
+        path.write_bytes(pem)
+        sys.stderr.write(f"horderun: etcd's CA from the job's coordinator matches the join "
+                         f"command's SHA-256; saved in {path}\n")
+        return path
+
+    def _join_tls(self) -> EtcdTLS | None:
+        """TLS settings with the pinned CA of a --join (None: from HORDE_ETCD_*)."""
+        if self._join_ca is None:
+            return None
+        return dataclasses.replace(EtcdTLS.from_env(), cacert=str(self._join_ca))
 
     def _node_id(self, index: int) -> str:
         prefix = self.plan.node_prefix or f"{self.plan.hostname}-{os.getpid()}"
@@ -338,6 +383,8 @@ class Launcher:
         elif self._enrols():
             enrolled = self._enrolment(node_id)
             env["HORDE_COORDINATOR_TOKEN"] = enrolled.token
+            if self._join_ca is not None:
+                env["HORDE_ETCD_CACERT"] = str(self._join_ca)
             if enrolled.etcd is not None:
                 folder = Path(plan.data_dir) / "etcd"
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -383,7 +430,7 @@ class Launcher:
             # Only the node's own etcd user may revoke the lease its keys are attached to.
             url = self.plan.rendezvous_url or ""
             backend = own = backend_from_url(url, timeout=self.plan.rdzv.request_timeout(url),
-                                             credentials=enrolled.etcd)
+                                             credentials=enrolled.etcd, tls=self._join_tls())
         try:
             kv = backend.get(self.keys.node(worker.node_id))
             if kv is not None:
@@ -529,10 +576,17 @@ class Launcher:
                     signal.signal(sig, handler)  # type: ignore[arg-type]
 
     def _announce(self, url: str) -> None:
+        from rendezvous.etcd_tls import fingerprint
+
         job = self.plan.rdzv.job
         join = ["horderun", "--join", "--rendezvous", url, "--job", job]
-        if self._etcd is not None and self._etcd.ca_file is not None:
-            join += ["--etcd-cacert", str(self._etcd.ca_file)]
+        ca_file = self._etcd.ca_file if self._etcd is not None else None
+        # Our coordinator hands out the CA with each node's etcd user (auth on): the join
+        # command pins it by fingerprint. Without auth, a joiner needs a copy of the file.
+        ca_served = self._coordinator_thread is not None and self._etcd_admin is not None
+        if ca_file is not None:
+            join += (["--etcd-ca-sha256", fingerprint(ca_file)] if ca_served
+                     else ["--etcd-cacert", str(ca_file)])
         if self._coordinator_thread is not None:  # ours: name it, as the job's settings do
             join += ["--coordinator", self._coordinator_url]
         join += ["-np", "1", *self.plan.command]
@@ -540,14 +594,14 @@ class Launcher:
             f"horderun: job {job} on rendezvous {url}"
             + (" (embedded etcd)" if self._etcd is not None else self._where()) + "\n"
             f"horderun: add workers with: {shlex.join(join)}\n")
-        ca_file = self._etcd.ca_file if self._etcd is not None else None
         if ca_file is not None:
-            from rendezvous.etcd_tls import fingerprint
-
-            sys.stderr.write(
-                f"horderun: etcd serves TLS: a machine joining from elsewhere needs a copy of "
-                f"{ca_file} (SHA-256 fingerprint {fingerprint(ca_file)}; check it after "
-                "copying) at the path its --etcd-cacert names\n")
+            how = ("a joining node gets it from the coordinator and checks it against the "
+                   "join command's --etcd-ca-sha256; --status or --evict from elsewhere need "
+                   "a copy (--etcd-cacert)" if ca_served else
+                   "a machine joining from elsewhere needs a copy of it (check the "
+                   "fingerprint after copying) at the path its --etcd-cacert names")
+            sys.stderr.write(f"horderun: etcd serves TLS with the CA in {ca_file} (SHA-256 "
+                             f"fingerprint {fingerprint(ca_file)}): {how}\n")
         if self._coordinator_url and self._coordinator_thread is None:
             urls = self._coordinator_url.split(",")
             sys.stderr.write(

@@ -247,7 +247,7 @@ def test_horderun_etcd_tls_with_auth_trains_and_refuses_clients_without_the_ca(
         tmp_path: Path) -> None:
     """`horderun --etcd-tls --etcd-auth -np 2`: the job trains to the end over https; a
     client without the CA is refused at the TLS handshake, one with the CA but without
-    credentials by etcd's auth; the join command names the CA file and its fingerprint."""
+    credentials by etcd's auth; the join command pins the CA by its SHA-256."""
     _need_etcd()
     job = unique_job("tlsrun")
     env = repo_env(HORDE_TEST_OUT=str(tmp_path), TEST_EPOCHS="3", TEST_STEP_DELAY="0.1",
@@ -269,15 +269,17 @@ def test_horderun_etcd_tls_with_auth_trains_and_refuses_clients_without_the_ca(
             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 90
-            found = None
-            while found is None:
-                found = re.search(r"--rendezvous (\S+) .*--etcd-cacert (\S+)", output())
-                assert proc.poll() is None or found, output()
+            found = note = None
+            while found is None or note is None:
+                found = re.search(r"--rendezvous (\S+) .*--etcd-ca-sha256 (\S+)", output())
+                note = re.search(r"TLS with the CA in (\S+) \(SHA-256 fingerprint (\S+)\)",
+                                 output())
+                assert proc.poll() is None or (found and note), output()
                 assert time.monotonic() < deadline, "no join command printed within 90 s"
                 time.sleep(0.1)
-            url, ca_file = found.group(1), found.group(2)
+            url, pin, ca_file = found.group(1), found.group(2), note.group(1)
             assert url.startswith("https://127.0.0.1:")
-            assert f"SHA-256 fingerprint {fingerprint(ca_file)}" in output()
+            assert pin == note.group(2) == fingerprint(ca_file)
             with pytest.raises(RendezvousTLSError, match="HORDE_ETCD_CACERT"):
                 _backend(url, EtcdTLS()).get(keys.generation)
             with pytest.raises(RendezvousPermissionError):
@@ -326,11 +328,12 @@ def test_volunteers_accept_https_rendezvous_and_pass_the_ca_to_their_workers(
     assert "HORDE_ETCD_CERT" not in env
 
 
-def test_a_joiner_with_a_copy_of_the_ca_joins_a_tls_job(tmp_path: Path) -> None:
-    """The printed join command, run with a copy of the CA (and no TLS variable or etcd
-    credentials of its own), adds a worker to a `horderun --etcd-tls` job (etcd auth on,
-    the default: the joiner gets its etcd user from the job's coordinator, then talks to
-    etcd over TLS); `--status` needs the CA too."""
+def test_a_joiner_pastes_the_join_command_and_gets_the_pinned_ca(tmp_path: Path) -> None:
+    """The printed join command, pasted whole on a machine without the CA, TLS variables
+    or etcd credentials, adds a worker to a `horderun --etcd-tls` job: the joiner gets its
+    etcd user and the CA from the job's coordinator and uses the CA only because its SHA-256
+    is the one the command pins; a wrong pin or none is refused before anything runs.
+    `--status` from elsewhere needs a copy of the CA."""
     import shlex
     import shutil
 
@@ -340,9 +343,10 @@ def test_a_joiner_with_a_copy_of_the_ca_joins_a_tls_job(tmp_path: Path) -> None:
     out.mkdir()
     stop = tmp_path / "stop"
     env = repo_env(HORDE_TEST_OUT=str(out), TEST_EPOCHS="400", TEST_STEP_DELAY="0.05",
-                   TEST_COMMIT_EVERY="4", TEST_STOP_FILE=str(stop))
+                   TEST_COMMIT_EVERY="4", TEST_STOP_FILE=str(stop),
+                   HORDE_DATA_DIR=str(tmp_path / "joiner-data"))
     for name in (*TLS_VARIABLES, "HORDE_ETCD_USER", "HORDE_ETCD_PASSWORD",
-                 "HORDE_ETCD_PASSWORD_FILE", "HORDE_ETCD_AUTH"):
+                 "HORDE_ETCD_PASSWORD_FILE", "HORDE_ETCD_AUTH", "HORDE_ETCD_CA_SHA256"):
         env.pop(name, None)
     fast = ["--lease-ttl", "2", "--settle-window", "0.3"]
     logs = [tmp_path / "owner.log", tmp_path / "joiner.log"]
@@ -375,15 +379,31 @@ def test_a_joiner_with_a_copy_of_the_ca_joins_a_tls_job(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "no join command within 90 s\n" + output()
             time.sleep(0.1)
         join = shlex.split(line)
-        ca_index = join.index("--etcd-cacert") + 1
+        assert "--etcd-cacert" not in join
+        pin = join[join.index("--etcd-ca-sha256") + 1]
+        ca_file = re.search(r"TLS with the CA in (\S+) ", output()).group(1)  # type: ignore[union-attr]
+        assert pin == fingerprint(ca_file)
         copy = tmp_path / "copied-ca.crt"
-        shutil.copy(join[ca_index], copy)
-        join[ca_index] = str(copy)
+        shutil.copy(ca_file, copy)  # for --status below, not for the joiner
+        argv = [sys.executable, "-m", "elastic.launcher.cli", *join[1:-2], *fast,
+                sys.executable, str(SCRIPT)]
+        # A pin that does not match (someone replaced the CA on the way) and no pin at all.
+        wrong = list(argv)
+        wrong[wrong.index(pin)] = pin.replace(pin[:2], "00" if pin[:2] != "00" else "11", 1)
+        refused = subprocess.run(wrong, env=env, cwd=REPO, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode != 0 and "refusing it" in refused.stderr, refused.stderr
+        assert pin in refused.stderr
+        unpinned = [a for a in argv if a not in ("--etcd-ca-sha256", pin)]
+        refused = subprocess.run(unpinned, env=env, cwd=REPO, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode != 0 and "nothing pins it" in refused.stderr, refused.stderr
+        assert not list((tmp_path / "joiner-data").glob("etcd/*-ca.pem"))
+        assert 2 not in sizes()  # neither joined
         url = join[join.index("--rendezvous") + 1]
         assert url.startswith("https://")
         assert "--coordinator" in join
-        start([sys.executable, "-m", "elastic.launcher.cli", *join[1:-2], *fast,
-               sys.executable, str(SCRIPT)], logs[1])
+        start(argv, logs[1])
         while 2 not in sizes():
             assert all(p.poll() is None for p in procs), output() + output(1)
             assert time.monotonic() < deadline + 60, "the joiner never trained\n" + output(1)
@@ -408,3 +428,25 @@ def test_a_joiner_with_a_copy_of_the_ca_joins_a_tls_job(tmp_path: Path) -> None:
                 proc.wait(10)
     assert codes == [0, 0], output() + output(1)
     assert "issued by the job's coordinator" in output(1), output(1)
+    assert "etcd's CA from the job's coordinator matches the join command's SHA-256" \
+        in output(1), output(1)
+
+
+def test_fingerprints_are_parsed_as_people_paste_them_and_pins_are_exact(
+        tmp_path: Path) -> None:
+    from rendezvous.etcd_tls import parse_fingerprint, pinned_ca
+
+    ca, _ = make_ca(tmp_path / "ca")
+    other, _ = make_ca(tmp_path / "other")
+    pin = fingerprint(ca)
+    bare = pin.replace(":", "").lower()
+    assert parse_fingerprint(bare) == parse_fingerprint("sha256:" + bare) == pin
+    for bad in ("", "AB:CD", pin + ":00", "zz" * 32):
+        with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+            parse_fingerprint(bad)
+    assert pinned_ca(Path(ca).read_text(), bare) == Path(ca).read_bytes()
+    with pytest.raises(ValueError, match="refusing it") as info:
+        pinned_ca(Path(other).read_text(), pin)
+    assert fingerprint(other) in str(info.value) and pin in str(info.value)
+    with pytest.raises(ValueError, match="not a PEM certificate"):
+        pinned_ca("-----BEGIN CERTIFICATE-----\nnonsense\n-----END CERTIFICATE-----\n", pin)
