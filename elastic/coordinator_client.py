@@ -119,6 +119,17 @@ class CredentialsRefused(Exception):
     """The coordinator would not issue a node's etcd credentials (the message says why)."""
 
 
+def etcd_ca_from_answer(raw: bytes) -> str | None:
+    """The `etcd_ca` (PEM text, at most 64 KiB) of an etcd-credentials answer, unchecked:
+    trust it only through a pinned fingerprint (`rendezvous.etcd_tls.pinned_ca`)."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        return None
+    ca = answer.get("etcd_ca") if isinstance(answer, dict) else None
+    return ca if isinstance(ca, str) and 0 < len(ca) <= 1 << 16 else None
+
+
 def etcd_credentials_from_answer(status: int, raw: bytes, node_id: str
                                  ) -> EtcdCredentials | None:
     """The etcd user in the coordinator's answer to POST /nodes/<id>/etcd-credentials.

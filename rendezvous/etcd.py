@@ -463,7 +463,10 @@ class EtcdBackend(RendezvousBackend):
                 reason += (" (the server ended the TLS handshake: if etcd serves plain HTTP "
                            "there, give the URL as etcd://HOST:PORT)")
             return reason
-        if "closed connection without response" in text and self.tls is None:
+        # A TLS server that reads a plain request closes the connection, or, when the
+        # request is still arriving, resets it.
+        if self.tls is None and ("closed connection without response" in text
+                                 or "Connection reset by peer" in text):
             return ("the server closed the connection without answering (if etcd serves "
                     "https there, give the URL as https://HOST:PORT and set HORDE_ETCD_CACERT)")
         if "Read timed out" in text or "timed out" in text.lower() and "etcdserver" not in text:

@@ -41,7 +41,11 @@ from typing import Any, Protocol
 
 import psutil
 
-from elastic.coordinator_client import CredentialsRefused, etcd_credentials_from_answer
+from elastic.coordinator_client import (
+    CredentialsRefused,
+    etcd_ca_from_answer,
+    etcd_credentials_from_answer,
+)
 from rendezvous.etcd_auth import EtcdCredentials
 from volunteer_client.manifest import (
     ENVELOPE_NAME,
@@ -243,6 +247,7 @@ class Agent:
         self._finished = False
         self._backend: Any = None
         self._etcd_creds: dict[str, EtcdCredentials] = {}
+        self._etcd_ca: Path | None = None  # the pinned CA of an https rendezvous
         self._evict_checked = 0.0
         self.exit_code = 0
 
@@ -370,12 +375,33 @@ class Agent:
             return {}
         folder = self.data_dir / "etcd"
         folder.mkdir(exist_ok=True, mode=0o700)
+        self._pin_etcd_ca(etcd_ca_from_answer(raw), folder)
         self._etcd_creds[node_id] = creds
         if self._backend is not None:  # it may hold a password this fetch replaced
             self._backend.close()
             self._backend = None
         logger.info("node %s uses etcd user %s", node_id, creds.user)
         return creds.to_env(folder / f"{node_id}.password")
+
+    def _pin_etcd_ca(self, pem: str | None, folder: Path) -> None:
+        """Keep the CA the coordinator sent for an https rendezvous, if the signed manifest
+        pins it (its SHA-256); the volunteer's own HORDE_ETCD_CACERT wins."""
+        from rendezvous.etcd_tls import EtcdTLS, pinned_ca
+
+        m = self.manifest
+        if m is None or not m.etcd_ca_sha256 or EtcdTLS.from_env().cacert is not None:
+            return
+        if pem is None:
+            raise AgentError("the job's manifest pins an etcd CA, but the coordinator sent "
+                             "none; set HORDE_ETCD_CACERT to the CA file the project gives")
+        try:
+            data = pinned_ca(pem, m.etcd_ca_sha256)
+        except ValueError as exc:
+            raise AgentError(str(exc).replace("the join command", "the signed manifest")
+                             ) from None
+        path = folder / f"{m.job}-ca.pem"
+        path.write_bytes(data)
+        self._etcd_ca = path
 
     def _hardware(self, node_id: str) -> dict[str, Any]:
         """What the project learns about the device (docs/volunteer.md says the same)."""
@@ -413,6 +439,8 @@ class Agent:
         from rendezvous.etcd_tls import EtcdTLS
 
         env.update(EtcdTLS.from_env().to_env())
+        if self._etcd_ca is not None and "HORDE_ETCD_CACERT" not in env:
+            env["HORDE_ETCD_CACERT"] = str(self._etcd_ca)  # pinned by the signed manifest
         return env
 
     def _start(self, device: str) -> None:
@@ -543,8 +571,13 @@ class Agent:
 
             # with etcd auth on, read as one of this machine's nodes (reads the job)
             creds = next(iter(self._etcd_creds.values()), None)
+            tls = None
+            if self._etcd_ca is not None:
+                from rendezvous.etcd_tls import EtcdTLS
+
+                tls = EtcdTLS(cacert=str(self._etcd_ca))
             self._backend = backend_from_url(self.manifest.rendezvous, timeout=2.0,
-                                             credentials=creds)
+                                             credentials=creds, tls=tls)
         return self._backend
 
     def _check_eviction(self) -> None:

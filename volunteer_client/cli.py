@@ -92,6 +92,10 @@ def make_parser() -> argparse.ArgumentParser:
                        "by horde-coordinator serve --manifest-dir DIR)")
     signp.add_argument("--job", required=True)
     signp.add_argument("--rendezvous", required=True, help="etcd://HOST:PORT volunteers join")
+    signp.add_argument("--etcd-cacert", metavar="FILE",
+                       help="with an https:// rendezvous: pin this CA (its SHA-256 goes into "
+                       "the signed manifest; volunteers then take the CA the coordinator "
+                       "sends only if it matches)")
     signp.add_argument("--requirement", action="append", default=[],
                        help="installed Python package to pin (repeat)")
     signp.add_argument("--description", default="")
@@ -133,6 +137,18 @@ def _print_status(status: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
+def _ca_pin(path: str | None) -> str:
+    """The SHA-256 of the CA file `path` for the manifest ("" without one)."""
+    if not path:
+        return ""
+    from rendezvous.etcd_tls import fingerprint
+
+    try:
+        return fingerprint(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--etcd-cacert {path}: not a readable PEM certificate ({exc})") from None
+
+
 def _manifest(args: argparse.Namespace) -> int:
     from volunteer_client import manifest as mf
 
@@ -148,7 +164,8 @@ def _manifest(args: argparse.Namespace) -> int:
         key = mf.load_private_key(args.key)
         manifest = mf.build_manifest(args.dir, args.job, args.rendezvous, entry,
                                      requirements=args.requirement,
-                                     description=args.description, owner=args.owner)
+                                     description=args.description, owner=args.owner,
+                                     etcd_ca_sha256=_ca_pin(args.etcd_cacert))
         target = Path(args.dir) / mf.ENVELOPE_NAME
         target.write_text(json.dumps(mf.sign(manifest, key), indent=1) + "\n")
         print(f"signed {len(manifest.files)} files of job {args.job} -> {target}")

@@ -101,12 +101,17 @@ class Manifest:
     description: str = ""
     owner: str = ""
     created: float = 0.0
+    #: SHA-256 of the CA that signed an https rendezvous's certificate (`AB:CD:...`): the
+    #: CA the coordinator sends is used only if it matches ("" : none pinned)
+    etcd_ca_sha256: str = ""
 
     def to_bytes(self) -> bytes:
         body = {"format": FORMAT, "job": self.job, "rendezvous": self.rendezvous,
                 "entrypoint": list(self.entrypoint), "files": self.files,
                 "requirements": self.requirements, "description": self.description,
                 "owner": self.owner, "created": self.created}
+        if self.etcd_ca_sha256:
+            body["etcd_ca_sha256"] = self.etcd_ca_sha256
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -155,10 +160,21 @@ class Manifest:
         created = body.get("created", 0.0)
         if isinstance(created, bool) or not isinstance(created, (int, float)):
             raise ManifestError("manifest created must be a number")
+        pin = body.get("etcd_ca_sha256", "")
+        if pin:
+            from rendezvous.etcd_tls import parse_fingerprint
+
+            try:
+                pin = parse_fingerprint(pin) if isinstance(pin, str) else None
+            except ValueError:
+                pin = None
+            if pin is None or not rdzv.startswith("https://"):
+                raise ManifestError("manifest etcd_ca_sha256 must be a SHA-256 fingerprint, "
+                                    "with an https:// rendezvous")
         return cls(job=job, rendezvous=rdzv, entrypoint=tuple(entry), files=dict(files),
                    requirements={k: dict(v) for k, v in reqs.items()},
                    description=body.get("description", ""), owner=body.get("owner", ""),
-                   created=float(created))
+                   created=float(created), etcd_ca_sha256=pin)
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -201,7 +217,7 @@ def _raw_public(key: Ed25519PublicKey) -> bytes:
 def build_manifest(job_dir: str | os.PathLike[str], job: str, rendezvous: str,
                    entrypoint: list[str], files: list[str] | None = None,
                    requirements: list[str] | None = None, description: str = "",
-                   owner: str = "") -> Manifest:
+                   owner: str = "", etcd_ca_sha256: str = "") -> Manifest:
     """A manifest of `job_dir`'s files (default: every regular file but the envelope)."""
     root = Path(job_dir)
     names = files or sorted(str(p.relative_to(root).as_posix()) for p in root.rglob("*")
@@ -214,9 +230,8 @@ def build_manifest(job_dir: str | os.PathLike[str], job: str, rendezvous: str,
         reqs[name] = {"version": version, "sha256": digest}
     manifest = Manifest(job=job, rendezvous=rendezvous, entrypoint=tuple(entrypoint),
                         files=pinned, requirements=reqs, description=description,
-                        owner=owner, created=time.time())
-    Manifest.from_bytes(manifest.to_bytes())  # the same checks the volunteers make
-    return manifest
+                        owner=owner, created=time.time(), etcd_ca_sha256=etcd_ca_sha256)
+    return Manifest.from_bytes(manifest.to_bytes())  # the same checks the volunteers make
 
 
 def sign(manifest: Manifest, key: Ed25519PrivateKey) -> dict[str, str]:

@@ -149,11 +149,12 @@ def make_parser() -> argparse.ArgumentParser:
                        "starts, and one user per volunteer, issued by the coordinator. "
                        "--no-etcd-auth (env HORDE_ETCD_AUTH=0) lets anyone who reaches etcd "
                        "rewrite the job; see docs/security.md")
-    horde.add_argument("--etcd-tls", action="store_true", default=None,
+    horde.add_argument("--etcd-tls", action=argparse.BooleanOptionalAction, default=None,
                        help="the embedded etcd serves https with a CA and server certificate "
-                       "made at start (CA file in etcd's data folder, printed with the --join "
-                       "command); this launcher's processes and workers verify it (env "
-                       "HORDE_ETCD_TLS=1; docs/security.md)")
+                       "made at start; joiners get the CA from the coordinator, pinned by the "
+                       "SHA-256 in the printed --join command. Default: on when serving "
+                       "beyond loopback (--listen), off on loopback (env HORDE_ETCD_TLS=1/0; "
+                       "docs/security.md)")
     horde.add_argument("--etcd-cacert", metavar="FILE",
                        help="CA bundle that verifies an https:// rendezvous (env "
                        "HORDE_ETCD_CACERT; default: the system's CAs)")
@@ -457,7 +458,7 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         trusted_peers=args.trusted_peers or _truthy(_env("HORDE_TRUSTED_PEERS")),
         robust_aggregation=_robust(args.robust_aggregation),
         etcd_auth=_etcd_auth(args.etcd_auth, rendezvous),
-        etcd_tls=_etcd_tls(args, rendezvous),
+        etcd_tls=_etcd_tls(args, rendezvous, listen),
         etcd_ca_sha256=_ca_pin(args.etcd_ca_sha256),
     )
 
@@ -488,13 +489,22 @@ def _etcd_auth(flag: bool | None, rendezvous: str | None) -> bool:
     return flag
 
 
-def _etcd_tls(args: argparse.Namespace, rendezvous: str | None) -> bool:
-    """--etcd-tls (or HORDE_ETCD_TLS=1): only for the embedded etcd."""
-    wanted = bool(args.etcd_tls) or _truthy(_env("HORDE_ETCD_TLS"))
-    if wanted and rendezvous:
+def _etcd_tls(args: argparse.Namespace, rendezvous: str | None, listen: str) -> bool:
+    """--[no-]etcd-tls, else HORDE_ETCD_TLS, else on exactly when the embedded etcd serves
+    beyond loopback (passwords and tokens then cross a network)."""
+    flag = args.etcd_tls
+    if flag is None:
+        text = _env("HORDE_ETCD_TLS")
+        if text is None or not text.strip():
+            return rendezvous is None and not _is_loopback(listen)
+        if text.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise UsageError(f"HORDE_ETCD_TLS={text!r} must be 1 or 0 (TLS in the embedded "
+                             "etcd on or off)")
+        flag = _truthy(text)
+    if flag and rendezvous:
         raise UsageError("--etcd-tls makes the embedded etcd serve https; for --rendezvous "
                          "give its URL as https://HOST:PORT and its CA with --etcd-cacert")
-    return wanted
+    return flag
 
 
 def _robust(flag: int | None) -> int:

@@ -20,6 +20,7 @@ from elastic.coordinator_client import (
     RETRY_STATUS,
     CoordinatorClient,
     CredentialsRefused,
+    etcd_ca_from_answer,
     etcd_credentials_from_answer,
 )
 from rendezvous.errors import RendezvousError
@@ -71,21 +72,12 @@ def enrol(coordinator: str, node_id: str, registration_token: str | None = None,
         except CredentialsRefused as exc:
             raise EnrolmentError(f"{exc}; ask the job's owner, or give this node credentials "
                                  "with HORDE_ETCD_USER / HORDE_ETCD_PASSWORD_FILE") from None
-        ca = _etcd_ca(answer) if creds is not None else None
+        ca = etcd_ca_from_answer(answer.content) if creds is not None else None
     finally:
         client.close()
     logger.info("node %s registered with %s%s", node_id, coordinator,
                 f"; etcd user {creds.user}" if creds else " (the job's etcd has no auth)")
     return Enrolment(node_id, token, creds, ca)
-
-
-def _etcd_ca(answer: requests.Response) -> str | None:
-    """The answer's `etcd_ca` (a PEM text of at most 64 KiB), or None."""
-    try:
-        ca = answer.json().get("etcd_ca")
-    except (ValueError, AttributeError):
-        return None
-    return ca if isinstance(ca, str) and 0 < len(ca) <= 1 << 16 else None
 
 
 def _post(client: CoordinatorClient, path: str, until: float, **kwargs: object

@@ -88,8 +88,9 @@ class LaunchPlan:
     """The embedded etcd runs with authentication (default; `--no-etcd-auth` turns it off):
     each process this launcher starts gets its own control identity."""
     etcd_tls: bool = False
-    """The embedded etcd serves https (`--etcd-tls`) with a CA made at start; this
-    process, its coordinator and its workers verify it through HORDE_ETCD_CACERT."""
+    """The embedded etcd serves https (`--etcd-tls`; the CLI's default when it serves beyond
+    loopback) with a CA made at start; this process, its coordinator and its workers verify
+    it through HORDE_ETCD_CACERT, joiners through the CA the coordinator sends them."""
     etcd_ca_sha256: str | None = None
     """A --join's pin of the job's etcd CA (`--etcd-ca-sha256`, `AB:CD:...`): the CA the
     coordinator sends with the node's credentials is used only if it has this SHA-256."""
@@ -259,9 +260,10 @@ class Launcher:
         if self._etcd.ca_file is not None:
             os.environ["HORDE_ETCD_CACERT"] = str(self._etcd.ca_file)
         elif not _is_loopback(self.plan.listen_addr):
-            logger.warning("the embedded etcd serves plain HTTP on %s: its traffic (etcd "
-                           "passwords and tokens included) crosses the network in clear; "
-                           "add --etcd-tls (docs/security.md)", self._etcd.url)
+            logger.warning("the embedded etcd serves plain HTTP on %s (--no-etcd-tls): its "
+                           "traffic (etcd passwords and tokens included) crosses the network "
+                           "in clear; leave TLS on to protect it (docs/security.md)",
+                           self._etcd.url)
 
     def _connect_with_auth(self, url: str) -> str:
         """Turn auth on in the embedded etcd; this launcher uses a control identity, its

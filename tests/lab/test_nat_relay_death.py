@@ -43,14 +43,18 @@ def _commits(folder: Path, size: int) -> list[dict]:
 
 
 def _generation(lab: NatLab, argv: list[str], owner_log: Path) -> dict:
-    """The job's generation, read as the owner (root of its etcd, which has auth on)."""
+    """The job's generation, read as the owner (root of its etcd, which has auth and TLS
+    on: the defaults when it serves beyond loopback)."""
     url, job = argv[argv.index("--rendezvous") + 1], argv[argv.index("--job") + 1]
     found = re.search(r"root password in (\S+)\)", owner_log.read_text(errors="replace"))
     assert found, "the owner's horderun did not say where its etcd root password is"
+    ca = re.search(r"TLS with the CA in (\S+) ", owner_log.read_text(errors="replace"))
+    assert ca, "the owner's etcd serves beyond loopback: it should speak TLS (the default)"
     out = subprocess.run(["ip", "netns", "exec", lab.ns_pub, sys.executable, "-c",
                           READ_GENERATION, url, job], capture_output=True, text=True,
                          timeout=60, cwd=REPO, env=repo_env(
-                             HORDE_ETCD_USER="root", HORDE_ETCD_PASSWORD_FILE=found.group(1)))
+                             HORDE_ETCD_USER="root", HORDE_ETCD_PASSWORD_FILE=found.group(1),
+                             HORDE_ETCD_CACERT=ca.group(1)))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

@@ -91,7 +91,9 @@ def test_volunteer_in_another_namespace_joins_with_the_printed_command(
     argv = shlex.split(printed)
     assert argv[:2] == ["horderun", "--join"], printed
     rendezvous = urlsplit(argv[argv.index("--rendezvous") + 1])
-    assert (rendezvous.scheme, rendezvous.hostname) == ("etcd", lab.addr_a), printed
+    # Serving beyond loopback, etcd speaks TLS by default; the command pins its CA.
+    assert (rendezvous.scheme, rendezvous.hostname) == ("https", lab.addr_a), printed
+    assert "--etcd-ca-sha256" in argv and "--etcd-cacert" not in argv, printed
     assert "127.0.0.1" not in printed
     assert "--coordinator" in argv, printed
     coordinator = urlsplit(argv[argv.index("--coordinator") + 1])
@@ -99,7 +101,7 @@ def test_volunteer_in_another_namespace_joins_with_the_printed_command(
     owner_text = owner_log.read_text(errors="replace")
     # The embedded etcd serves the public address with authentication on (the default).
     assert "embedded etcd authentication on" in owner_text
-    assert "WITHOUT AUTHENTICATION" not in owner_text
+    assert "WITHOUT AUTHENTICATION" not in owner_text and "plain HTTP" not in owner_text
     _wait("the owner's worker to train", lambda: any(
         r["event"] == "commit" for r in _records(out_a)), 60, logs)
 
@@ -133,6 +135,8 @@ def test_volunteer_in_another_namespace_joins_with_the_printed_command(
     # The printed command needed nothing more: the joiner got its own etcd user from the
     # owner's coordinator (a node user: it cannot lead, write the generation or evict).
     assert f"node {joiner_node} joins as etcd user" in joiner_log.read_text(errors="replace")
+    assert "etcd's CA from the job's coordinator matches" in joiner_log.read_text(
+        errors="replace")
     # Its password file lived as long as its worker, no longer.
     assert not list(joiner_data.glob("etcd/*.password"))
     credit = _credit(db)

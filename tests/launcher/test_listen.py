@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from elastic.launcher.cli import build_plan, make_parser
+from elastic.launcher.cli import UsageError, build_plan, make_parser
 from tests.harness import horderun, repo_env
 
 SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "env_and_exit.py")
@@ -48,3 +48,36 @@ def test_an_address_not_on_this_machine_is_refused(flags: list[str], env: dict[s
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "available: " in result.stderr and "lo 127.0.0.1" in result.stderr
+
+
+def _public_address() -> str:
+    """A non-loopback IPv4 address of this machine (skips the test where there is none)."""
+    import socket
+
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family == socket.AF_INET and not addr.address.startswith("127."):
+                return addr.address
+    pytest.skip("this machine has no non-loopback IPv4 address")
+
+
+def test_tls_is_on_by_default_exactly_when_etcd_serves_beyond_loopback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HORDE_LISTEN", "HORDE_ETCD_TLS"):
+        monkeypatch.delenv(name, raising=False)
+    public = _public_address()
+    assert plan().etcd_tls is False
+    assert plan("--listen", "127.0.0.1").etcd_tls is False
+    assert plan("--listen", public).etcd_tls is True
+    assert plan("--listen", public, "--no-etcd-tls").etcd_tls is False
+    assert plan("--etcd-tls").etcd_tls is True
+    monkeypatch.setenv("HORDE_ETCD_TLS", "0")
+    assert plan("--listen", public).etcd_tls is False
+    monkeypatch.setenv("HORDE_ETCD_TLS", "maybe")
+    with pytest.raises(UsageError, match="HORDE_ETCD_TLS"):
+        plan("--listen", public)
+    monkeypatch.delenv("HORDE_ETCD_TLS")
+    # a job on an etcd of its own: TLS is the URL's business (https://)
+    assert plan("--rendezvous", "etcd://127.0.0.1:2379", "--listen", public).etcd_tls is False

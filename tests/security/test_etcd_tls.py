@@ -450,3 +450,50 @@ def test_fingerprints_are_parsed_as_people_paste_them_and_pins_are_exact(
     assert fingerprint(other) in str(info.value) and pin in str(info.value)
     with pytest.raises(ValueError, match="not a PEM certificate"):
         pinned_ca("-----BEGIN CERTIFICATE-----\nnonsense\n-----END CERTIFICATE-----\n", pin)
+
+
+def test_a_volunteer_takes_the_coordinators_ca_only_as_the_signed_manifest_pins_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`horde-volunteer manifest sign --etcd-cacert` pins the CA's SHA-256 in the signed
+    manifest; the agent keeps the CA the coordinator sends only if it matches, gives it to
+    its workers, and stops with a clear reason otherwise."""
+    import json
+
+    from volunteer_client.agent import Agent, AgentError
+    from volunteer_client.cli import main as volunteer
+    from volunteer_client.manifest import ENVELOPE_NAME, Manifest, ManifestError, verify_envelope
+    from volunteer_client.settings import VolunteerSettings
+
+    for name in TLS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    ca, _ = make_ca(tmp_path / "ca")
+    other, _ = make_ca(tmp_path / "other")
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "train.py").write_text("print('training')\n")
+    key = tmp_path / "owner.key"
+    assert volunteer(["manifest", "keygen", "--key", str(key)]) == 0
+    assert volunteer(["manifest", "sign", "--key", str(key), "--dir", str(folder), "--job",
+                      "digits", "--rendezvous", "https://10.0.0.1:2379", "--etcd-cacert",
+                      str(ca), "--", "train.py"]) == 0
+    manifest, _ = verify_envelope(json.loads((folder / ENVELOPE_NAME).read_text()), None)
+    assert manifest.etcd_ca_sha256 == fingerprint(ca)
+    body = json.loads(manifest.to_bytes())
+    body["rendezvous"] = "etcd://10.0.0.1:2379"  # a pin without TLS makes no sense
+    with pytest.raises(ManifestError, match="etcd_ca_sha256"):
+        Manifest.from_bytes(json.dumps(body).encode())
+
+    agent = Agent(VolunteerSettings(coordinator="http://127.0.0.1:9/digits",
+                                    data_dir=str(tmp_path / "data")), sensors=object())  # type: ignore[arg-type]
+    agent.manifest = manifest
+    agent.job_dir.mkdir(parents=True)
+    etcd_folder = tmp_path / "data" / "etcd"
+    etcd_folder.mkdir(parents=True)
+    with pytest.raises(AgentError, match="signed manifest"):
+        agent._pin_etcd_ca(Path(other).read_text(), etcd_folder)
+    with pytest.raises(AgentError, match="sent none"):
+        agent._pin_etcd_ca(None, etcd_folder)
+    assert agent._etcd_ca is None and not list(etcd_folder.iterdir())
+    agent._pin_etcd_ca(Path(ca).read_text(), etcd_folder)
+    env = agent._worker_env("cpu", "token")
+    assert Path(env["HORDE_ETCD_CACERT"]).read_bytes() == Path(ca).read_bytes()
