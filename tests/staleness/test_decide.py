@@ -193,3 +193,31 @@ def test_reports_carry_the_refusal_codes_not_prose() -> None:
     assert reasons == {"a": "absent", "b": "stale", "c": None}
     assert [reported_reason(code) for code in Refusal] == [
         "stale", "nonfinite", "outlier", "other", "other", "other"]
+
+
+def four(entries: list[Entry], **kwargs: object):
+    return decide_round(entries, ["a", "b", "c", "d"], 5, 2, NormCheck(), **kwargs)
+
+
+def test_a_round_whose_majority_grew_together_strikes_nobody_but_a_far_outlier() -> None:
+    """A model that diverges (here: after another member's -4x gradients) makes every
+    honest norm grow 10x past the history at once: a shared condition, not one member's
+    fault. The round's majority judges then; a 10^6x gradient is still an outlier."""
+    history = [0.9] * 32
+    grew = [Entry(((8, 5),), norm=n) for n in (6.0, 9.3, 9.7, 37.7)]
+    assert four(grew, recent=history).rejected == {}
+    with_attacker = grew[:3] + [Entry(((8, 5),), norm=1e6)]
+    assert four(with_attacker, recent=history).rejected == {3: Refusal.OUTLIER}
+    # Measured against their own pasts, without a shared history, the same.
+    own = {"a": [0.5] * 3, "b": [0.6] * 3, "c": [0.5] * 3, "d": [0.6] * 3}
+    assert four(grew, own=own).rejected == {}
+
+
+def test_a_minority_cannot_make_the_round_look_as_if_it_moved_together() -> None:
+    """Two colluders of four sending 10^6x: the level a strict majority reaches is the
+    honest one, so the history still judges and both are outliers."""
+    entries = [Entry(((8, 5),), norm=n) for n in (1.0, 1.1, 1e6, 1e6)]
+    assert four(entries, recent=[1.0] * 32).rejected == {2: Refusal.OUTLIER,
+                                                         3: Refusal.OUTLIER}
+    own = {"a": [1.0] * 3, "b": [1.0] * 3, "c": [1.0] * 3, "d": [1.0] * 3}
+    assert four(entries, own=own).rejected == {2: Refusal.OUTLIER, 3: Refusal.OUTLIER}
