@@ -51,6 +51,9 @@ class ControlState:
 
 #: What `ControlState.leader` holds when the leader key exists but is not a node id.
 UNREADABLE_LEADER = "<unreadable leader key>"
+#: The value of a `trusted/<node>` key (anything else is logged and ignored).
+TRUSTED_MARK = b"1"
+
 #: Seconds between two "no trusted control node alive" warnings of one agent.
 NO_LEADER_LOG_EVERY = 10.0
 
@@ -462,6 +465,7 @@ class NodeAgent:
         nodes: dict[str, NodeInfo] = {}
         blacklist: dict[str, BlacklistEntry] = {}
         leaving: dict[str, str] = {}
+        trusted: set[str] = set()
         gen = control.generation
         ready: set[str] = set()
         reset_by: str | None = None
@@ -480,6 +484,13 @@ class NodeAgent:
                 elif entry is not None:
                     records.report_invalid(kv.key, kv.mod_revision,
                                            f"blacklist entry names node {entry.node_id!r}")
+            elif kv.key.startswith(keys.trusted):
+                node_id = records.node_id_of(kv.key, keys.trusted)
+                if node_id is not None and kv.value == TRUSTED_MARK:
+                    trusted.add(node_id)
+                else:
+                    records.report_invalid(kv.key, kv.mod_revision,
+                                           f"a trust mark must hold {TRUSTED_MARK!r}")
             elif kv.key.startswith(keys.leaving):
                 node_id = records.node_id_of(kv.key, keys.leaving)
                 why = records.read_record(kv, lambda d: records.parse_text(d, "leaving reason"))
@@ -519,7 +530,7 @@ class NodeAgent:
             mem["ready_since"] = now
         view = policy.ClusterView(
             generation=gen, nodes=nodes, ready=ready, blacklist=blacklist, leaving=leaving,
-            first_seen=first_seen, ready_since=mem["ready_since"],  # type: ignore[arg-type]
+            trusted=trusted, first_seen=first_seen, ready_since=mem["ready_since"],  # type: ignore[arg-type]
             starving_since=mem["starving_since"], wall_now=time.time(),  # type: ignore[arg-type]
         )
         decision = policy.decide(view, self.settings, now)

@@ -66,6 +66,16 @@ class JobKeys:
         return self.blacklist + node_id
 
     @property
+    def trusted(self) -> str:
+        """Marks of the nodes the job owner trusts (written by control identities only):
+        the leader ranks them first, so that rank 0, whose state every reset broadcasts,
+        is one of them whenever one holds the state."""
+        return self.root + "trusted/"
+
+    def trusted_node(self, node_id: str) -> str:
+        return self.trusted + node_id
+
+    @property
     def leaving(self) -> str:
         return self.root + "leaving/"
 

@@ -7,7 +7,11 @@ Rules (DESIGN.md, Membership):
 - first generation: once `target_np` nodes are registered and joins have settled,
   or after `start_timeout` with at least `min_np`;
 - a member whose lease expired, that was blacklisted or that left: publish the
-  survivors at once (survivors keep their order, newcomers go last);
+  survivors at once (survivors keep their order, the trusted ones first; newcomers go
+  last, since they hold no state to broadcast);
+- ranks: the members the job owner marked trusted come first among those that hold the
+  state (the first generation's, and the survivors), so rank 0, whose state every reset
+  and the first broadcast send to all, is trusted whenever it can be;
 - a member reported a failed collective (a ready marker) but nobody is known dead:
   wait until every live member is ready, or `reset_timeout`, then drop the
   unresponsive ones and blacklist them;
@@ -46,6 +50,8 @@ class ClusterView:
     ready: set[str] = field(default_factory=set)
     blacklist: dict[str, BlacklistEntry] = field(default_factory=dict)
     leaving: dict[str, str] = field(default_factory=dict)
+    #: nodes the job owner marked trusted (`trusted/`): ranked first
+    trusted: set[str] = field(default_factory=set)
     #: leader-monotonic time each node was first seen (wall clocks of volunteers differ)
     first_seen: dict[str, float] = field(default_factory=dict)
     ready_since: float | None = None
@@ -61,6 +67,11 @@ class Decision:
     blacklist: tuple[str, ...] = ()
     wake_at: float | None = None
     starving: bool = False
+
+
+def trusted_first(members: list[str] | tuple[str, ...], trusted: set[str]) -> tuple[str, ...]:
+    """`members` with the trusted ones first, each group in its own order."""
+    return tuple([m for m in members if m in trusted] + [m for m in members if m not in trusted])
 
 
 def _is_blacklisted(view: ClusterView, node: NodeInfo) -> bool:
@@ -140,7 +151,7 @@ def decide(view: ClusterView, settings: RendezvousSettings, now: float) -> Decis
             survivors = ready
         room = settings.max_np - len(survivors)
         joining = [n.node_id for n in newcomers][: max(room, 0)]
-        members = tuple(survivors) + tuple(joining)
+        members = trusted_first(survivors, view.trusted) + tuple(joining)
         why = []
         if gone:
             why.append("lost " + ", ".join(gone))
@@ -158,7 +169,8 @@ def decide(view: ClusterView, settings: RendezvousSettings, now: float) -> Decis
             return Decision(Action.WAIT, wake_at=wake)
         room = settings.max_np - len(gen.members)
         joining = [n.node_id for n in newcomers][:room]
-        return Decision(Action.PUBLISH, members=tuple(gen.node_ids) + tuple(joining),
+        return Decision(Action.PUBLISH,
+                        members=trusted_first(gen.node_ids, view.trusted) + tuple(joining),
                         reason="admitted " + ", ".join(joining))
     return Decision(Action.WAIT)
 
@@ -168,7 +180,8 @@ def _first_generation(view: ClusterView, candidates: list[NodeInfo],
     if not candidates:
         return Decision(Action.WAIT)
     started = min(view.first_seen.get(n.node_id, now) for n in candidates)
-    candidates = sorted(candidates, key=lambda n: (n.order, n.registered_at, n.node_id))
+    candidates = sorted(candidates, key=lambda n: (n.node_id not in view.trusted, n.order,
+                                                   n.registered_at, n.node_id))
     ids = tuple(n.node_id for n in candidates)[: settings.max_np]
     if len(candidates) >= settings.target_np:
         settled, wake = _settled(view, candidates, settings, now)

@@ -30,7 +30,7 @@ from elastic.launcher import hosts as hostlib
 from elastic.launcher.enrol import Enrolment, enrol
 from elastic.launcher.output import output_paths, pump
 from rendezvous import backend_from_url, records
-from rendezvous.agent import NodeAgent, registration
+from rendezvous.agent import TRUSTED_MARK, NodeAgent, registration
 from rendezvous.backend import RendezvousBackend
 from rendezvous.errors import RendezvousError, RendezvousPermissionError, RendezvousTLSError
 from rendezvous.etcd_auth import ROOT_USER, EtcdAuthAdmin, EtcdCredentials
@@ -410,9 +410,11 @@ class Launcher:
         node_id = self._node_id(index)
         out_path, err_path = output_paths(self.plan.output_filename, index,
                                           len(str(max(self.plan.np - 1, 1))))
+        env = self._worker_env(url, job_env, index, node_id)
+        self._mark_trusted(node_id)
         proc = subprocess.Popen(
-            self.plan.command, env=self._worker_env(url, job_env, index, node_id),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            self.plan.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - only setsid and prctl
         )
         threads = [pump(proc.stdout, index, "stdout", None, out_path),  # type: ignore[arg-type]
@@ -421,6 +423,27 @@ class Launcher:
         self.workers.append(worker)
         logger.info("started worker %d (node %s, pid %d)", index, node_id, proc.pid)
         return worker
+
+    def _mark_trusted(self, node_id: str) -> None:
+        """The owner's own workers are trusted: the leader ranks them first, so that the
+        state a reset broadcasts from rank 0 comes from one of them while one holds it
+        (`trusted/`, which only control identities may write). Not for a --join."""
+        if self.plan.join or self._backend is None:
+            return
+        try:
+            self._backend.put(self.keys.trusted_node(node_id), TRUSTED_MARK)
+        except RendezvousError as exc:
+            logger.warning("could not mark worker %s as trusted (%s): it is ranked by "
+                           "admission order like a volunteer", node_id, exc)
+
+    def _unmark_trusted(self) -> None:
+        if self.plan.join or self._backend is None:
+            return
+        for worker in self.workers:
+            try:
+                self._backend.delete(self.keys.trusted_node(worker.node_id))
+            except RendezvousError:
+                return  # etcd gone (the embedded one stops with us): nothing to clean
 
     def _report_dead(self, worker: Worker) -> None:
         """Revoke a dead worker's lease so the leader replaces it without waiting."""
@@ -570,6 +593,7 @@ class Launcher:
             if self._ledger_lock is not None:
                 os.close(self._ledger_lock)  # releases the lock
             if self._backend is not None:
+                self._unmark_trusted()
                 self._backend.close()
             if self._etcd is not None:
                 self._etcd.stop()

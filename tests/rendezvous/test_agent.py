@@ -341,6 +341,17 @@ def test_a_tls_failure_while_taking_the_lead_is_the_agents_error_not_a_lost_leas
         job.close()
 
 
+def test_the_leader_ranks_nodes_marked_trusted_first_and_ignores_a_bad_mark() -> None:
+    job = Job("memory", None, target_np=2, max_np=2)
+    try:
+        job.observer.put(job.keys.trusted_node("n1"), b"1")
+        job.observer.put(job.keys.trusted_node("n0"), b"yes")  # not a mark: ignored
+        job.agents_for(2)
+        assert list(job.wait_generation(0).node_ids) == ["n1", "n0"]
+    finally:
+        job.close()
+
+
 # -- resets, leaving, finishing ---------------------------------------------------------
 
 

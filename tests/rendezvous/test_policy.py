@@ -630,3 +630,33 @@ def test_the_admission_window_comes_from_the_flag_or_horde_admission_window(
     assert plan().to_env()["HORDE_ADMISSION_WINDOW"] == "3.5"  # what workers and --join read
     with pytest.raises(UsageError, match="admission_window=-1.0 must not be negative"):
         plan("--admission-window", "-1")
+
+
+# -- trusted members rank first ----------------------------------------------------------
+
+
+def test_trusted_nodes_rank_first_in_the_first_generation() -> None:
+    """The owner's worker registered after two volunteers: it still gets rank 0, whose
+    parameters the first broadcast sends to everyone."""
+    infos = [node("vol-a", order=0), node("vol-b", order=1), node("owner-0", order=2)]
+    d = decide(view(None, infos, trusted={"owner-0"}), settings(), T0 + 2.0)
+    assert d.action == Action.PUBLISH and d.members == ("owner-0", "vol-a", "vol-b")
+    plain = decide(view(None, infos), settings(), T0 + 2.0)
+    assert plain.members == ("vol-a", "vol-b", "owner-0")
+
+
+def test_trusted_survivors_rank_first_and_newcomers_last_even_if_trusted() -> None:
+    """After a loss the trusted survivor moves to rank 0 (every survivor holds the same
+    state, so it may broadcast it); a trusted newcomer holds none and goes last."""
+    gen = generation(3, ["vol-a", "vol-b", "owner-0", "gone"])
+    infos = [node("vol-a"), node("vol-b"), node("owner-0"), node("owner-1")]
+    d = decide(view(gen, infos, trusted={"owner-0", "owner-1"},
+                    first_seen={"owner-1": T0 - 5.0}), settings(), T0 + 2.0)
+    assert d.action == Action.PUBLISH, d
+    assert d.members == ("owner-0", "vol-a", "vol-b", "owner-1"), d
+    # admissions alone re-rank the holders of the state the same way
+    gen = generation(4, ["vol-a", "owner-0"])
+    infos = [node("vol-a"), node("owner-0"), node("vol-c")]
+    d = decide(view(gen, infos, trusted={"owner-0"}, first_seen={"vol-c": T0 - 5.0}),
+               settings(), T0 + 2.0)
+    assert d.members == ("owner-0", "vol-a", "vol-c"), d

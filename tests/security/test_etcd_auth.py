@@ -440,9 +440,13 @@ def test_horderun_etcd_auth_volunteer_with_only_its_own_keys_trains_to_the_end(
                 start_new_session=True)
             volunteer = _client_url(url, creds)
             for key in (keys.generation, keys.leader, keys.status, keys.reset,
-                        keys.blacklisted("volunteer-0"), keys.ready_node("worker-0")):
+                        keys.blacklisted("volunteer-0"), keys.ready_node("worker-0"),
+                        keys.trusted_node("volunteer-0")):
                 with pytest.raises(RendezvousPermissionError, match="permission denied"):
                     volunteer.put(key, b'{"generation": 0}')
+            # The owner's workers carry trust marks (ranked first); the volunteer none.
+            marks = {kv.key[len(keys.trusted):] for kv in volunteer.get_prefix(keys.trusted)[0]}
+            assert len(marks) == 2 and "volunteer-0" not in marks, marks
             # Once the volunteer trains, one of the owner's workers hangs past the collective
             # timeout (its lease outlives the hang): the collective fails with every member
             # alive, so each, the volunteer among them, must say it is ready again (the
