@@ -108,14 +108,6 @@ class NormCheck:
         own = own or {}
         bad = {r: Refusal.NONFINITE for r, n in norms.items() if not math.isfinite(n)}
         finite = {r: n for r, n in norms.items() if r not in bad}
-        if self._moved_together(finite, recent, own):
-            # The round's majority grew past its history together (a loss spike, a new
-            # training phase, a model another member's updates made diverge): a shared
-            # condition, not one member's fault, so the round's own majority judges.
-            level = self._majority_level(finite)
-            bad.update({r: Refusal.OUTLIER for r, n in finite.items()
-                        if n > self.factor * level})
-            return bad
         for r, n in finite.items():  # each node against its own past
             past = own.get(r, ())
             if len(past) >= self.min_contributions:
@@ -140,27 +132,6 @@ class NormCheck:
             if not (past and n <= self.factor * statistics.median(past)):
                 bad[r] = Refusal.UNSETTLED
         return bad
-
-
-    @staticmethod
-    def _majority_level(finite: Mapping[int, float]) -> float:
-        """The largest norm that a strict majority of the round's norms reach (for four:
-        the second smallest), so that a minority cannot raise it."""
-        return sorted(finite.values(), reverse=True)[len(finite) // 2]
-
-    def _moved_together(self, finite: Mapping[int, float], recent: Sequence[float],
-                        own: Mapping[int, Sequence[float]]) -> bool:
-        """Whether a strict majority of this round (at least `min_contributions` norms)
-        grew past `factor` x the usual: the history's median, else each its own node's
-        past median (nodes' usual norms differ: each is measured against its own)."""
-        if len(finite) < self.min_contributions:
-            return False
-        if recent:
-            return self._majority_level(finite) > self.factor * statistics.median(recent)
-        grown = sum(1 for r, n in finite.items()
-                    if len(own.get(r, ())) >= self.min_contributions
-                    and n > self.factor * statistics.median(own[r]))
-        return grown > len(finite) // 2
 
 
 @dataclass(frozen=True)
