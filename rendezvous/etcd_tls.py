@@ -14,6 +14,7 @@ HORDE_ETCD_CACERT; a machine that joins from elsewhere needs a copy of it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import ipaddress
@@ -119,9 +120,13 @@ def parse_fingerprint(text: str) -> str:
     return ":".join(digits[i:i + 2] for i in range(0, 64, 2))
 
 
-def pinned_ca(pem: str, pin: str) -> bytes:
-    """The CA certificate `pem` (received from a coordinator) if its SHA-256 is `pin`;
-    ValueError otherwise (a wrong CA is never written or used)."""
+def pinned_ca(pem: str | None, pin: str, pinned_by: str = "the join command") -> bytes:
+    """The CA certificate `pem` (received from a coordinator; None: it sent none) if its
+    SHA-256 is `pin`, which `pinned_by` gave; ValueError otherwise (a wrong CA is never
+    written or used)."""
+    if pem is None:
+        raise ValueError(f"{pinned_by} pins etcd's CA, but the job's coordinator sent none: "
+                         "give the CA file with HORDE_ETCD_CACERT (horderun --etcd-cacert)")
     data = pem.encode("ascii", errors="replace")
     try:
         got = pem_fingerprint(data)
@@ -129,10 +134,25 @@ def pinned_ca(pem: str, pin: str) -> bytes:
         raise ValueError(f"the coordinator's etcd CA is not a PEM certificate ({exc})") from None
     want = parse_fingerprint(pin)
     if got != want:
-        raise ValueError(f"the coordinator sent an etcd CA with SHA-256 {got}, but the join "
-                         f"command pins {want}: refusing it (someone between this machine "
-                         "and the coordinator may have replaced it; ask the job's owner)")
+        raise ValueError(f"the coordinator sent an etcd CA with SHA-256 {got}, but {pinned_by} "
+                         f"pins {want}: refusing it (someone between this machine and the "
+                         "coordinator may have replaced it; ask the job's owner)")
     return data
+
+
+def save_pinned_ca(pem: str | None, pin: str, folder: Path, job: str,
+                   pinned_by: str = "the join command") -> Path:
+    """`pinned_ca`, written to `folder/<job>-ca.pem` (the folder is made private)."""
+    data = pinned_ca(pem, pin, pinned_by)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / f"{job}-ca.pem"
+    path.write_bytes(data)
+    return path
+
+
+def tls_with_ca(cacert: Path) -> EtcdTLS:
+    """The HORDE_ETCD_* settings, with `cacert` (a pinned CA) as the CA bundle."""
+    return dataclasses.replace(EtcdTLS.from_env(), cacert=str(cacert))
 
 
 @dataclass(frozen=True)

@@ -386,22 +386,16 @@ class Agent:
     def _pin_etcd_ca(self, pem: str | None, folder: Path) -> None:
         """Keep the CA the coordinator sent for an https rendezvous, if the signed manifest
         pins it (its SHA-256); the volunteer's own HORDE_ETCD_CACERT wins."""
-        from rendezvous.etcd_tls import EtcdTLS, pinned_ca
+        from rendezvous.etcd_tls import EtcdTLS, save_pinned_ca
 
         m = self.manifest
         if m is None or not m.etcd_ca_sha256 or EtcdTLS.from_env().cacert is not None:
             return
-        if pem is None:
-            raise AgentError("the job's manifest pins an etcd CA, but the coordinator sent "
-                             "none; set HORDE_ETCD_CACERT to the CA file the project gives")
         try:
-            data = pinned_ca(pem, m.etcd_ca_sha256)
+            self._etcd_ca = save_pinned_ca(pem, m.etcd_ca_sha256, folder, m.job,
+                                           pinned_by="the signed manifest")
         except ValueError as exc:
-            raise AgentError(str(exc).replace("the join command", "the signed manifest")
-                             ) from None
-        path = folder / f"{m.job}-ca.pem"
-        path.write_bytes(data)
-        self._etcd_ca = path
+            raise AgentError(str(exc)) from None
 
     def _hardware(self, node_id: str) -> dict[str, Any]:
         """What the project learns about the device (docs/volunteer.md says the same)."""
@@ -571,11 +565,9 @@ class Agent:
 
             # with etcd auth on, read as one of this machine's nodes (reads the job)
             creds = next(iter(self._etcd_creds.values()), None)
-            tls = None
-            if self._etcd_ca is not None:
-                from rendezvous.etcd_tls import EtcdTLS
+            from rendezvous.etcd_tls import tls_with_ca
 
-                tls = EtcdTLS(cacert=str(self._etcd_ca))
+            tls = tls_with_ca(self._etcd_ca) if self._etcd_ca is not None else None
             self._backend = backend_from_url(self.manifest.rendezvous, timeout=2.0,
                                              credentials=creds, tls=tls)
         return self._backend

@@ -214,39 +214,32 @@ class Launcher:
         """The job's etcd CA, from the coordinator's answer, checked against the join
         command's `--etcd-ca-sha256` and saved in the data folder; None where this node
         verifies etcd otherwise (its own HORDE_ETCD_CACERT, or the system's CAs)."""
-        from rendezvous.etcd_tls import pinned_ca
+        from rendezvous.etcd_tls import save_pinned_ca
 
         if not url.lower().startswith("https://") or EtcdTLS.from_env().cacert is not None:
             return None
         pin = self.plan.etcd_ca_sha256
-        if enrolled.etcd_ca is None:
-            if pin is not None:
-                raise RendezvousTLSError(
-                    "the join command pins etcd's CA (--etcd-ca-sha256), but the job's "
-                    "coordinator sent none: give the CA file with --etcd-cacert")
-            return None
         if pin is None:
+            if enrolled.etcd_ca is None:
+                return None
             raise RendezvousTLSError(
                 "the job's coordinator sent etcd's CA, but nothing pins it: paste the owner's "
                 "join command whole (its --etcd-ca-sha256), or give the CA file with "
                 "--etcd-cacert")
         try:
-            pem = pinned_ca(enrolled.etcd_ca, pin)
+            path = save_pinned_ca(enrolled.etcd_ca, pin, Path(self.plan.data_dir) / "etcd",
+                                  self.plan.rdzv.job)
         except ValueError as exc:
             raise RendezvousTLSError(str(exc)) from None
-        folder = Path(self.plan.data_dir) / "etcd"
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = folder / f"{self.plan.rdzv.job}-ca.pem"
-        path.write_bytes(pem)
         sys.stderr.write(f"horderun: etcd's CA from the job's coordinator matches the join "
                          f"command's SHA-256; saved in {path}\n")
         return path
 
     def _join_tls(self) -> EtcdTLS | None:
         """TLS settings with the pinned CA of a --join (None: from HORDE_ETCD_*)."""
-        if self._join_ca is None:
-            return None
-        return dataclasses.replace(EtcdTLS.from_env(), cacert=str(self._join_ca))
+        from rendezvous.etcd_tls import tls_with_ca
+
+        return tls_with_ca(self._join_ca) if self._join_ca is not None else None
 
     def _node_id(self, index: int) -> str:
         prefix = self.plan.node_prefix or f"{self.plan.hostname}-{os.getpid()}"

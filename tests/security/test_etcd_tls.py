@@ -434,7 +434,7 @@ def test_a_joiner_pastes_the_join_command_and_gets_the_pinned_ca(tmp_path: Path)
 
 def test_fingerprints_are_parsed_as_people_paste_them_and_pins_are_exact(
         tmp_path: Path) -> None:
-    from rendezvous.etcd_tls import parse_fingerprint, pinned_ca
+    from rendezvous.etcd_tls import parse_fingerprint, pinned_ca, save_pinned_ca
 
     ca, _ = make_ca(tmp_path / "ca")
     other, _ = make_ca(tmp_path / "other")
@@ -450,6 +450,16 @@ def test_fingerprints_are_parsed_as_people_paste_them_and_pins_are_exact(
     assert fingerprint(other) in str(info.value) and pin in str(info.value)
     with pytest.raises(ValueError, match="not a PEM certificate"):
         pinned_ca("-----BEGIN CERTIFICATE-----\nnonsense\n-----END CERTIFICATE-----\n", pin)
+    # What a --join does with the coordinator's answer: nothing is written unless it matches.
+    folder = tmp_path / "saved"
+    with pytest.raises(ValueError, match="the join command pins etcd's CA, but the job's "
+                                         "coordinator sent none"):
+        save_pinned_ca(None, pin, folder, "job-1")
+    with pytest.raises(ValueError, match="refusing it"):
+        save_pinned_ca(Path(other).read_text(), pin, folder, "job-1")
+    assert not folder.exists()
+    saved = save_pinned_ca(Path(ca).read_text(), pin, folder, "job-1")
+    assert saved == folder / "job-1-ca.pem" and saved.read_bytes() == Path(ca).read_bytes()
 
 
 def test_a_volunteer_takes_the_coordinators_ca_only_as_the_signed_manifest_pins_it(
