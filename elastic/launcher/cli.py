@@ -476,35 +476,34 @@ def _ca_pin(flag: str | None) -> str | None:
         raise UsageError(f"--etcd-ca-sha256: {exc}") from None
 
 
+def _switch(flag: bool | None, variable: str, what: str) -> bool | None:
+    """A --[no-]X flag, else the on/off variable `variable` (None: neither given)."""
+    if flag is not None:
+        return flag
+    text = _env(variable)
+    if text is None or not text.strip():
+        return None
+    if text.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise UsageError(f"{variable}={text!r} must be 1 or 0 ({what} on or off)")
+    return _truthy(text)
+
+
 def _etcd_auth(flag: bool | None, rendezvous: str | None) -> bool:
     """--[no-]etcd-auth, else HORDE_ETCD_AUTH, else on exactly when the etcd is embedded."""
-    if flag is None:
-        text = _env("HORDE_ETCD_AUTH")
-        if text is None or not text.strip():
-            return rendezvous is None
-        if text.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise UsageError(f"HORDE_ETCD_AUTH={text!r} must be 1 or 0 (authentication in "
-                             "the embedded etcd on or off)")
-        flag = _truthy(text)
-    return flag
+    chosen = _switch(flag, "HORDE_ETCD_AUTH", "authentication in the embedded etcd")
+    return rendezvous is None if chosen is None else chosen
 
 
 def _etcd_tls(args: argparse.Namespace, rendezvous: str | None, listen: str) -> bool:
     """--[no-]etcd-tls, else HORDE_ETCD_TLS, else on exactly when the embedded etcd serves
     beyond loopback (passwords and tokens then cross a network)."""
-    flag = args.etcd_tls
-    if flag is None:
-        text = _env("HORDE_ETCD_TLS")
-        if text is None or not text.strip():
-            return rendezvous is None and not _is_loopback(listen)
-        if text.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise UsageError(f"HORDE_ETCD_TLS={text!r} must be 1 or 0 (TLS in the embedded "
-                             "etcd on or off)")
-        flag = _truthy(text)
-    if flag and rendezvous:
+    chosen = _switch(args.etcd_tls, "HORDE_ETCD_TLS", "TLS in the embedded etcd")
+    if chosen is None:
+        return rendezvous is None and not _is_loopback(listen)
+    if chosen and rendezvous:
         raise UsageError("--etcd-tls makes the embedded etcd serve https; for --rendezvous "
                          "give its URL as https://HOST:PORT and its CA with --etcd-cacert")
-    return flag
+    return chosen
 
 
 def _robust(flag: int | None) -> int:

@@ -81,3 +81,17 @@ def test_tls_is_on_by_default_exactly_when_etcd_serves_beyond_loopback(
     monkeypatch.delenv("HORDE_ETCD_TLS")
     # a job on an etcd of its own: TLS is the URL's business (https://)
     assert plan("--rendezvous", "etcd://127.0.0.1:2379", "--listen", public).etcd_tls is False
+
+
+def test_etcd_auth_is_on_for_the_embedded_etcd_unless_turned_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HORDE_ETCD_AUTH", raising=False)
+    assert plan().etcd_auth is True
+    assert plan("--no-etcd-auth").etcd_auth is False
+    assert plan("--rendezvous", "etcd://127.0.0.1:2379").etcd_auth is False
+    monkeypatch.setenv("HORDE_ETCD_AUTH", "off")
+    assert plan().etcd_auth is False
+    assert plan("--etcd-auth").etcd_auth is True  # the flag wins over the variable
+    monkeypatch.setenv("HORDE_ETCD_AUTH", "sometimes")
+    with pytest.raises(UsageError, match="HORDE_ETCD_AUTH='sometimes' must be 1 or 0"):
+        plan()
