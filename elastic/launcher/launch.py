@@ -430,7 +430,9 @@ class Launcher:
                            "admission order like a volunteer", node_id, exc)
 
     def _unmark_trusted(self) -> None:
-        if self.plan.join or self._backend is None:
+        """Delete this launcher's trust marks from an etcd that outlives the job (the
+        embedded one goes with it)."""
+        if self.plan.join or self._backend is None or self._etcd is not None:
             return
         for worker in self.workers:
             try:

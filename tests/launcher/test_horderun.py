@@ -157,3 +157,24 @@ def test_data_folder_comes_from_the_flag_then_horde_data_dir_then_the_user_folde
     assert plan().data_dir == str(tmp_path / "env")
     monkeypatch.delenv("HORDE_DATA_DIR")
     assert plan().data_dir == platformdirs.user_data_dir("horde", appauthor=False)
+
+
+def test_trust_marks_of_the_owners_workers_are_removed_from_an_etcd_of_its_own(
+        etcd_server: object) -> None:
+    """On an etcd that outlives the job, the owner's workers' `trusted/` marks (written at
+    start, see tests/security/test_etcd_auth.py) are gone after the job."""
+    from rendezvous import backend_from_url
+    from rendezvous.keys import JobKeys
+    from rendezvous.settings import DEFAULT_PREFIX
+    from tests.harness import unique_job
+
+    job = unique_job("marks")
+    url = etcd_server.url  # type: ignore[attr-defined]
+    result = horderun("-np", "2", "--rendezvous", url, "--job", job, "--coordinator", "none",
+                      sys.executable, SCRIPT)
+    assert result.returncode == 0, result.stderr
+    backend = backend_from_url(url)
+    keys = JobKeys(DEFAULT_PREFIX, job)
+    assert backend.get_prefix(keys.nodes)[0] == []  # the job ran and left
+    assert backend.get_prefix(keys.trusted)[0] == []
+    backend.close()
