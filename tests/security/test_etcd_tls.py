@@ -507,3 +507,23 @@ def test_a_volunteer_takes_the_coordinators_ca_only_as_the_signed_manifest_pins_
     agent._pin_etcd_ca(Path(ca).read_text(), etcd_folder)
     env = agent._worker_env("cpu", "token")
     assert Path(env["HORDE_ETCD_CACERT"]).read_bytes() == Path(ca).read_bytes()
+
+
+def test_the_coordinator_sends_its_ca_only_when_it_has_a_readable_pem_certificate(
+        tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from coordinator.api.nodes import etcd_ca_pem
+
+    ca, _ = make_ca(tmp_path / "ca")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+
+    def backend(cacert: object) -> object:
+        return SimpleNamespace(tls=SimpleNamespace(cacert=cacert))
+
+    assert etcd_ca_pem(backend(str(ca))) == Path(ca).read_text()
+    assert etcd_ca_pem(backend(str(tmp_path / "missing.pem"))) is None  # logged, not fatal
+    assert etcd_ca_pem(backend(str(junk))) is None
+    assert etcd_ca_pem(backend(None)) is None  # the system's CAs: nothing to send
+    assert etcd_ca_pem(SimpleNamespace(tls=None)) is None  # plain HTTP
